@@ -1,0 +1,5 @@
+import sys
+
+from twintune.cli import main
+
+sys.exit(main())

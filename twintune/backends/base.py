@@ -1,0 +1,72 @@
+"""The Backend protocol: what the shared loop asks of MLX and of PyTorch.
+
+A backend gets arrays and specs, never recipes or files. Trainable values cross the line
+as numpy arrays named as in a Hugging Face PEFT adapter (without the `base_model.model.`
+prefix), e.g. `transformer.h.0.attn.attention.q_proj.lora_A.weight`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from twintune.data.batching import Batch
+from twintune.methods import LoRA
+from twintune.models import GPTNeoSpec
+
+
+class Backend(Protocol):
+    name: str
+
+    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], seed: int = 0) -> None: ...
+
+    def apply_method(self, method: LoRA, init: dict[str, np.ndarray]) -> None:
+        """Wrap the targeted layers and set the trainable values to `init`."""
+
+    def trainable_state(self) -> dict[str, np.ndarray]:
+        """The current trainable values, as float32 numpy."""
+
+    def set_optimizer(self, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+        """Create the AdamW state for the trainable values."""
+
+    def forward_backward(self, batch: Batch, loss_scale: float) -> float:
+        """Add the gradient of loss_scale * (summed label-token cross-entropy) to the
+        accumulated gradients; return the unscaled summed loss."""
+
+    def optimizer_step(self, lr: float, max_grad_norm: float) -> float:
+        """Clip by global norm (if > 0), apply AdamW, clear gradients; return the norm before clipping."""
+
+    def label_logprobs(self, batch: Batch, label_token_ids: np.ndarray) -> np.ndarray:
+        """(B, K) log-softmax scores at the answer positions, for the K label tokens (no dropout)."""
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """(B, T, V) full logits, float32, for tests and generation."""
+
+    def peak_memory_mb(self) -> float:
+        """Peak memory the backend's allocator saw, in MiB (process RSS peak where it has none)."""
+
+
+def adamw_update(p, g, m, v, step: int, lr: float, betas, eps: float, weight_decay: float, sqrt):
+    """AdamW as torch.optim.AdamW computes it, written once for both backends' arrays.
+
+    Decoupled weight decay first, then bias-corrected moments with epsilon added to
+    sqrt(v_hat); the same order of operations as torch, so the two backends round alike.
+    (mlx.optimizers.AdamW defaults differ: no bias correction, weight decay 0.01.)
+    """
+    b1, b2 = betas
+    p = p * (1.0 - lr * weight_decay)
+    m = b1 * m + (1.0 - b1) * g
+    v = b2 * v + (1.0 - b2) * (g * g)
+    bias1 = 1.0 - b1**step
+    bias2 = 1.0 - b2**step
+    denom = sqrt(v) / (bias2**0.5) + eps
+    p = p - (lr / bias1) * (m / denom)
+    return p, m, v
+
+
+def clip_factor(total_norm: float, max_grad_norm: float) -> float:
+    """The factor torch.nn.utils.clip_grad_norm_ multiplies by."""
+    if max_grad_norm <= 0:
+        return 1.0
+    return min(1.0, max_grad_norm / (total_norm + 1e-6))

@@ -1,0 +1,99 @@
+"""The MLX backend: GPT-Neo + PEFT layers in MLX, the training step, our AdamW."""
+
+from __future__ import annotations
+
+import resource
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from twintune.backends.base import adamw_update, clip_factor
+from twintune.backends.mlx.gpt_neo import GPTNeoForCausalLM
+from twintune.backends.mlx.lora import apply_lora
+from twintune.data.batching import Batch
+from twintune.methods import LoRA
+from twintune.models import GPTNeoSpec
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], seed: int = 0):
+        mx.random.seed(seed)
+        self.spec = spec
+        self.model = GPTNeoForCausalLM(spec)
+        self.model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+        self.model.freeze()
+        self.model.eval()
+        mx.eval(self.model.parameters())
+        self.grads = None
+        self.step = 0
+        self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
+
+    def apply_method(self, method: LoRA, init: dict[str, np.ndarray]) -> None:
+        apply_lora(self.model, method, init)
+
+    def trainable_state(self) -> dict[str, np.ndarray]:
+        return {k: np.array(v, dtype=np.float32) for k, v in tree_flatten(self.model.trainable_parameters())}
+
+    def set_trainable_state(self, state: dict[str, np.ndarray]) -> None:
+        self.model.update(tree_unflatten([(k, mx.array(v)) for k, v in state.items()]))
+
+    def set_optimizer(self, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        params = dict(tree_flatten(self.model.trainable_parameters()))
+        self.m = {k: mx.zeros_like(v) for k, v in params.items()}
+        self.v = {k: mx.zeros_like(v) for k, v in params.items()}
+
+    def _hidden_rows(self, input_ids: mx.array, rows: mx.array) -> mx.array:
+        hidden = self.model(input_ids)
+        return hidden.reshape(-1, hidden.shape[-1])[rows]
+
+    def _loss(self, input_ids, positions, targets, scale):
+        logits = self.model.logits(self._hidden_rows(input_ids, positions))
+        loss = nn.losses.cross_entropy(logits, targets, reduction="sum")
+        return loss * scale, loss
+
+    def forward_backward(self, batch: Batch, loss_scale: float) -> float:
+        self.model.train()
+        (_, loss), grads = self._loss_and_grad(
+            mx.array(batch.input_ids), mx.array(batch.target_positions), mx.array(batch.targets),
+            mx.array(loss_scale, dtype=mx.float32))
+        self.grads = grads if self.grads is None else tree_map(mx.add, self.grads, grads)
+        mx.eval(loss, self.grads)
+        return loss.item()
+
+    def optimizer_step(self, lr: float, max_grad_norm: float) -> float:
+        grads = dict(tree_flatten(self.grads))
+        norm = mx.sqrt(sum(mx.sum(g * g) for g in grads.values())).item()
+        factor = clip_factor(norm, max_grad_norm)
+        self.step += 1
+        params = dict(tree_flatten(self.model.trainable_parameters()))
+        updated = []
+        for name, p in params.items():
+            g = grads[name] * factor if factor < 1.0 else grads[name]
+            p, self.m[name], self.v[name] = adamw_update(
+                p, g, self.m[name], self.v[name], self.step, lr, self.betas, self.eps, self.weight_decay, mx.sqrt)
+            updated.append((name, p))
+        self.model.update(tree_unflatten(updated))
+        mx.eval(self.model.trainable_parameters(), self.m, self.v)
+        self.grads = None
+        return norm
+
+    def label_logprobs(self, batch: Batch, label_token_ids: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        logits = self.model.logits(self._hidden_rows(mx.array(batch.input_ids), mx.array(batch.answer_positions)))
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return np.array(logprobs[:, mx.array(label_token_ids)])
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        return np.array(self.model.logits(self.model(mx.array(input_ids))))
+
+    def peak_memory_mb(self) -> float:
+        peak = mx.get_peak_memory()
+        if peak:
+            return peak / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,109 @@
+"""GPT-Neo in MLX, one file, top to bottom (in the style of mlx-lm's models).
+
+What makes GPT-Neo GPT-Neo: learned positions; blocks alternating global and local
+(sliding-window) causal attention; attention scores NOT scaled by 1/sqrt(head_dim); q/k/v
+without bias, out_proj with bias; gelu_new; lm_head tied to the token embedding.
+Module names follow Hugging Face's so weights load by name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from twintune.models import GPTNeoSpec
+
+
+def gelu_new(x: mx.array) -> mx.array:
+    return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+class GPTNeoSelfAttention(nn.Module):
+    def __init__(self, spec: GPTNeoSpec, attention_type: str):
+        super().__init__()
+        d = spec.hidden_size
+        self.num_heads = spec.num_heads
+        self.window = spec.window_size if attention_type == "local" else None
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.out_proj = nn.Linear(d, d, bias=True)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, T, D = x.shape
+        heads = lambda t: t.reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=self.mask(T))
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, D))
+
+    def mask(self, T: int):
+        if self.window is None or T <= self.window:
+            return "causal"
+        i = mx.arange(T)[:, None]
+        j = mx.arange(T)[None, :]
+        return (j <= i) & (i - j < self.window)
+
+
+class GPTNeoAttention(nn.Module):
+    # An extra level of nesting only so weight names match Hugging Face (attn.attention.q_proj).
+    def __init__(self, spec: GPTNeoSpec, attention_type: str):
+        super().__init__()
+        self.attention = GPTNeoSelfAttention(spec, attention_type)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.attention(x)
+
+
+class GPTNeoMLP(nn.Module):
+    def __init__(self, spec: GPTNeoSpec):
+        super().__init__()
+        self.c_fc = nn.Linear(spec.hidden_size, spec.intermediate_size)
+        self.c_proj = nn.Linear(spec.intermediate_size, spec.hidden_size)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.c_proj(gelu_new(self.c_fc(x)))
+
+
+class GPTNeoBlock(nn.Module):
+    def __init__(self, spec: GPTNeoSpec, attention_type: str):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.attn = GPTNeoAttention(spec, attention_type)
+        self.ln_2 = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.mlp = GPTNeoMLP(spec)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPTNeoModel(nn.Module):
+    def __init__(self, spec: GPTNeoSpec):
+        super().__init__()
+        self.wte = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.wpe = nn.Embedding(spec.max_positions, spec.hidden_size)
+        self.h = [GPTNeoBlock(spec, kind) for kind in spec.attention_layers]
+        self.ln_f = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+
+    def __call__(self, input_ids: mx.array) -> mx.array:
+        x = self.wte(input_ids) + self.wpe(mx.arange(input_ids.shape[1]))
+        for block in self.h:
+            x = block(x)
+        return self.ln_f(x)
+
+
+class GPTNeoForCausalLM(nn.Module):
+    """`model(ids)` gives the final hidden states; `model.logits(h)` projects only the rows asked for."""
+
+    def __init__(self, spec: GPTNeoSpec):
+        super().__init__()
+        self.spec = spec
+        self.transformer = GPTNeoModel(spec)
+
+    def __call__(self, input_ids: mx.array) -> mx.array:
+        return self.transformer(input_ids)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        return self.transformer.wte.as_linear(hidden)

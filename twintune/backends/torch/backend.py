@@ -1,0 +1,99 @@
+"""The PyTorch backend: transformers' GPT-Neo + PEFT layers, the training step, our AdamW."""
+
+from __future__ import annotations
+
+import resource
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from twintune.backends.base import adamw_update, clip_factor
+from twintune.backends.torch.gpt_neo import GPTNeoForCausalLM
+from twintune.backends.torch.lora import apply_lora
+from twintune.data.batching import Batch
+from twintune.methods import LoRA
+from twintune.models import GPTNeoSpec
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], seed: int = 0):
+        torch.manual_seed(seed)
+        self.spec = spec
+        self.device = _device()
+        self.model = GPTNeoForCausalLM(spec, weights).to(self.device)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.step = 0
+
+    def apply_method(self, method: LoRA, init: dict[str, np.ndarray]) -> None:
+        apply_lora(self.model, method, init)
+        self.model.to(self.device)
+
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {k: p for k, p in self.model.named_parameters() if p.requires_grad}
+
+    def trainable_state(self) -> dict[str, np.ndarray]:
+        return {k: p.detach().float().cpu().numpy().copy() for k, p in self._trainable().items()}
+
+    def set_trainable_state(self, state: dict[str, np.ndarray]) -> None:
+        params = self._trainable()
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(torch.from_numpy(v))
+
+    def set_optimizer(self, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        params = self._trainable()
+        self.m = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.v = {k: torch.zeros_like(p) for k, p in params.items()}
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, torch.long)
+
+    def _hidden_rows(self, input_ids: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        hidden = self.model(self._tensor(input_ids))
+        return hidden.reshape(-1, hidden.shape[-1])[self._tensor(rows)]
+
+    def forward_backward(self, batch: Batch, loss_scale: float) -> float:
+        self.model.train()
+        logits = self.model.logits(self._hidden_rows(batch.input_ids, batch.target_positions))
+        loss = F.cross_entropy(logits, self._tensor(batch.targets), reduction="sum")
+        (loss * loss_scale).backward()
+        return loss.item()
+
+    @torch.no_grad()
+    def optimizer_step(self, lr: float, max_grad_norm: float) -> float:
+        params = self._trainable()
+        norm = torch.sqrt(sum(torch.sum(p.grad * p.grad) for p in params.values())).item()
+        factor = clip_factor(norm, max_grad_norm)
+        self.step += 1
+        for name, p in params.items():
+            g = p.grad * factor if factor < 1.0 else p.grad
+            new_p, self.m[name], self.v[name] = adamw_update(
+                p, g, self.m[name], self.v[name], self.step, lr, self.betas, self.eps, self.weight_decay, torch.sqrt)
+            p.copy_(new_p)
+            p.grad = None
+        return norm
+
+    @torch.no_grad()
+    def label_logprobs(self, batch: Batch, label_token_ids: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        logits = self.model.logits(self._hidden_rows(batch.input_ids, batch.answer_positions)).float()
+        return torch.log_softmax(logits, dim=-1)[:, self._tensor(label_token_ids)].cpu().numpy()
+
+    @torch.no_grad()
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        return self.model.logits(self.model(self._tensor(input_ids))).float().cpu().numpy()
+
+    def peak_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,40 @@
+"""LoRA for PyTorch: a frozen base linear plus a trainable low-rank path, named as PEFT names it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from twintune.methods import LoRA
+
+
+class LoRALinear(nn.Module):
+    """y = base_layer(x) + scale * lora_B(lora_A(dropout(x)))."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, scale: float, dropout: float):
+        super().__init__()
+        out_features, in_features = base_layer.weight.shape
+        self.base_layer = base_layer
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+
+
+def apply_lora(model: nn.Module, method: LoRA, init: dict[str, np.ndarray]) -> None:
+    """Swap each targeted linear for a LoRALinear holding the given initial values; only those train."""
+    model.requires_grad_(False)
+    names = sorted({k.rsplit(".lora_", 1)[0] for k in init})
+    for name in names:
+        parent_name, attr = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        layer = LoRALinear(getattr(parent, attr), method.r, method.scale, method.dropout)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(torch.from_numpy(init[f"{name}.lora_A.weight"]))
+            layer.lora_B.weight.copy_(torch.from_numpy(init[f"{name}.lora_B.weight"]))
+        layer.base_layer.requires_grad_(False)
+        setattr(parent, attr, layer)

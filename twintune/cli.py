@@ -1,0 +1,61 @@
+"""`twintune ...`: the command line. Every user error is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from twintune.errors import TwintuneError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twintune", description="Fine-tune GPT-Neo with PEFT methods on MLX or PyTorch.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    train = verbs.add_parser("train", help="train a recipe")
+    train.add_argument("recipe", help="a YAML recipe, e.g. recipes/demo-financial-sentiment.yaml")
+    train.add_argument("--backend", default=None, help="auto (default: the recipe's), mlx or torch")
+    train.add_argument("--out", default=None, help="run directory (default: runs/NAME-BACKEND-TIME)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe value, e.g. --set train.lr=1e-3 (repeatable)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    tiny = verbs.add_parser("make-tiny-model", help="write a tiny random GPT-Neo + tokenizer (offline)")
+    tiny.add_argument("out", help="directory to write")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `twintune` console script.
+
+    Example:
+        $ twintune train recipes/demo-financial-sentiment.yaml --backend mlx --out runs/demo
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        if args.verb == "train":
+            from twintune.recipe import load_recipe
+            from twintune.train.loop import train
+
+            recipe = load_recipe(args.recipe, args.overrides)
+            summary = train(recipe, backend=args.backend, out_dir=args.out, progress=not args.no_progress)
+            shown = {k: summary[k] for k in ("backend", "method", "steps", "final_train_loss", "val_accuracy",
+                                             "val_macro_f1", "train_seconds", "peak_memory_mb", "out_dir")}
+            print(json.dumps(shown, indent=2))
+        elif args.verb == "make-tiny-model":
+            from twintune.formats.tiny_model import write_tiny_model
+
+            print(write_tiny_model(args.out, seed=args.seed))
+        return 0
+    except TwintuneError as e:
+        print(f"twintune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("twintune: interrupted; files already written are complete (they are written atomically).", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Prompting, tokenization and batching, in numpy, shared by both backends.
+
+Each example becomes `prompt + label word` token ids. The loss is taken only on the label
+word's tokens; prediction compares the scores of each label word's first token at the
+answer position. Batches are right-padded to their own longest sequence (dynamic padding),
+so padding is never attended to (attention is causal) and never counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from twintune.errors import TwintuneError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt template and a verbalizer (one label word per class, in class order).
+
+    Example:
+        >>> p = Prompt("Sentence: {text}\\nSentiment:", {"negative": " negative", "neutral": " neutral", "positive": " positive"})
+        >>> p.render("Profit rose .")
+        'Sentence: Profit rose .\\nSentiment:'
+    """
+
+    template: str
+    label_words: dict[str, str]
+
+    def __post_init__(self):
+        if "{text}" not in self.template:
+            raise TwintuneError("prompt template must contain the placeholder {text}.")
+        try:
+            self.template.format(text="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise TwintuneError(f"prompt template has a placeholder other than {{text}} ({e}); write literal braces as {{{{ and }}}}.") from None
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.label_words)
+
+    def render(self, text: str) -> str:
+        return self.template.format(text=text)
+
+
+@dataclass
+class Encoded:
+    """One tokenized example."""
+
+    ids: np.ndarray  # prompt then label word, int32
+    prompt_len: int
+    label: int
+
+
+@dataclass
+class Batch:
+    """A right-padded batch; positions are flat indices into input_ids.reshape(-1)."""
+
+    input_ids: np.ndarray  # (B, T) int32
+    target_positions: np.ndarray  # (N,) int32: position whose next-token logits predict targets[i]
+    targets: np.ndarray  # (N,) int32
+    answer_positions: np.ndarray  # (B,) int32: position predicting the first label token
+    labels: np.ndarray  # (B,) int32 class index
+    lengths: np.ndarray  # (B,) real tokens per row
+    example_index: np.ndarray | None = None  # (B,) rows' places in the split, for evaluation
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.targets.shape[0])
+
+    @property
+    def n_real_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+class Encoder:
+    """Tokenizes examples for one prompt and tokenizer; checks the verbalizer is usable."""
+
+    def __init__(self, tokenizer, prompt: Prompt, max_length: int, pad_id: int = 0):
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.max_length = max_length
+        self.pad_id = pad_id
+        self.label_ids = [tokenizer.encode(w, add_special_tokens=False).ids for w in prompt.label_words.values()]
+        for word, ids in zip(prompt.label_words.values(), self.label_ids):
+            if not ids:
+                raise TwintuneError(f"label word {word!r} encodes to no tokens.")
+        firsts = [ids[0] for ids in self.label_ids]
+        if len(set(firsts)) != len(firsts):
+            raise TwintuneError(f"label words {list(prompt.label_words.values())} must start with different tokens "
+                                "so predictions can tell them apart; choose other label words.")
+        self.first_label_ids = np.array(firsts, np.int32)
+
+    def encode(self, text: str, label: str, where: str = "") -> Encoded:
+        if label not in self.prompt.label_words:
+            raise TwintuneError(f"label {label!r}{where} is not one of the recipe's labels {self.prompt.labels}.")
+        k = self.prompt.labels.index(label)
+        prompt_ids = self.tokenizer.encode(self.prompt.render(text), add_special_tokens=False).ids
+        ids = prompt_ids + self.label_ids[k]
+        if len(ids) > self.max_length:
+            raise TwintuneError(f"example{where} is {len(ids)} tokens with its prompt, longer than "
+                                f"data.max_length={self.max_length}; raise it (up to the model's context) or shorten the text.")
+        return Encoded(np.array(ids, np.int32), len(prompt_ids), k)
+
+    def encode_all(self, examples, split: str = "") -> list[Encoded]:
+        return [self.encode(e.text, e.label, f" #{i} of the {split} split" if split else "")
+                for i, e in enumerate(examples)]
+
+
+def make_batch(encoded: list[Encoded], pad_id: int = 0) -> Batch:
+    """Right-pad to the longest row and mark where the label tokens are predicted."""
+    width = max(len(e.ids) for e in encoded)
+    input_ids = np.full((len(encoded), width), pad_id, np.int32)
+    target_positions, targets, answers = [], [], []
+    for row, e in enumerate(encoded):
+        input_ids[row, : len(e.ids)] = e.ids
+        start = row * width + e.prompt_len - 1  # logits at position t predict token t + 1
+        answers.append(start)
+        for j, token in enumerate(e.ids[e.prompt_len:]):
+            target_positions.append(start + j)
+            targets.append(token)
+    return Batch(
+        input_ids=input_ids,
+        target_positions=np.array(target_positions, np.int32),
+        targets=np.array(targets, np.int32),
+        answer_positions=np.array(answers, np.int32),
+        labels=np.array([e.label for e in encoded], np.int32),
+        lengths=np.array([len(e.ids) for e in encoded], np.int32),
+    )
+
+
+class TrainOrder:
+    """The seeded order of training micro-batches, addressable by optimizer step (so resume is exact).
+
+    Each epoch is a fresh permutation drawn from (seed, epoch); an optimizer step takes
+    `grad_accum` consecutive micro-batches of `batch_size` examples.
+    """
+
+    def __init__(self, encoded: list[Encoded], batch_size: int, grad_accum: int, seed: int, pad_id: int = 0):
+        if not encoded:
+            raise TwintuneError("the training split is empty.")
+        self.encoded = encoded
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.seed = seed
+        self.pad_id = pad_id
+        self.examples_per_step = batch_size * grad_accum
+        self.steps_per_epoch = -(-len(encoded) // self.examples_per_step)
+
+    def step_batches(self, step: int) -> list[Batch]:
+        """The micro-batches of optimizer step `step` (0-based)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.encoded))
+        chosen = order[within * self.examples_per_step: (within + 1) * self.examples_per_step]
+        return [make_batch([self.encoded[i] for i in chosen[s: s + self.batch_size]], self.pad_id)
+                for s in range(0, len(chosen), self.batch_size)]
+
+
+def eval_batches(encoded: list[Encoded], batch_size: int, pad_id: int = 0) -> list[Batch]:
+    """Fixed-order batches for evaluation, sorted by length so little padding is computed."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
+    batches = []
+    for s in range(0, len(order), batch_size):
+        idx = order[s: s + batch_size]
+        batch = make_batch([encoded[i] for i in idx], pad_id)
+        batch.example_index = np.array(idx, np.int64)
+        batches.append(batch)
+    return batches

@@ -1,0 +1,11 @@
+"""The one exception type users see: a single sentence naming what is wrong."""
+
+
+class TwintuneError(Exception):
+    """A problem with the user's input or environment, explained in one sentence.
+
+    The CLI prints the message (no traceback) and exits non-zero.
+
+    Example:
+        >>> raise TwintuneError("recipe key 'method.rank' is unknown; did you mean 'method.r'?")
+    """

@@ -1,0 +1,232 @@
+"""YAML recipes -> validated dataclasses. Unknown keys and bad values are refused by name.
+
+A recipe is one YAML file (see recipes/); `--set train.lr=1e-3` style overrides are applied
+before validation, so they are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from twintune.errors import TwintuneError
+from twintune.methods import LoRA
+
+DEFAULT_LABELS = {"negative": " negative", "neutral": " neutral", "positive": " positive"}
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | financial_phrasebank | a .txt/.csv/.jsonl path
+    subset: str = "sentences_allagree"
+    synthetic_size: int = 1500
+    text_column: str = "text"
+    label_column: str = "label"
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_length: int = 256  # tokens, prompt and label word included
+
+
+@dataclass
+class PromptConfig:
+    template: str = "Sentence: {text}\nSentiment:"
+    labels: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_LABELS))
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: typing.Union[list[str], str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    rslora: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "linear"  # constant | linear | cosine
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_batch_size: int = 32
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    model: str = "builtin:tiny-gpt-neo"
+    backend: str = "auto"
+    seed: int = 0
+    dtype: str = "float32"
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def method_spec(self) -> LoRA:
+        m = self.method
+        targets = m.target_modules if isinstance(m.target_modules, str) else tuple(m.target_modules)
+        return LoRA(r=m.r, alpha=m.alpha, dropout=m.dropout, target_modules=targets, rslora=m.rslora)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply `key=value` overrides, and validate every key and value.
+
+    Example:
+        >>> r = load_recipe("recipes/demo-financial-sentiment.yaml", ["train.lr=1e-3"])
+        >>> r.train.lr
+        0.001
+    """
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise TwintuneError(f"recipe file {path} does not exist.")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise TwintuneError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]}).") from None
+        if not isinstance(raw, dict):
+            raise TwintuneError(f"recipe {path} must be a mapping of keys to values.")
+    for item in overrides:
+        apply_override(raw, item)
+    recipe = _build(Recipe, raw, "")
+    validate(recipe)
+    return recipe
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set a dotted key from `key=value` (the value is parsed as YAML: numbers, lists, booleans)."""
+    if "=" not in item:
+        raise TwintuneError(f"override {item!r} must look like key=value, e.g. train.lr=1e-3.")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise TwintuneError(f"override {key!r}: {part!r} is not a section.")
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def _build(cls, raw, where: str):
+    if not isinstance(raw, dict):
+        raise TwintuneError(f"recipe section {where.rstrip('.') or 'top level'!r} must be a mapping, got {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{where}{close[0]}'?" if close else f"; known keys here: {', '.join(names)}."
+            raise TwintuneError(f"recipe key '{where}{key}' is unknown{hint}")
+        kwargs[key] = _convert(hints[key], value, f"{where}{key}")
+    return cls(**kwargs)
+
+
+def _convert(kind, value, key: str):
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value or {}, key + ".")
+    origin = typing.get_origin(kind)
+    if origin is typing.Union:
+        for option in typing.get_args(kind):
+            try:
+                return _convert(option, value, key)
+            except TwintuneError:
+                continue
+        raise TwintuneError(f"recipe key {key!r} must be a list of names or a regex string, got {value!r}.")
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if not isinstance(value, list):
+            raise TwintuneError(f"recipe key {key!r} must be a list, got {value!r}.")
+        return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise TwintuneError(f"recipe key {key!r} must map names to strings, got {value!r}.")
+        return dict(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise TwintuneError(f"recipe key {key!r} must be true or false, got {value!r}.")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TwintuneError(f"recipe key {key!r} must be a whole number, got {value!r}.")
+        return value
+    if kind is float:
+        # YAML reads 1e-3 (no dot) as a string; accept any number spelled as text.
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+        except (TypeError, ValueError):
+            raise TwintuneError(f"recipe key {key!r} must be a number, got {value!r}.") from None
+        if not math.isfinite(number):
+            raise TwintuneError(f"recipe key {key!r} must be a finite number, got {value!r}.")
+        return number
+    if kind is str:
+        if not isinstance(value, str):
+            raise TwintuneError(f"recipe key {key!r} must be text, got {value!r}.")
+        return value
+    raise AssertionError(f"unhandled recipe type {kind}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise TwintuneError(message)
+
+
+def validate(r: Recipe) -> None:
+    """Range checks that types alone cannot express."""
+    from twintune.backends import BACKENDS
+
+    _check(r.backend in BACKENDS, f"recipe key 'backend' must be one of {', '.join(BACKENDS)}, got {r.backend!r}.")
+    _check(r.dtype == "float32", f"recipe key 'dtype' must be float32 for now (bfloat16/float16 training is not built yet), got {r.dtype!r}.")
+    _check(r.seed >= 0, f"recipe key 'seed' must be >= 0, got {r.seed}.")
+    d = r.data
+    _check(d.synthetic_size >= 30, f"recipe key 'data.synthetic_size' must be at least 30, got {d.synthetic_size}.")
+    _check(0 < d.validation_fraction < 1, f"recipe key 'data.validation_fraction' must be between 0 and 1, got {d.validation_fraction}.")
+    _check(0 <= d.test_fraction < 1, f"recipe key 'data.test_fraction' must be between 0 and 1, got {d.test_fraction}.")
+    _check(d.validation_fraction + d.test_fraction < 1, "data.validation_fraction + data.test_fraction must leave examples to train on.")
+    _check(d.max_length >= 2, f"recipe key 'data.max_length' must be at least 2, got {d.max_length}.")
+    _check(len(r.prompt.labels) >= 2, "recipe key 'prompt.labels' must name at least two labels.")
+    m = r.method
+    _check(m.name == "lora", f"recipe key 'method.name' must be 'lora' (the methods built so far), got {m.name!r}.")
+    _check(m.r > 0, f"recipe key 'method.r' must be a positive rank, got {m.r}.")
+    _check(m.alpha > 0, f"recipe key 'method.alpha' must be positive, got {m.alpha}.")
+    _check(0 <= m.dropout < 1, f"recipe key 'method.dropout' must be in [0, 1), got {m.dropout}.")
+    _check(bool(m.target_modules), "recipe key 'method.target_modules' must not be empty.")
+    t = r.train
+    _check(t.epochs > 0 or t.max_steps > 0, "recipe must train for something: set train.epochs > 0 or train.max_steps > 0.")
+    _check(t.max_steps >= 0, f"recipe key 'train.max_steps' must be >= 0, got {t.max_steps}.")
+    _check(t.batch_size > 0, f"recipe key 'train.batch_size' must be positive, got {t.batch_size}.")
+    _check(t.grad_accum > 0, f"recipe key 'train.grad_accum' must be positive, got {t.grad_accum}.")
+    _check(t.lr > 0, f"recipe key 'train.lr' must be positive, got {t.lr}.")
+    _check(t.weight_decay >= 0, f"recipe key 'train.weight_decay' must be >= 0, got {t.weight_decay}.")
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"recipe key 'train.betas' must be two numbers in [0, 1), got {t.betas}.")
+    _check(t.eps > 0, f"recipe key 'train.eps' must be positive, got {t.eps}.")
+    _check(t.warmup_steps >= 0, f"recipe key 'train.warmup_steps' must be >= 0, got {t.warmup_steps}.")
+    _check(t.schedule in ("constant", "linear", "cosine"), f"recipe key 'train.schedule' must be constant, linear or cosine, got {t.schedule!r}.")
+    _check(t.max_grad_norm >= 0, f"recipe key 'train.max_grad_norm' must be >= 0, got {t.max_grad_norm}.")
+    _check(t.eval_every >= 0, f"recipe key 'train.eval_every' must be >= 0, got {t.eval_every}.")
+    _check(t.eval_batch_size > 0, f"recipe key 'train.eval_batch_size' must be positive, got {t.eval_batch_size}.")

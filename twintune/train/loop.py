@@ -1,0 +1,211 @@
+"""The one training loop both backends run: data, schedule, logging, evaluation, saving.
+
+Everything here is numpy and plain Python. The backend only sees arrays: token batches,
+initial adapter values, a learning rate per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from twintune.backends import backend_class, resolve_backend_name
+from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder, eval_batches
+from twintune.data.sources import load_examples, stratified_split
+from twintune.errors import TwintuneError
+from twintune.formats.adapter import save_lora_adapter, write_json
+from twintune.formats.checkpoint import load_checkpoint, load_tokenizer
+from twintune.methods import LoRA
+from twintune.models import GPTNeoSpec, gpt_neo_weights
+from twintune.recipe import Recipe
+from twintune.train.metrics import classification_report
+from twintune.train.schedule import learning_rate
+
+
+@dataclass
+class Run:
+    """A recipe made concrete: model and adapter built on a backend, data tokenized."""
+
+    recipe: Recipe
+    backend: object
+    spec: GPTNeoSpec
+    method: LoRA
+    encoder: Encoder
+    splits: dict[str, list[Encoded]]
+    order: TrainOrder
+    total_steps: int
+    model_dir: Path
+
+
+def prepare(recipe: Recipe, backend: str | None = None) -> Run:
+    """Load model, tokenizer and data for a recipe and apply its method on a backend.
+
+    Example:
+        >>> run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml"), backend="mlx")
+        >>> run.total_steps
+        60
+    """
+    name = resolve_backend_name(backend or recipe.backend)
+    cls = backend_class(name)  # fail on a missing framework before the slow work
+    checkpoint = load_checkpoint(recipe.model)
+    spec = GPTNeoSpec.from_config(checkpoint.config)
+    weights = gpt_neo_weights(spec, checkpoint.weights)
+    tokenizer = load_tokenizer(checkpoint.directory)
+
+    d = recipe.data
+    labels = tuple(recipe.prompt.labels)
+    examples = load_examples(d.source, subset=d.subset, text_column=d.text_column, label_column=d.label_column,
+                             labels=labels, synthetic_size=d.synthetic_size, seed=recipe.seed)
+    split = stratified_split(examples, {"validation": d.validation_fraction, "test": d.test_fraction}, recipe.seed)
+    prompt = Prompt(recipe.prompt.template, recipe.prompt.labels)
+    encoder = Encoder(tokenizer, prompt, max_length=min(d.max_length, spec.max_positions))
+    splits = {k: encoder.encode_all(v, k) for k, v in split.items()}
+    if not splits["validation"]:
+        raise TwintuneError("the validation split is empty; raise data.validation_fraction or add examples.")
+
+    t = recipe.train
+    order = TrainOrder(splits["train"], t.batch_size, t.grad_accum, recipe.seed)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * order.steps_per_epoch))
+
+    method = recipe.method_spec()
+    init = method.init_values(spec.linear_layers(), recipe.seed)
+    engine = cls(spec, weights, seed=recipe.seed)
+    engine.apply_method(method, init)
+    engine.set_optimizer(tuple(t.betas), t.eps, t.weight_decay)
+    return Run(recipe, engine, spec, method, encoder, splits, order, total_steps, checkpoint.directory)
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step: the step's micro-batches, accumulated, then clip + AdamW."""
+    t = run.recipe.train
+    batches = run.order.step_batches(step)
+    n_targets = sum(b.n_targets for b in batches)
+    loss_sum = sum(run.backend.forward_backward(b, 1.0 / n_targets) for b in batches)
+    loss = loss_sum / n_targets
+    if not math.isfinite(loss):
+        raise TwintuneError(f"the training loss became {loss} at step {step + 1}; lower train.lr "
+                            "or set train.max_grad_norm (the last saved adapter, if any, is kept).")
+    lr = learning_rate(step, t.lr, run.total_steps, t.warmup_steps, t.schedule)
+    grad_norm = run.backend.optimizer_step(lr, t.max_grad_norm)
+    return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens": sum(b.n_real_tokens for b in batches)}
+
+
+def predict(run: Run, encoded: list[Encoded]) -> tuple[np.ndarray, np.ndarray]:
+    """Class predictions and label-word log-probabilities (N, K) for encoded examples, in their order."""
+    scores = np.zeros((len(encoded), len(run.encoder.first_label_ids)), np.float32)
+    for batch in eval_batches(encoded, run.recipe.train.eval_batch_size):
+        scores[batch.example_index] = run.backend.label_logprobs(batch, run.encoder.first_label_ids)
+    return scores.argmax(axis=1), scores
+
+
+def evaluate(run: Run, split: str = "validation") -> dict:
+    """Accuracy, macro-F1, per-class precision/recall and confusion matrix on a split.
+
+    Example:
+        >>> evaluate(run, "validation")["accuracy"]
+        0.94
+    """
+    encoded = run.splits[split]
+    if not encoded:
+        raise TwintuneError(f"the {split} split is empty.")
+    predictions, _ = predict(run, encoded)
+    labels = np.array([e.label for e in encoded])
+    report = classification_report(labels, predictions, run.encoder.prompt.labels)
+    report["predictions"] = predictions.tolist()
+    return report
+
+
+def default_out_dir(recipe: Recipe, backend: str) -> Path:
+    return Path("runs") / f"{recipe.name}-{backend}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None = None,
+          progress: bool = True) -> dict:
+    """Train a recipe on a backend; write the adapter, metrics.jsonl and summary.json to out_dir.
+
+    Example:
+        >>> summary = train(load_recipe("recipes/demo-financial-sentiment.yaml"), backend="torch", out_dir="runs/demo")
+        >>> summary["val_accuracy"] > 0.9
+        True
+    """
+    name = resolve_backend_name(backend or recipe.backend)
+    out = Path(out_dir) if out_dir else default_out_dir(recipe, name)
+    _check_writable(out)
+    run = prepare(recipe, name)
+    write_json(out / "recipe.json", recipe.to_dict())
+
+    losses: list[float] = []
+    evals: list[dict] = []
+    real_tokens = 0
+    bar = _progress(run.total_steps, progress)
+    start = time.perf_counter()
+    with open(out / "metrics.jsonl", "w") as log:
+        for step in range(run.total_steps):
+            record = train_step(run, step)
+            losses.append(record["loss"])
+            real_tokens += record["tokens"]
+            log.write(json.dumps(record) + "\n")
+            every = recipe.train.eval_every
+            if every and (step + 1) % every == 0 and step + 1 < run.total_steps:
+                report = evaluate(run)
+                evals.append({"step": step + 1, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]})
+                log.write(json.dumps(evals[-1]) + "\n")
+            log.flush()
+            if bar:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                bar.update(1)
+        train_seconds = time.perf_counter() - start
+        report = evaluate(run)
+        evals.append({"step": run.total_steps, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]})
+        log.write(json.dumps(evals[-1]) + "\n")
+    if bar:
+        bar.close()
+
+    save_lora_adapter(out / "adapter", run.method, run.backend.trainable_state(), recipe.model)
+    summary = {
+        "backend": name,
+        "method": run.method.name,
+        "model": recipe.model,
+        "recipe": recipe.name,
+        "seed": recipe.seed,
+        "steps": run.total_steps,
+        "trainable_params": int(sum(v.size for v in run.backend.trainable_state().values())),
+        "final_train_loss": losses[-1],
+        "train_losses": losses,
+        "val_accuracy": report["accuracy"],
+        "val_macro_f1": report["macro_f1"],
+        "val_per_class": report["per_class"],
+        "val_confusion": report["confusion"],
+        "labels": report["labels"],
+        "evals": evals,
+        "train_seconds": train_seconds,
+        "real_tokens_per_second": real_tokens / train_seconds if train_seconds > 0 else 0.0,
+        "peak_memory_mb": run.backend.peak_memory_mb(),
+        "out_dir": str(out),
+    }
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise TwintuneError(f"output directory {out} is not writable ({e.strerror}).") from None
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
