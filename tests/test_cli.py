@@ -1,0 +1,74 @@
+"""The CLI: a real (tiny) training run, and bad input answered with one line and exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from twintune.cli import main
+
+REQUIRED = {"backend", "method", "steps", "final_train_loss", "train_losses", "val_accuracy",
+            "val_macro_f1", "train_seconds", "peak_memory_mb"}
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_train_writes_run_directory(tmp_path, backend):
+    out = tmp_path / "run"
+    code = main(["train", "recipes/demo-financial-sentiment.yaml", "--backend", backend, "--out", str(out),
+                 "--set", "train.max_steps=4", "--set", "data.synthetic_size=60", "--no-progress"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert REQUIRED <= set(summary)
+    assert summary["backend"] == backend and summary["method"] == "lora" and summary["steps"] == 4
+    assert len(summary["train_losses"]) == 4
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+
+
+BAD = [
+    (["--set", "train.lrr=1"], "recipe key 'train.lrr' is unknown; did you mean 'train.lr'?"),
+    (["--set", "method.r=-2"], "method.r"),
+    (["--set", "train.lr=fast"], "train.lr"),
+    (["--set", "method.r=1000"], "larger than layer"),
+    (["--set", "method.target_modules=[q_proj,qq_proj]"], "qq_proj"),
+    (["--backend", "gpu"], "unknown backend 'gpu'"),
+    (["--set", "model=/no/such/model"], "does not exist"),
+    (["--set", "data.source=/no/such/file.csv"], "does not exist"),
+    (["--set", "data.max_length=8"], "longer than data.max_length=8"),
+    (["--set", "prompt.template=no placeholder"], "{text}"),
+]
+
+
+@pytest.mark.parametrize("extra,fragment", BAD)
+def test_bad_input_gets_one_line_and_exit_2(tmp_path, extra, fragment):
+    proc = subprocess.run(
+        [sys.executable, "-m", "twintune", "train", "recipes/demo-financial-sentiment.yaml",
+         "--out", str(tmp_path / "run"), "--no-progress", *extra],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert fragment in lines[0]
+
+
+def test_unknown_label_in_a_data_file(tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\nProfit rose .,positive\nCosts fell .,bullish\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "twintune", "train", "recipes/demo-financial-sentiment.yaml", "--no-progress",
+         "--out", str(tmp_path / "run"), "--set", f"data.source={data}"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "bullish" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_recipe_file_missing_or_not_yaml(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "none.yaml")]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "not valid YAML" in err
