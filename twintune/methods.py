@@ -72,4 +72,9 @@ class LoRA:
         return values
 
 
+def adapted_layers(values: dict[str, np.ndarray]) -> list[str]:
+    """The layer names in a dict of LoRA values (`...q_proj.lora_A.weight` -> `...q_proj`)."""
+    return sorted({name.rsplit(".lora_", 1)[0] for name in values})
+
+
 METHODS = {"lora": LoRA}

@@ -75,8 +75,8 @@ def load_checkpoint(model: str) -> Checkpoint:
 
     Example:
         >>> ckpt = load_checkpoint("builtin:tiny-gpt-neo")
-        >>> ckpt.config["model_type"], len(ckpt.weights)
-        ('gpt_neo', 54)
+        >>> ckpt.config["model_type"]
+        'gpt_neo'
     """
     directory = resolve_model_dir(model)
     config_path = directory / "config.json"
@@ -136,8 +136,8 @@ def load_tokenizer(directory: Path):
 
     Example:
         >>> tok = load_tokenizer(resolve_model_dir("builtin:tiny-gpt-neo"))
-        >>> tok.encode(" positive").ids
-        [412]
+        >>> len(tok.encode(" positive").ids)   # label words are single tokens
+        1
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 

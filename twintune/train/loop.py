@@ -47,8 +47,8 @@ def prepare(recipe: Recipe, backend: str | None = None) -> Run:
 
     Example:
         >>> run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml"), backend="mlx")
-        >>> run.total_steps
-        60
+        >>> run.total_steps   # 3 epochs of 1200 training examples in batches of 16
+        225
     """
     name = resolve_backend_name(backend or recipe.backend)
     cls = backend_class(name)  # fail on a missing framework before the slow work
@@ -108,8 +108,7 @@ def evaluate(run: Run, split: str = "validation") -> dict:
     """Accuracy, macro-F1, per-class precision/recall and confusion matrix on a split.
 
     Example:
-        >>> evaluate(run, "validation")["accuracy"]
-        0.94
+        >>> evaluate(run, "validation")["confusion"]   # rows: true class, columns: predicted
     """
     encoded = run.splits[split]
     if not encoded:
@@ -131,8 +130,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
 
     Example:
         >>> summary = train(load_recipe("recipes/demo-financial-sentiment.yaml"), backend="torch", out_dir="runs/demo")
-        >>> summary["val_accuracy"] > 0.9
-        True
+        >>> summary["val_accuracy"], summary["out_dir"]
     """
     name = resolve_backend_name(backend or recipe.backend)
     out = Path(out_dir) if out_dir else default_out_dir(recipe, name)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from twintune.methods import LoRA
+from twintune.methods import LoRA, adapted_layers
 
 
 class LoRALinear(nn.Module):
@@ -28,8 +28,7 @@ class LoRALinear(nn.Module):
 def apply_lora(model: nn.Module, method: LoRA, init: dict[str, np.ndarray]) -> None:
     """Swap each targeted linear for a LoRALinear holding the given initial values; only those train."""
     model.requires_grad_(False)
-    names = sorted({k.rsplit(".lora_", 1)[0] for k in init})
-    for name in names:
+    for name in adapted_layers(init):
         parent_name, attr = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         layer = LoRALinear(getattr(parent, attr), method.r, method.scale, method.dropout)
