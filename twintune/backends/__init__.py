@@ -35,10 +35,10 @@ def resolve_backend_name(name: str) -> str:
 def backend_class(name: str):
     """The Backend class for a concrete name, with a clear error if its framework is missing."""
     name = resolve_backend_name(name)
-    needs = {"mlx": ("mlx", "twintune[mlx]"), "torch": ("transformers", "twintune[torch]")}[name]
-    for module in (needs[0], "torch") if name == "torch" else (needs[0],):
+    modules = {"mlx": ("mlx",), "torch": ("torch", "transformers")}[name]
+    for module in modules:
         if importlib.util.find_spec(module) is None:
-            raise TwintuneError(f"the {name} backend needs the package {module!r}; pip install '{needs[1]}'.")
+            raise TwintuneError(f"the {name} backend needs the package {module!r}; pip install 'twintune[{name}]'.")
     if name == "mlx":
         from twintune.backends.mlx.backend import MLXBackend
 

@@ -165,7 +165,8 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     if bar:
         bar.close()
 
-    save_lora_adapter(out / "adapter", run.method, run.backend.trainable_state(), recipe.model)
+    trained = run.backend.trainable_state()
+    save_lora_adapter(out / "adapter", run.method, trained, recipe.model)
     summary = {
         "backend": name,
         "method": run.method.name,
@@ -173,7 +174,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         "recipe": recipe.name,
         "seed": recipe.seed,
         "steps": run.total_steps,
-        "trainable_params": int(sum(v.size for v in run.backend.trainable_state().values())),
+        "trainable_params": int(sum(v.size for v in trained.values())),
         "final_train_loss": losses[-1],
         "train_losses": losses,
         "val_accuracy": report["accuracy"],
