@@ -10,9 +10,8 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory):
-    """Built-in models are written into a per-session cache, never the user's."""
-    os.environ["TWINTUNE_CACHE"] = str(tmp_path_factory.mktemp("twintune-cache"))
+def _offline():
+    """Tests never reach the network, as on CI."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     yield
 

@@ -30,7 +30,7 @@ def resolve_model_dir(model: str) -> Path:
     """Turn a recipe's `model` into a local directory: an existing path, a built-in, or a hub id.
 
     Example:
-        >>> resolve_model_dir("builtin:tiny-gpt-neo")   # made offline on first use
+        >>> resolve_model_dir("builtin:tiny-gpt-neo")   # shipped in twintune/assets
         PosixPath('/root/.cache/twintune/tiny-gpt-neo')
         >>> resolve_model_dir("EleutherAI/gpt-neo-1.3B")  # downloaded, or a clear error offline
     """

@@ -1,15 +1,15 @@
-"""A tiny GPT-Neo checkpoint with a tokenizer, made offline: for the demo and every test.
+"""Tiny GPT-Neo checkpoints with a tokenizer, made offline: for the demo and every test.
 
-It is written in the Hugging Face layout (config.json, model.safetensors, tokenizer.json) and
-read back through the same loading code as a real checkpoint.
+`write_tiny_model` writes random weights in the Hugging Face layout (config.json,
+model.safetensors, tokenizer.json), read back through the same loading code as a real checkpoint.
+The built-in `builtin:tiny-gpt-neo` is the same architecture briefly pre-trained on the synthetic
+corpus (tools/pretrain_tiny_model.py) and shipped in twintune/assets/.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ TINY_CONFIG = {
     "eos_token_id": 0,
 }
 EOS = "<|endoftext|>"
-BUILTINS = {"tiny-gpt-neo": {}}
+BUILTINS = ("tiny-gpt-neo",)
 
 
 def train_tokenizer(vocab_size: int = 1024):
@@ -113,24 +113,20 @@ def write_tiny_model(directory: str | os.PathLike, seed: int = 0, **overrides) -
     return directory
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("TWINTUNE_CACHE", Path.home() / ".cache" / "twintune"))
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 def builtin_model_dir(name: str) -> Path:
-    """The directory of a built-in model, written on first use (atomically: a temp dir renamed)."""
+    """The directory of a built-in model shipped with the package (see tools/pretrain_tiny_model.py).
+
+    Example:
+        >>> (builtin_model_dir("tiny-gpt-neo") / "config.json").exists()
+        True
+    """
     if name not in BUILTINS:
         raise TwintuneError(f"there is no built-in model {name!r}; built-ins are: {', '.join(BUILTINS)}.")
-    target = cache_dir() / f"{name}-v1"
-    if (target / "model.safetensors").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
-    try:
-        write_tiny_model(tmp, **BUILTINS[name])
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "model.safetensors").exists():  # another process may have won the race
-            raise
-    return target
+    directory = ASSETS / name
+    if not (directory / "model.safetensors").exists():
+        raise TwintuneError(f"the built-in model files are missing from {directory}; reinstall twintune "
+                            "or rebuild them with tools/pretrain_tiny_model.py.")
+    return directory
