@@ -1,0 +1,1 @@
+"""Backend-neutral quantization formats (numpy): NF4 as bitsandbytes lays it out."""
