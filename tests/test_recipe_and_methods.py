@@ -1,6 +1,7 @@
 """Recipes are validated by name; LoRA targets and initial values are drawn once in numpy."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,11 +17,15 @@ LAYERS.update({f"transformer.h.{i}.mlp.c_fc": (256, 64) for i in range(2)})
 
 
 def test_recipes_in_the_repository_are_valid():
-    for path in ("recipes/demo-financial-sentiment.yaml", "recipes/gpt-neo-1.3b-financial-sentiment-lora.yaml"):
+    paths = sorted(Path("recipes").glob("*.yaml"))
+    assert len(paths) >= 3
+    for path in paths:
         recipe = load_recipe(path)
         assert recipe.method.name == "lora"
     flagship = load_recipe("recipes/gpt-neo-1.3b-financial-sentiment-lora.yaml")
     assert flagship.model == "EleutherAI/gpt-neo-1.3B" and flagship.data.subset == "sentences_allagree"
+    qlora = load_recipe("recipes/gpt-neo-1.3b-financial-sentiment-qlora.yaml")
+    assert qlora.quantize.type == "nf4" and qlora.quantize.double_quant and qlora.model == flagship.model
 
 
 def test_overrides_are_typed_and_checked():

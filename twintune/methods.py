@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from twintune.errors import TwintuneError
+from twintune.quant.nf4 import NF4Tensor, dequantize_nf4
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,25 @@ class LoRA:
             values[f"{name}.lora_A.weight"] = rng.uniform(-bound, bound, (self.r, in_features)).astype(np.float32)
             values[f"{name}.lora_B.weight"] = np.zeros((out_features, self.r), np.float32)
         return values
+
+    def merge(self, weights: dict[str, np.ndarray], adapter: dict[str, np.ndarray],
+              quantized: dict[str, NF4Tensor] | None = None) -> dict[str, np.ndarray]:
+        """Base weights with the adapter folded in: W + scale * B @ A, in float32.
+
+        A layer that was trained on an NF4 base is dequantized first and the update added in
+        float32, so the adapter is not rounded away by re-quantizing.
+
+        Example:
+            >>> merged = lora.merge(weights, run.backend.trainable_state(), quantized)
+        """
+        merged = dict(weights)
+        for name, q in (quantized or {}).items():
+            merged[f"{name}.weight"] = dequantize_nf4(q)
+        for name in adapted_layers(adapter):
+            a, b = adapter[f"{name}.lora_A.weight"], adapter[f"{name}.lora_B.weight"]
+            base = merged[f"{name}.weight"].astype(np.float32)
+            merged[f"{name}.weight"] = base + np.float32(self.scale) * (b @ a)
+        return merged
 
 
 def adapted_layers(values: dict[str, np.ndarray]) -> list[str]:

@@ -17,6 +17,7 @@ import yaml
 
 from twintune.errors import TwintuneError
 from twintune.methods import LoRA
+from twintune.quant import Quantization
 
 DEFAULT_LABELS = {"negative": " negative", "neutral": " neutral", "positive": " positive"}
 
@@ -50,6 +51,15 @@ class MethodConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    type: str = "none"  # none | nf4 (both backends, bit-identical) | affine (MLX only)
+    double_quant: bool = True  # nf4: quantize the block absmax values too (QLoRA)
+    blocksize: int = 64  # nf4: values per absmax block
+    bits: int = 4  # affine: 4 | 8
+    group_size: int = 64  # affine: 32 | 64 | 128
+
+
+@dataclass
 class TrainConfig:
     epochs: float = 1.0
     max_steps: int = 0  # > 0 overrides epochs
@@ -76,12 +86,20 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def method_spec(self) -> LoRA:
         m = self.method
         targets = m.target_modules if isinstance(m.target_modules, str) else tuple(m.target_modules)
         return LoRA(r=m.r, alpha=m.alpha, dropout=m.dropout, target_modules=targets, rslora=m.rslora)
+
+    def quantization(self) -> Quantization | None:
+        q = self.quantize
+        if q.type == "none":
+            return None
+        return Quantization(q.type, double_quant=q.double_quant, blocksize=q.blocksize, bits=q.bits,
+                            group_size=q.group_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -216,6 +234,12 @@ def validate(r: Recipe) -> None:
     _check(m.alpha > 0, f"recipe key 'method.alpha' must be positive, got {m.alpha}.")
     _check(0 <= m.dropout < 1, f"recipe key 'method.dropout' must be in [0, 1), got {m.dropout}.")
     _check(bool(m.target_modules), "recipe key 'method.target_modules' must not be empty.")
+    q = r.quantize
+    _check(q.type in ("none", "nf4", "affine"), f"recipe key 'quantize.type' must be none, nf4 or affine, got {q.type!r}.")
+    _check(q.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096),
+           f"recipe key 'quantize.blocksize' must be a power of two from 32 to 4096 (bitsandbytes' sizes), got {q.blocksize}.")
+    _check(q.bits in (4, 8), f"recipe key 'quantize.bits' must be 4 or 8 (affine), got {q.bits}.")
+    _check(q.group_size in (32, 64, 128), f"recipe key 'quantize.group_size' must be 32, 64 or 128 (affine), got {q.group_size}.")
     t = r.train
     _check(t.epochs > 0 or t.max_steps > 0, "recipe must train for something: set train.epochs > 0 or train.max_steps > 0.")
     _check(t.max_steps >= 0, f"recipe key 'train.max_steps' must be >= 0, got {t.max_steps}.")

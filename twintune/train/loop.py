@@ -22,6 +22,7 @@ from twintune.formats.adapter import save_lora_adapter, write_json
 from twintune.formats.checkpoint import load_checkpoint, load_tokenizer
 from twintune.methods import LoRA
 from twintune.models import GPTNeoSpec, gpt_neo_weights
+from twintune.quant import SUPPORTED, quantize_linear_layers
 from twintune.recipe import Recipe
 from twintune.train.metrics import classification_report
 from twintune.train.schedule import learning_rate
@@ -52,6 +53,10 @@ def prepare(recipe: Recipe, backend: str | None = None) -> Run:
     """
     name = resolve_backend_name(backend or recipe.backend)
     cls = backend_class(name)  # fail on a missing framework before the slow work
+    q = recipe.quantize
+    if q.type != "none" and name not in SUPPORTED[q.type]:
+        raise TwintuneError(f"quantize.type {q.type!r} runs on the {' and '.join(SUPPORTED[q.type])} backend only "
+                            f"(this run uses {name}); use quantize.type=nf4 for a format both backends share.")
     checkpoint = load_checkpoint(recipe.model)
     spec = GPTNeoSpec.from_config(checkpoint.config)
     weights = gpt_neo_weights(spec, checkpoint.weights)
@@ -74,7 +79,13 @@ def prepare(recipe: Recipe, backend: str | None = None) -> Run:
 
     method = recipe.method_spec()
     init = method.init_values(spec.linear_layers(), recipe.seed)
-    engine = cls(spec, weights, seed=recipe.seed)
+    quantization = recipe.quantization()
+    quantized = {}
+    if quantization and quantization.kind == "nf4":  # quantized once here; both backends get these bytes
+        quantized = quantize_linear_layers(weights, list(spec.linear_layers()), quantization)
+    engine = cls(spec, weights, seed=recipe.seed, quantized=quantized)
+    if quantization and quantization.kind == "affine":
+        engine.quantize_affine(quantization.bits, quantization.group_size)
     engine.apply_method(method, init)
     engine.set_optimizer(tuple(t.betas), t.eps, t.weight_decay)
     return Run(recipe, engine, spec, method, encoder, splits, order, total_steps, checkpoint.directory)

@@ -11,26 +11,43 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from twintune.backends.base import adamw_update, clip_factor
 from twintune.backends.mlx.gpt_neo import GPTNeoForCausalLM
-from twintune.backends.mlx.lora import apply_lora
+from twintune.backends.mlx.lora import apply_lora, get_submodule, set_submodule
+from twintune.backends.mlx.nf4 import NF4Linear
 from twintune.data.batching import Batch
 from twintune.methods import LoRA
 from twintune.models import GPTNeoSpec
+from twintune.quant.nf4 import NF4Tensor
 
 
 class MLXBackend:
     name = "mlx"
 
-    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], seed: int = 0):
+    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], seed: int = 0,
+                 quantized: dict[str, NF4Tensor] | None = None):
         mx.random.seed(seed)
         self.spec = spec
         self.model = GPTNeoForCausalLM(spec)
-        self.model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
+        loaded = [(k, mx.array(v)) for k, v in weights.items()]
+        for name, weight in (quantized or {}).items():
+            bias = weights.get(f"{name}.bias")
+            layer = NF4Linear(weight, None if bias is None else mx.array(bias))
+            set_submodule(self.model, name, layer)
+            loaded += [(f"{name}.{k}", v) for k, v in tree_flatten(layer.parameters()) if k != "bias"]
+        self.model.load_weights(loaded, strict=True)
         self.model.freeze()
         self.model.eval()
         mx.eval(self.model.parameters())
         self.grads = None
         self.step = 0
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
+
+    def quantize_affine(self, bits: int, group_size: int) -> None:
+        """MLX's own affine quantization of every block linear layer (fast on Macs; MLX only)."""
+        for name in self.spec.linear_layers():
+            set_submodule(self.model, name, nn.QuantizedLinear.from_linear(
+                get_submodule(self.model, name), group_size=group_size, bits=bits))
+        self.model.freeze()
+        mx.eval(self.model.parameters())
 
     def apply_method(self, method: LoRA, init: dict[str, np.ndarray]) -> None:
         apply_lora(self.model, method, init)

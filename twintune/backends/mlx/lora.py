@@ -1,4 +1,5 @@
-"""LoRA for MLX: a frozen base linear plus a trainable low-rank path, named as PEFT names it."""
+"""LoRA for MLX: a frozen base linear (float, NF4 or affine-quantized) plus a trainable low-rank path,
+named as PEFT names it."""
 
 from __future__ import annotations
 
@@ -9,12 +10,25 @@ import numpy as np
 from twintune.methods import LoRA, adapted_layers
 
 
+def get_submodule(model: nn.Module, name: str) -> nn.Module:
+    """The module at a dotted path such as 'transformer.h.0.mlp.c_fc' (torch's get_submodule)."""
+    node = model
+    for part in name.split("."):
+        node = node[int(part)] if isinstance(node, list) else getattr(node, part)
+    return node
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, attr = name.rsplit(".", 1)
+    setattr(get_submodule(model, parent_name), attr, module)
+
+
 class LoRALinear(nn.Module):
     """y = base_layer(x) + scale * lora_B(lora_A(dropout(x)))."""
 
-    def __init__(self, base_layer: nn.Linear, r: int, scale: float, dropout: float):
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, r: int, scale: float,
+                 dropout: float):
         super().__init__()
-        out_features, in_features = base_layer.weight.shape
         self.base_layer = base_layer
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
@@ -29,13 +43,11 @@ def apply_lora(model: nn.Module, method: LoRA, init: dict[str, np.ndarray]) -> N
     """Swap each targeted linear for a LoRALinear holding the given initial values; only those train."""
     model.freeze()
     for name in adapted_layers(init):
-        parent_name, attr = name.rsplit(".", 1)
-        parent = model
-        for part in parent_name.split("."):
-            parent = parent[int(part)] if isinstance(parent, list) else getattr(parent, part)
-        layer = LoRALinear(getattr(parent, attr), method.r, method.scale, method.dropout)
-        layer.lora_A.weight = mx.array(init[f"{name}.lora_A.weight"])
-        layer.lora_B.weight = mx.array(init[f"{name}.lora_B.weight"])
+        a, b = init[f"{name}.lora_A.weight"], init[f"{name}.lora_B.weight"]
+        # Shapes come from the adapter: a quantized base layer's stored weight has another shape.
+        layer = LoRALinear(get_submodule(model, name), a.shape[1], b.shape[0], method.r, method.scale, method.dropout)
+        layer.lora_A.weight = mx.array(a)
+        layer.lora_B.weight = mx.array(b)
         layer.base_layer.freeze()
-        setattr(parent, attr, layer)
+        set_submodule(model, name, layer)
     mx.eval(model.parameters())

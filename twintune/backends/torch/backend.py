@@ -14,6 +14,7 @@ from twintune.backends.torch.lora import apply_lora
 from twintune.data.batching import Batch
 from twintune.methods import LoRA
 from twintune.models import GPTNeoSpec
+from twintune.quant.nf4 import NF4Tensor
 
 
 def _device() -> torch.device:
@@ -23,11 +24,12 @@ def _device() -> torch.device:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], seed: int = 0):
+    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], seed: int = 0,
+                 quantized: dict[str, NF4Tensor] | None = None):
         torch.manual_seed(seed)
         self.spec = spec
         self.device = _device()
-        self.model = GPTNeoForCausalLM(spec, weights).to(self.device)
+        self.model = GPTNeoForCausalLM(spec, weights, quantized).to(self.device)
         self.model.requires_grad_(False)
         self.model.eval()
         self.step = 0

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from twintune.backends.torch.nf4 import nf4_linear
 from twintune.models import GPTNeoSpec
+from twintune.quant.nf4 import NF4Tensor
 
 
 def transformers_config(spec: GPTNeoSpec):
@@ -29,17 +31,25 @@ def transformers_config(spec: GPTNeoSpec):
 
 
 class GPTNeoForCausalLM(nn.Module):
-    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray]):
+    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], quantized: dict[str, NF4Tensor] | None = None):
         super().__init__()
         from transformers import GPTNeoForCausalLM as HFGPTNeo
         from transformers.initialization import no_init_weights
 
         self.spec = spec
-        with no_init_weights():  # the weights come from the checkpoint; skip a random init of 1.3B
+        # No random init (the weights come from the checkpoint): the parameters are allocated but
+        # never written, so they take no resident memory before the checkpoint's tensors replace
+        # them (assign=True) or NF4 layers replace their modules.
+        with no_init_weights():
             hf = HFGPTNeo(transformers_config(spec))
         state = {name: torch.from_numpy(np.ascontiguousarray(w)) for name, w in weights.items()}
-        missing, unexpected = hf.load_state_dict(state, strict=False)
-        if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        for name, weight in (quantized or {}).items():
+            bias = state.pop(f"{name}.bias", None)
+            parent_name, attr = name.rsplit(".", 1)
+            setattr(hf.get_submodule(parent_name), attr, nf4_linear(weight, bias))
+        missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+        missing = [m for m in missing if m != "lm_head.weight" and m.rsplit(".", 1)[0] not in (quantized or {})]
+        if unexpected or missing:
             raise RuntimeError(f"weights do not fit GPT-Neo: missing {missing}, unexpected {unexpected}")
         hf.tie_weights()
         hf.eval()  # GPT-Neo's own dropouts are 0 anyway; only adapters' dropout is trained with

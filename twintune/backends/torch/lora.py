@@ -1,4 +1,5 @@
-"""LoRA for PyTorch: a frozen base linear plus a trainable low-rank path, named as PEFT names it."""
+"""LoRA for PyTorch: a frozen base linear (float or bitsandbytes NF4) plus a trainable low-rank path,
+named as PEFT names it."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from twintune.methods import LoRA, adapted_layers
 class LoRALinear(nn.Module):
     """y = base_layer(x) + scale * lora_B(lora_A(dropout(x)))."""
 
-    def __init__(self, base_layer: nn.Linear, r: int, scale: float, dropout: float):
+    def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, r: int, scale: float,
+                 dropout: float):
         super().__init__()
-        out_features, in_features = base_layer.weight.shape
         self.base_layer = base_layer
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
@@ -31,9 +32,11 @@ def apply_lora(model: nn.Module, method: LoRA, init: dict[str, np.ndarray]) -> N
     for name in adapted_layers(init):
         parent_name, attr = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
-        layer = LoRALinear(getattr(parent, attr), method.r, method.scale, method.dropout)
+        a, b = init[f"{name}.lora_A.weight"], init[f"{name}.lora_B.weight"]
+        # Shapes come from the adapter: a quantized base layer's stored weight has another shape.
+        layer = LoRALinear(getattr(parent, attr), a.shape[1], b.shape[0], method.r, method.scale, method.dropout)
         with torch.no_grad():
-            layer.lora_A.weight.copy_(torch.from_numpy(init[f"{name}.lora_A.weight"]))
-            layer.lora_B.weight.copy_(torch.from_numpy(init[f"{name}.lora_B.weight"]))
+            layer.lora_A.weight.copy_(torch.from_numpy(a))
+            layer.lora_B.weight.copy_(torch.from_numpy(b))
         layer.base_layer.requires_grad_(False)
         setattr(parent, attr, layer)
