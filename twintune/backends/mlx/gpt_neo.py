@@ -9,6 +9,7 @@ Module names follow Hugging Face's so weights load by name.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,6 +17,7 @@ import mlx.nn as nn
 from twintune.models import GPTNeoSpec
 
 
+@partial(mx.compile, shapeless=True)  # one fused kernel: no saved intermediates for the backward
 def gelu_new(x: mx.array) -> mx.array:
     return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 

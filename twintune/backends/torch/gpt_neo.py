@@ -30,17 +30,24 @@ def transformers_config(spec: GPTNeoSpec):
     )
 
 
+def causal_mask(positions: int, attention_type: str, window: int) -> torch.Tensor:
+    """GPT-Neo's boolean attention mask (1, 1, T, T): causal, and for local layers within the window."""
+    mask = torch.tril(torch.ones((positions, positions), dtype=torch.bool))
+    if attention_type == "local":
+        mask = mask & ~torch.tril(mask, -window)
+    return mask.view(1, 1, positions, positions)
+
+
 class GPTNeoForCausalLM(nn.Module):
     def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], quantized: dict[str, NF4Tensor] | None = None):
         super().__init__()
         from transformers import GPTNeoForCausalLM as HFGPTNeo
-        from transformers.initialization import no_init_weights
 
         self.spec = spec
-        # No random init (the weights come from the checkpoint): the parameters are allocated but
-        # never written, so they take no resident memory before the checkpoint's tensors replace
-        # them (assign=True) or NF4 layers replace their modules.
-        with no_init_weights():
+        # Built on the meta device, then given the checkpoint's tensors themselves (assign=True,
+        # shared with numpy): no weight is allocated twice, and a layer that arrives in NF4 never
+        # exists in float32 at all.
+        with torch.device("meta"):
             hf = HFGPTNeo(transformers_config(spec))
         state = {name: torch.from_numpy(np.ascontiguousarray(w)) for name, w in weights.items()}
         for name, weight in (quantized or {}).items():
@@ -52,6 +59,8 @@ class GPTNeoForCausalLM(nn.Module):
         if unexpected or missing:
             raise RuntimeError(f"weights do not fit GPT-Neo: missing {missing}, unexpected {unexpected}")
         hf.tie_weights()
+        for index, block in enumerate(hf.transformer.h):  # the one buffer: the causal (windowed) mask
+            block.attn.attention.bias = causal_mask(spec.max_positions, spec.attention_layers[index], spec.window_size)
         hf.eval()  # GPT-Neo's own dropouts are 0 anyway; only adapters' dropout is trained with
         self.transformer = hf.transformer
         self.lm_head = hf.lm_head

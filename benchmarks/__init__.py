@@ -1,0 +1,1 @@
+"""Throughput and memory harnesses: `python -m benchmarks.NAME`. Results land in benchmarks/results/."""
