@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe value, e.g. --set train.lr=1e-3 (repeatable)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--resume", default=None, metavar="DIR",
+                       help="continue from a run directory's newest checkpoint (or from one checkpoint directory)")
 
     tiny = verbs.add_parser("make-tiny-model", help="write a tiny random GPT-Neo + tokenizer (offline)")
     tiny.add_argument("out", help="directory to write")
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             from twintune.train.loop import train
 
             recipe = load_recipe(args.recipe, args.overrides)
-            summary = train(recipe, backend=args.backend, out_dir=args.out, progress=not args.no_progress)
+            summary = train(recipe, backend=args.backend, out_dir=args.out, progress=not args.no_progress,
+                            resume=args.resume)
             shown = {k: summary[k] for k in ("backend", "method", "steps", "final_train_loss", "val_accuracy",
                                              "val_macro_f1", "train_seconds", "peak_memory_mb", "out_dir")}
             print(json.dumps(shown, indent=2))

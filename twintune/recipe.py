@@ -74,6 +74,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     eval_every: int = 0  # 0: evaluate at the end only
     eval_batch_size: int = 32
+    save_every: int = 0  # steps between checkpoints (0: none); the last step is saved too
+    keep_last: int = 2  # checkpoints kept
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping (0: off)
+    early_stopping_metric: str = "val_accuracy"  # val_accuracy | val_macro_f1
 
 
 @dataclass
@@ -254,3 +258,10 @@ def validate(r: Recipe) -> None:
     _check(t.max_grad_norm >= 0, f"recipe key 'train.max_grad_norm' must be >= 0, got {t.max_grad_norm}.")
     _check(t.eval_every >= 0, f"recipe key 'train.eval_every' must be >= 0, got {t.eval_every}.")
     _check(t.eval_batch_size > 0, f"recipe key 'train.eval_batch_size' must be positive, got {t.eval_batch_size}.")
+    _check(t.save_every >= 0, f"recipe key 'train.save_every' must be >= 0, got {t.save_every}.")
+    _check(t.keep_last >= 1, f"recipe key 'train.keep_last' must be at least 1, got {t.keep_last}.")
+    _check(t.early_stopping_patience >= 0, f"recipe key 'train.early_stopping_patience' must be >= 0, got {t.early_stopping_patience}.")
+    _check(t.early_stopping_metric in ("val_accuracy", "val_macro_f1"),
+           f"recipe key 'train.early_stopping_metric' must be val_accuracy or val_macro_f1, got {t.early_stopping_metric!r}.")
+    _check(not t.early_stopping_patience or t.eval_every > 0,
+           "train.early_stopping_patience needs train.eval_every > 0 (it counts evaluations).")

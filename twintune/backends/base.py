@@ -30,6 +30,16 @@ class Backend(Protocol):
     def set_optimizer(self, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
         """Create the AdamW state for the trainable values."""
 
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """AdamW state as numpy: `m.NAME`, `v.NAME` per trainable value and `step` (for checkpoints)."""
+
+    def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what optimizer_state returned."""
+
+    def seed_step(self, seed: int, step: int) -> None:
+        """Seed the backend's random numbers (dropout) from (seed, step): a resumed run draws
+        the same masks as an uninterrupted one, with no RNG state to save."""
+
     def forward_backward(self, batch: Batch, loss_scale: float) -> float:
         """Add the gradient of loss_scale * (summed label-token cross-entropy) to the
         accumulated gradients; return the unscaled summed loss."""
@@ -63,6 +73,11 @@ def adamw_update(p, g, m, v, step: int, lr: float, betas, eps: float, weight_dec
     denom = sqrt(v) / (bias2**0.5) + eps
     p = p - (lr / bias1) * (m / denom)
     return p, m, v
+
+
+def step_seed(seed: int, step: int) -> int:
+    """One 32-bit seed per (recipe seed, optimizer step)."""
+    return (seed * 1_000_003 + step) % 2**32
 
 
 def clip_factor(total_norm: float, max_grad_norm: float) -> float:

@@ -24,7 +24,9 @@ from twintune.methods import LoRA
 from twintune.models import GPTNeoSpec, gpt_neo_weights
 from twintune.quant import SUPPORTED, quantize_linear_layers
 from twintune.recipe import Recipe
+from twintune.train.checkpoints import find_checkpoint, load_checkpoint_state, save_checkpoint
 from twintune.train.metrics import classification_report
+from twintune.train.plots import plot_run
 from twintune.train.schedule import learning_rate
 
 
@@ -94,6 +96,7 @@ def prepare(recipe: Recipe, backend: str | None = None) -> Run:
 def train_step(run: Run, step: int) -> dict:
     """One optimizer step: the step's micro-batches, accumulated, then clip + AdamW."""
     t = run.recipe.train
+    run.backend.seed_step(run.recipe.seed, step)
     batches = run.order.step_batches(step)
     n_targets = sum(b.n_targets for b in batches)
     loss_sum = sum(run.backend.forward_backward(b, 1.0 / n_targets) for b in batches)
@@ -136,55 +139,94 @@ def default_out_dir(recipe: Recipe, backend: str) -> Path:
 
 
 def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None = None,
-          progress: bool = True) -> dict:
-    """Train a recipe on a backend; write the adapter, metrics.jsonl and summary.json to out_dir.
+          progress: bool = True, resume: str | Path | None = None) -> dict:
+    """Train a recipe on a backend; write the adapter, metrics.jsonl, a plot and summary.json to out_dir.
+
+    With `resume` (a run directory or one of its checkpoints) training continues from the
+    checkpoint and ends with the same adapter and loss log as a run that was never stopped.
 
     Example:
         >>> summary = train(load_recipe("recipes/demo-financial-sentiment.yaml"), backend="torch", out_dir="runs/demo")
         >>> summary["val_accuracy"], summary["out_dir"]
     """
     name = resolve_backend_name(backend or recipe.backend)
-    out = Path(out_dir) if out_dir else default_out_dir(recipe, name)
+    resumed = None
+    if resume is not None:
+        found = find_checkpoint(resume)
+        resumed = load_checkpoint_state(found)
+        _check_same_recipe(resumed[0]["recipe"], recipe.to_dict(), found)
+        out = Path(out_dir) if out_dir else found.parent.parent
+    else:
+        out = Path(out_dir) if out_dir else default_out_dir(recipe, name)
     _check_writable(out)
     run = prepare(recipe, name)
+    t = recipe.train
+    history = {"log": [], "real_tokens": 0, "train_seconds": 0.0, "best": None}
+    first_step, best_state = 0, None
+    if resumed:
+        state, trainable, optimizer, best_state = resumed
+        run.backend.set_trainable_state(trainable)
+        run.backend.set_optimizer_state(optimizer)
+        history, first_step = state["history"], state["step"]
     write_json(out / "recipe.json", recipe.to_dict())
 
-    losses: list[float] = []
-    evals: list[dict] = []
-    real_tokens = 0
-    bar = _progress(run.total_steps, progress)
-    start = time.perf_counter()
+    bar = _progress(run.total_steps, progress, first_step)
+    started = time.perf_counter()
+    stopped_early = False
+    # metrics.jsonl is rewritten from the history, so lines a killed run wrote after its last
+    # checkpoint do not appear twice.
     with open(out / "metrics.jsonl", "w") as log:
-        for step in range(run.total_steps):
+        for line in history["log"]:
+            log.write(json.dumps(line) + "\n")
+        for step in range(first_step, run.total_steps):
             record = train_step(run, step)
-            losses.append(record["loss"])
-            real_tokens += record["tokens"]
-            log.write(json.dumps(record) + "\n")
-            every = recipe.train.eval_every
-            if every and (step + 1) % every == 0 and step + 1 < run.total_steps:
+            history["real_tokens"] += record["tokens"]
+            _log(log, history, record)
+            if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < run.total_steps:
                 report = evaluate(run)
-                evals.append({"step": step + 1, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]})
-                log.write(json.dumps(evals[-1]) + "\n")
-            log.flush()
+                _log(log, history, {"step": step + 1, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]})
+                if t.early_stopping_patience:
+                    value = history["log"][-1][t.early_stopping_metric]
+                    if history["best"] is None or value > history["best"]["value"]:
+                        history["best"] = {"step": step + 1, "value": value}
+                        best_state = run.backend.trainable_state()
+                    evals_since_best = (step + 1 - history["best"]["step"]) // t.eval_every
+                    stopped_early = evals_since_best >= t.early_stopping_patience
+            if t.save_every and ((step + 1) % t.save_every == 0 or step + 1 == run.total_steps or stopped_early):
+                history["train_seconds"] += time.perf_counter() - started
+                started = time.perf_counter()
+                save_checkpoint(out, step + 1, run.backend.trainable_state(), run.backend.optimizer_state(),
+                                recipe.to_dict(), history, t.keep_last, best_state)
             if bar:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 bar.update(1)
-        train_seconds = time.perf_counter() - start
+            if stopped_early:
+                break
+        history["train_seconds"] += time.perf_counter() - started
+        if best_state is not None:  # early stopping: the best evaluation's adapter is the result
+            run.backend.set_trainable_state(best_state)
         report = evaluate(run)
-        evals.append({"step": run.total_steps, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]})
-        log.write(json.dumps(evals[-1]) + "\n")
+        final_step = history["best"]["step"] if best_state is not None else step + 1
+        _log(log, history, {"step": final_step, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]})
     if bar:
         bar.close()
 
     trained = run.backend.trainable_state()
     save_lora_adapter(out / "adapter", run.method, trained, recipe.model)
+    losses = [line["loss"] for line in history["log"] if "loss" in line]
+    evals = [line for line in history["log"] if "val_accuracy" in line]
+    seconds = history["train_seconds"]
     summary = {
         "backend": name,
         "method": run.method.name,
         "model": recipe.model,
         "recipe": recipe.name,
         "seed": recipe.seed,
-        "steps": run.total_steps,
+        "steps": len(losses),
+        "planned_steps": run.total_steps,
+        "stopped_early": stopped_early,
+        "best": history["best"],
+        "resumed_from_step": first_step or None,
         "trainable_params": int(sum(v.size for v in trained.values())),
         "final_train_loss": losses[-1],
         "train_losses": losses,
@@ -194,13 +236,39 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         "val_confusion": report["confusion"],
         "labels": report["labels"],
         "evals": evals,
-        "train_seconds": train_seconds,
-        "real_tokens_per_second": real_tokens / train_seconds if train_seconds > 0 else 0.0,
+        "train_seconds": seconds,
+        "real_tokens_per_second": history["real_tokens"] / seconds if seconds > 0 else 0.0,
         "peak_memory_mb": run.backend.peak_memory_mb(),
         "out_dir": str(out),
     }
     write_json(out / "summary.json", summary)
+    plot_run(out / "training.png", losses, evals, title=f"{recipe.name} ({name})")
     return summary
+
+
+def _log(log, history: dict, line: dict) -> None:
+    history["log"].append(line)
+    log.write(json.dumps(line) + "\n")
+    log.flush()
+
+
+def _check_same_recipe(saved: dict, current: dict, checkpoint: Path) -> None:
+    """A resumed run must be the same run: only the progress bar may differ."""
+    differences = [key for key in sorted(set(_flatten(saved)) | set(_flatten(current)))
+                   if _flatten(saved).get(key) != _flatten(current).get(key)]
+    if differences:
+        raise TwintuneError(f"cannot resume from {checkpoint}: the recipe differs from the one it was trained with "
+                            f"({', '.join(differences[:5])}); resume with the same recipe and --set values.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "labels":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _check_writable(out: Path) -> None:
@@ -213,9 +281,9 @@ def _check_writable(out: Path) -> None:
         raise TwintuneError(f"output directory {out} is not writable ({e.strerror}).") from None
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, done: int = 0):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True)

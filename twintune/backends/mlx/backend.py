@@ -9,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from twintune.backends.base import adamw_update, clip_factor
+from twintune.backends.base import adamw_update, clip_factor, step_seed
 from twintune.backends.mlx.gpt_neo import GPTNeoForCausalLM
 from twintune.backends.mlx.lora import apply_lora, get_submodule, set_submodule
 from twintune.backends.mlx.nf4 import NF4Linear
@@ -63,6 +63,20 @@ class MLXBackend:
         params = dict(tree_flatten(self.model.trainable_parameters()))
         self.m = {k: mx.zeros_like(v) for k, v in params.items()}
         self.v = {k: mx.zeros_like(v) for k, v in params.items()}
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        state = {f"m.{k}": np.array(v) for k, v in self.m.items()}
+        state.update({f"v.{k}": np.array(v) for k, v in self.v.items()})
+        state["step"] = np.array([self.step], np.int64)
+        return state
+
+    def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        self.m = {k: mx.array(state[f"m.{k}"]) for k in self.m}
+        self.v = {k: mx.array(state[f"v.{k}"]) for k in self.v}
+        self.step = int(state["step"].reshape(-1)[0])
+
+    def seed_step(self, seed: int, step: int) -> None:
+        mx.random.seed(step_seed(seed, step))
 
     def _hidden_rows(self, input_ids: mx.array, rows: mx.array) -> mx.array:
         hidden = self.model(input_ids)

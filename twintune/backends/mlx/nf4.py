@@ -54,7 +54,7 @@ _MATMUL_SOURCE = """
     uint o = thread_position_in_grid.x;
     uint m = thread_position_in_grid.y;
     uint K = x_shape[1];
-    uint O = out_shape[1];
+    uint O = out_features;
     if (o >= O || m >= x_shape[0]) return;
     float acc = 0.0f;
     for (uint k = 0; k < K; k++) {
@@ -81,7 +81,7 @@ def nf4_matmul_metal(x2d: mx.array, packed: mx.array, absmax: mx.array, shape: t
     kernel = _metal_matmul_kernel()
     (y,) = kernel(
         inputs=[x2d.astype(mx.float32), packed, absmax, mx.array(NF4_LEVELS)],
-        template=[("blocksize", blocksize)], grid=(out_features, x2d.shape[0], 1),
+        template=[("blocksize", blocksize), ("out_features", out_features)], grid=(out_features, x2d.shape[0], 1),
         threadgroup=(min(256, out_features), 1, 1), output_shapes=[(x2d.shape[0], out_features)],
         output_dtypes=[mx.float32])
     return y

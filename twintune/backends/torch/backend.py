@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from twintune.backends.base import adamw_update, clip_factor
+from twintune.backends.base import adamw_update, clip_factor, step_seed
 from twintune.backends.torch.gpt_neo import GPTNeoForCausalLM
 from twintune.backends.torch.lora import apply_lora
 from twintune.data.batching import Batch
@@ -55,6 +55,20 @@ class TorchBackend:
         params = self._trainable()
         self.m = {k: torch.zeros_like(p) for k, p in params.items()}
         self.v = {k: torch.zeros_like(p) for k, p in params.items()}
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        state = {f"m.{k}": v.detach().cpu().numpy().copy() for k, v in self.m.items()}
+        state.update({f"v.{k}": v.detach().cpu().numpy().copy() for k, v in self.v.items()})
+        state["step"] = np.array([self.step], np.int64)
+        return state
+
+    def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        self.m = {k: torch.from_numpy(state[f"m.{k}"].copy()).to(self.device) for k in self.m}
+        self.v = {k: torch.from_numpy(state[f"v.{k}"].copy()).to(self.device) for k in self.v}
+        self.step = int(state["step"].reshape(-1)[0])
+
+    def seed_step(self, seed: int, step: int) -> None:
+        torch.manual_seed(step_seed(seed, step))
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, torch.long)

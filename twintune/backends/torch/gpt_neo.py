@@ -59,8 +59,12 @@ class GPTNeoForCausalLM(nn.Module):
         if unexpected or missing:
             raise RuntimeError(f"weights do not fit GPT-Neo: missing {missing}, unexpected {unexpected}")
         hf.tie_weights()
-        for index, block in enumerate(hf.transformer.h):  # the one buffer: the causal (windowed) mask
+        for index, block in enumerate(hf.transformer.h):
+            # the one buffer: the causal (windowed) mask
             block.attn.attention.bias = causal_mask(spec.max_positions, spec.attention_layers[index], spec.window_size)
+            # gelu_new as one fused op: transformers' NewGELUActivation keeps four (B, T, 4d) tensors
+            # per layer for the backward; values agree within 3e-7.
+            block.mlp.act = nn.GELU(approximate="tanh")
         hf.eval()  # GPT-Neo's own dropouts are 0 anyway; only adapters' dropout is trained with
         self.transformer = hf.transformer
         self.lm_head = hf.lm_head

@@ -1,0 +1,105 @@
+"""Checkpoints: a run killed with SIGKILL and resumed ends exactly like one never stopped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from twintune.errors import TwintuneError
+from twintune.formats.safetensors_io import read_safetensors
+from twintune.recipe import load_recipe
+from twintune.train.loop import train
+
+SETTINGS = ["train.max_steps=60", "train.save_every=10", "train.keep_last=2", "data.synthetic_size=200",
+            "train.batch_size=8", "train.eval_every=20"]
+
+
+def _cli(backend, out, *extra):
+    args = [sys.executable, "-m", "twintune", "train", "recipes/demo-financial-sentiment.yaml", "--backend", backend,
+            "--out", str(out), "--no-progress", *extra]
+    for item in SETTINGS:
+        args += ["--set", item]
+    return args
+
+
+def _adapter(run_dir):
+    return read_safetensors(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(backend, tmp_path):
+    whole = train(load_recipe("recipes/demo-financial-sentiment.yaml", SETTINGS), backend, tmp_path / "whole",
+                  progress=False)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_cli(backend, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-00000020").exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "summary.json").exists()  # it really died mid-training
+
+    resumed = subprocess.run(_cli(backend, killed, "--resume", str(killed)), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["resumed_from_step"] >= 20
+    assert summary["train_losses"] == whole["train_losses"]
+    assert (killed / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
+    expected, got = _adapter(tmp_path / "whole"), _adapter(killed)
+    assert expected.keys() == got.keys()
+    assert all(np.array_equal(expected[k], got[k]) for k in expected)
+    assert len(list((killed / "checkpoints").iterdir())) == 2  # keep_last
+
+
+def test_corrupt_checkpoint_is_named_and_an_earlier_one_offered(tmp_path):
+    out = tmp_path / "run"
+    settings = SETTINGS[1:] + ["train.max_steps=20"]
+    train(load_recipe("recipes/demo-financial-sentiment.yaml", settings), "torch", out, progress=False)
+    newest = out / "checkpoints" / "step-00000020"
+    data = (newest / "optimizer.safetensors").read_bytes()
+    (newest / "optimizer.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(TwintuneError, match=r"step-00000020 is corrupt: optimizer.safetensors.*step-00000010"):
+        train(load_recipe("recipes/demo-financial-sentiment.yaml", settings), "torch", resume=out, progress=False)
+    # the CLI: one line, exit 2, and resuming from the earlier checkpoint works
+    args = [sys.executable, "-m", "twintune", "train", "recipes/demo-financial-sentiment.yaml", "--backend", "torch",
+            "--no-progress", "--resume", str(out)] + [a for item in settings for a in ("--set", item)]
+    failed = subprocess.run(args, capture_output=True, text=True)
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+    args[args.index(str(out))] = str(out / "checkpoints" / "step-00000010")
+    assert subprocess.run(args, capture_output=True, text=True).returncode == 0
+
+
+def test_resume_refuses_a_different_recipe(tmp_path):
+    out = tmp_path / "run"
+    settings = SETTINGS[1:] + ["train.max_steps=10"]
+    train(load_recipe("recipes/demo-financial-sentiment.yaml", settings), "torch", out, progress=False)
+    changed = load_recipe("recipes/demo-financial-sentiment.yaml", settings + ["train.lr=1e-2"])
+    with pytest.raises(TwintuneError, match=r"recipe differs.*train\.lr"):
+        train(changed, "torch", resume=out, progress=False)
+    with pytest.raises(TwintuneError, match="holds no checkpoint"):
+        train(changed, "torch", resume=tmp_path, progress=False)
+
+
+def test_early_stopping_keeps_the_best_adapter_and_the_run_has_a_plot(tmp_path):
+    settings = ["data.synthetic_size=200", "train.batch_size=8", "train.max_steps=40", "train.eval_every=4",
+                "train.early_stopping_patience=2", "train.lr=1e-9", "train.warmup_steps=0", "train.save_every=4",
+                "train.keep_last=5"]
+    recipe = load_recipe("recipes/demo-financial-sentiment.yaml", settings)
+    summary = train(recipe, "torch", tmp_path, progress=False)
+    # nothing improves at lr 1e-9: best is the first evaluation (step 4), two more evaluations, stop
+    assert summary["stopped_early"] and summary["steps"] == 12 and summary["best"]["step"] == 4
+    assert (tmp_path / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = _adapter(tmp_path)
+    again = train(recipe, "torch", resume=tmp_path / "checkpoints" / "step-00000008", progress=False)
+    assert again["steps"] == 12 and again["best"] == summary["best"] and again["train_losses"] == summary["train_losses"]
+    assert all(np.array_equal(best[k], v) for k, v in _adapter(tmp_path).items())
+    with pytest.raises(TwintuneError, match="needs train.eval_every"):
+        load_recipe("recipes/demo-financial-sentiment.yaml", ["train.early_stopping_patience=2"])

@@ -1,0 +1,34 @@
+"""A PNG of a run: training loss per step and validation accuracy at each evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twintune.formats.safetensors_io import write_atomically
+
+
+def plot_run(path: str | Path, losses: list[float], evals: list[dict], title: str = "") -> Path:
+    """Write the plot (matplotlib, no display needed).
+
+    Example:
+        >>> plot_run("runs/demo/training.png", summary["train_losses"], summary["evals"], "demo")
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, loss_axis = plt.subplots(figsize=(8, 4.5), dpi=100)
+    loss_axis.plot(range(1, len(losses) + 1), losses, color="tab:blue", linewidth=1, label="training loss")
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.set_ylabel("training loss (label tokens)", color="tab:blue")
+    accuracy_axis = loss_axis.twinx()
+    accuracy_axis.plot([e["step"] for e in evals], [e["val_accuracy"] for e in evals], "o-", color="tab:orange",
+                       label="validation accuracy")
+    accuracy_axis.set_ylabel("validation accuracy", color="tab:orange")
+    accuracy_axis.set_ylim(0, 1)
+    loss_axis.set_title(title)
+    figure.tight_layout()
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png"))
+    plt.close(figure)
+    return Path(path)
