@@ -126,3 +126,16 @@ def test_gpt2_vocab_merges_tokenizer(tmp_path, tiny_dir):
     assert (tmp_path / "vocab.json").exists() and (tmp_path / "merges.txt").exists()
     text = "Net sales fell to EUR 12.0 mn ."
     assert load_tokenizer(tmp_path).encode(text).ids == load_tokenizer(tiny_dir).encode(text).ids
+
+
+@pytest.mark.parametrize("header", [b"[]", b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [-16, 16]}}'])
+def test_malformed_safetensors_headers_are_refused(tmp_path, header):
+    import struct
+
+    from twintune.errors import TwintuneError
+    from twintune.formats.safetensors_io import read_safetensors
+
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    with pytest.raises(TwintuneError, match="corrupt or not safetensors"):
+        read_safetensors(path)

@@ -100,9 +100,9 @@ def _load_weights(directory: Path) -> dict[str, np.ndarray]:
     index = directory / "pytorch_model.bin.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return _merge(_read_torch_bin(directory / f) for f in files)
+        return _merge(read_torch_bin(directory / f) for f in files)
     if (directory / "pytorch_model.bin").exists():
-        return _read_torch_bin(directory / "pytorch_model.bin")
+        return read_torch_bin(directory / "pytorch_model.bin")
     raise TwintuneError(f"model directory {directory} has no *.safetensors or pytorch_model.bin weights.")
 
 
@@ -113,22 +113,21 @@ def _merge(parts) -> dict[str, np.ndarray]:
     return weights
 
 
-def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    """A PyTorch pickle of tensors, read only through torch.load(weights_only=True), never a plain unpickle."""
     try:
         import torch
     except ImportError:
         raise TwintuneError(f"{path} is a PyTorch pickle and reading it safely needs torch; "
-                            "install twintune[torch] or convert the checkpoint to safetensors.") from None
+                            "install twintune[torch] or convert it to safetensors.") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise TwintuneError(f"{path} could not be read safely as PyTorch weights ({type(e).__name__}: {e}).".replace("\n", " ")) from None
-    out = {}
-    for name, tensor in state.items():
-        if tensor.dtype == torch.bfloat16:
-            tensor = tensor.float()
-        out[name] = tensor.numpy()
-    return out
+        message = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
+        raise TwintuneError(f"{path} could not be read safely as PyTorch weights ({message}).") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TwintuneError(f"{path} does not hold a dict of tensors, so it is not a weights file.")
+    return {str(k): (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
 
 
 def load_tokenizer(directory: Path):

@@ -43,13 +43,15 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             if header_len > os.path.getsize(path) - 8:
                 raise ValueError("header length past the end of the file")
             header = json.loads(f.read(header_len))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
         data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
         tensors = {}
         for name, info in header.items():
             if name == "__metadata__":
                 continue
             start, end = info["data_offsets"]
-            if end > data.shape[0] or start > end:
+            if not 0 <= start <= end <= data.shape[0]:
                 raise ValueError(f"tensor {name!r} lies past the end of the file")
             raw = data[start:end]
             if info["dtype"] == "BF16":
@@ -62,7 +64,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return tensors
     except FileNotFoundError:
         raise TwintuneError(f"weights file {path} does not exist.") from None
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError, struct.error) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError, struct.error) as e:
         raise TwintuneError(f"weights file {path} is corrupt or not safetensors ({e}).") from None
 
 
