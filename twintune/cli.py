@@ -23,6 +23,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default=None, metavar="DIR",
                        help="continue from a run directory's newest checkpoint (or from one checkpoint directory)")
 
+    evaluation = verbs.add_parser("eval", help="evaluate a run directory (or a recipe's untrained start) on a split")
+    evaluation.add_argument("target", help="a run directory from `twintune train`, or a recipe file")
+    evaluation.add_argument("--split", default="validation", help="validation (default), test or train")
+    evaluation.add_argument("--backend", default=None, help="auto (default: the recipe's), mlx or torch")
+    evaluation.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    prediction = verbs.add_parser("predict", help="label and probabilities for texts, from a run directory")
+    prediction.add_argument("target", help="a run directory from `twintune train`")
+    prediction.add_argument("texts", nargs="+", help="one or more sentences")
+    prediction.add_argument("--backend", default=None, help="auto (default: the recipe's), mlx or torch")
+
+    merging = verbs.add_parser("merge", help="fold a run's LoRA adapter into the base; write a Hugging Face checkpoint")
+    merging.add_argument("target", help="a run directory from `twintune train`")
+    merging.add_argument("--out", required=True, help="directory to write (must be new or empty)")
+
     tiny = verbs.add_parser("make-tiny-model", help="write a tiny random GPT-Neo + tokenizer (offline)")
     tiny.add_argument("out", help="directory to write")
     tiny.add_argument("--seed", type=int, default=0)
@@ -34,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
     Example:
         $ twintune train recipes/demo-financial-sentiment.yaml --backend mlx --out runs/demo
+        $ twintune eval runs/demo --split test
+        $ twintune predict runs/demo "Operating profit rose to EUR 13.1 mn ."
+        $ twintune merge runs/demo --out models/demo-merged
     """
     args = build_parser().parse_args(argv)
     try:
@@ -47,6 +65,21 @@ def main(argv: list[str] | None = None) -> int:
             shown = {k: summary[k] for k in ("backend", "method", "steps", "final_train_loss", "val_accuracy",
                                              "val_macro_f1", "train_seconds", "peak_memory_mb", "out_dir")}
             print(json.dumps(shown, indent=2))
+        elif args.verb == "eval":
+            from twintune.train.runs import evaluate_target, format_report
+
+            report = evaluate_target(args.target, args.split, args.backend)
+            print(json.dumps(report, indent=2) if args.json else format_report(report))
+        elif args.verb == "predict":
+            from twintune.train.runs import predict_texts
+
+            for row in predict_texts(args.target, args.texts, args.backend):
+                scores = "  ".join(f"{label} {p:.3f}" for label, p in row["probabilities"].items())
+                print(f"{row['label']:<10} [{scores}]  {row['text']}")
+        elif args.verb == "merge":
+            from twintune.formats.merge import merge_run
+
+            print(merge_run(args.target, args.out))
         elif args.verb == "make-tiny-model":
             from twintune.formats.tiny_model import write_tiny_model
 

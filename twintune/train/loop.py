@@ -40,13 +40,15 @@ class Run:
     method: LoRA
     encoder: Encoder
     splits: dict[str, list[Encoded]]
-    order: TrainOrder
+    order: TrainOrder | None
     total_steps: int
     model_dir: Path
 
 
-def prepare(recipe: Recipe, backend: str | None = None) -> Run:
+def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) -> Run:
     """Load model, tokenizer and data for a recipe and apply its method on a backend.
+
+    `with_data=False` skips the data set (for predicting on texts the user gives).
 
     Example:
         >>> run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml"), backend="mlx")
@@ -66,18 +68,19 @@ def prepare(recipe: Recipe, backend: str | None = None) -> Run:
 
     d = recipe.data
     labels = tuple(recipe.prompt.labels)
-    examples = load_examples(d.source, subset=d.subset, text_column=d.text_column, label_column=d.label_column,
-                             labels=labels, synthetic_size=d.synthetic_size, seed=recipe.seed)
-    split = stratified_split(examples, {"validation": d.validation_fraction, "test": d.test_fraction}, recipe.seed)
     prompt = Prompt(recipe.prompt.template, recipe.prompt.labels)
     encoder = Encoder(tokenizer, prompt, max_length=min(d.max_length, spec.max_positions))
-    splits = {k: encoder.encode_all(v, k) for k, v in split.items()}
-    if not splits["validation"]:
-        raise TwintuneError("the validation split is empty; raise data.validation_fraction or add examples.")
-
     t = recipe.train
-    order = TrainOrder(splits["train"], t.batch_size, t.grad_accum, recipe.seed)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * order.steps_per_epoch))
+    splits, order, total_steps = {}, None, 0
+    if with_data:
+        examples = load_examples(d.source, subset=d.subset, text_column=d.text_column, label_column=d.label_column,
+                                 labels=labels, synthetic_size=d.synthetic_size, seed=recipe.seed)
+        split = stratified_split(examples, {"validation": d.validation_fraction, "test": d.test_fraction}, recipe.seed)
+        splits = {k: encoder.encode_all(v, k) for k, v in split.items()}
+        if not splits["validation"]:
+            raise TwintuneError("the validation split is empty; raise data.validation_fraction or add examples.")
+        order = TrainOrder(splits["train"], t.batch_size, t.grad_accum, recipe.seed)
+        total_steps = t.max_steps or max(1, math.ceil(t.epochs * order.steps_per_epoch))
 
     method = recipe.method_spec()
     init = method.init_values(spec.linear_layers(), recipe.seed)
