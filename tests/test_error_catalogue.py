@@ -1,0 +1,127 @@
+"""Bad input, each answered by the CLI with one line naming the problem and a non-zero exit.
+
+No traceback, and nothing already written is lost: every case runs beside an existing run
+directory and a file that must survive untouched.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DEMO = "recipes/demo-financial-sentiment.yaml"
+QUICK = ["--set", "train.max_steps=2", "--set", "data.synthetic_size=60", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Files the cases point at: a finished run, broken models, bad data files."""
+    root = tmp_path_factory.mktemp("catalogue")
+    run = root / "run"
+    subprocess.run([sys.executable, "-m", "twintune", "train", DEMO, "--backend", "torch", "--out", str(run),
+                    "--set", "train.save_every=1", *QUICK], check=True, capture_output=True)
+    from twintune.formats.tiny_model import builtin_model_dir, write_tiny_model
+
+    corrupt_model = root / "corrupt-model"
+    shutil.copytree(builtin_model_dir("tiny-gpt-neo"), corrupt_model)
+    weights = (corrupt_model / "model.safetensors").read_bytes()
+    (corrupt_model / "model.safetensors").write_bytes(weights[: len(weights) // 3])
+    other = write_tiny_model(root / "other-model", hidden_size=32, intermediate_size=128)
+
+    # a run whose adapter was made for another base (hidden size 32 instead of 64)
+    mismatched = root / "mismatched-run"
+    shutil.copytree(run, mismatched)
+    subprocess.run([sys.executable, "-m", "twintune", "train", DEMO, "--backend", "torch", "--out",
+                    str(root / "other-run"), "--set", f"model={other}", *QUICK], check=True, capture_output=True)
+    shutil.rmtree(mismatched / "adapter")
+    shutil.copytree(root / "other-run" / "adapter", mismatched / "adapter")
+
+    corrupt_ckpt = root / "corrupt-ckpt-run"
+    shutil.copytree(run, corrupt_ckpt)
+    for ckpt in (corrupt_ckpt / "checkpoints").iterdir():
+        (ckpt / "trainable.safetensors").write_bytes(b"\x00" * 10)
+
+    (root / "empty.csv").write_text("text,label\n")
+    (root / "bullish.csv").write_text("text,label\n" + "Sales rose .,bullish\n" * 40)
+    (root / "blank.csv").write_text("text,label\n" + " ,positive\n,negative\n" * 30)
+    (root / "notes.txt").write_text("not a recipe")
+    (root / "bad.yaml").write_text("train: {lr: [1, 2\n")
+    (root / "list.yaml").write_text("- 1\n- 2\n")
+    (root / "no-text.yaml").write_text('prompt: {template: "Sentiment:"}\n')
+    (root / "blocker").write_text("a file where a directory is wanted")
+    (root / "merged").mkdir()
+    (root / "merged" / "keep.txt").write_text("already here")
+    return root
+
+
+def case(*argv, match, env=None):
+    return pytest.param(list(argv), match, env or {}, id=match[:40])
+
+
+CASES = [
+    case("train", DEMO, "--set", "train.lrr=1e-3", match="recipe key 'train.lrr' is unknown; did you mean 'train.lr'"),
+    case("train", DEMO, "--set", "train.batch_size=abc", match="train.batch_size' must be a whole number"),
+    case("train", DEMO, "--set", "method.r=-4", match="method.r' must be a positive rank"),
+    case("train", DEMO, "--set", "method.r=100", match="LoRA rank r=100 is larger than layer"),
+    case("train", DEMO, "--set", "method.target_modules=[q_projection]", match="q_projection"),
+    case("train", DEMO, "--backend", "cuda", match="backend"),
+    case("train", DEMO, "--set", "model={root}/no-such-model", match="no-such-model"),
+    case("train", DEMO, "--set", "model=EleutherAI/gpt-neo-1.3B", match="cannot reach the Hugging Face hub",
+         env={"HF_HUB_OFFLINE": "1"}),
+    case("train", DEMO, "--set", "model={root}/corrupt-model", match="corrupt"),
+    case("train", DEMO, "--set", "data.source={root}/empty.csv", match="empty.csv"),
+    case("train", DEMO, "--set", "data.source={root}/bullish.csv", match="'bullish'"),
+    case("train", DEMO, "--set", "data.source={root}/blank.csv", match="blank.csv"),
+    case("train", DEMO, "--set", "data.source={root}/missing.csv", match="missing.csv"),
+    case("train", DEMO, "--set", "data.max_length=12", match="longer than data.max_length=12"),
+    case("train", DEMO, "--set", "train.lr=1e30", "--set", "train.max_grad_norm=0", match="training loss became"),
+    case("train", DEMO, "--out", "{root}/blocker/run", match="not writable"),
+    case("train", "{root}/nope.yaml", match="nope.yaml"),
+    case("train", "{root}/bad.yaml", match="bad.yaml"),
+    case("train", "{root}/list.yaml", match="mapping"),
+    case("train", "{root}/no-text.yaml", match="{text}"),
+    case("train", DEMO, "--set", "quantize.type=int3", match="quantize.type' must be none, nf4 or affine"),
+    case("train", DEMO, "--backend", "torch", "--set", "quantize.type=affine", match="mlx backend only"),
+    case("train", DEMO, "--set", "train.early_stopping_patience=2", match="needs train.eval_every"),
+    case("train", DEMO, "--set", "data.validation_fraction=0", match="validation_fraction' must be between 0 and 1"),
+    case("train", DEMO, "--resume", "{root}", match="holds no checkpoint"),
+    case("train", DEMO, "--resume", "{root}/corrupt-ckpt-run", "--set", "train.save_every=1",
+         "--set", "train.max_steps=2", "--set", "data.synthetic_size=60", match="is corrupt: trainable.safetensors"),
+    case("eval", "{root}/mismatched-run", match="the adapter does not match this base model"),
+    case("eval", "{root}/nowhere", match="does not exist"),
+    case("eval", "{root}/run", "--split", "dev", match="split must be train, validation or test"),
+    case("eval", "{root}/notes.txt", match="notes.txt"),
+    case("predict", "{root}/run", " ", match="at least one non-empty text"),
+    case("merge", "{root}/run", "--out", "{root}/merged", match="is not empty"),
+    case("merge", "{root}", "--out", "{root}/merged2", match="not a run directory"),
+]
+
+
+def _digest(root: Path) -> dict:
+    files = [root / "run" / "adapter" / "adapter_model.safetensors", root / "run" / "summary.json",
+             root / "merged" / "keep.txt"]
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+@pytest.mark.parametrize("argv, match, env", CASES)
+def test_bad_input_gets_one_line_and_a_nonzero_exit(world, argv, match, env):
+    before = _digest(world)
+    args = [a.replace("{root}", str(world)) for a in argv]
+    if args[0] == "train" and "--no-progress" not in args:
+        args += ["--no-progress"]
+    result = subprocess.run([sys.executable, "-m", "twintune", *args], capture_output=True, text=True,
+                            env={**os.environ, **env}, timeout=300)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("twintune: error: "), result.stderr
+    assert match in lines[0], lines[0]
+    assert _digest(world) == before
+
+
+def test_the_catalogue_is_at_least_25_cases():
+    assert len(CASES) >= 25
