@@ -132,7 +132,6 @@ def test_gpt2_vocab_merges_tokenizer(tmp_path, tiny_dir):
 def test_malformed_safetensors_headers_are_refused(tmp_path, header):
     import struct
 
-    from twintune.errors import TwintuneError
     from twintune.formats.safetensors_io import read_safetensors
 
     path = tmp_path / "bad.safetensors"
