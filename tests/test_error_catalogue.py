@@ -98,6 +98,14 @@ CASES = [
     case("predict", "{root}/run", " ", match="at least one non-empty text"),
     case("merge", "{root}/run", "--out", "{root}/merged", match="is not empty"),
     case("merge", "{root}", "--out", "{root}/merged2", match="not a run directory"),
+    # the same failures met inside the MLX backend
+    case("train", DEMO, "--backend", "mlx", "--set", "train.lr=1e30", "--set", "train.max_grad_norm=0",
+         match="training loss became"),
+    case("train", DEMO, "--backend", "mlx", "--set", "data.max_length=12", match="longer than data.max_length=12"),
+    case("train", DEMO, "--backend", "mlx", "--set", "model={root}/corrupt-model", match="corrupt"),
+    case("eval", "{root}/mismatched-run", "--backend", "mlx", match="the adapter does not match this base model"),
+    case("train", DEMO, "--backend", "mlx", "--resume", "{root}/corrupt-ckpt-run", "--set", "train.save_every=1",
+         "--set", "train.max_steps=2", "--set", "data.synthetic_size=60", match="is corrupt: trainable.safetensors"),
 ]
 
 

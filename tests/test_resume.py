@@ -86,6 +86,10 @@ def test_resume_refuses_a_different_recipe(tmp_path):
         train(changed, "torch", resume=out, progress=False)
     with pytest.raises(TwintuneError, match="holds no checkpoint"):
         train(changed, "torch", resume=tmp_path, progress=False)
+    # resuming a finished run trains nothing more and writes the same result
+    first = json.loads((out / "summary.json").read_text())
+    again = train(load_recipe("recipes/demo-financial-sentiment.yaml", settings), "torch", resume=out, progress=False)
+    assert again["train_losses"] == first["train_losses"] and again["val_accuracy"] == first["val_accuracy"]
 
 
 def test_early_stopping_keeps_the_best_adapter_and_the_run_has_a_plot(tmp_path):

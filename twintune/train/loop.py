@@ -176,6 +176,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     bar = _progress(run.total_steps, progress, first_step)
     started = time.perf_counter()
     stopped_early = False
+    last_step = first_step
     # metrics.jsonl is rewritten from the history, so lines a killed run wrote after its last
     # checkpoint do not appear twice.
     with open(out / "metrics.jsonl", "w") as log:
@@ -183,6 +184,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
             log.write(json.dumps(line) + "\n")
         for step in range(first_step, run.total_steps):
             record = train_step(run, step)
+            last_step = step + 1
             history["real_tokens"] += record["tokens"]
             _log(log, history, record)
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < run.total_steps:
@@ -209,7 +211,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         if best_state is not None:  # early stopping: the best evaluation's adapter is the result
             run.backend.set_trainable_state(best_state)
         report = evaluate(run)
-        final_step = history["best"]["step"] if best_state is not None else step + 1
+        final_step = history["best"]["step"] if best_state is not None else last_step
         _log(log, history, {"step": final_step, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]})
     if bar:
         bar.close()
