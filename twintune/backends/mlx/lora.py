@@ -24,7 +24,8 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 class LoRALinear(nn.Module):
-    """y = base_layer(x) + scale * lora_B(lora_A(dropout(x)))."""
+    """y = base_layer(x) + lora_B(scale * lora_A(dropout(x))): scaled at rank r, not at the output width
+    (the same function as PEFT's, one output-sized tensor fewer to keep for the backward)."""
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, r: int, scale: float,
                  dropout: float):
@@ -36,7 +37,7 @@ class LoRALinear(nn.Module):
         self.scale = scale
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x)) * self.scale)
 
 
 def apply_lora(model: nn.Module, method: LoRA, init: dict[str, np.ndarray]) -> None:

@@ -89,10 +89,18 @@ def nf4_matmul_metal(x2d: mx.array, packed: mx.array, absmax: mx.array, shape: t
 
 @functools.lru_cache(maxsize=None)
 def _nf4_matmul(shape: tuple[int, int], blocksize: int, use_metal: bool):
-    """x @ W.T for one weight shape, with a backward that dequantizes again (nothing kept)."""
+    """x @ W.T for one weight shape, with a backward that dequantizes again (nothing kept).
+
+    The block absmax arrives as stored (8-bit codes, scales and mean with double quantization)
+    and is decoded inside, so no decoded copy stays alive until the backward either.
+    """
+
+    def weight_absmax(absmax_parts):
+        return decode_absmax(*absmax_parts) if len(absmax_parts) == 3 else absmax_parts[0]
 
     @mx.custom_function
-    def matmul(x, packed, absmax):
+    def matmul(x, packed, *absmax_parts):
+        absmax = weight_absmax(absmax_parts)
         if use_metal:
             flat = x.reshape(-1, shape[1])
             return nf4_matmul_metal(flat, packed, absmax, shape, blocksize).reshape(*x.shape[:-1], shape[0])
@@ -100,9 +108,9 @@ def _nf4_matmul(shape: tuple[int, int], blocksize: int, use_metal: bool):
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
-        x, packed, absmax = primals
-        dx = cotangent @ dequantize(packed, absmax, shape, blocksize)
-        return dx, mx.zeros_like(packed), mx.zeros_like(absmax)
+        x, packed, *absmax_parts = primals
+        dx = cotangent @ dequantize(packed, weight_absmax(absmax_parts), shape, blocksize)
+        return (dx, mx.zeros_like(packed), *(mx.zeros_like(part) for part in absmax_parts))
 
     return matmul
 
@@ -134,5 +142,6 @@ class NF4Linear(nn.Module):
         return dequantize(self.packed, self.block_absmax(), self.shape, self.blocksize)
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = _nf4_matmul(self.shape, self.blocksize, self.use_metal)(x, self.packed, self.block_absmax())
+        stored = (self.absmax, self.absmax_scale, self.absmax_offset) if self.double_quant else (self.absmax,)
+        y = _nf4_matmul(self.shape, self.blocksize, self.use_metal)(x, self.packed, *stored)
         return y + self.bias if "bias" in self else y
