@@ -105,7 +105,9 @@ def main() -> None:
     print(" | ".join(header))
     for row in rows:
         print(" | ".join(str(row[k]) for k in header))
-    path = write_result(f"qlora_memory_{args.shape}", {"rows": rows})
+    name = f"qlora_memory_{args.shape}" + ("" if args.bases == "nf4,fp32" and args.backends == "mlx,torch"
+                                           else f"_{args.backends.replace(',', '-')}_{args.bases.replace(',', '-')}")
+    path = write_result(name, {"rows": rows})
     print(json.dumps({"result": str(path)}))
 
 

@@ -1,0 +1,194 @@
+"""The torch backend against Hugging Face transformers + PEFT on one epoch of the task, same run.
+
+    python -m benchmarks.compare_torch [--quick] [--shape 125m|1.3b] [--examples N] [--repeats R]
+
+Three ways to train the same LoRA (r=8, alpha=16, q_proj + v_proj, AdamW lr 2e-4, batch 8) on
+the same tokenized financial-sentiment examples, loss on the label-word tokens only:
+
+  trainer    the way blog posts set it up: transformers' Trainer + PEFT, every example padded
+             to max_length 128, full-vocabulary logits at every position
+  fair_loop  transformers + PEFT in a plain loop with dynamic padding (each batch padded to its
+             own longest row), as a careful user would write it
+  twintune   twintune's torch backend: dynamic padding, logits only where the loss is taken
+
+Each runs in its own process (its own peak memory), on a random-weight GPT-Neo of the given
+shape with the built-in tokenizer. Tokens/s counts real (non-padding) tokens. Every ratio is
+ours / theirs; the last line is one JSON object with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import peak_rss_mb, reset_peak_rss, run_child, write_result
+
+CACHE = Path(__file__).parent / ".cache"
+LORA = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "lr": 2e-4, "batch": 8}
+
+
+def model_dir(shape: str) -> Path:
+    """A random-weight GPT-Neo of `shape` in Hugging Face layout with the built-in tokenizer (made once)."""
+    from benchmarks.shapes import gpt_neo_config, random_model
+    from twintune.formats.safetensors_io import write_safetensors
+    from twintune.formats.tiny_model import builtin_model_dir
+
+    target = CACHE / f"gpt-neo-{shape}-random"
+    if (target / "model.safetensors").exists():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    _, weights, _ = random_model(shape)
+    config = dict(gpt_neo_config(shape), architectures=["GPTNeoForCausalLM"], tie_word_embeddings=True,
+                  embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, bos_token_id=0, eos_token_id=0)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (target / name).write_bytes((builtin_model_dir("tiny-gpt-neo") / name).read_bytes())
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    write_safetensors(target / "model.safetensors", weights, metadata={"format": "pt"})
+    return target
+
+
+def recipe(shape: str, examples: int):
+    from twintune.recipe import load_recipe
+
+    # train on `examples` sentences: the validation/test fractions take the rest of a larger set
+    total = int(examples / 0.8) + 3
+    return load_recipe("recipes/demo-financial-sentiment.yaml", [
+        f"model={model_dir(shape)}", f"data.synthetic_size={max(30, total)}", "train.epochs=1",
+        f"train.batch_size={LORA['batch']}", f"train.lr={LORA['lr']}", "train.warmup_steps=0",
+        f"method.r={LORA['r']}", f"method.alpha={LORA['alpha']}", f"method.target_modules={LORA['targets']}",
+        "train.schedule=constant", "train.max_grad_norm=0"])
+
+
+def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    from twintune.train.loop import prepare, train_step
+
+    run = prepare(recipe(shape, examples), "torch")
+    encoded = run.splits["train"]
+    batches = [b for step in range(run.order.steps_per_epoch) for b in run.order.step_batches(step)]
+    real_tokens = sum(len(e.ids) for e in encoded)
+
+    if kind == "twintune":
+        def epoch():
+            for step in range(run.order.steps_per_epoch):
+                train_step(run, step)
+    else:
+        epoch = _hf_epoch(kind, shape, encoded, batches)
+    epoch()  # warm-up epoch: allocator, kernels and caches settle
+    times = []
+    reset_peak_rss()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        epoch()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return {"kind": kind, "shape": shape, "examples": len(encoded), "steps": len(batches),
+            "real_tokens": real_tokens, "epoch_seconds": seconds, "epoch_times": times,
+            "real_tokens_per_s": real_tokens / seconds, "peak_rss_mb": peak_rss_mb()}
+
+
+def _hf_epoch(kind: str, shape: str, encoded, batches):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPTNeoForCausalLM
+
+    model = GPTNeoForCausalLM.from_pretrained(model_dir(shape))
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=LORA["targets"],
+                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
+
+    def example(e, width):
+        ids = np.zeros(width, np.int64)
+        ids[: len(e.ids)] = e.ids
+        mask = np.zeros(width, np.int64)
+        mask[: len(e.ids)] = 1
+        labels = np.full(width, -100, np.int64)
+        labels[e.prompt_len: len(e.ids)] = e.ids[e.prompt_len:]  # transformers shifts labels itself
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+                "labels": torch.from_numpy(labels)}
+
+    if kind == "trainer":
+        from transformers import Trainer, TrainingArguments, default_data_collator
+
+        rows = [example(e, 128) for e in encoded]
+        output = tempfile.mkdtemp(prefix="trainer-")
+        arguments = TrainingArguments(output_dir=output, per_device_train_batch_size=LORA["batch"], num_train_epochs=1,
+                                      learning_rate=LORA["lr"], lr_scheduler_type="constant", weight_decay=0.0,
+                                      max_grad_norm=0.0, report_to=[], save_strategy="no", logging_strategy="no",
+                                      disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, seed=0)
+        trainer = Trainer(model=model, args=arguments, train_dataset=rows, data_collator=default_data_collator)
+        return trainer.train
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LORA["lr"], weight_decay=0.0)
+    model.train()
+
+    def epoch():
+        for batch in batches:
+            width = batch.input_ids.shape[1]
+            rows = [example(_Row(batch.input_ids[r], batch.lengths[r], batch.answer_positions[r] % width + 1), width)
+                    for r in range(len(batch.lengths))]
+            inputs = {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
+            loss = model(**inputs).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return epoch
+
+
+class _Row:
+    """An example as a batch row holds it: ids (right-padded), length, where the prompt ends."""
+
+    def __init__(self, padded_ids, length, prompt_len):
+        self.ids = padded_ids[: int(length)]
+        self.prompt_len = int(prompt_len)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="125m shape, 64 examples, 3 repeats: a few minutes")
+    parser.add_argument("--shape", default="125m")
+    parser.add_argument("--examples", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.shape, args.examples, args.repeats = "125m", 64, 3
+    if args.child:
+        print(json.dumps(child(args.child, args.shape, args.examples, args.repeats)))
+        return
+
+    model_dir(args.shape)
+    rows = {}
+    for kind in ("twintune", "fair_loop", "trainer"):
+        rows[kind] = run_child("benchmarks.compare_torch", ["--child", kind, "--shape", args.shape,
+                                                            "--examples", str(args.examples),
+                                                            "--repeats", str(args.repeats)])
+        print(json.dumps(rows[kind]), flush=True)
+    ours = rows["twintune"]
+    ratios = {
+        "epoch_time_ratio_vs_trainer": ours["epoch_seconds"] / rows["trainer"]["epoch_seconds"],
+        "epoch_time_ratio_vs_fair_loop": ours["epoch_seconds"] / rows["fair_loop"]["epoch_seconds"],
+        "tokens_per_s_ratio_vs_fair_loop": ours["real_tokens_per_s"] / rows["fair_loop"]["real_tokens_per_s"],
+        "tokens_per_s_ratio_vs_trainer": ours["real_tokens_per_s"] / rows["trainer"]["real_tokens_per_s"],
+        "peak_memory_ratio": ours["peak_rss_mb"] / rows["fair_loop"]["peak_rss_mb"],
+        "peak_memory_ratio_vs_trainer": ours["peak_rss_mb"] / rows["trainer"]["peak_rss_mb"],
+    }
+    ratios = {k: round(v, 3) for k, v in ratios.items()}
+    print(f"GPT-Neo {args.shape} shape, {ours['examples']} examples ({ours['real_tokens']} real tokens), "
+          f"batch {LORA['batch']}, median of {args.repeats} epochs after one warm-up")
+    print(f"{'':10s} {'epoch s':>9s} {'real tok/s':>11s} {'peak RSS MB':>12s}")
+    for kind, row in rows.items():
+        print(f"{kind:10s} {row['epoch_seconds']:9.2f} {row['real_tokens_per_s']:11.1f} {row['peak_rss_mb']:12.1f}")
+    write_result(f"compare_torch_{args.shape}" + ("_quick" if args.quick else ""), {"rows": rows, "ratios": ratios})
+    print(json.dumps(ratios))
+
+
+if __name__ == "__main__":
+    main()
