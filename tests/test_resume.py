@@ -105,5 +105,7 @@ def test_early_stopping_keeps_the_best_adapter_and_the_run_has_a_plot(tmp_path):
     again = train(recipe, "torch", resume=tmp_path / "checkpoints" / "step-00000008", progress=False)
     assert again["steps"] == 12 and again["best"] == summary["best"] and again["train_losses"] == summary["train_losses"]
     assert all(np.array_equal(best[k], v) for k, v in _adapter(tmp_path).items())
+    finished = train(recipe, "torch", resume=tmp_path, progress=False)  # its newest checkpoint: the stop itself
+    assert finished["steps"] == 12 and finished["stopped_early"] and finished["best"] == summary["best"]
     with pytest.raises(TwintuneError, match="needs train.eval_every"):
         load_recipe("recipes/demo-financial-sentiment.yaml", ["train.early_stopping_patience=2"])

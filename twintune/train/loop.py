@@ -175,14 +175,14 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
 
     bar = _progress(run.total_steps, progress, first_step)
     started = time.perf_counter()
-    stopped_early = False
+    stopped_early = history.get("stopped_early", False)  # a resumed run that had already stopped early
     last_step = first_step
     # metrics.jsonl is rewritten from the history, so lines a killed run wrote after its last
     # checkpoint do not appear twice.
     with open(out / "metrics.jsonl", "w") as log:
         for line in history["log"]:
             log.write(json.dumps(line) + "\n")
-        for step in range(first_step, run.total_steps):
+        for step in range(first_step, first_step if stopped_early else run.total_steps):
             record = train_step(run, step)
             last_step = step + 1
             history["real_tokens"] += record["tokens"]
@@ -196,7 +196,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
                         history["best"] = {"step": step + 1, "value": value}
                         best_state = run.backend.trainable_state()
                     evals_since_best = (step + 1 - history["best"]["step"]) // t.eval_every
-                    stopped_early = evals_since_best >= t.early_stopping_patience
+                    stopped_early = history["stopped_early"] = evals_since_best >= t.early_stopping_patience
             if t.save_every and ((step + 1) % t.save_every == 0 or step + 1 == run.total_steps or stopped_early):
                 history["train_seconds"] += time.perf_counter() - started
                 started = time.perf_counter()

@@ -12,7 +12,6 @@ import numpy as np
 
 from twintune.errors import TwintuneError
 from twintune.formats.adapter import load_lora_adapter
-from twintune.formats.safetensors_io import write_atomically
 from twintune.recipe import load_recipe
 from twintune.train.loop import Run, evaluate, predict, prepare
 
@@ -93,6 +92,3 @@ def format_report(report: dict) -> str:
         lines.append(f"{label:{width}}" + "".join(f"{n:>{width}}" for n in row))
     return "\n".join(lines)
 
-
-def write_text(path: Path, text: str) -> None:
-    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
