@@ -9,7 +9,8 @@ the same tokenized financial-sentiment examples, loss on the label-word tokens o
              to max_length 128, full-vocabulary logits at every position
   fair_loop  transformers + PEFT in a plain loop with dynamic padding (each batch padded to its
              own longest row), as a careful user would write it
-  twintune   twintune's torch backend: dynamic padding, logits only where the loss is taken
+  twintune   twintune's torch backend: length-grouped batches (train.group_by_length), logits
+             only where the loss is taken
 
 Each runs in its own process (its own peak memory), on a random-weight GPT-Neo of the given
 shape with the built-in tokenizer. Tokens/s counts real (non-padding) tokens. Every ratio is
@@ -62,7 +63,7 @@ def recipe(shape: str, examples: int):
         f"model={model_dir(shape)}", f"data.synthetic_size={max(30, total)}", "train.epochs=1",
         f"train.batch_size={LORA['batch']}", f"train.lr={LORA['lr']}", "train.warmup_steps=0",
         f"method.r={LORA['r']}", f"method.alpha={LORA['alpha']}", f"method.target_modules={LORA['targets']}",
-        "train.schedule=constant", "train.max_grad_norm=0"])
+        "train.schedule=constant", "train.max_grad_norm=0", "train.group_by_length=true"])
 
 
 def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
@@ -71,9 +72,13 @@ def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
     torch.manual_seed(0)
     from twintune.train.loop import prepare, train_step
 
+    from twintune.data.batching import TrainOrder
+
     run = prepare(recipe(shape, examples), "torch")
     encoded = run.splits["train"]
-    batches = [b for step in range(run.order.steps_per_epoch) for b in run.order.step_batches(step)]
+    # the references get plain dynamic padding (a random order); length grouping is ours
+    plain = TrainOrder(encoded, LORA["batch"], 1, run.recipe.seed)
+    batches = [b for step in range(plain.steps_per_epoch) for b in plain.step_batches(step)]
     real_tokens = sum(len(e.ids) for e in encoded)
 
     if kind == "twintune":

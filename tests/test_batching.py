@@ -58,3 +58,19 @@ def test_bad_examples_named(encoder, tiny_dir):
         Encoder(load_tokenizer(tiny_dir), Prompt("{text}", {"a": " positive", "b": " positive"}), 64)
     with pytest.raises(TwintuneError, match="{text}"):
         Prompt("no placeholder", {"a": " x"})
+
+
+def test_group_by_length_covers_each_example_once_and_pads_less(encoder):
+    rng = np.random.default_rng(0)
+    encoded = [encoder.encode("Sales rose ." + " in the quarter" * int(k), "positive") for k in rng.integers(0, 12, 200)]
+    plain = TrainOrder(encoded, batch_size=8, grad_accum=1, seed=3)
+    grouped = TrainOrder(encoded, batch_size=8, grad_accum=1, seed=3, group_by_length=True)
+    for epoch in range(2):
+        assert sorted(grouped.epoch_order(epoch).tolist()) == list(range(200))
+    assert not np.array_equal(grouped.epoch_order(0), grouped.epoch_order(1))
+
+    def padded(order):
+        return sum(b.input_ids.size for s in range(order.steps_per_epoch) for b in order.step_batches(s))
+
+    real = sum(len(e.ids) for e in encoded)
+    assert padded(grouped) - real < 0.25 * (padded(plain) - real)

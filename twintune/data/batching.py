@@ -134,10 +134,16 @@ class TrainOrder:
     """The seeded order of training micro-batches, addressable by optimizer step (so resume is exact).
 
     Each epoch is a fresh permutation drawn from (seed, epoch); an optimizer step takes
-    `grad_accum` consecutive micro-batches of `batch_size` examples.
+    `grad_accum` consecutive micro-batches of `batch_size` examples. With `group_by_length`,
+    each run of GROUP_STEPS steps' examples is sorted by length before it is cut into steps
+    (whose order is then shuffled), so a batch holds sentences of similar length and little
+    padding is computed; the batches stay random in which examples they mix.
     """
 
-    def __init__(self, encoded: list[Encoded], batch_size: int, grad_accum: int, seed: int, pad_id: int = 0):
+    GROUP_STEPS = 16
+
+    def __init__(self, encoded: list[Encoded], batch_size: int, grad_accum: int, seed: int, pad_id: int = 0,
+                 group_by_length: bool = False):
         if not encoded:
             raise TwintuneError("the training split is empty.")
         self.encoded = encoded
@@ -145,13 +151,28 @@ class TrainOrder:
         self.grad_accum = grad_accum
         self.seed = seed
         self.pad_id = pad_id
+        self.group_by_length = group_by_length
         self.examples_per_step = batch_size * grad_accum
         self.steps_per_epoch = -(-len(encoded) // self.examples_per_step)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Example indices of one epoch, in training order."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.encoded))
+        if not self.group_by_length:
+            return order
+        group = self.GROUP_STEPS * self.examples_per_step
+        lengths = np.array([len(e.ids) for e in self.encoded])
+        for start in range(0, len(order), group):
+            chunk = order[start: start + group]
+            order[start: start + group] = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        steps = [order[s: s + self.examples_per_step] for s in range(0, len(order), self.examples_per_step)]
+        return np.concatenate([steps[i] for i in rng.permutation(len(steps))])
 
     def step_batches(self, step: int) -> list[Batch]:
         """The micro-batches of optimizer step `step` (0-based)."""
         epoch, within = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.encoded))
+        order = self.epoch_order(epoch)
         chosen = order[within * self.examples_per_step: (within + 1) * self.examples_per_step]
         return [make_batch([self.encoded[i] for i in chosen[s: s + self.batch_size]], self.pad_id)
                 for s in range(0, len(chosen), self.batch_size)]

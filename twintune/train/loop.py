@@ -79,7 +79,7 @@ def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) 
         splits = {k: encoder.encode_all(v, k) for k, v in split.items()}
         if not splits["validation"]:
             raise TwintuneError("the validation split is empty; raise data.validation_fraction or add examples.")
-        order = TrainOrder(splits["train"], t.batch_size, t.grad_accum, recipe.seed)
+        order = TrainOrder(splits["train"], t.batch_size, t.grad_accum, recipe.seed, group_by_length=t.group_by_length)
         total_steps = t.max_steps or max(1, math.ceil(t.epochs * order.steps_per_epoch))
 
     method = recipe.method_spec()
