@@ -134,25 +134,22 @@ def _hf_epoch(kind: str, shape: str, encoded, batches):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LORA["lr"], weight_decay=0.0)
     model.train()
 
+    def inputs(batch):
+        """A dynamically padded Batch as transformers takes it: mask, and -100 except the label tokens."""
+        ids = torch.from_numpy(batch.input_ids.astype(np.int64))
+        mask = (torch.arange(ids.shape[1])[None, :] < torch.from_numpy(batch.lengths)[:, None]).long()
+        labels = torch.full_like(ids, -100)
+        labels.view(-1)[torch.from_numpy(batch.target_positions.astype(np.int64)) + 1] = torch.from_numpy(
+            batch.targets.astype(np.int64))  # transformers shifts labels itself
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
     def epoch():
         for batch in batches:
-            width = batch.input_ids.shape[1]
-            rows = [example(_Row(batch.input_ids[r], batch.lengths[r], batch.answer_positions[r] % width + 1), width)
-                    for r in range(len(batch.lengths))]
-            inputs = {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
-            loss = model(**inputs).loss
+            loss = model(**inputs(batch)).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
     return epoch
-
-
-class _Row:
-    """An example as a batch row holds it: ids (right-padded), length, where the prompt ends."""
-
-    def __init__(self, padded_ids, length, prompt_len):
-        self.ids = padded_ids[: int(length)]
-        self.prompt_len = int(prompt_len)
 
 
 def main() -> None:

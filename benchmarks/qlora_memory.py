@@ -18,9 +18,6 @@ import numpy as np
 
 from benchmarks.common import peak_rss_mb, reset_peak_rss, rss_mb, run_child, write_result
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"]
-
-
 def child(backend: str, base: str, shape: str, batch_size: int, tokens: int, steps: int) -> dict:
     from benchmarks.shapes import random_model
     from twintune.backends import backend_class
@@ -40,7 +37,7 @@ def child(backend: str, base: str, shape: str, batch_size: int, tokens: int, ste
     float_weights = sum(w.nbytes for w in weights.values())
     engine = cls(spec, weights, seed=0, quantized=quantized)
     del weights, quantized
-    method = LoRA(r=16, alpha=32, target_modules=tuple(TARGETS))
+    method = LoRA(r=16, alpha=32, target_modules=spec.LINEAR_NAMES)
     engine.apply_method(method, method.init_values(spec.linear_layers(), seed=0))
     engine.set_optimizer((0.9, 0.999), 1e-8, 0.0)
 

@@ -56,6 +56,9 @@ class GPTNeoSpec:
             layer_norm_eps=config.get("layer_norm_epsilon", 1e-5),
         )
 
+    # The short names of every block's linear layers (what "all-linear" means for GPT-Neo).
+    LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")
+
     def linear_layers(self) -> dict[str, tuple[int, int]]:
         """Every linear layer a method may adapt: name -> (out_features, in_features)."""
         d, f = self.hidden_size, self.intermediate_size

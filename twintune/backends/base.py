@@ -14,12 +14,16 @@ import numpy as np
 from twintune.data.batching import Batch
 from twintune.methods import LoRA
 from twintune.models import GPTNeoSpec
+from twintune.quant.nf4 import NF4Tensor
 
 
 class Backend(Protocol):
     name: str
 
-    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], seed: int = 0) -> None: ...
+    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], seed: int = 0,
+                 quantized: dict[str, NF4Tensor] | None = None) -> None:
+        """Build the model from float weights; the layers in `quantized` arrive as shared NF4 bytes
+        (their float weights are absent from `weights`)."""
 
     def apply_method(self, method: LoRA, init: dict[str, np.ndarray]) -> None:
         """Wrap the targeted layers and set the trainable values to `init`."""

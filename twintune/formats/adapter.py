@@ -55,7 +55,6 @@ def write_json(path: str | Path, data) -> None:
 # --- Adapters in -------------------------------------------------------------------------------
 
 _PEFT_DEFAULT_TARGETS = ("q_proj", "v_proj")  # what PEFT picks for gpt_neo when target_modules is unset
-_LINEAR_SHORT_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")  # inits that leave the base weights as they are
 # PEFT options that change what an adapter means (beyond plain LoRA on the listed layers):
 # option -> (value that means "off", what the option is, for the message).
@@ -127,7 +126,7 @@ def _lora_from_config(config: dict, where: Path) -> LoRA:
     if targets is None:
         targets = _PEFT_DEFAULT_TARGETS
     elif targets == "all-linear":
-        targets = _LINEAR_SHORT_NAMES
+        targets = GPTNeoSpec.LINEAR_NAMES
     elif isinstance(targets, str):
         pass  # a regex, matched against the full layer name as PEFT does
     elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
