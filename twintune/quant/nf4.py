@@ -8,11 +8,13 @@ of 256, after subtracting their mean.
 
 Quantized once here, the same bytes go to both backends: bitsandbytes' Params4bit on torch and
 our own NF4 layer on MLX. The 4-bit rounding follows bitsandbytes exactly (multiply by
-1/absmax, nearest level, ties to the lower one) and so do the bytes. Two documented departures
-in double quantization, both at the level of float32 rounding: the absmax mean is exact (torch's
-float32 mean depends on vector width and threads) and the 8-bit code is always the nearest
-level (bitsandbytes' CPU search sometimes picks the neighbour within ~1e-5 of a midpoint).
-Dequantizing gives bitsandbytes' numbers bit for bit: tests/quant check all of this against it.
+1/absmax, nearest level, ties to the lower one) and so do the bytes. The 8-bit codes of double
+quantization follow bitsandbytes' CPU quantizer (a 65536-entry lookup table, see
+quantize_blockwise_8bit) byte for byte; its CUDA kernel binary-searches the map for the nearest level
+instead, which differs for values within 1/65535 of a midpoint. One documented departure: the
+absmax mean is exact, rounded once to float32, where bitsandbytes takes torch's float32 mean,
+whose last bit depends on the CPU's vector width and thread count; the two are at most one ulp
+apart. Dequantizing gives bitsandbytes' numbers bit for bit: tests/quant check all of this.
 """
 
 from __future__ import annotations
@@ -138,28 +140,44 @@ def mean_float32(values: np.ndarray) -> np.float32:
     return np.float32(values.astype(np.float64).mean())
 
 
+_LOOKUP_SIZE = 65536
+
+
+def _dynamic_map_lookup_table() -> np.ndarray:
+    """For each of 65536 evenly spaced points of [-1, 1], the index of the nearest DYNAMIC_MAP level.
+
+    bitsandbytes' CPU quantizer (0.50) looks codes up in this table rather than searching the map;
+    the float32 steps below are its own, so the codes come out byte for byte the same.
+    """
+    midpoints = (np.float32(0.5) * (DYNAMIC_MAP[:-1] + DYNAMIC_MAP[1:])).astype(np.float32)
+    steps = np.float32(2.0) * np.arange(_LOOKUP_SIZE, dtype=np.float32)
+    points = (np.float32(-1.0) + steps / np.float32(_LOOKUP_SIZE - 1)).astype(np.float32)
+    # a point takes the level past every midpoint strictly below it
+    return np.searchsorted(midpoints, points, side="left").astype(np.uint8)
+
+
 def quantize_blockwise_8bit(values: np.ndarray, blocksize: int) -> tuple[np.ndarray, np.ndarray]:
-    """8-bit codes into DYNAMIC_MAP, one absmax per block: bitsandbytes' CPU quantize_blockwise."""
-    values = np.asarray(values, np.float32)
+    """8-bit codes into DYNAMIC_MAP, one absmax per block: bitsandbytes' CPU quantize_blockwise.
+
+    A value is scaled by 1/absmax of its block, mapped to one of 65536 points of [-1, 1] and given
+    that point's nearest level, which is within 1/65535 of the exact nearest level's midpoint.
+    """
+    values = np.asarray(values, np.float32).reshape(-1)
     n = values.size
     n_blocks = -(-n // blocksize)
     padded = np.zeros(n_blocks * blocksize, np.float32)
     padded[:n] = values
-    block_absmax = np.abs(padded.reshape(n_blocks, blocksize)).max(axis=1)
-    if n % blocksize:  # the short block's max over its own values only (padding zeros cannot win)
-        block_absmax[-1] = np.abs(values[(n_blocks - 1) * blocksize:]).max()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        normed = values / np.repeat(block_absmax, blocksize)[:n]
-    normed = np.nan_to_num(normed, nan=-1.0)  # an all-zero block: any code decodes to 0; take 0
-    # Nearest level, ties to the lower one. Like bitsandbytes, the search treats the lowest
-    # level as -1.0 so that -1 (a block's negative extreme) lands on code 0.
-    levels = DYNAMIC_MAP.copy()
-    levels[0] = -1.0
-    left = np.clip(np.searchsorted(levels, normed, side="right") - 1, 0, 255)
-    right = np.minimum(left + 1, 255)
-    closer_right = np.abs(normed - levels[right]) < np.abs(normed - levels[left])
-    codes = np.where(closer_right & (left < 255), right, left).astype(np.uint8)
+    block_absmax = np.abs(padded.reshape(n_blocks, blocksize)).max(axis=1)  # zero padding cannot win
+    inverse = np.float32(1.0) / np.where(block_absmax == 0, np.float32(1.0), block_absmax)
+    normed = np.clip(values * np.repeat(inverse, blocksize)[:n], -1, 1).astype(np.float32)
+    half = ((normed + np.float32(1.0)) * np.float32(0.5)).astype(np.float32)
+    points = ((half * np.float32(_LOOKUP_SIZE - 1)).astype(np.float32) + np.float32(0.5)).astype(np.float32)
+    codes = _DYNAMIC_MAP_LOOKUP[points.astype(np.int64)]
+    codes[np.repeat(block_absmax == 0, blocksize)[:n]] = 0  # an all-zero block: bitsandbytes writes 0
     return codes, block_absmax.astype(np.float32)
+
+
+_DYNAMIC_MAP_LOOKUP = _dynamic_map_lookup_table()
 
 
 def nf4_absmax(q: NF4Tensor) -> np.ndarray:
