@@ -37,6 +37,29 @@ class MLXBackend:
         self.model.freeze()
         self.model.eval()
         mx.eval(self.model.parameters())
+        self._start()
+
+    @classmethod
+    def from_model(cls, model: nn.Module, seed: int = 0) -> "MLXBackend":
+        """Train a model built elsewhere, e.g. an mlx-lm model wrapped in MLXLMModel (MLX only).
+
+        Example:
+            >>> backend = MLXBackend.from_model(load_mlx_lm_model("~/models/Qwen2.5-0.5B"))
+            >>> backend.apply_method(lora, lora.init_values(backend.spec.linear_layers(), seed=0))
+        """
+        from twintune.backends.mlx.mlx_lm_model import MLXLMSpec
+
+        mx.random.seed(seed)
+        backend = cls.__new__(cls)
+        backend.model = model
+        backend.spec = MLXLMSpec.of(model)
+        model.freeze()
+        model.eval()
+        mx.eval(model.parameters())
+        backend._start()
+        return backend
+
+    def _start(self) -> None:
         self.grads = None
         self.step = 0
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss)

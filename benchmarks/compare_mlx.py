@@ -1,0 +1,173 @@
+"""The MLX backend against mlx-lm's own LoRA training, on the same mlx-lm model and data, same run.
+
+    python -m benchmarks.compare_mlx [--quick] [--shape small|base] [--examples N] [--repeats R]
+
+Both train LoRA (r=8, scale 2 = alpha 16 / r, q_proj + v_proj, AdamW lr 2e-4, batch 8) on the
+same tokenized financial-sentiment examples, loss on the label-word token only, on the same
+random-weight mlx-lm llama model (same seed, so the same weights):
+
+  mlx_lm     mlx-lm's trainer (`mlx_lm.tuner.trainer.train`, its LoRALinear, its compiled step,
+             its length-sorted batches padded to a multiple of 32 + 1, full-vocabulary logits at
+             every position, masked to the completion)
+  twintune   twintune's MLX backend wrapping the same mlx-lm model (MLXLMModel): length-grouped
+             batches padded to their longest row, logits only at the label positions
+
+Each runs in its own process. Epoch times: mlx-lm's come from its own report callback, one
+report per epoch (steady state: the first epoch, with compilation, is dropped; so is ours).
+Tokens/s counts real (non-padding) tokens; peak memory is `mx.get_peak_memory()` over the run.
+Every ratio is ours / theirs; the last line is one JSON object with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from benchmarks.common import run_child, write_result
+
+LORA = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "lr": 2e-4, "batch": 8}
+SHAPES = {  # llama-family shapes; vocabulary 32000 as Llama 2 / Mistral
+    "small": dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1376, num_attention_heads=8),
+    "base": dict(hidden_size=1024, num_hidden_layers=16, intermediate_size=2816, num_attention_heads=16),
+}
+
+
+def mlx_lm_model(shape: str):
+    """A random-weight mlx-lm llama model; the same seed gives the same weights in every process."""
+    import mlx.core as mx
+    from mlx_lm.models import llama
+
+    mx.random.seed(0)
+    args = llama.ModelArgs(model_type="llama", rms_norm_eps=1e-5, vocab_size=32000, tie_word_embeddings=False,
+                           **SHAPES[shape])
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def train_examples(n: int):
+    """n tokenized training examples of the built-in synthetic set (prompt, then the label word)."""
+    from twintune.data.batching import Encoder, Prompt
+    from twintune.data.sources import load_examples
+    from twintune.formats.checkpoint import load_tokenizer
+    from twintune.formats.tiny_model import builtin_model_dir
+    from twintune.recipe import load_recipe
+
+    recipe = load_recipe("recipes/demo-financial-sentiment.yaml")
+    examples = load_examples("synthetic", synthetic_size=n, seed=recipe.seed, labels=tuple(recipe.prompt.labels))
+    encoder = Encoder(load_tokenizer(builtin_model_dir("tiny-gpt-neo")),
+                      Prompt(recipe.prompt.template, recipe.prompt.labels), max_length=recipe.data.max_length)
+    return encoder.encode_all(examples[:n])
+
+
+def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
+    import mlx.core as mx
+
+    encoded = train_examples(examples)
+    steps = len(encoded) // LORA["batch"]
+    encoded = encoded[: steps * LORA["batch"]]  # mlx-lm drops a last partial batch: train on the same set
+    real_tokens = sum(len(e.ids) for e in encoded)
+    model = mlx_lm_model(shape)
+    mx.reset_peak_memory()
+    epoch_times = (_mlx_lm_epochs if kind == "mlx_lm" else _twintune_epochs)(model, encoded, steps, repeats + 1)
+    times = epoch_times[1:]
+    seconds = statistics.median(times)
+    return {"kind": kind, "shape": shape, "examples": len(encoded), "steps": steps, "real_tokens": real_tokens,
+            "epoch_seconds": seconds, "epoch_times": times, "warmup_epoch_seconds": epoch_times[0],
+            "real_tokens_per_s": real_tokens / seconds, "peak_memory_mb": mx.get_peak_memory() / 2**20}
+
+
+def _twintune_epochs(model, encoded, steps: int, epochs: int) -> list[float]:
+    from twintune.backends.mlx.backend import MLXBackend
+    from twintune.backends.mlx.mlx_lm_model import MLXLMModel
+    from twintune.data.batching import TrainOrder
+    from twintune.methods import LoRA
+
+    backend = MLXBackend.from_model(MLXLMModel(model), seed=0)
+    lora = LoRA(r=LORA["r"], alpha=LORA["alpha"], target_modules=tuple(LORA["targets"]))
+    backend.apply_method(lora, lora.init_values(backend.spec.linear_layers(), seed=0))
+    backend.set_optimizer((0.9, 0.999), 1e-8, 0.0)
+    order = TrainOrder(encoded, LORA["batch"], 1, seed=0, group_by_length=True)
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for step in range(steps):
+            (batch,) = order.step_batches(step)
+            backend.forward_backward(batch, 1.0 / batch.n_targets)
+            backend.optimizer_step(LORA["lr"], 0.0)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _mlx_lm_epochs(model, encoded, steps: int, epochs: int) -> list[float]:
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model.freeze()
+    linear_to_lora_layers(model, len(model.layers), {
+        "rank": LORA["r"], "scale": LORA["alpha"] / LORA["r"], "dropout": 0.0,
+        "keys": [f"self_attn.{t}" for t in LORA["targets"]]})
+    # (tokens, offset): mlx-lm's loss covers the tokens from the offset on, here the label word
+    dataset = [(e.ids.tolist(), e.prompt_len) for e in encoded]
+
+    class EpochClock(TrainingCallback):
+        def __init__(self):
+            self.marks = [time.perf_counter()]
+
+        def on_train_loss_report(self, info):
+            self.marks.append(time.perf_counter())
+
+    clock = EpochClock()
+    adapter_file = tempfile.mkdtemp(prefix="mlx-lm-") + "/adapters.safetensors"
+    args = TrainingArgs(batch_size=LORA["batch"], iters=steps * epochs, val_batches=0, steps_per_report=steps,
+                        steps_per_eval=10**9, steps_per_save=10**9, adapter_file=adapter_file)
+    train(model, optim.AdamW(learning_rate=LORA["lr"], weight_decay=0.0), dataset, args=args,
+          training_callback=clock)
+    return [b - a for a, b in zip(clock.marks, clock.marks[1:])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shape, 64 examples, 3 repeats: under 5 minutes")
+    parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.shape, args.examples, args.repeats = "small", 64, 3
+    if args.child:
+        print(json.dumps(child(args.child, args.shape, args.examples, args.repeats)))
+        return
+
+    rows = {}
+    for kind in ("twintune", "mlx_lm"):
+        rows[kind] = run_child("benchmarks.compare_mlx", ["--child", kind, "--shape", args.shape,
+                                                          "--examples", str(args.examples),
+                                                          "--repeats", str(args.repeats)])
+        print(json.dumps(rows[kind]), flush=True)
+    ours, theirs = rows["twintune"], rows["mlx_lm"]
+    ratios = {
+        "tokens_per_s_ratio_vs_mlx_lm": ours["real_tokens_per_s"] / theirs["real_tokens_per_s"],
+        "peak_memory_ratio_vs_mlx_lm": ours["peak_memory_mb"] / theirs["peak_memory_mb"],
+        "epoch_time_ratio_vs_mlx_lm": ours["epoch_seconds"] / theirs["epoch_seconds"],
+    }
+    ratios = {k: round(v, 3) for k, v in ratios.items()}
+    print(f"mlx-lm llama {args.shape} shape (vocabulary 32000), {ours['examples']} examples "
+          f"({ours['real_tokens']} real tokens), batch {LORA['batch']}, median of {args.repeats} epochs after one warm-up")
+    print(f"{'':10s} {'epoch s':>9s} {'real tok/s':>11s} {'mx peak MB':>11s}")
+    for kind, row in rows.items():
+        print(f"{kind:10s} {row['epoch_seconds']:9.2f} {row['real_tokens_per_s']:11.1f} {row['peak_memory_mb']:11.1f}")
+    write_result(f"compare_mlx_{args.shape}" + ("_quick" if args.quick else ""), {"rows": rows, "ratios": ratios})
+    print(json.dumps(ratios))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The MLX backend training mlx-lm models (llama and gpt2 families) with our LoRA and step."""
+
+import json
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+from mlx.utils import tree_flatten  # noqa: E402
+from mlx_lm.models import gpt2, llama  # noqa: E402
+
+from twintune.backends.mlx.backend import MLXBackend  # noqa: E402
+from twintune.backends.mlx.mlx_lm_model import MLXLMModel, load_mlx_lm_model  # noqa: E402
+from twintune.data.batching import Batch  # noqa: E402
+from twintune.errors import TwintuneError  # noqa: E402
+from twintune.methods import LoRA  # noqa: E402
+
+LLAMA = dict(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
+             num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=300, tie_word_embeddings=False)
+GPT2 = dict(model_type="gpt2", n_ctx=64, n_embd=32, n_head=4, n_layer=2, n_positions=64, layer_norm_epsilon=1e-5,
+            vocab_size=300)
+
+
+def _llama():
+    mx.random.seed(1)
+    return llama.Model(llama.ModelArgs(**LLAMA))
+
+
+def _gpt2():
+    mx.random.seed(2)
+    return gpt2.Model(gpt2.ModelArgs(**GPT2))
+
+
+def _batch(seed=0, rows=4, width=10, vocab=300):
+    ids = np.random.default_rng(seed).integers(1, vocab, (rows, width)).astype(np.int32)
+    positions = (np.arange(rows) * width + width - 2).astype(np.int32)
+    return Batch(input_ids=ids, target_positions=positions, targets=ids[:, -1].copy(), answer_positions=positions,
+                 labels=np.zeros(rows, np.int32), lengths=np.full(rows, width))
+
+
+@pytest.mark.parametrize("make", [_llama, _gpt2])
+def test_wrapped_model_gives_mlx_lm_logits(make):
+    inner = make()
+    ids = _batch().input_ids
+    expected = np.array(inner(mx.array(ids)))
+    backend = MLXBackend.from_model(MLXLMModel(inner))
+    np.testing.assert_allclose(backend.logits(ids), expected, rtol=1e-5, atol=1e-5)
+    assert backend.spec.vocab_size == 300
+
+
+def test_spec_lists_the_block_linear_layers():
+    spec = MLXBackend.from_model(MLXLMModel(_llama())).spec
+    layers = spec.linear_layers()
+    assert len(layers) == 2 * 7 and "lm_head" not in layers
+    assert layers["model.layers.0.self_attn.q_proj"] == (32, 32)
+    assert layers["model.layers.1.self_attn.k_proj"] == (16, 32)  # 2 key/value heads of 8
+    assert layers["model.layers.0.mlp.down_proj"] == (32, 64)
+    assert set(spec.LINEAR_NAMES) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("make, targets", [(_llama, ("q_proj", "v_proj")), (_gpt2, ("c_attn",))])
+def test_lora_trains_only_the_adapter_and_lowers_the_loss(make, targets):
+    backend = MLXBackend.from_model(MLXLMModel(make()))
+    frozen = {k: np.array(v) for k, v in tree_flatten(backend.model.parameters())}
+    lora = LoRA(r=4, alpha=8, target_modules=targets)
+    backend.apply_method(lora, lora.init_values(backend.spec.linear_layers(), seed=0))
+    backend.set_optimizer((0.9, 0.999), 1e-8, 0.0)
+    batch = _batch()
+    losses = []
+    for _ in range(20):
+        losses.append(backend.forward_backward(batch, 1.0 / batch.n_targets))
+        backend.optimizer_step(3e-2, 1.0)
+    assert losses[-1] < 0.6 * losses[0]
+    trainable = backend.trainable_state()
+    assert trainable and all(".lora_" in k for k in trainable)
+    after = {k.replace(".base_layer", ""): np.array(v) for k, v in tree_flatten(backend.model.parameters())
+             if ".lora_" not in k}
+    assert after.keys() == frozen.keys()
+    assert all(np.array_equal(after[k], frozen[k]) for k in frozen)
+
+
+def test_load_an_mlx_lm_model_directory(tmp_path):
+    inner = _llama()
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(tree_flatten(inner.parameters())))
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    model = load_mlx_lm_model(tmp_path)
+    ids = _batch().input_ids
+    np.testing.assert_allclose(np.array(model.logits(model(mx.array(ids)))), np.array(inner(mx.array(ids))),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_loading_refuses_what_mlx_lm_cannot_read(tmp_path):
+    with pytest.raises(TwintuneError, match="no config.json"):
+        load_mlx_lm_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    with pytest.raises(TwintuneError, match="no safetensors"):
+        load_mlx_lm_model(tmp_path)
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(tree_flatten(_llama().parameters())))
+    (tmp_path / "config.json").write_text(json.dumps(dict(LLAMA, model_type="no_such_family")))
+    with pytest.raises(TwintuneError, match="mlx-lm cannot load"):
+        load_mlx_lm_model(tmp_path)

@@ -1,0 +1,105 @@
+"""An mlx-lm model (llama, qwen2, mistral, gpt2, ...) behind the interface our MLX backend trains.
+
+mlx-lm covers many model families in MLX; wrapping one lets the MLX backend fine-tune it with
+our LoRA, our step (logits only at the label positions) and our AdamW. It is MLX-only: the torch
+backend has no such models, so cross-backend parity holds for GPT-Neo, not for these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from twintune.errors import TwintuneError
+
+
+class MLXLMModel(nn.Module):
+    """The blocks of an mlx-lm `Model`, returning hidden states; `logits` applies its output layer.
+
+    Parameter names are mlx-lm's (`model.layers.0.self_attn.q_proj.weight`), which for the llama
+    family are also Hugging Face's.
+
+    Example:
+        >>> from mlx_lm.models import llama
+        >>> inner = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2,
+        ...     intermediate_size=128, num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=1000))
+        >>> hidden = MLXLMModel(inner)(mx.array([[1, 2, 3]]))
+    """
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        if not hasattr(inner, "model"):
+            raise TwintuneError(f"{type(inner).__module__} is not an mlx-lm language model (it has no .model).")
+        self.model = inner.model
+        if "lm_head" in inner:
+            self.lm_head = inner.lm_head
+        self.model_type = getattr(inner, "model_type", type(inner).__module__.rsplit(".", 1)[-1])
+
+    def __call__(self, input_ids: mx.array) -> mx.array:
+        return self.model(input_ids)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        if "lm_head" in self:
+            return self.lm_head(hidden)
+        embedding = getattr(self.model, "embed_tokens", None) or getattr(self.model, "wte", None)
+        if embedding is None:
+            raise TwintuneError(f"mlx-lm model {self.model_type!r}: no output layer found (lm_head, embed_tokens or wte).")
+        return embedding.as_linear(hidden)
+
+
+@dataclass(frozen=True)
+class MLXLMSpec:
+    """What the shared code asks of a model spec, read off a wrapped mlx-lm model."""
+
+    vocab_size: int
+    layers: tuple[tuple[str, tuple[int, int]], ...]
+
+    @classmethod
+    def of(cls, model: MLXLMModel) -> "MLXLMSpec":
+        # every linear layer inside the transformer blocks, as (out_features, in_features)
+        linear = [(name, tuple(module.weight.shape)) for name, module in model.named_modules()
+                  if isinstance(module, nn.Linear) and (".layers." in name or ".h." in name)]
+        vocab = model.logits(mx.zeros((1, 1, _hidden_size(model)))).shape[-1]
+        return cls(vocab_size=vocab, layers=tuple(sorted(linear, key=lambda item: _natural_key(item[0]))))
+
+    @property
+    def LINEAR_NAMES(self) -> tuple[str, ...]:  # noqa: N802 (the same name as GPTNeoSpec's constant)
+        return tuple(dict.fromkeys(name.rsplit(".", 1)[-1] for name, _ in self.layers))
+
+    def linear_layers(self) -> dict[str, tuple[int, int]]:
+        return dict(self.layers)
+
+
+def _hidden_size(model: MLXLMModel) -> int:
+    weights = dict(tree_flatten(model.parameters()))
+    embedding = next(v for k, v in weights.items() if k.endswith(("embed_tokens.weight", "wte.weight")))
+    return embedding.shape[-1]
+
+
+def _natural_key(name: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part for part in name.split("."))
+
+
+def load_mlx_lm_model(path: str | Path) -> MLXLMModel:
+    """Load a model directory mlx-lm can read (config.json + safetensors) and wrap it.
+
+    Example:
+        >>> model = load_mlx_lm_model("~/models/Qwen2.5-0.5B")
+        >>> backend = MLXBackend.from_model(model, seed=0)
+    """
+    from mlx_lm.utils import load_model
+
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise TwintuneError(f"model directory {path} has no config.json.")
+    if not list(path.glob("*.safetensors")):
+        raise TwintuneError(f"model directory {path} has no safetensors weights.")
+    try:
+        inner, _ = load_model(path)
+    except ValueError as error:  # mlx-lm's answer to an unknown model_type
+        raise TwintuneError(f"mlx-lm cannot load {path}: {error}") from None
+    return MLXLMModel(inner)
