@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import resource
+import sys
 
 import numpy as np
 import torch
@@ -21,6 +23,23 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _return_freed_tensors_to_the_os() -> None:
+    """Give torch's freed CPU tensors of 4 MB and more back to the OS at once (glibc only).
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MB); past that,
+    freed activations stay in the heap, fragmented, and keep counting against the machine's
+    memory. A fixed threshold stops that. Measured on the 1.3B QLoRA step (benchmarks/README.md):
+    peak RSS 5648 -> 3656 MB at the same step time; a 128 KB threshold cut more but ran 40% slower.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:  # not glibc (e.g. musl): nothing to tune
+            return
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, 4 * 2**20)
+
+
 class TorchBackend:
     name = "torch"
 
@@ -29,6 +48,8 @@ class TorchBackend:
         torch.manual_seed(seed)
         self.spec = spec
         self.device = _device()
+        if self.device.type == "cpu":
+            _return_freed_tensors_to_the_os()
         self.model = GPTNeoForCausalLM(spec, weights, quantized).to(self.device)
         self.model.requires_grad_(False)
         self.model.eval()

@@ -7,9 +7,12 @@ The mirror of backends/mlx/gpt_neo.py: `model(ids)` gives the final hidden state
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from twintune.backends.torch.nf4 import nf4_linear
 from twintune.models import GPTNeoSpec
@@ -28,6 +31,18 @@ def transformers_config(spec: GPTNeoSpec):
         activation_function="gelu_new", embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0,
         tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
     )
+
+
+def fused_attention(self, query, key, value, attention_mask=None):
+    """GPT-Neo's attention as one scaled_dot_product_attention call, in place of transformers' eager
+    matmul-mask-softmax-matmul: no (B, H, T, T) weights are kept. GPT-Neo does not scale by
+    1/sqrt(head_dim), hence scale=1.0. Padding is on the right, so the (windowed) causal mask is
+    the whole mask."""
+    length = query.shape[-2]
+    if self.attention_type == "global" or length <= self.config.window_size:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=1.0), None
+    mask = self.bias[:, :, :length, :length]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=1.0), None
 
 
 def causal_mask(positions: int, attention_type: str, window: int) -> torch.Tensor:
@@ -62,6 +77,7 @@ class GPTNeoForCausalLM(nn.Module):
         for index, block in enumerate(hf.transformer.h):
             # the one buffer: the causal (windowed) mask
             block.attn.attention.bias = causal_mask(spec.max_positions, spec.attention_layers[index], spec.window_size)
+            block.attn.attention._attn = types.MethodType(fused_attention, block.attn.attention)
             # gelu_new as one fused op: transformers' NewGELUActivation keeps four (B, T, 4d) tensors
             # per layer for the backward; values agree within 3e-7.
             block.mlp.act = nn.GELU(approximate="tanh")
