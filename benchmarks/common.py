@@ -20,17 +20,22 @@ RESULTS = Path(__file__).parent / "results"
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
 
 
-def fast_blas_env() -> dict[str, str]:
-    """The environment for a child process: OpenBLAS preloaded where it exists (Linux)."""
+def fast_blas_env(preload: bool = True) -> dict[str, str]:
+    """The environment for a child process: OpenBLAS preloaded where it exists (Linux).
+
+    For MLX only: torch brings its own BLAS, and a preloaded one takes over its GEMMs (3x slower
+    here, measured on compare_torch's step)."""
     env = dict(os.environ)
-    if sys.platform == "linux" and OPENBLAS.exists():
+    if preload and sys.platform == "linux" and OPENBLAS.exists():
         env["LD_PRELOAD"] = f"{OPENBLAS} {env.get('LD_PRELOAD', '')}".strip()
     return env
 
 
-def run_child(module: str, args: list[str], timeout: float = 1800) -> dict:
-    """Run `python -m module args` in a fresh process (its own peak memory) and parse its last line as JSON."""
-    out = subprocess.run([sys.executable, "-m", module, *args], env=fast_blas_env(), capture_output=True,
+def run_child(module: str, args: list[str], timeout: float = 1800, mlx: bool = True) -> dict:
+    """Run `python -m module args` in a fresh process (its own peak memory) and parse its last line as JSON.
+
+    `mlx=False` for a torch-only child: no OpenBLAS preload (see fast_blas_env)."""
+    out = subprocess.run([sys.executable, "-m", module, *args], env=fast_blas_env(preload=mlx), capture_output=True,
                          text=True, timeout=timeout, cwd=Path(__file__).parent.parent)
     if out.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed:\n{out.stderr[-3000:]}")

@@ -171,7 +171,7 @@ def main() -> None:
     for kind in ("twintune", "fair_loop", "trainer"):
         rows[kind] = run_child("benchmarks.compare_torch", ["--child", kind, "--shape", args.shape,
                                                             "--examples", str(args.examples),
-                                                            "--repeats", str(args.repeats)])
+                                                            "--repeats", str(args.repeats)], mlx=False)
         print(json.dumps(rows[kind]), flush=True)
     ours = rows["twintune"]
     ratios = {

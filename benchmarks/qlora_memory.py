@@ -94,7 +94,7 @@ def main() -> None:
         for base in args.bases.split(","):
             row = run_child("benchmarks.qlora_memory", ["--child", backend, base, "--shape", args.shape,
                                                         "--batch", str(args.batch), "--tokens", str(args.tokens),
-                                                        "--steps", str(args.steps)])
+                                                        "--steps", str(args.steps)], mlx=backend == "mlx")
             rows.append(row)
             print(json.dumps(row), flush=True)
     header = ("backend", "base", "nf4_floor_mb", "float_weights_mb", "resident_before_step_mb", "peak_rss_step_mb",

@@ -38,6 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     merging.add_argument("target", help="a run directory from `twintune train`")
     merging.add_argument("--out", required=True, help="directory to write (must be new or empty)")
 
+    estimating = verbs.add_parser("estimate", help="predicted peak memory of a recipe's training, before running it")
+    estimating.add_argument("recipe", help="a YAML recipe")
+    estimating.add_argument("--tokens", type=int, default=None,
+                            help="tokens per sequence (default: the recipe's data.max_length, the worst case)")
+    estimating.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a recipe value (repeatable)")
+    estimating.add_argument("--backend", default=None, help="auto (default: the recipe's), mlx or torch")
+    estimating.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
     tiny = verbs.add_parser("make-tiny-model", help="write a tiny random GPT-Neo + tokenizer (offline)")
     tiny.add_argument("out", help="directory to write")
     tiny.add_argument("--seed", type=int, default=0)
@@ -52,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         $ twintune eval runs/demo --split test
         $ twintune predict runs/demo "Operating profit rose to EUR 13.1 mn ."
         $ twintune merge runs/demo --out models/demo-merged
+        $ twintune estimate recipes/gpt-neo-1.3b-financial-sentiment-qlora.yaml
     """
     args = build_parser().parse_args(argv)
     try:
@@ -80,6 +90,16 @@ def main(argv: list[str] | None = None) -> int:
             from twintune.formats.merge import merge_run
 
             print(merge_run(args.target, args.out))
+        elif args.verb == "estimate":
+            from twintune.memory import estimate_recipe
+
+            rows, note = estimate_recipe(args.recipe, args.overrides, args.tokens, args.backend)
+            if args.json:
+                print(json.dumps({name: round(mb, 1) for name, mb in rows}))
+            else:
+                print(note)
+                for name, mb in rows:
+                    print(f"  {name:22s} {mb:10.1f} MB")
         elif args.verb == "make-tiny-model":
             from twintune.formats.tiny_model import write_tiny_model
 

@@ -48,10 +48,12 @@ def resolve_model_dir(model: str) -> Path:
     return _download_from_hub(model)
 
 
-def _download_from_hub(repo_id: str) -> Path:
+def _download_from_hub(repo_id: str, config_only: bool = False) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
+        if config_only:
+            return Path(snapshot_download(repo_id, allow_patterns=["config.json"]))
         directory = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
         if not list(directory.glob("*.safetensors")):
             # Older repos ship only pickles; they are read with torch.load(weights_only=True).
@@ -65,6 +67,27 @@ def _download_from_hub(repo_id: str) -> Path:
             f"cannot reach the Hugging Face hub to download model {repo_id!r} ({name}); "
             "pass a local directory with config.json and *.safetensors instead."
         ) from None
+
+
+def load_config(model: str) -> dict:
+    """A model's config.json, without its weights (from the hub, only the config is fetched).
+
+    Example:
+        >>> load_config("builtin:tiny-gpt-neo")["model_type"]
+        'gpt_neo'
+    """
+    path = Path(model).expanduser()
+    if model.startswith("builtin:") or path.exists() or model.startswith((".", "/", "~")) or not _HUB_ID.match(model):
+        directory = resolve_model_dir(model)
+    else:
+        directory = _download_from_hub(model, config_only=True)
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise TwintuneError(f"model directory {directory} has no config.json.")
+    try:
+        return json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TwintuneError(f"{config_file} is not valid JSON ({e}).") from None
 
 
 def load_checkpoint(model: str) -> Checkpoint:

@@ -1,0 +1,111 @@
+"""`twintune estimate` against the measured peak of training, on several methods x quantizations x backends.
+
+    python -m benchmarks.memory_estimate [--shape 125m] [--batch 16] [--tokens 64] [--steps 3]
+
+Each configuration runs in its own process through the real recipe path (`prepare`) on a
+random-weight GPT-Neo of the shape, then trains `--steps` steps on batches of batch x tokens
+real tokens. Measured: `mx.get_peak_memory()` on MLX; on torch (CPU) the process's peak RSS
+minus its RSS before the model was loaded (the framework's own memory, which the estimate
+leaves out). Both are reset after loading, so they are the training peak the estimate predicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from benchmarks.common import peak_rss_mb, reset_peak_rss, rss_mb, run_child, write_result
+
+ALL = "[q_proj,k_proj,v_proj,out_proj,c_fc,c_proj]"
+CONFIGS = {  # name -> (backend, recipe overrides)
+    "mlx-lora-qv-fp32": ("mlx", ["method.r=8", "method.target_modules=[q_proj,v_proj]"]),
+    "mlx-lora-all-r64-fp32": ("mlx", ["method.r=64", f"method.target_modules={ALL}"]),
+    "mlx-qlora-all-nf4": ("mlx", ["method.r=16", f"method.target_modules={ALL}", "quantize.type=nf4"]),
+    "mlx-lora-all-affine4": ("mlx", ["method.r=16", f"method.target_modules={ALL}", "quantize.type=affine",
+                                     "quantize.bits=4", "quantize.group_size=64"]),
+    "torch-lora-qv-fp32": ("torch", ["method.r=8", "method.target_modules=[q_proj,v_proj]"]),
+    "torch-qlora-all-nf4": ("torch", ["method.r=16", f"method.target_modules={ALL}", "quantize.type=nf4"]),
+}
+
+
+def recipe(shape: str, overrides: list[str], batch: int, tokens: int):
+    from benchmarks.compare_torch import model_dir
+    from twintune.recipe import load_recipe
+
+    return load_recipe("recipes/demo-financial-sentiment.yaml", [
+        f"model={model_dir(shape)}", "data.synthetic_size=60", f"train.batch_size={batch}",
+        f"data.max_length={tokens}", *overrides])
+
+
+def child(name: str, shape: str, batch: int, tokens: int, steps: int) -> dict:
+    from twintune.backends import backend_class
+    from twintune.data.batching import Batch
+    from twintune.memory import estimate_memory
+    from twintune.train.loop import prepare
+
+    backend, overrides = CONFIGS[name]
+    r = recipe(shape, overrides, batch, tokens)
+    backend_class(backend)
+    if backend == "torch":  # what the torch backend imports lazily belongs to the baseline
+        import bitsandbytes  # noqa: F401
+        import transformers.models.gpt_neo.modeling_gpt_neo  # noqa: F401
+    else:
+        import mlx.core as mx
+    baseline = rss_mb()
+    run = prepare(r, backend, with_data=False)
+    estimate = estimate_memory(run.spec, run.method, r.quantization(), batch, tokens, backend)
+
+    reset_peak_rss()
+    if backend == "mlx":
+        mx.reset_peak_memory()
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        ids = rng.integers(0, run.spec.vocab_size, (batch, tokens), dtype=np.int32)
+        answer = (np.arange(batch) * tokens + tokens - 2).astype(np.int32)
+        b = Batch(input_ids=ids, target_positions=answer, targets=ids[:, -1].copy(), answer_positions=answer,
+                  labels=np.zeros(batch, np.int32), lengths=np.full(batch, tokens))
+        run.backend.forward_backward(b, 1.0 / batch)
+        run.backend.optimizer_step(1e-4, 1.0)
+    measured = mx.get_peak_memory() / 2**20 if backend == "mlx" else peak_rss_mb() - baseline
+    predicted = estimate.training_peak / 2**20
+    return {"config": name, "backend": backend, "overrides": overrides, "shape": shape, "batch": f"{batch}x{tokens}",
+            "trainable_parameters": estimate.trainable_parameters,
+            "estimate_mb": {k: round(v, 1) for k, v in estimate.rows()},
+            "measured_peak_mb": round(measured, 1), "baseline_rss_mb": round(baseline, 1),
+            "estimate_over_measured": round(predicted / measured, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="125m")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--child", default=None)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.shape, args.batch, args.tokens, args.steps)))
+        return
+
+    rows = []
+    for name in args.configs.split(","):
+        row = run_child("benchmarks.memory_estimate", ["--child", name, "--shape", args.shape, "--batch",
+                                                       str(args.batch), "--tokens", str(args.tokens),
+                                                       "--steps", str(args.steps)], mlx=CONFIGS[name][0] == "mlx")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"GPT-Neo {args.shape} shape, batch {args.batch} x {args.tokens} tokens, {args.steps} AdamW steps")
+    print(f"{'config':24s} {'trainable':>10s} {'estimate MB':>12s} {'measured MB':>12s} {'est/meas':>9s}")
+    for row in rows:
+        print(f"{row['config']:24s} {row['trainable_parameters']:10d} {row['estimate_mb']['training peak']:12.1f} "
+              f"{row['measured_peak_mb']:12.1f} {row['estimate_over_measured']:9.3f}")
+    within = sum(abs(row["estimate_over_measured"] - 1) <= 0.2 for row in rows)
+    write_result(f"memory_estimate_{args.shape}", {"rows": rows, "within_20_percent": within})
+    print(json.dumps({"configs": len(rows), "within_20_percent": within}))
+
+
+if __name__ == "__main__":
+    main()

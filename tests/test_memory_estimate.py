@@ -1,0 +1,67 @@
+"""The memory estimator's counting, and `twintune estimate` on the command line."""
+
+import json
+
+import numpy as np
+import pytest
+
+from twintune.cli import main
+from twintune.formats.checkpoint import load_config
+from twintune.memory import ADAM_BYTES_PER_TRAINABLE, FLOAT32, estimate_memory, quantized_bytes
+from twintune.methods import LoRA
+from twintune.models import GPTNeoSpec
+from twintune.quant import Quantization
+from twintune.quant.nf4 import quantize_nf4
+
+SPEC = GPTNeoSpec.from_config(load_config("builtin:tiny-gpt-neo"))
+ALL = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (33, 17), (256, 1024)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_bytes_are_what_the_quantizer_stores(shape, double_quant):
+    weight = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    stored = quantize_nf4(weight, double_quant=double_quant).nbytes
+    assert quantized_bytes(weight.size, Quantization("nf4", double_quant=double_quant)) == stored
+
+
+def test_affine_bytes():
+    assert quantized_bytes(4096, Quantization("affine", bits=4, group_size=64)) == 4096 // 2 + 64 * 8
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_weights_and_trainable_state_are_counted_exactly(backend):
+    lora = LoRA(r=8, target_modules=ALL)
+    estimate = estimate_memory(SPEC, lora, None, batch_size=4, sequence_length=32, backend=backend)
+    n_weights = sum(int(np.prod(s)) for s in SPEC.weight_shapes().values())
+    assert estimate.frozen_weights == n_weights * FLOAT32
+    init = lora.init_values(SPEC.linear_layers(), seed=0)
+    assert estimate.trainable_parameters == sum(v.size for v in init.values())
+    assert estimate.trainable == estimate.trainable_parameters * ADAM_BYTES_PER_TRAINABLE
+
+
+def test_quantizing_shrinks_the_weights_and_more_tokens_more_activations():
+    lora = LoRA(r=8)
+    plain = estimate_memory(SPEC, lora, None, 4, 32, "mlx")
+    nf4 = estimate_memory(SPEC, lora, Quantization("nf4"), 4, 32, "mlx")
+    assert nf4.frozen_weights < plain.frozen_weights and nf4.loading > nf4.frozen_weights
+    longer = estimate_memory(SPEC, lora, None, 4, 64, "mlx")
+    assert longer.activations > 2 * plain.activations  # attention probabilities grow with length squared on MLX
+    more_targets = estimate_memory(SPEC, LoRA(r=8, target_modules=ALL), None, 4, 32, "mlx")
+    assert more_targets.activations > plain.activations
+
+
+def test_cli_estimate(capsys):
+    assert main(["estimate", "recipes/demo-financial-sentiment.yaml", "--backend", "torch", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows["training peak"] == pytest.approx(sum(rows[k] for k in ("frozen weights", "trainable + optimizer",
+                                                                        "activations", "transient")), abs=0.2)
+    assert main(["estimate", "recipes/demo-financial-sentiment.yaml", "--tokens", "64"]) == 0
+    assert "x 64 tokens" in capsys.readouterr().out
+
+
+def test_cli_estimate_refuses_bad_input(capsys, tmp_path):
+    assert main(["estimate", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["estimate", "recipes/demo-financial-sentiment.yaml", "--set", f"model={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("twintune: error:") == 2 and "Traceback" not in err

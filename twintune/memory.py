@@ -1,0 +1,138 @@
+"""How much memory a recipe's training takes, before running it: weights, trainable state, activations.
+
+The model is counted tensor by tensor from its spec; the activations are the tensors the backward
+pass keeps for each block (the same on both backends: layer-norm inputs, q/k/v and the attention
+output for the fused attention, the MLP's pre-activation, and each adapter's inputs), plus the
+gradients in flight through one block. Figures are for the model and training alone: the
+framework itself (torch's libraries, about 0.4 GB of process memory on a CPU) comes on top.
+benchmarks/memory_estimate.py checks the estimate against measured peaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twintune.methods import LoRA
+from twintune.models import GPTNeoSpec
+from twintune.quant import Quantization
+
+FLOAT32 = 4
+# Arrays the backward keeps per block and per token, in units of (hidden size d, MLP width f,
+# heads x sequence length), and the short-lived ones at the peak (per token, once).
+# torch: counted from the saved tensors (layer-norm inputs, q, k, v and the attention output of
+# the fused attention, the MLP pre-activation; gradients through one block).
+# MLX: fitted on tiny models (d 128-256, f 512-2048, 4-8 blocks; its CPU attention keeps the
+# attention probabilities, and its lazy graph holds more d-sized arrays until the backward runs);
+# benchmarks/memory_estimate.py checks both on the 125M shape, which the fit did not see.
+KEPT_PER_BLOCK = {"torch": (6.0, 1.0, 0.0), "mlx": (3.9, 1.5, 1.0)}
+TRANSIENT = {"torch": (4.0, 3.0, 0.0), "mlx": (30.0, 2.1, 2.0)}
+ADAM_BYTES_PER_TRAINABLE = 4 * FLOAT32  # the value, its gradient, Adam's m and v ("4NB")
+SGD_BYTES_PER_TRAINABLE = 2 * FLOAT32  # the value and its gradient ("2NB")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    frozen_weights: int  # bytes: float weights plus quantized layers as stored
+    trainable: int  # parameters, gradients and optimizer state
+    activations: int  # kept for the backward pass, all blocks
+    transient: int  # the largest short-lived tensors at the peak (one block's gradients, a dequantized weight)
+    loading: int  # while the checkpoint is read: every float32 weight at once, before quantizing
+    trainable_parameters: int
+    tokens: int
+
+    @property
+    def training_peak(self) -> int:
+        return self.frozen_weights + self.trainable + self.activations + self.transient
+
+    def rows(self) -> list[tuple[str, float]]:
+        mb = 2**20
+        return [("frozen weights", self.frozen_weights / mb), ("trainable + optimizer", self.trainable / mb),
+                ("activations", self.activations / mb), ("transient", self.transient / mb),
+                ("training peak", self.training_peak / mb), ("loading peak", self.loading / mb)]
+
+
+def estimate_memory(spec: GPTNeoSpec, method: LoRA, quantization: Quantization | None, batch_size: int,
+                    sequence_length: int, backend: str = "torch", optimizer: str = "adamw") -> MemoryEstimate:
+    """Estimated bytes of one training step of `method` on `spec`, for batches of batch_size x sequence_length.
+
+    Example:
+        >>> spec = GPTNeoSpec.from_config(load_checkpoint("builtin:tiny-gpt-neo").config)
+        >>> estimate = estimate_memory(spec, LoRA(r=8), None, batch_size=16, sequence_length=64, backend="mlx")
+        >>> round(estimate.training_peak / 2**20, 1)   # MB
+    """
+    d, f, layers = spec.hidden_size, spec.intermediate_size, spec.num_layers
+    linear = spec.linear_layers()
+    adapted = method.targets(linear)
+
+    shapes = spec.weight_shapes()
+    float_weights = sum(_size(shape) for name, shape in shapes.items()
+                        if not (quantization and name.endswith(".weight") and name[:-len(".weight")] in linear))
+    frozen = float_weights * FLOAT32
+    if quantization:
+        frozen += sum(quantized_bytes(out_f * in_f, quantization) for out_f, in_f in linear.values())
+
+    trainable_parameters = sum(method.r * (out_f + in_f) for name, (out_f, in_f) in linear.items() if name in adapted)
+    per_trainable = ADAM_BYTES_PER_TRAINABLE if optimizer == "adamw" else SGD_BYTES_PER_TRAINABLE
+    trainable = trainable_parameters * per_trainable
+
+    tokens = batch_size * sequence_length
+    short = {name.rsplit(".", 1)[-1] for name in adapted}
+    heads_by_length = spec.num_heads * sequence_length
+    kd, kf, ka = KEPT_PER_BLOCK[backend]
+    per_token_per_block = kd * d + kf * f + ka * heads_by_length
+    per_token_per_block += d * bool(short & {"q_proj", "k_proj", "v_proj"})  # ln_1 output, the adapters' input
+    per_token_per_block += d * ("out_proj" in short) + d * ("c_fc" in short) + f * ("c_proj" in short)
+    per_token_per_block += method.r * len(short)  # each adapter's low-rank activation
+    activations = int(tokens * (layers * per_token_per_block + 3 * d) * FLOAT32)  # + embeddings, final norm
+    td, tf, ta = TRANSIENT[backend]
+    transient = int(tokens * (td * d + tf * f + ta * heads_by_length) * FLOAT32)
+    if quantization and quantization.kind == "nf4":
+        transient += 2 * max(out_f * in_f for out_f, in_f in linear.values()) * FLOAT32  # dequantized, fwd + bwd
+    loading = sum(_size(shape) for shape in shapes.values()) * FLOAT32 + (frozen - float_weights * FLOAT32)
+    return MemoryEstimate(frozen, trainable, activations, transient, loading, trainable_parameters, tokens)
+
+
+def quantized_bytes(n: int, quantization: Quantization) -> int:
+    """Bytes a quantized (out x in) weight of n values takes as stored."""
+    if quantization.kind == "nf4":
+        blocks = -(-n // quantization.blocksize)
+        absmax = blocks + 4 * -(-blocks // 256) + 4 if quantization.double_quant else 4 * blocks
+        return -(-n // 2) + absmax
+    groups = -(-n // quantization.group_size)  # MLX affine: packed codes, a float32 scale and bias per group
+    return n * quantization.bits // 8 + 2 * FLOAT32 * groups
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    size = 1
+    for dim in shape:
+        size *= dim
+    return size
+
+
+def estimate_recipe(path: str, overrides: list[str] = (), tokens: int | None = None,
+                    backend: str | None = None) -> tuple[list[tuple[str, float]], str]:
+    """The estimate's rows (name, MB) for a recipe file, and one line saying what was assumed.
+
+    Reads only the model's config.json, never its weights.
+
+    Example:
+        >>> rows, note = estimate_recipe("recipes/gpt-neo-1.3b-financial-sentiment-qlora.yaml")
+    """
+    from twintune.backends import resolve_backend_name
+    from twintune.errors import TwintuneError
+    from twintune.formats.checkpoint import load_config
+    from twintune.recipe import load_recipe
+
+    recipe = load_recipe(path, overrides)
+    spec = GPTNeoSpec.from_config(load_config(recipe.model))
+    length = tokens or min(recipe.data.max_length, spec.max_positions)
+    if length < 1:
+        raise TwintuneError(f"--tokens must be at least 1, not {length}.")
+    backend = resolve_backend_name(recipe.backend if backend in (None, "auto") else backend)
+    estimate = estimate_memory(spec, recipe.method_spec(), recipe.quantization(), recipe.train.batch_size, length,
+                               backend)
+    quant = recipe.quantize.type if recipe.quantize.type != "none" else "float32"
+    note = (f"{recipe.name}: GPT-Neo {spec.num_layers} layers x {spec.hidden_size}, {quant} base, LoRA r={recipe.method.r} "
+            f"({estimate.trainable_parameters:,} trainable), {backend} backend, batch {recipe.train.batch_size} x {length} tokens, AdamW; "
+            "framework memory not included")
+    return estimate.rows(), note
