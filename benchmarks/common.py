@@ -101,3 +101,36 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(type(value))
+
+
+def gemm_peak_gflops(framework: str, n: int = 2048, repeats: int = 5) -> float:
+    """This process's float32 GEMM rate (median of `repeats` n x n x n products): the MFU denominator."""
+    if framework == "mlx":
+        import mlx.core as mx
+
+        a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+        mx.eval(a, b)
+        seconds, _ = median_time(lambda: mx.eval(a @ b), repeats)
+    else:
+        import torch
+
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        seconds, _ = median_time(lambda: a @ b, repeats)
+    return 2 * n**3 / seconds / 1e9
+
+
+def lora_training_flops(linear_layers: dict[str, tuple[int, int]], adapted: list[str], r: int, hidden: int,
+                        num_layers: int, vocab: int, lengths: list[int], n_targets: int) -> float:
+    """The FLOPs an epoch of LoRA training needs on a frozen base (2 per multiply-add), whoever runs it.
+
+    Per real token: the block linears forward (2N) and their input gradients (2N; frozen weights get
+    none); attention 4 * length * hidden per block forward, twice that backward; each adapter's two
+    products forward, input and weight gradients (6 r (in + out)). Per label position: the output
+    layer's row forward and its input gradient (4 hidden vocab). Padding and full-vocabulary logits
+    are not useful work, so every contender is credited the same figure.
+    """
+    n_linear = sum(o * i for o, i in linear_layers.values())
+    adapter = sum(6 * r * (linear_layers[name][0] + linear_layers[name][1]) for name in adapted)
+    tokens = sum(lengths)
+    attention = sum(12 * length * length * hidden * num_layers for length in lengths)
+    return 4 * n_linear * tokens + adapter * tokens + attention + 4 * hidden * vocab * n_targets

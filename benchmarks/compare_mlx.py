@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import run_child, write_result
+from benchmarks.common import gemm_peak_gflops, lora_training_flops, run_child, write_result
 
 LORA = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "lr": 2e-4, "batch": 8}
 SHAPES = {  # llama-family shapes; vocabulary 32000 as Llama 2 / Mistral
@@ -68,6 +68,8 @@ def train_examples(n: int):
 def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
     import mlx.core as mx
 
+    from twintune.backends.mlx.mlx_lm_model import MLXLMModel, MLXLMSpec
+
     encoded = train_examples(examples)
     steps = len(encoded) // LORA["batch"]
     encoded = encoded[: steps * LORA["batch"]]  # mlx-lm drops a last partial batch: train on the same set
@@ -77,9 +79,19 @@ def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
     epoch_times = (_mlx_lm_epochs if kind == "mlx_lm" else _twintune_epochs)(model, encoded, steps, repeats + 1)
     times = epoch_times[1:]
     seconds = statistics.median(times)
+    peak_mb = mx.get_peak_memory() / 2**20
+    args = SHAPES[shape]
+    spec = MLXLMSpec.of(MLXLMModel(mlx_lm_model(shape)))
+    adapted = [n for n in spec.linear_layers() if n.rsplit(".", 1)[-1] in LORA["targets"]]
+    flops = lora_training_flops(spec.linear_layers(), adapted, LORA["r"], args["hidden_size"],
+                                args["num_hidden_layers"], spec.vocab_size, [len(e.ids) for e in encoded],
+                                sum(len(e.ids) - e.prompt_len for e in encoded))
+    peak_gflops = gemm_peak_gflops("mlx")
     return {"kind": kind, "shape": shape, "examples": len(encoded), "steps": steps, "real_tokens": real_tokens,
             "epoch_seconds": seconds, "epoch_times": times, "warmup_epoch_seconds": epoch_times[0],
-            "real_tokens_per_s": real_tokens / seconds, "peak_memory_mb": mx.get_peak_memory() / 2**20}
+            "real_tokens_per_s": real_tokens / seconds, "peak_memory_mb": peak_mb,
+            "useful_gflop_per_epoch": flops / 1e9, "achieved_gflops": flops / seconds / 1e9,
+            "gemm_peak_gflops": peak_gflops, "mfu": flops / seconds / 1e9 / peak_gflops}
 
 
 def _twintune_epochs(model, encoded, steps: int, epochs: int) -> list[float]:
@@ -162,9 +174,10 @@ def main() -> None:
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     print(f"mlx-lm llama {args.shape} shape (vocabulary 32000), {ours['examples']} examples "
           f"({ours['real_tokens']} real tokens), batch {LORA['batch']}, median of {args.repeats} epochs after one warm-up")
-    print(f"{'':10s} {'epoch s':>9s} {'real tok/s':>11s} {'mx peak MB':>11s}")
+    print(f"{'':10s} {'epoch s':>9s} {'real tok/s':>11s} {'mx peak MB':>11s} {'GFLOP/s':>8s} {'GEMM peak':>10s} {'MFU':>6s}")
     for kind, row in rows.items():
-        print(f"{kind:10s} {row['epoch_seconds']:9.2f} {row['real_tokens_per_s']:11.1f} {row['peak_memory_mb']:11.1f}")
+        print(f"{kind:10s} {row['epoch_seconds']:9.2f} {row['real_tokens_per_s']:11.1f} {row['peak_memory_mb']:11.1f} "
+              f"{row['achieved_gflops']:8.1f} {row['gemm_peak_gflops']:10.1f} {row['mfu']:6.3f}")
     write_result(f"compare_mlx_{args.shape}" + ("_quick" if args.quick else ""), {"rows": rows, "ratios": ratios})
     print(json.dumps(ratios))
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import peak_rss_mb, reset_peak_rss, run_child, write_result
+from benchmarks.common import gemm_peak_gflops, lora_training_flops, peak_rss_mb, reset_peak_rss, run_child, write_result
 
 CACHE = Path(__file__).parent / ".cache"
 LORA = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "lr": 2e-4, "batch": 8}
@@ -95,9 +95,17 @@ def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
         epoch()
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
+    peak_mb = peak_rss_mb()
+    spec = run.spec
+    flops = lora_training_flops(spec.linear_layers(), run.method.targets(spec.linear_layers()), LORA["r"],
+                                spec.hidden_size, spec.num_layers, spec.vocab_size, [len(e.ids) for e in encoded],
+                                sum(len(e.ids) - e.prompt_len for e in encoded))
+    peak_gflops = gemm_peak_gflops("torch")
     return {"kind": kind, "shape": shape, "examples": len(encoded), "steps": len(batches),
             "real_tokens": real_tokens, "epoch_seconds": seconds, "epoch_times": times,
-            "real_tokens_per_s": real_tokens / seconds, "peak_rss_mb": peak_rss_mb()}
+            "real_tokens_per_s": real_tokens / seconds, "peak_rss_mb": peak_mb,
+            "useful_gflop_per_epoch": flops / 1e9, "achieved_gflops": flops / seconds / 1e9,
+            "gemm_peak_gflops": peak_gflops, "mfu": flops / seconds / 1e9 / peak_gflops}
 
 
 def _hf_epoch(kind: str, shape: str, encoded, batches):
@@ -185,9 +193,10 @@ def main() -> None:
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     print(f"GPT-Neo {args.shape} shape, {ours['examples']} examples ({ours['real_tokens']} real tokens), "
           f"batch {LORA['batch']}, median of {args.repeats} epochs after one warm-up")
-    print(f"{'':10s} {'epoch s':>9s} {'real tok/s':>11s} {'peak RSS MB':>12s}")
+    print(f"{'':10s} {'epoch s':>9s} {'real tok/s':>11s} {'peak RSS MB':>12s} {'GFLOP/s':>8s} {'GEMM peak':>10s} {'MFU':>6s}")
     for kind, row in rows.items():
-        print(f"{kind:10s} {row['epoch_seconds']:9.2f} {row['real_tokens_per_s']:11.1f} {row['peak_rss_mb']:12.1f}")
+        print(f"{kind:10s} {row['epoch_seconds']:9.2f} {row['real_tokens_per_s']:11.1f} {row['peak_rss_mb']:12.1f} "
+              f"{row['achieved_gflops']:8.1f} {row['gemm_peak_gflops']:10.1f} {row['mfu']:6.3f}")
     write_result(f"compare_torch_{args.shape}" + ("_quick" if args.quick else ""), {"rows": rows, "ratios": ratios})
     print(json.dumps(ratios))
 

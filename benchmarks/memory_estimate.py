@@ -2,6 +2,9 @@
 
     python -m benchmarks.memory_estimate [--shape 125m] [--batch 16] [--tokens 64] [--steps 3]
 
+It doubles as the table of methods x quantizations x backends: trainable parameters, tokens/s
+(median step after the first; every token real) and peak memory for each.
+
 Each configuration runs in its own process through the real recipe path (`prepare`) on a
 random-weight GPT-Neo of the shape, then trains `--steps` steps on batches of batch x tokens
 real tokens. Measured: `mx.get_peak_memory()` on MLX; on torch (CPU) the process's peak RSS
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 
 import numpy as np
 
@@ -61,19 +66,24 @@ def child(name: str, shape: str, batch: int, tokens: int, steps: int) -> dict:
     if backend == "mlx":
         mx.reset_peak_memory()
     rng = np.random.default_rng(0)
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         ids = rng.integers(0, run.spec.vocab_size, (batch, tokens), dtype=np.int32)
         answer = (np.arange(batch) * tokens + tokens - 2).astype(np.int32)
         b = Batch(input_ids=ids, target_positions=answer, targets=ids[:, -1].copy(), answer_positions=answer,
                   labels=np.zeros(batch, np.int32), lengths=np.full(batch, tokens))
         run.backend.forward_backward(b, 1.0 / batch)
         run.backend.optimizer_step(1e-4, 1.0)
+        times.append(time.perf_counter() - start)
+    step_seconds = statistics.median(times[1:] or times)  # the first step builds optimizer state and caches
     measured = mx.get_peak_memory() / 2**20 if backend == "mlx" else peak_rss_mb() - baseline
     predicted = estimate.training_peak / 2**20
     return {"config": name, "backend": backend, "overrides": overrides, "shape": shape, "batch": f"{batch}x{tokens}",
             "trainable_parameters": estimate.trainable_parameters,
             "estimate_mb": {k: round(v, 1) for k, v in estimate.rows()},
-            "measured_peak_mb": round(measured, 1), "baseline_rss_mb": round(baseline, 1),
+            "measured_peak_mb": round(measured, 1), "step_seconds": round(step_seconds, 3),
+            "tokens_per_s": round(batch * tokens / step_seconds, 1), "baseline_rss_mb": round(baseline, 1),
             "estimate_over_measured": round(predicted / measured, 3)}
 
 
@@ -98,10 +108,11 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"GPT-Neo {args.shape} shape, batch {args.batch} x {args.tokens} tokens, {args.steps} AdamW steps")
-    print(f"{'config':24s} {'trainable':>10s} {'estimate MB':>12s} {'measured MB':>12s} {'est/meas':>9s}")
+    print(f"{'config':24s} {'trainable':>10s} {'tokens/s':>9s} {'estimate MB':>12s} {'measured MB':>12s} {'est/meas':>9s}")
     for row in rows:
-        print(f"{row['config']:24s} {row['trainable_parameters']:10d} {row['estimate_mb']['training peak']:12.1f} "
-              f"{row['measured_peak_mb']:12.1f} {row['estimate_over_measured']:9.3f}")
+        print(f"{row['config']:24s} {row['trainable_parameters']:10d} {row.get('tokens_per_s', 0):9.1f} "
+              f"{row['estimate_mb']['training peak']:12.1f} {row['measured_peak_mb']:12.1f} "
+              f"{row['estimate_over_measured']:9.3f}")
     within = sum(abs(row["estimate_over_measured"] - 1) <= 0.2 for row in rows)
     write_result(f"memory_estimate_{args.shape}", {"rows": rows, "within_20_percent": within})
     print(json.dumps({"configs": len(rows), "within_20_percent": within}))

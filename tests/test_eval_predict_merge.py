@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from twintune.cli import main
 from twintune.errors import TwintuneError
 from twintune.formats.merge import merge_run
 from twintune.recipe import load_recipe
@@ -87,3 +88,13 @@ def test_missing_targets_are_named(tmp_path):
         evaluate_target(tmp_path)
     with pytest.raises(TwintuneError, match="split must be"):
         evaluate_target(tmp_path, "dev")
+
+
+def test_export_copies_the_peft_adapter_and_explains_mlx_lm(run_dir, tmp_path, capsys):
+    run_dir, _ = run_dir
+    assert main(["export", str(run_dir), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == sorted(p.name for p in (run_dir / "adapter").iterdir())
+    assert main(["export", str(run_dir), "--format", "mlx-lm", "--out", str(tmp_path / "mlx")]) == 2
+    err = capsys.readouterr().err
+    assert "mlx-lm has no 'gpt_neo' model family" in err and "Traceback" not in err
+    assert not (tmp_path / "mlx").exists()

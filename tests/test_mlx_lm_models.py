@@ -101,3 +101,42 @@ def test_loading_refuses_what_mlx_lm_cannot_read(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(LLAMA, model_type="no_such_family")))
     with pytest.raises(TwintuneError, match="mlx-lm cannot load"):
         load_mlx_lm_model(tmp_path)
+
+
+def test_exported_adapter_loads_in_mlx_lm_with_the_same_logits(tmp_path):
+    from mlx_lm.tuner.utils import load_adapters
+
+    from twintune.formats.mlx_lm_adapter import write_mlx_lm_adapter
+
+    backend = MLXBackend.from_model(MLXLMModel(_llama()))
+    lora = LoRA(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))
+    backend.apply_method(lora, lora.init_values(backend.spec.linear_layers(), seed=0))
+    backend.set_optimizer((0.9, 0.999), 1e-8, 0.0)
+    batch = _batch()
+    for _ in range(3):  # B is no longer zero: the adapter changes the logits
+        backend.forward_backward(batch, 1.0 / batch.n_targets)
+        backend.optimizer_step(1e-2, 1.0)
+    out = write_mlx_lm_adapter(tmp_path / "adapter", backend.trainable_state(), lora, num_layers=LLAMA["num_hidden_layers"])
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["lora_parameters"]["keys"] == ["mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj"]
+
+    theirs = _llama()  # the same seed: the same base weights
+    base_logits = np.array(theirs(mx.array(batch.input_ids)))
+    load_adapters(theirs, str(out))
+    expected = np.array(theirs(mx.array(batch.input_ids)))
+    ours = backend.logits(batch.input_ids)
+    assert np.abs(ours - base_logits).max() > 1e-3
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_adapters_mlx_lm_cannot_take(tmp_path):
+    from twintune.formats.mlx_lm_adapter import write_mlx_lm_adapter
+
+    lora = LoRA(r=2, alpha=4)
+    neo = {"transformer.h.0.attn.attention.q_proj.lora_A.weight": np.zeros((2, 8), np.float32),
+           "transformer.h.0.attn.attention.q_proj.lora_B.weight": np.zeros((8, 2), np.float32)}
+    with pytest.raises(TwintuneError, match="GPT-Neo is not one of them"):
+        write_mlx_lm_adapter(tmp_path, neo, lora, num_layers=1)
+    gap = {f"model.layers.0.self_attn.q_proj.lora_{x}.weight": np.zeros((2, 2), np.float32) for x in "AB"}
+    with pytest.raises(TwintuneError, match="last blocks"):
+        write_mlx_lm_adapter(tmp_path, gap, lora, num_layers=2)  # block 0 adapted, block 1 not

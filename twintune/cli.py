@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     merging.add_argument("target", help="a run directory from `twintune train`")
     merging.add_argument("--out", required=True, help="directory to write (must be new or empty)")
 
+    exporting = verbs.add_parser("export", help="write a run's adapter in another tool's format")
+    exporting.add_argument("target", help="a run directory from `twintune train`")
+    exporting.add_argument("--format", required=True, choices=["peft", "mlx-lm"], help="peft or mlx-lm")
+    exporting.add_argument("--out", required=True, help="directory to write (must be new or empty)")
+
     estimating = verbs.add_parser("estimate", help="predicted peak memory of a recipe's training, before running it")
     estimating.add_argument("recipe", help="a YAML recipe")
     estimating.add_argument("--tokens", type=int, default=None,
@@ -90,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             from twintune.formats.merge import merge_run
 
             print(merge_run(args.target, args.out))
+        elif args.verb == "export":
+            from twintune.formats.adapter import export_run_adapter
+
+            print(export_run_adapter(args.target, args.format, args.out))
         elif args.verb == "estimate":
             from twintune.memory import estimate_recipe
 

@@ -230,3 +230,32 @@ def load_lora_adapter(directory: str | Path, spec: GPTNeoSpec) -> tuple[LoRA, di
         raise TwintuneError(f"adapter has weights for layer {extra[0]!r}, which its target_modules "
                             f"{config.get('target_modules')!r} do not select.")
     return method, state
+
+
+def export_run_adapter(run_dir: str | Path, fmt: str, out_dir: str | Path) -> Path:
+    """Copy a run's adapter out in `fmt`: "peft" (as saved); "mlx-lm" is refused with the reason (no GPT-Neo in mlx-lm).
+
+    Example:
+        >>> export_run_adapter("runs/demo", "peft", "adapters/demo")
+        PosixPath('adapters/demo')
+    """
+    import shutil
+
+    from twintune.formats.checkpoint import load_config
+    from twintune.recipe import load_recipe
+
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if not (run_dir / "recipe.json").exists():
+        raise TwintuneError(f"{run_dir} is not a run directory: it has no recipe.json.")
+    if out.exists() and any(out.iterdir()):
+        raise TwintuneError(f"output directory {out} is not empty; choose another --out (nothing was written).")
+    if fmt == "mlx-lm":  # runs are GPT-Neo, a family mlx-lm does not have
+        model_type = load_config(load_recipe(run_dir / "recipe.json").model).get("model_type")
+        raise TwintuneError(f"mlx-lm has no {model_type!r} model family, so it cannot load this run's adapter; "
+                            f"{run_dir / 'adapter'} is a Hugging Face PEFT adapter (--format peft). Adapters of "
+                            "mlx-lm models trained with MLXBackend.from_model export with formats.mlx_lm_adapter.")
+    if fmt != "peft":
+        raise TwintuneError(f"export format {fmt!r} is unknown; choose peft or mlx-lm.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(run_dir / "adapter", out, dirs_exist_ok=True)
+    return out
