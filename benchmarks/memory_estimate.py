@@ -32,6 +32,10 @@ CONFIGS = {  # name -> (backend, recipe overrides)
                                      "quantize.bits=4", "quantize.group_size=64"]),
     "torch-lora-qv-fp32": ("torch", ["method.r=8", "method.target_modules=[q_proj,v_proj]"]),
     "torch-qlora-all-nf4": ("torch", ["method.r=16", f"method.target_modules={ALL}", "quantize.type=nf4"]),
+    "mlx-lora-all-checkpointed": ("mlx", ["method.r=16", f"method.target_modules={ALL}",
+                                          "train.gradient_checkpointing=true"]),
+    "torch-lora-all-checkpointed": ("torch", ["method.r=16", f"method.target_modules={ALL}",
+                                              "train.gradient_checkpointing=true"]),
 }
 
 
@@ -60,7 +64,8 @@ def child(name: str, shape: str, batch: int, tokens: int, steps: int) -> dict:
         import mlx.core as mx
     baseline = rss_mb()
     run = prepare(r, backend, with_data=False)
-    estimate = estimate_memory(run.spec, run.method, r.quantization(), batch, tokens, backend)
+    estimate = estimate_memory(run.spec, run.method, r.quantization(), batch, tokens, backend,
+                               gradient_checkpointing=r.train.gradient_checkpointing)
 
     reset_peak_rss()
     if backend == "mlx":

@@ -65,3 +65,11 @@ def test_cli_estimate_refuses_bad_input(capsys, tmp_path):
     assert main(["estimate", "recipes/demo-financial-sentiment.yaml", "--set", f"model={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.count("twintune: error:") == 2 and "Traceback" not in err
+
+
+def test_checkpointing_keeps_one_array_per_block():
+    lora = LoRA(r=8)
+    plain = estimate_memory(SPEC, lora, None, 4, 32, "mlx")
+    saved = estimate_memory(SPEC, lora, None, 4, 32, "mlx", gradient_checkpointing=True)
+    assert saved.activations == 4 * 32 * (SPEC.num_layers + 3) * SPEC.hidden_size * FLOAT32
+    assert saved.training_peak < plain.training_peak

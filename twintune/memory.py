@@ -52,7 +52,8 @@ class MemoryEstimate:
 
 
 def estimate_memory(spec: GPTNeoSpec, method: LoRA, quantization: Quantization | None, batch_size: int,
-                    sequence_length: int, backend: str = "torch", optimizer: str = "adamw") -> MemoryEstimate:
+                    sequence_length: int, backend: str = "torch", optimizer: str = "adamw",
+                    gradient_checkpointing: bool = False) -> MemoryEstimate:
     """Estimated bytes of one training step of `method` on `spec`, for batches of batch_size x sequence_length.
 
     Example:
@@ -83,9 +84,13 @@ def estimate_memory(spec: GPTNeoSpec, method: LoRA, quantization: Quantization |
     per_token_per_block += d * bool(short & {"q_proj", "k_proj", "v_proj"})  # ln_1 output, the adapters' input
     per_token_per_block += d * ("out_proj" in short) + d * ("c_fc" in short) + f * ("c_proj" in short)
     per_token_per_block += method.r * len(short)  # each adapter's low-rank activation
-    activations = int(tokens * (layers * per_token_per_block + 3 * d) * FLOAT32)  # + embeddings, final norm
     td, tf, ta = TRANSIENT[backend]
     transient = int(tokens * (td * d + tf * f + ta * heads_by_length) * FLOAT32)
+    if gradient_checkpointing:  # each block's input is kept; one block at a time is recomputed
+        activations = int(tokens * (layers * d + 3 * d) * FLOAT32)
+        transient += int(tokens * per_token_per_block * FLOAT32)
+    else:
+        activations = int(tokens * (layers * per_token_per_block + 3 * d) * FLOAT32)  # + embeddings, final norm
     if quantization and quantization.kind == "nf4":
         transient += 2 * max(out_f * in_f for out_f, in_f in linear.values()) * FLOAT32  # dequantized, fwd + bwd
     loading = sum(_size(shape) for shape in shapes.values()) * FLOAT32 + (frozen - float_weights * FLOAT32)
@@ -130,7 +135,7 @@ def estimate_recipe(path: str, overrides: list[str] = (), tokens: int | None = N
         raise TwintuneError(f"--tokens must be at least 1, not {length}.")
     backend = resolve_backend_name(recipe.backend if backend in (None, "auto") else backend)
     estimate = estimate_memory(spec, recipe.method_spec(), recipe.quantization(), recipe.train.batch_size, length,
-                               backend)
+                               backend, gradient_checkpointing=recipe.train.gradient_checkpointing)
     quant = recipe.quantize.type if recipe.quantize.type != "none" else "float32"
     note = (f"{recipe.name}: GPT-Neo {spec.num_layers} layers x {spec.hidden_size}, {quant} base, LoRA r={recipe.method.r} "
             f"({estimate.trainable_parameters:,} trainable), {backend} backend, batch {recipe.train.batch_size} x {length} tokens, AdamW; "

@@ -28,6 +28,9 @@ class Backend(Protocol):
     def apply_method(self, method: LoRA, init: dict[str, np.ndarray]) -> None:
         """Wrap the targeted layers and set the trainable values to `init`."""
 
+    def enable_gradient_checkpointing(self) -> None:
+        """From now on keep only each block's input for the backward and recompute the block there."""
+
     def trainable_state(self) -> dict[str, np.ndarray]:
         """The current trainable values, as float32 numpy."""
 

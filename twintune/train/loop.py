@@ -92,6 +92,8 @@ def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) 
     if quantization and quantization.kind == "affine":
         engine.quantize_affine(quantization.bits, quantization.group_size)
     engine.apply_method(method, init)
+    if t.gradient_checkpointing:
+        engine.enable_gradient_checkpointing()
     engine.set_optimizer(tuple(t.betas), t.eps, t.weight_decay)
     return Run(recipe, engine, spec, method, encoder, splits, order, total_steps, checkpoint.directory)
 

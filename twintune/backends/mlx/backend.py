@@ -75,6 +75,9 @@ class MLXBackend:
     def apply_method(self, method: LoRA, init: dict[str, np.ndarray]) -> None:
         apply_lora(self.model, method, init)
 
+    def enable_gradient_checkpointing(self) -> None:
+        self.model.transformer.checkpoint_blocks = True
+
     def trainable_state(self) -> dict[str, np.ndarray]:
         return {k: np.array(v, dtype=np.float32) for k, v in tree_flatten(self.model.trainable_parameters())}
 

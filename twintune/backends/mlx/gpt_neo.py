@@ -14,6 +14,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
+from twintune.backends.mlx.lora import replayable_dropout
 from twintune.models import GPTNeoSpec
 
 
@@ -109,12 +110,33 @@ class GPTNeoModel(nn.Module):
         self.wpe = nn.Embedding(spec.max_positions, spec.hidden_size)
         self.h = [GPTNeoBlock(spec, kind) for kind in spec.attention_layers]
         self.ln_f = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.checkpoint_blocks = False
 
     def __call__(self, input_ids: mx.array) -> mx.array:
         x = self.wte(input_ids) + self.wpe(mx.arange(input_ids.shape[1]))
         for block in self.h:
-            x = block(x)
+            x = run_block(block, x, self.checkpoint_blocks)
         return self.ln_f(x)
+
+
+def run_block(block: nn.Module, x: mx.array, checkpoint: bool) -> mx.array:
+    """One block; its adapters' dropout draws from one key per call, taken from the global stream.
+
+    With `checkpoint`, only the block's input is kept for the backward, which runs the block again
+    (mx.checkpoint): the fixed key makes that run draw the same masks, so the gradients are those
+    of the plain path. Trainable parameters go in as arguments so their gradients flow through.
+    """
+    key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+    if not checkpoint:
+        with replayable_dropout(key):
+            return block(x)
+
+    def run(parameters, x):
+        block.update(parameters)
+        with replayable_dropout(key):
+            return block(x)
+
+    return mx.checkpoint(run)(block.trainable_parameters(), x)
 
 
 class GPTNeoForCausalLM(nn.Module):

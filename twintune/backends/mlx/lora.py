@@ -3,6 +3,8 @@ named as PEFT names it."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -23,6 +25,30 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(get_submodule(model, parent_name), attr, module)
 
 
+_replay_key: list[mx.array] = []  # set inside a checkpointed block: dropout masks come from this key
+
+
+@contextmanager
+def replayable_dropout(key: mx.array):
+    """Draw the LoRA dropout masks of a block from `key`, so that running the block again (the
+    backward of gradient checkpointing) draws the same masks."""
+    _replay_key.append(key)
+    try:
+        yield
+    finally:
+        _replay_key.pop()
+
+
+def dropout(x: mx.array, p: float, training: bool) -> mx.array:
+    if not training or p == 0:
+        return x
+    key = None
+    if _replay_key:
+        _replay_key[-1], key = mx.random.split(_replay_key[-1])
+    keep = mx.random.bernoulli(1 - p, x.shape, key=key)
+    return (keep * x) * (1 / (1 - p))
+
+
 class LoRALinear(nn.Module):
     """y = base_layer(x) + lora_B(scale * lora_A(dropout(x))): scaled at rank r, not at the output width
     (the same function as PEFT's, one output-sized tensor fewer to keep for the backward)."""
@@ -33,11 +59,11 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         self.scale = scale
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x)) * self.scale)
+        return self.base_layer(x) + self.lora_B(self.lora_A(dropout(x, self.dropout, self.training)) * self.scale)
 
 
 def apply_lora(model: nn.Module, method: LoRA, init: dict[str, np.ndarray]) -> None:

@@ -23,21 +23,31 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _return_freed_tensors_to_the_os() -> None:
-    """Give torch's freed CPU tensors of 4 MB and more back to the OS at once (glibc only).
+def _return_freed_memory_to_the_os(trim: bool = False) -> None:
+    """Give freed CPU memory of 1 MB and more back to the OS at once (glibc only); `trim` also
+    releases what is already free (after loading a checkpoint, say).
 
     glibc raises its mmap threshold each time a large block is freed (up to 32 MB); past that,
-    freed activations stay in the heap, fragmented, and keep counting against the machine's
-    memory. A fixed threshold stops that. Measured on the 1.3B QLoRA step (benchmarks/README.md):
-    peak RSS 5648 -> 3656 MB at the same step time; a 128 KB threshold cut more but ran 40% slower.
+    freed tensors stay in the heap, fragmented, and keep counting against the machine's memory.
+    A fixed threshold stops that (figures in benchmarks/README.md): on the 125M shape, batch
+    16 x 64, the training peak above the weights fell from 710 to ~450 MB with 1 MB (4 MB: no
+    change, as its 3 MB activations stayed in the heap); on the 1.3B QLoRA step 4 MB already took
+    the peak from 5648 to 3656 MB. The price is a page fault per fresh tensor: no difference we
+    could measure on short sentences; a 128 KB threshold ran 40% slower.
     """
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:  # not glibc (e.g. musl): nothing to tune
-            return
-        m_mmap_threshold = -3
-        libc.mallopt(m_mmap_threshold, 4 * 2**20)
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): nothing to tune
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 2**20)
+    if trim:
+        libc.malloc_trim(0)
+
+
+_return_freed_memory_to_the_os()  # before a checkpoint is read: its buffers go back when freed
 
 
 class TorchBackend:
@@ -48,16 +58,18 @@ class TorchBackend:
         torch.manual_seed(seed)
         self.spec = spec
         self.device = _device()
-        if self.device.type == "cpu":
-            _return_freed_tensors_to_the_os()
         self.model = GPTNeoForCausalLM(spec, weights, quantized).to(self.device)
         self.model.requires_grad_(False)
         self.model.eval()
         self.step = 0
+        _return_freed_memory_to_the_os(trim=True)
 
     def apply_method(self, method: LoRA, init: dict[str, np.ndarray]) -> None:
         apply_lora(self.model, method, init)
         self.model.to(self.device)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.model.checkpoint_blocks()
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         return {k: p for k, p in self.model.named_parameters() if p.requires_grad}

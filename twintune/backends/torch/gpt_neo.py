@@ -7,12 +7,14 @@ The mirror of backends/mlx/gpt_neo.py: `model(ids)` gives the final hidden state
 
 from __future__ import annotations
 
+import functools
 import types
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from twintune.backends.torch.nf4 import nf4_linear
 from twintune.models import GPTNeoSpec
@@ -84,6 +86,14 @@ class GPTNeoForCausalLM(nn.Module):
         hf.eval()  # GPT-Neo's own dropouts are 0 anyway; only adapters' dropout is trained with
         self.transformer = hf.transformer
         self.lm_head = hf.lm_head
+
+    def checkpoint_blocks(self) -> None:
+        """Keep only each block's input for the backward and run the block again there
+        (torch.utils.checkpoint; the random state is replayed, so dropout masks match)."""
+        for block in self.transformer.h:
+            block.gradient_checkpointing = True
+            block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+        self.transformer.gradient_checkpointing = True
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # No attention mask: padding is on the right, and causal attention never looks right.
