@@ -140,3 +140,49 @@ def test_export_refuses_adapters_mlx_lm_cannot_take(tmp_path):
     gap = {f"model.layers.0.self_attn.q_proj.lora_{x}.weight": np.zeros((2, 2), np.float32) for x in "AB"}
     with pytest.raises(TwintuneError, match="last blocks"):
         write_mlx_lm_adapter(tmp_path, gap, lora, num_layers=2)  # block 0 adapted, block 1 not
+
+
+def _llama_dir(path):
+    from twintune.formats.tiny_model import builtin_model_dir
+
+    config = dict(LLAMA, vocab_size=1024)
+    mx.random.seed(3)
+    inner = llama.Model(llama.ModelArgs(**config))
+    path.mkdir()
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(inner.parameters())))
+    (path / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).write_bytes((builtin_model_dir("tiny-gpt-neo") / name).read_bytes())
+    return path
+
+
+def test_a_recipe_trains_an_mlx_lm_model_evaluates_and_exports_it(tmp_path, capsys):
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model
+
+    from twintune.cli import main
+    from twintune.train.runs import open_run
+
+    model_dir = _llama_dir(tmp_path / "tiny-llama")
+    settings = ["--set", f"model={model_dir}", "--set", "train.max_steps=6", "--set", "data.synthetic_size=120",
+                "--set", "method.target_modules=[q_proj,v_proj]", "--set", "train.lr=1e-2"]
+    run_dir = tmp_path / "run"
+    assert main(["train", "recipes/demo-financial-sentiment.yaml", "--backend", "mlx", "--out", str(run_dir),
+                 "--no-progress", *settings]) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
+    assert main(["eval", str(run_dir), "--backend", "mlx", "--json"]) == 0
+    assert main(["export", str(run_dir), "--format", "mlx-lm", "--out", str(tmp_path / "mlx")]) == 0
+
+    ids = _batch(vocab=1024).input_ids
+    ours = open_run(run_dir, "mlx", with_data=False).backend.logits(ids)
+    theirs, _ = load_model(model_dir)
+    base = np.array(theirs(mx.array(ids)))
+    load_adapters(theirs, str(tmp_path / "mlx"))
+    assert np.abs(ours - base).max() > 1e-4  # the adapter trained
+    np.testing.assert_allclose(ours, np.array(theirs(mx.array(ids))), rtol=1e-5, atol=1e-5)
+
+    capsys.readouterr()
+    assert main(["train", "recipes/demo-financial-sentiment.yaml", "--backend", "torch", "--no-progress", *settings]) == 2
+    assert main(["merge", str(run_dir), "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "runs on the mlx backend only" in err and "merge writes GPT-Neo checkpoints" in err

@@ -233,7 +233,7 @@ def load_lora_adapter(directory: str | Path, spec: GPTNeoSpec) -> tuple[LoRA, di
 
 
 def export_run_adapter(run_dir: str | Path, fmt: str, out_dir: str | Path) -> Path:
-    """Copy a run's adapter out in `fmt`: "peft" (as saved); "mlx-lm" is refused with the reason (no GPT-Neo in mlx-lm).
+    """A run's adapter in `fmt`: "peft" (copied as saved), or "mlx-lm" (for models of mlx-lm's families).
 
     Example:
         >>> export_run_adapter("runs/demo", "peft", "adapters/demo")
@@ -249,13 +249,33 @@ def export_run_adapter(run_dir: str | Path, fmt: str, out_dir: str | Path) -> Pa
         raise TwintuneError(f"{run_dir} is not a run directory: it has no recipe.json.")
     if out.exists() and any(out.iterdir()):
         raise TwintuneError(f"output directory {out} is not empty; choose another --out (nothing was written).")
-    if fmt == "mlx-lm":  # runs are GPT-Neo, a family mlx-lm does not have
-        model_type = load_config(load_recipe(run_dir / "recipe.json").model).get("model_type")
-        raise TwintuneError(f"mlx-lm has no {model_type!r} model family, so it cannot load this run's adapter; "
-                            f"{run_dir / 'adapter'} is a Hugging Face PEFT adapter (--format peft). Adapters of "
-                            "mlx-lm models trained with MLXBackend.from_model export with formats.mlx_lm_adapter.")
+    if fmt == "mlx-lm":
+        return _export_mlx_lm(run_dir, out)
     if fmt != "peft":
         raise TwintuneError(f"export format {fmt!r} is unknown; choose peft or mlx-lm.")
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(run_dir / "adapter", out, dirs_exist_ok=True)
     return out
+
+
+def _export_mlx_lm(run_dir: Path, out: Path) -> Path:
+    from twintune.formats.checkpoint import load_config
+    from twintune.formats.mlx_lm_adapter import write_mlx_lm_adapter
+    from twintune.recipe import load_recipe
+    from twintune.train.loop import mlx_lm_has_family
+
+    config = load_config(load_recipe(run_dir / "recipe.json").model)
+    model_type = config.get("model_type")
+    if not mlx_lm_has_family(model_type):
+        raise TwintuneError(f"mlx-lm has no {model_type!r} model family, so it cannot load this run's adapter; "
+                            f"{run_dir / 'adapter'} is a Hugging Face PEFT adapter (--format peft).")
+    adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    method = _lora_from_config(adapter_config, run_dir / "adapter")
+    state = {}
+    for name, array in _read_adapter_weights(run_dir / "adapter").items():
+        ours = _twintune_name(name)
+        if ours is None:
+            raise TwintuneError(f"adapter tensor {name!r} is not a LoRA lora_A/lora_B weight.")
+        state[ours] = array
+    layers = config.get("num_hidden_layers") or config.get("n_layer")
+    return write_mlx_lm_adapter(out, state, method, num_layers=int(layers))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from twintune.errors import TwintuneError
 from twintune.formats.adapter import load_lora_adapter
-from twintune.formats.checkpoint import load_checkpoint
+from twintune.formats.checkpoint import load_config, load_checkpoint
 from twintune.formats.safetensors_io import write_safetensors
 from twintune.models import GPTNeoSpec, gpt_neo_weights
 from twintune.quant import quantize_linear_layers
@@ -39,6 +39,10 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     if quantization and quantization.kind == "affine":
         raise TwintuneError("merging a run trained on MLX's affine-quantized base is not supported; "
                             "train with quantize.type=nf4 or none to merge.")
+    model_type = load_config(recipe.model).get("model_type")
+    if model_type != "gpt_neo":
+        raise TwintuneError(f"merge writes GPT-Neo checkpoints; this run's model is {model_type!r} "
+                            "(an mlx-lm model): export the adapter with --format mlx-lm and fuse it with mlx-lm.")
     checkpoint = load_checkpoint(recipe.model)
     spec = GPTNeoSpec.from_config(checkpoint.config)
     weights = gpt_neo_weights(spec, checkpoint.weights)

@@ -19,7 +19,7 @@ from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder, eval_ba
 from twintune.data.sources import load_examples, stratified_split
 from twintune.errors import TwintuneError
 from twintune.formats.adapter import save_lora_adapter, write_json
-from twintune.formats.checkpoint import load_checkpoint, load_tokenizer
+from twintune.formats.checkpoint import load_checkpoint, load_config, load_tokenizer, resolve_model_dir
 from twintune.methods import LoRA
 from twintune.models import GPTNeoSpec, gpt_neo_weights
 from twintune.quant import SUPPORTED, quantize_linear_layers
@@ -61,15 +61,57 @@ def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) 
     if q.type != "none" and name not in SUPPORTED[q.type]:
         raise TwintuneError(f"quantize.type {q.type!r} runs on the {' and '.join(SUPPORTED[q.type])} backend only "
                             f"(this run uses {name}); use quantize.type=nf4 for a format both backends share.")
+    model_type = load_config(recipe.model).get("model_type")
+    if model_type != "gpt_neo" and mlx_lm_has_family(model_type):
+        return _prepare_mlx_lm_model(recipe, name, cls, with_data)
     checkpoint = load_checkpoint(recipe.model)
     spec = GPTNeoSpec.from_config(checkpoint.config)
     weights = gpt_neo_weights(spec, checkpoint.weights)
     tokenizer = load_tokenizer(checkpoint.directory)
+    method = recipe.method_spec()
+    init = method.init_values(spec.linear_layers(), recipe.seed)
+    quantization = recipe.quantization()
+    quantized = {}
+    if quantization and quantization.kind == "nf4":  # quantized once here; both backends get these bytes
+        quantized = quantize_linear_layers(weights, list(spec.linear_layers()), quantization)
+    engine = cls(spec, weights, seed=recipe.seed, quantized=quantized)
+    return _finish(recipe, engine, spec, method, init, tokenizer, spec.max_positions, checkpoint.directory, with_data)
 
+
+def mlx_lm_has_family(model_type: str | None) -> bool:
+    """Whether mlx-lm (when installed) implements this config.json model_type."""
+    import importlib.util
+
+    if not model_type or not importlib.util.find_spec("mlx_lm"):
+        return False
+    return importlib.util.find_spec(f"mlx_lm.models.{model_type}") is not None
+
+
+def _prepare_mlx_lm_model(recipe: Recipe, name: str, cls, with_data: bool) -> Run:
+    """A model of one of mlx-lm's families: MLX only, trained through MLXBackend.from_mlx_lm."""
+    model_type = load_config(recipe.model).get("model_type")
+    if name != "mlx":
+        raise TwintuneError(f"model type {model_type!r} runs on the mlx backend only (through mlx-lm); "
+                            "the torch backend runs GPT-Neo. Use --backend mlx.")
+    if recipe.quantize.type == "nf4":
+        raise TwintuneError(f"quantize.type 'nf4' needs a GPT-Neo model; for this {model_type!r} model use "
+                            "quantize.type=affine (MLX's own) or none.")
+    directory = resolve_model_dir(recipe.model)
+    engine = cls.from_mlx_lm(directory, seed=recipe.seed)
+    spec = engine.spec
+    method = recipe.method_spec()
+    init = method.init_values(spec.linear_layers(), recipe.seed)
+    return _finish(recipe, engine, spec, method, init, load_tokenizer(directory), spec.max_positions, directory,
+                   with_data)
+
+
+def _finish(recipe: Recipe, engine, spec, method: LoRA, init: dict[str, np.ndarray], tokenizer, max_positions: int,
+            model_dir: Path, with_data: bool) -> Run:
+    """Data, the adapter and the optimizer on a built model: the same for every model."""
     d = recipe.data
     labels = tuple(recipe.prompt.labels)
     prompt = Prompt(recipe.prompt.template, recipe.prompt.labels)
-    encoder = Encoder(tokenizer, prompt, max_length=min(d.max_length, spec.max_positions))
+    encoder = Encoder(tokenizer, prompt, max_length=min(d.max_length, max_positions))
     t = recipe.train
     splits, order, total_steps = {}, None, 0
     if with_data:
@@ -82,20 +124,14 @@ def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) 
         order = TrainOrder(splits["train"], t.batch_size, t.grad_accum, recipe.seed, group_by_length=t.group_by_length)
         total_steps = t.max_steps or max(1, math.ceil(t.epochs * order.steps_per_epoch))
 
-    method = recipe.method_spec()
-    init = method.init_values(spec.linear_layers(), recipe.seed)
     quantization = recipe.quantization()
-    quantized = {}
-    if quantization and quantization.kind == "nf4":  # quantized once here; both backends get these bytes
-        quantized = quantize_linear_layers(weights, list(spec.linear_layers()), quantization)
-    engine = cls(spec, weights, seed=recipe.seed, quantized=quantized)
     if quantization and quantization.kind == "affine":
         engine.quantize_affine(quantization.bits, quantization.group_size)
     engine.apply_method(method, init)
     if t.gradient_checkpointing:
         engine.enable_gradient_checkpointing()
     engine.set_optimizer(tuple(t.betas), t.eps, t.weight_decay)
-    return Run(recipe, engine, spec, method, encoder, splits, order, total_steps, checkpoint.directory)
+    return Run(recipe, engine, spec, method, encoder, splits, order, total_steps, Path(model_dir))
 
 
 def train_step(run: Run, step: int) -> dict:

@@ -14,6 +14,7 @@ from twintune.backends.mlx.gpt_neo import GPTNeoForCausalLM
 from twintune.backends.mlx.lora import apply_lora, get_submodule, set_submodule
 from twintune.backends.mlx.nf4 import NF4Linear
 from twintune.data.batching import Batch
+from twintune.errors import TwintuneError
 from twintune.methods import LoRA
 from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
@@ -59,6 +60,13 @@ class MLXBackend:
         backend._start()
         return backend
 
+    @classmethod
+    def from_mlx_lm(cls, directory, seed: int = 0) -> "MLXBackend":
+        """A model directory of one of mlx-lm's families (config.json + safetensors), ready to adapt."""
+        from twintune.backends.mlx.mlx_lm_model import load_mlx_lm_model
+
+        return cls.from_model(load_mlx_lm_model(directory), seed=seed)
+
     def _start(self) -> None:
         self.grads = None
         self.step = 0
@@ -76,6 +84,8 @@ class MLXBackend:
         apply_lora(self.model, method, init)
 
     def enable_gradient_checkpointing(self) -> None:
+        if not hasattr(self.model, "transformer"):
+            raise TwintuneError("train.gradient_checkpointing is built for GPT-Neo; this mlx-lm model runs without it.")
         self.model.transformer.checkpoint_blocks = True
 
     def trainable_state(self) -> dict[str, np.ndarray]:

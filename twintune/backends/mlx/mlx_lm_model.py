@@ -38,6 +38,9 @@ class MLXLMModel(nn.Module):
         if "lm_head" in inner:
             self.lm_head = inner.lm_head
         self.model_type = getattr(inner, "model_type", type(inner).__module__.rsplit(".", 1)[-1])
+        args = getattr(inner, "args", None)
+        # positions the model was built for (learned position tables); None: rotary, no fixed limit
+        self.max_positions = getattr(args, "max_position_embeddings", None) or getattr(args, "n_positions", None)
 
     def __call__(self, input_ids: mx.array) -> mx.array:
         return self.model(input_ids)
@@ -57,6 +60,7 @@ class MLXLMSpec:
 
     vocab_size: int
     layers: tuple[tuple[str, tuple[int, int]], ...]
+    max_positions: int = 2**31 - 1
 
     @classmethod
     def of(cls, model: MLXLMModel) -> "MLXLMSpec":
@@ -64,7 +68,8 @@ class MLXLMSpec:
         linear = [(name, tuple(module.weight.shape)) for name, module in model.named_modules()
                   if isinstance(module, nn.Linear) and (".layers." in name or ".h." in name)]
         vocab = model.logits(mx.zeros((1, 1, _hidden_size(model)))).shape[-1]
-        return cls(vocab_size=vocab, layers=tuple(sorted(linear, key=lambda item: _natural_key(item[0]))))
+        return cls(vocab_size=vocab, layers=tuple(sorted(linear, key=lambda item: _natural_key(item[0]))),
+                   max_positions=model.max_positions or 2**31 - 1)
 
     @property
     def LINEAR_NAMES(self) -> tuple[str, ...]:  # noqa: N802 (the same name as GPTNeoSpec's constant)
