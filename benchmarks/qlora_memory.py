@@ -22,6 +22,7 @@ def child(backend: str, base: str, shape: str, batch_size: int, tokens: int, ste
     from benchmarks.shapes import random_model
     from twintune.backends import backend_class
     from twintune.data.batching import Batch
+    from twintune.memory import estimate_memory
     from twintune.methods import LoRA
     from twintune.quant import Quantization
 
@@ -38,6 +39,8 @@ def child(backend: str, base: str, shape: str, batch_size: int, tokens: int, ste
     engine = cls(spec, weights, seed=0, quantized=quantized)
     del weights, quantized
     method = LoRA(r=16, alpha=32, target_modules=spec.LINEAR_NAMES)
+    estimate = estimate_memory(spec, method, Quantization("nf4") if base == "nf4" else None, batch_size, tokens,
+                               backend).training_peak / 2**20
     engine.apply_method(method, method.init_values(spec.linear_layers(), seed=0))
     engine.set_optimizer((0.9, 0.999), 1e-8, 0.0)
 
@@ -72,6 +75,7 @@ def child(backend: str, base: str, shape: str, batch_size: int, tokens: int, ste
         "step_extra_mb": round(peak_rss_mb() - resident, 1),
         "mlx_peak_mb": round(mx.get_peak_memory() / 2**20, 1) if backend == "mlx" else None,
         "step_seconds_median": round(float(np.median(times)), 2),
+        "estimate_mb": round(estimate, 1),  # twintune estimate's training peak (framework memory not included)
     }
 
 
@@ -98,7 +102,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     header = ("backend", "base", "nf4_floor_mb", "float_weights_mb", "resident_before_step_mb", "peak_rss_step_mb",
-              "step_extra_mb", "mlx_peak_mb", "step_seconds_median")
+              "step_extra_mb", "mlx_peak_mb", "step_seconds_median", "estimate_mb")
     print(" | ".join(header))
     for row in rows:
         print(" | ".join(str(row[k]) for k in header))
