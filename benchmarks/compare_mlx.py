@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import gemm_peak_gflops, lora_training_flops, run_child, write_result
+from benchmarks.common import gemm_peak_gflops, lora_training_flops, print_epoch_table, run_child, write_result
 
 LORA = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "lr": 2e-4, "batch": 8}
 SHAPES = {  # llama-family shapes; vocabulary 32000 as Llama 2 / Mistral
@@ -174,10 +174,7 @@ def main() -> None:
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     print(f"mlx-lm llama {args.shape} shape (vocabulary 32000), {ours['examples']} examples "
           f"({ours['real_tokens']} real tokens), batch {LORA['batch']}, median of {args.repeats} epochs after one warm-up")
-    print(f"{'':10s} {'epoch s':>9s} {'real tok/s':>11s} {'mx peak MB':>11s} {'GFLOP/s':>8s} {'GEMM peak':>10s} {'MFU':>6s}")
-    for kind, row in rows.items():
-        print(f"{kind:10s} {row['epoch_seconds']:9.2f} {row['real_tokens_per_s']:11.1f} {row['peak_memory_mb']:11.1f} "
-              f"{row['achieved_gflops']:8.1f} {row['gemm_peak_gflops']:10.1f} {row['mfu']:6.3f}")
+    print_epoch_table(rows, "peak_memory_mb", "mx peak MB")
     write_result(f"compare_mlx_{args.shape}" + ("_quick" if args.quick else ""), {"rows": rows, "ratios": ratios})
     print(json.dumps(ratios))
 

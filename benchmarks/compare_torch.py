@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import gemm_peak_gflops, lora_training_flops, peak_rss_mb, reset_peak_rss, run_child, write_result
+from benchmarks.common import (
+    gemm_peak_gflops, lora_training_flops, peak_rss_mb, print_epoch_table, reset_peak_rss, run_child, write_result,
+)
 
 CACHE = Path(__file__).parent / ".cache"
 LORA = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "lr": 2e-4, "batch": 8}
@@ -193,10 +195,7 @@ def main() -> None:
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     print(f"GPT-Neo {args.shape} shape, {ours['examples']} examples ({ours['real_tokens']} real tokens), "
           f"batch {LORA['batch']}, median of {args.repeats} epochs after one warm-up")
-    print(f"{'':10s} {'epoch s':>9s} {'real tok/s':>11s} {'peak RSS MB':>12s} {'GFLOP/s':>8s} {'GEMM peak':>10s} {'MFU':>6s}")
-    for kind, row in rows.items():
-        print(f"{kind:10s} {row['epoch_seconds']:9.2f} {row['real_tokens_per_s']:11.1f} {row['peak_rss_mb']:12.1f} "
-              f"{row['achieved_gflops']:8.1f} {row['gemm_peak_gflops']:10.1f} {row['mfu']:6.3f}")
+    print_epoch_table(rows, "peak_rss_mb", "peak RSS MB")
     write_result(f"compare_torch_{args.shape}" + ("_quick" if args.quick else ""), {"rows": rows, "ratios": ratios})
     print(json.dumps(ratios))
 

@@ -115,3 +115,17 @@ def gpt_neo_weights(spec: GPTNeoSpec, weights: dict[str, np.ndarray]) -> dict[st
     if extra:
         raise TwintuneError(f"checkpoint has {len(extra)} weights GPT-Neo does not use, first {extra[0]!r}.")
     return out
+
+
+def mlx_lm_has_family(model_type: str | None) -> bool:
+    """Whether mlx-lm (when installed) implements this config.json model_type (looked up, not imported).
+
+    Example:
+        >>> mlx_lm_has_family("llama"), mlx_lm_has_family("gpt_neo")
+        (True, False)
+    """
+    import importlib.util
+
+    if not model_type or not importlib.util.find_spec("mlx_lm"):
+        return False
+    return importlib.util.find_spec(f"mlx_lm.models.{model_type}") is not None

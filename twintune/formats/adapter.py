@@ -261,21 +261,15 @@ def export_run_adapter(run_dir: str | Path, fmt: str, out_dir: str | Path) -> Pa
 def _export_mlx_lm(run_dir: Path, out: Path) -> Path:
     from twintune.formats.checkpoint import load_config
     from twintune.formats.mlx_lm_adapter import write_mlx_lm_adapter
+    from twintune.models import mlx_lm_has_family
     from twintune.recipe import load_recipe
-    from twintune.train.loop import mlx_lm_has_family
+    from twintune.train.runs import open_run
 
     config = load_config(load_recipe(run_dir / "recipe.json").model)
     model_type = config.get("model_type")
     if not mlx_lm_has_family(model_type):
         raise TwintuneError(f"mlx-lm has no {model_type!r} model family, so it cannot load this run's adapter; "
                             f"{run_dir / 'adapter'} is a Hugging Face PEFT adapter (--format peft).")
-    adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
-    method = _lora_from_config(adapter_config, run_dir / "adapter")
-    state = {}
-    for name, array in _read_adapter_weights(run_dir / "adapter").items():
-        ours = _twintune_name(name)
-        if ours is None:
-            raise TwintuneError(f"adapter tensor {name!r} is not a LoRA lora_A/lora_B weight.")
-        state[ours] = array
+    run = open_run(run_dir, "mlx", with_data=False)  # the adapter checked against the model, as for eval
     layers = config.get("num_hidden_layers") or config.get("n_layer")
-    return write_mlx_lm_adapter(out, state, method, num_layers=int(layers))
+    return write_mlx_lm_adapter(out, run.backend.trainable_state(), run.method, num_layers=int(layers))

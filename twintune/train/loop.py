@@ -21,7 +21,7 @@ from twintune.errors import TwintuneError
 from twintune.formats.adapter import save_lora_adapter, write_json
 from twintune.formats.checkpoint import load_checkpoint, load_config, load_tokenizer, resolve_model_dir
 from twintune.methods import LoRA
-from twintune.models import GPTNeoSpec, gpt_neo_weights
+from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.quant import SUPPORTED, quantize_linear_layers
 from twintune.recipe import Recipe
 from twintune.train.checkpoints import find_checkpoint, load_checkpoint_state, save_checkpoint
@@ -63,7 +63,7 @@ def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) 
                             f"(this run uses {name}); use quantize.type=nf4 for a format both backends share.")
     model_type = load_config(recipe.model).get("model_type")
     if model_type != "gpt_neo" and mlx_lm_has_family(model_type):
-        return _prepare_mlx_lm_model(recipe, name, cls, with_data)
+        return _prepare_mlx_lm_model(recipe, model_type, name, cls, with_data)
     checkpoint = load_checkpoint(recipe.model)
     spec = GPTNeoSpec.from_config(checkpoint.config)
     weights = gpt_neo_weights(spec, checkpoint.weights)
@@ -78,18 +78,8 @@ def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) 
     return _finish(recipe, engine, spec, method, init, tokenizer, spec.max_positions, checkpoint.directory, with_data)
 
 
-def mlx_lm_has_family(model_type: str | None) -> bool:
-    """Whether mlx-lm (when installed) implements this config.json model_type."""
-    import importlib.util
-
-    if not model_type or not importlib.util.find_spec("mlx_lm"):
-        return False
-    return importlib.util.find_spec(f"mlx_lm.models.{model_type}") is not None
-
-
-def _prepare_mlx_lm_model(recipe: Recipe, name: str, cls, with_data: bool) -> Run:
+def _prepare_mlx_lm_model(recipe: Recipe, model_type: str, name: str, cls, with_data: bool) -> Run:
     """A model of one of mlx-lm's families: MLX only, trained through MLXBackend.from_mlx_lm."""
-    model_type = load_config(recipe.model).get("model_type")
     if name != "mlx":
         raise TwintuneError(f"model type {model_type!r} runs on the mlx backend only (through mlx-lm); "
                             "the torch backend runs GPT-Neo. Use --backend mlx.")

@@ -126,6 +126,8 @@ def run_block(block: nn.Module, x: mx.array, checkpoint: bool) -> mx.array:
     (mx.checkpoint): the fixed key makes that run draw the same masks, so the gradients are those
     of the plain path. Trainable parameters go in as arguments so their gradients flow through.
     """
+    if not block.training:  # no dropout: nothing to draw
+        return block(x)
     key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
     if not checkpoint:
         with replayable_dropout(key):
