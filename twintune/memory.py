@@ -129,7 +129,10 @@ def estimate_recipe(path: str, overrides: list[str] = (), tokens: int | None = N
     from twintune.recipe import load_recipe
 
     recipe = load_recipe(path, overrides)
-    spec = GPTNeoSpec.from_config(load_config(recipe.model))
+    config = load_config(recipe.model)
+    if config.get("model_type") != "gpt_neo":
+        raise TwintuneError(f"twintune estimate counts GPT-Neo models; this recipe's model is {config.get('model_type')!r}.")
+    spec = GPTNeoSpec.from_config(config)
     length = tokens or min(recipe.data.max_length, spec.max_positions)
     if length < 1:
         raise TwintuneError(f"--tokens must be at least 1, not {length}.")
