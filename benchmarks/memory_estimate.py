@@ -30,6 +30,8 @@ CONFIGS = {  # name -> (backend, recipe overrides)
     "mlx-qlora-all-nf4": ("mlx", ["method.r=16", f"method.target_modules={ALL}", "quantize.type=nf4"]),
     "mlx-lora-all-affine4": ("mlx", ["method.r=16", f"method.target_modules={ALL}", "quantize.type=affine",
                                      "quantize.bits=4", "quantize.group_size=64"]),
+    "mlx-lora-all-affine8": ("mlx", ["method.r=16", f"method.target_modules={ALL}", "quantize.type=affine",
+                                     "quantize.bits=8", "quantize.group_size=64"]),
     "torch-lora-qv-fp32": ("torch", ["method.r=8", "method.target_modules=[q_proj,v_proj]"]),
     "torch-qlora-all-nf4": ("torch", ["method.r=16", f"method.target_modules={ALL}", "quantize.type=nf4"]),
     "mlx-lora-all-checkpointed": ("mlx", ["method.r=16", f"method.target_modules={ALL}",
@@ -119,7 +121,8 @@ def main() -> None:
               f"{row['estimate_mb']['training peak']:12.1f} {row['measured_peak_mb']:12.1f} "
               f"{row['estimate_over_measured']:9.3f}")
     within = sum(abs(row["estimate_over_measured"] - 1) <= 0.2 for row in rows)
-    write_result(f"memory_estimate_{args.shape}", {"rows": rows, "within_20_percent": within})
+    subset = "" if args.configs == ",".join(CONFIGS) else "_" + args.configs.replace(",", "-")
+    write_result(f"memory_estimate_{args.shape}{subset}", {"rows": rows, "within_20_percent": within})
     print(json.dumps({"configs": len(rows), "within_20_percent": within}))
 
 

@@ -25,7 +25,7 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(get_submodule(model, parent_name), attr, module)
 
 
-_replay_key: list[mx.array] = []  # set inside a checkpointed block: dropout masks come from this key
+_replay_key: list[mx.array] = []  # set around a block in training: its dropout masks come from this key
 
 
 @contextmanager
