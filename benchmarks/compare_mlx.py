@@ -26,8 +26,6 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
-
 from benchmarks.common import gemm_peak_gflops, lora_training_flops, print_epoch_table, run_child, write_result
 
 LORA = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "lr": 2e-4, "batch": 8}

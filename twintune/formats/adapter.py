@@ -232,6 +232,16 @@ def load_lora_adapter(directory: str | Path, spec: GPTNeoSpec) -> tuple[LoRA, di
     return method, state
 
 
+def run_and_new_output(run_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
+    """A run directory and an output directory that is new or empty, or the sentence saying which is not."""
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if not (run_dir / "recipe.json").exists():
+        raise TwintuneError(f"{run_dir} is not a run directory: it has no recipe.json.")
+    if out.exists() and any(out.iterdir()):
+        raise TwintuneError(f"output directory {out} is not empty; choose another --out (nothing was written).")
+    return run_dir, out
+
+
 def export_run_adapter(run_dir: str | Path, fmt: str, out_dir: str | Path) -> Path:
     """A run's adapter in `fmt`: "peft" (copied as saved), or "mlx-lm" (for models of mlx-lm's families).
 
@@ -241,14 +251,7 @@ def export_run_adapter(run_dir: str | Path, fmt: str, out_dir: str | Path) -> Pa
     """
     import shutil
 
-    from twintune.formats.checkpoint import load_config
-    from twintune.recipe import load_recipe
-
-    run_dir, out = Path(run_dir), Path(out_dir)
-    if not (run_dir / "recipe.json").exists():
-        raise TwintuneError(f"{run_dir} is not a run directory: it has no recipe.json.")
-    if out.exists() and any(out.iterdir()):
-        raise TwintuneError(f"output directory {out} is not empty; choose another --out (nothing was written).")
+    run_dir, out = run_and_new_output(run_dir, out_dir)
     if fmt == "mlx-lm":
         return _export_mlx_lm(run_dir, out)
     if fmt != "peft":

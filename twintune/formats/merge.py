@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from twintune.errors import TwintuneError
-from twintune.formats.adapter import load_lora_adapter
+from twintune.formats.adapter import load_lora_adapter, run_and_new_output
 from twintune.formats.checkpoint import load_config, load_checkpoint
 from twintune.formats.safetensors_io import write_safetensors
 from twintune.models import GPTNeoSpec, gpt_neo_weights
@@ -29,11 +29,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         >>> merge_run("runs/demo", "models/demo-merged")   # then GPTNeoForCausalLM.from_pretrained(...)
         PosixPath('models/demo-merged')
     """
-    run_dir, out = Path(run_dir), Path(out_dir)
-    if not (run_dir / "recipe.json").exists():
-        raise TwintuneError(f"{run_dir} is not a run directory: it has no recipe.json.")
-    if out.exists() and any(out.iterdir()):
-        raise TwintuneError(f"output directory {out} is not empty; choose another --out (nothing was written).")
+    run_dir, out = run_and_new_output(run_dir, out_dir)
     recipe = load_recipe(run_dir / "recipe.json")
     quantization = recipe.quantization()
     if quantization and quantization.kind == "affine":
