@@ -59,6 +59,9 @@ class QuantizeConfig:
     group_size: int = 64  # affine: 32 | 64 | 128
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class TrainConfig:
     epochs: float = 1.0
@@ -88,7 +91,7 @@ class Recipe:
     model: str = "builtin:tiny-gpt-neo"
     backend: str = "auto"
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = "float32"  # the frozen model's; the trainable values and optimizer state are float32 always
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -225,7 +228,7 @@ def validate(r: Recipe) -> None:
     from twintune.backends import BACKENDS
 
     _check(r.backend in BACKENDS, f"recipe key 'backend' must be one of {', '.join(BACKENDS)}, got {r.backend!r}.")
-    _check(r.dtype == "float32", f"recipe key 'dtype' must be float32 for now (bfloat16/float16 training is not built yet), got {r.dtype!r}.")
+    _check(r.dtype in DTYPES, f"recipe key 'dtype' must be one of {', '.join(DTYPES)}, got {r.dtype!r}.")
     _check(r.seed >= 0, f"recipe key 'seed' must be >= 0, got {r.seed}.")
     d = r.data
     _check(d.synthetic_size >= 30, f"recipe key 'data.synthetic_size' must be at least 30, got {d.synthetic_size}.")

@@ -21,9 +21,11 @@ class Backend(Protocol):
     name: str
 
     def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], seed: int = 0,
-                 quantized: dict[str, NF4Tensor] | None = None) -> None:
+                 quantized: dict[str, NF4Tensor] | None = None, dtype: str = "float32") -> None:
         """Build the model from float weights; the layers in `quantized` arrive as shared NF4 bytes
-        (their float weights are absent from `weights`)."""
+        (their float weights are absent from `weights`). The frozen model is held and computes in
+        `dtype` (float32, bfloat16 or float16; attention and the loss in float32); the trainable
+        values, their gradients and the optimizer state are float32 in every dtype."""
 
     def apply_method(self, method: LoRA, init: dict[str, np.ndarray]) -> None:
         """Wrap the targeted layers and set the trainable values to `init`."""
@@ -51,8 +53,10 @@ class Backend(Protocol):
         """Add the gradient of loss_scale * (summed label-token cross-entropy) to the
         accumulated gradients; return the unscaled summed loss."""
 
-    def optimizer_step(self, lr: float, max_grad_norm: float) -> float:
-        """Clip by global norm (if > 0), apply AdamW, clear gradients; return the norm before clipping."""
+    def optimizer_step(self, lr: float, max_grad_norm: float, grad_scale: float = 1.0) -> float:
+        """Divide the gradients by grad_scale (float16 loss scaling), clip by global norm (if > 0),
+        apply AdamW, clear gradients; return the norm before clipping. A non-finite norm skips
+        the update (the gradients are cleared, the step count stays) and is returned as is."""
 
     def label_logprobs(self, batch: Batch, label_token_ids: np.ndarray) -> np.ndarray:
         """(B, K) log-softmax scores at the answer positions, for the K label tokens (no dropout)."""

@@ -25,6 +25,7 @@ from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.quant import SUPPORTED, quantize_linear_layers
 from twintune.recipe import Recipe
 from twintune.train.checkpoints import find_checkpoint, load_checkpoint_state, save_checkpoint
+from twintune.train.loss_scale import LossScaler
 from twintune.train.metrics import classification_report
 from twintune.train.plots import plot_run
 from twintune.train.schedule import learning_rate
@@ -43,6 +44,7 @@ class Run:
     order: TrainOrder | None
     total_steps: int
     model_dir: Path
+    loss_scaler: LossScaler | None = None  # float16 only
 
 
 def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) -> Run:
@@ -74,7 +76,7 @@ def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) 
     quantized = {}
     if quantization and quantization.kind == "nf4":  # quantized once here; both backends get these bytes
         quantized = quantize_linear_layers(weights, list(spec.linear_layers()), quantization)
-    engine = cls(spec, weights, seed=recipe.seed, quantized=quantized)
+    engine = cls(spec, weights, seed=recipe.seed, quantized=quantized, dtype=recipe.dtype)
     return _finish(recipe, engine, spec, method, init, tokenizer, spec.max_positions, checkpoint.directory, with_data)
 
 
@@ -87,7 +89,7 @@ def _prepare_mlx_lm_model(recipe: Recipe, model_type: str, name: str, cls, with_
         raise TwintuneError(f"quantize.type 'nf4' needs a GPT-Neo model; for this {model_type!r} model use "
                             "quantize.type=affine (MLX's own) or none.")
     directory = resolve_model_dir(recipe.model)
-    engine = cls.from_mlx_lm(directory, seed=recipe.seed)
+    engine = cls.from_mlx_lm(directory, seed=recipe.seed, dtype=recipe.dtype)
     spec = engine.spec
     method = recipe.method_spec()
     init = method.init_values(spec.linear_layers(), recipe.seed)
@@ -121,24 +123,38 @@ def _finish(recipe: Recipe, engine, spec, method: LoRA, init: dict[str, np.ndarr
     if t.gradient_checkpointing:
         engine.enable_gradient_checkpointing()
     engine.set_optimizer(tuple(t.betas), t.eps, t.weight_decay)
-    return Run(recipe, engine, spec, method, encoder, splits, order, total_steps, Path(model_dir))
+    scaler = LossScaler() if recipe.dtype == "float16" else None
+    return Run(recipe, engine, spec, method, encoder, splits, order, total_steps, Path(model_dir), scaler)
 
 
 def train_step(run: Run, step: int) -> dict:
-    """One optimizer step: the step's micro-batches, accumulated, then clip + AdamW."""
+    """One optimizer step: the step's micro-batches, accumulated, then clip + AdamW.
+
+    In float16 the loss is scaled (LossScaler); a step whose gradients overflowed is skipped,
+    logged with "skipped": true, and still counts as a step of the schedule.
+    """
     t = run.recipe.train
     run.backend.seed_step(run.recipe.seed, step)
     batches = run.order.step_batches(step)
     n_targets = sum(b.n_targets for b in batches)
-    loss_sum = sum(run.backend.forward_backward(b, 1.0 / n_targets) for b in batches)
+    scale = run.loss_scaler.scale if run.loss_scaler else 1.0
+    loss_sum = sum(run.backend.forward_backward(b, scale / n_targets) for b in batches)
     loss = loss_sum / n_targets
     if not math.isfinite(loss):
         raise TwintuneError(f"the training loss became {loss} at step {step + 1}; lower train.lr "
                             "or set train.max_grad_norm (the last saved adapter, if any, is kept).")
     lr = learning_rate(step, t.lr, run.total_steps, t.warmup_steps, t.schedule)
-    grad_norm = run.backend.optimizer_step(lr, t.max_grad_norm)
-    return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens": sum(b.n_real_tokens for b in batches)}
+    grad_norm = run.backend.optimizer_step(lr, t.max_grad_norm, grad_scale=scale)
+    finite = math.isfinite(grad_norm)
+    if not finite and scale <= 1.0:
+        raise TwintuneError(f"the gradients became {grad_norm} at step {step + 1}; lower train.lr or use "
+                            "dtype=float32 (the last saved adapter, if any, is kept).")
+    record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm if finite else None,
+              "tokens": sum(b.n_real_tokens for b in batches)}
+    if run.loss_scaler:
+        run.loss_scaler.update(finite)
+        record["skipped"] = not finite
+    return record
 
 
 def predict(run: Run, encoded: list[Encoded]) -> tuple[np.ndarray, np.ndarray]:
@@ -199,6 +215,8 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         run.backend.set_trainable_state(trainable)
         run.backend.set_optimizer_state(optimizer)
         history, first_step = state["history"], state["step"]
+        if run.loss_scaler:
+            run.loss_scaler = LossScaler(**history["loss_scale"])
     write_json(out / "recipe.json", recipe.to_dict())
 
     bar = _progress(run.total_steps, progress, first_step)
@@ -228,6 +246,8 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
             if t.save_every and ((step + 1) % t.save_every == 0 or step + 1 == run.total_steps or stopped_early):
                 history["train_seconds"] += time.perf_counter() - started
                 started = time.perf_counter()
+                if run.loss_scaler:
+                    history["loss_scale"] = run.loss_scaler.state()
                 save_checkpoint(out, step + 1, run.backend.trainable_state(), run.backend.optimizer_state(),
                                 recipe.to_dict(), history, t.keep_last, best_state)
             if bar:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import resource
 
 import mlx.core as mx
@@ -20,18 +21,22 @@ from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
 
 
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
 class MLXBackend:
     name = "mlx"
 
     def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], seed: int = 0,
-                 quantized: dict[str, NF4Tensor] | None = None):
+                 quantized: dict[str, NF4Tensor] | None = None, dtype: str = "float32"):
         mx.random.seed(seed)
         self.spec = spec
         self.model = GPTNeoForCausalLM(spec)
-        loaded = [(k, mx.array(v)) for k, v in weights.items()]
+        compute = DTYPES[dtype]
+        loaded = [(k, mx.array(v).astype(compute)) for k, v in weights.items()]
         for name, weight in (quantized or {}).items():
             bias = weights.get(f"{name}.bias")
-            layer = NF4Linear(weight, None if bias is None else mx.array(bias))
+            layer = NF4Linear(weight, None if bias is None else mx.array(bias).astype(compute))
             set_submodule(self.model, name, layer)
             loaded += [(f"{name}.{k}", v) for k, v in tree_flatten(layer.parameters()) if k != "bias"]
         self.model.load_weights(loaded, strict=True)
@@ -41,7 +46,7 @@ class MLXBackend:
         self._start()
 
     @classmethod
-    def from_model(cls, model: nn.Module, seed: int = 0) -> "MLXBackend":
+    def from_model(cls, model: nn.Module, seed: int = 0, dtype: str = "float32") -> "MLXBackend":
         """Train a model built elsewhere, e.g. an mlx-lm model wrapped in MLXLMModel (MLX only).
 
         Example:
@@ -54,6 +59,7 @@ class MLXBackend:
         backend = cls.__new__(cls)
         backend.model = model
         backend.spec = MLXLMSpec.of(model)
+        model.set_dtype(DTYPES[dtype])
         model.freeze()
         model.eval()
         mx.eval(model.parameters())
@@ -61,11 +67,11 @@ class MLXBackend:
         return backend
 
     @classmethod
-    def from_mlx_lm(cls, directory, seed: int = 0) -> "MLXBackend":
+    def from_mlx_lm(cls, directory, seed: int = 0, dtype: str = "float32") -> "MLXBackend":
         """A model directory of one of mlx-lm's families (config.json + safetensors), ready to adapt."""
         from twintune.backends.mlx.mlx_lm_model import load_mlx_lm_model
 
-        return cls.from_model(load_mlx_lm_model(directory), seed=seed)
+        return cls.from_model(load_mlx_lm_model(directory), seed=seed, dtype=dtype)
 
     def _start(self) -> None:
         self.grads = None
@@ -119,7 +125,7 @@ class MLXBackend:
         return hidden.reshape(-1, hidden.shape[-1])[rows]
 
     def _loss(self, input_ids, positions, targets, scale):
-        logits = self.model.logits(self._hidden_rows(input_ids, positions))
+        logits = self.model.logits(self._hidden_rows(input_ids, positions)).astype(mx.float32)
         loss = nn.losses.cross_entropy(logits, targets, reduction="sum")
         return loss * scale, loss
 
@@ -132,32 +138,35 @@ class MLXBackend:
         mx.eval(loss, self.grads)
         return loss.item()
 
-    def optimizer_step(self, lr: float, max_grad_norm: float) -> float:
+    def optimizer_step(self, lr: float, max_grad_norm: float, grad_scale: float = 1.0) -> float:
         grads = dict(tree_flatten(self.grads))
-        norm = mx.sqrt(sum(mx.sum(g * g) for g in grads.values())).item()
-        factor = clip_factor(norm, max_grad_norm)
+        self.grads = None
+        norm = mx.sqrt(sum(mx.sum(g * g) for g in grads.values())).item() / grad_scale
+        if not math.isfinite(norm):  # an overflow under float16 loss scaling: skip the step
+            return norm
+        factor = clip_factor(norm, max_grad_norm) / grad_scale
         self.step += 1
         params = dict(tree_flatten(self.model.trainable_parameters()))
         updated = []
         for name, p in params.items():
-            g = grads[name] * factor if factor < 1.0 else grads[name]
+            g = grads[name] * factor if factor != 1.0 else grads[name]
             p, self.m[name], self.v[name] = adamw_update(
                 p, g, self.m[name], self.v[name], self.step, lr, self.betas, self.eps, self.weight_decay, mx.sqrt)
             updated.append((name, p))
         self.model.update(tree_unflatten(updated))
         mx.eval(self.model.trainable_parameters(), self.m, self.v)
-        self.grads = None
         return norm
 
     def label_logprobs(self, batch: Batch, label_token_ids: np.ndarray) -> np.ndarray:
         self.model.eval()
         logits = self.model.logits(self._hidden_rows(mx.array(batch.input_ids), mx.array(batch.answer_positions)))
+        logits = logits.astype(mx.float32)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return np.array(logprobs[:, mx.array(label_token_ids)])
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         self.model.eval()
-        return np.array(self.model.logits(self.model(mx.array(input_ids))))
+        return np.array(self.model.logits(self.model(mx.array(input_ids))).astype(mx.float32))
 
     def peak_memory_mb(self) -> float:
         peak = mx.get_peak_memory()

@@ -59,8 +59,10 @@ class GPTNeoSelfAttention(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         B, T, D = x.shape
         heads = lambda t: t.reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=self.mask(T))
+        # In bfloat16/float16 the attention itself runs in float32, as transformers' GPT-Neo does:
+        # unscaled scores overflow float16 and lose whole units in bfloat16.
+        q, k, v = (heads(proj(x)).astype(mx.float32) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=self.mask(T)).astype(x.dtype)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, D))
 
     def mask(self, T: int):

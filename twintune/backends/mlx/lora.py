@@ -51,7 +51,10 @@ def dropout(x: mx.array, p: float, training: bool) -> mx.array:
 
 class LoRALinear(nn.Module):
     """y = base_layer(x) + lora_B(scale * lora_A(dropout(x))): scaled at rank r, not at the output width
-    (the same function as PEFT's, one output-sized tensor fewer to keep for the backward)."""
+    (the same function as PEFT's, one output-sized tensor fewer to keep for the backward).
+
+    The adapter computes in float32 whatever the base's dtype, as PEFT does by default: its
+    updates are small next to its values, and bfloat16 would round many of them away."""
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, r: int, scale: float,
                  dropout: float):
@@ -63,7 +66,8 @@ class LoRALinear(nn.Module):
         self.scale = scale
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.base_layer(x) + self.lora_B(self.lora_A(dropout(x, self.dropout, self.training)) * self.scale)
+        update = self.lora_B(self.lora_A(dropout(x, self.dropout, self.training).astype(mx.float32)) * self.scale)
+        return self.base_layer(x) + update.astype(x.dtype)
 
 
 def apply_lora(model: nn.Module, method: LoRA, init: dict[str, np.ndarray]) -> None:

@@ -103,20 +103,22 @@ def _nf4_matmul(shape: tuple[int, int], blocksize: int, use_metal: bool):
         absmax = weight_absmax(absmax_parts)
         if use_metal:
             flat = x.reshape(-1, shape[1])
-            return nf4_matmul_metal(flat, packed, absmax, shape, blocksize).reshape(*x.shape[:-1], shape[0])
-        return x @ dequantize(packed, absmax, shape, blocksize).T
+            y = nf4_matmul_metal(flat, packed, absmax, shape, blocksize).astype(x.dtype)
+            return y.reshape(*x.shape[:-1], shape[0])
+        return x @ dequantize(packed, absmax, shape, blocksize).astype(x.dtype).T
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
         x, packed, *absmax_parts = primals
-        dx = cotangent @ dequantize(packed, weight_absmax(absmax_parts), shape, blocksize)
+        dx = cotangent @ dequantize(packed, weight_absmax(absmax_parts), shape, blocksize).astype(cotangent.dtype)
         return (dx, mx.zeros_like(packed), *(mx.zeros_like(part) for part in absmax_parts))
 
     return matmul
 
 
 class NF4Linear(nn.Module):
-    """A frozen linear layer stored in NF4 (bitsandbytes' layout), computing in float32."""
+    """A frozen linear layer stored in NF4 (bitsandbytes' layout), computing in its input's dtype
+    (bitsandbytes' compute_dtype): the weight is dequantized in float32, then rounded to it."""
 
     def __init__(self, weight: NF4Tensor, bias: mx.array | None = None, use_metal: bool | None = None):
         super().__init__()

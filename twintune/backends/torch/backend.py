@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import resource
 import sys
 
@@ -17,6 +18,9 @@ from twintune.data.batching import Batch
 from twintune.methods import LoRA
 from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _device() -> torch.device:
@@ -54,11 +58,11 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], seed: int = 0,
-                 quantized: dict[str, NF4Tensor] | None = None):
+                 quantized: dict[str, NF4Tensor] | None = None, dtype: str = "float32"):
         torch.manual_seed(seed)
         self.spec = spec
         self.device = _device()
-        self.model = GPTNeoForCausalLM(spec, weights, quantized).to(self.device)
+        self.model = GPTNeoForCausalLM(spec, weights, quantized, DTYPES[dtype]).to(self.device)
         self.model.requires_grad_(False)
         self.model.eval()
         self.step = 0
@@ -112,19 +116,23 @@ class TorchBackend:
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> float:
         self.model.train()
-        logits = self.model.logits(self._hidden_rows(batch.input_ids, batch.target_positions))
+        logits = self.model.logits(self._hidden_rows(batch.input_ids, batch.target_positions)).float()
         loss = F.cross_entropy(logits, self._tensor(batch.targets), reduction="sum")
         (loss * loss_scale).backward()
         return loss.item()
 
     @torch.no_grad()
-    def optimizer_step(self, lr: float, max_grad_norm: float) -> float:
+    def optimizer_step(self, lr: float, max_grad_norm: float, grad_scale: float = 1.0) -> float:
         params = self._trainable()
-        norm = torch.sqrt(sum(torch.sum(p.grad * p.grad) for p in params.values())).item()
-        factor = clip_factor(norm, max_grad_norm)
+        norm = torch.sqrt(sum(torch.sum(p.grad * p.grad) for p in params.values())).item() / grad_scale
+        if not math.isfinite(norm):  # an overflow under float16 loss scaling: skip the step
+            for p in params.values():
+                p.grad = None
+            return norm
+        factor = clip_factor(norm, max_grad_norm) / grad_scale
         self.step += 1
         for name, p in params.items():
-            g = p.grad * factor if factor < 1.0 else p.grad
+            g = p.grad * factor if factor != 1.0 else p.grad
             new_p, self.m[name], self.v[name] = adamw_update(
                 p, g, self.m[name], self.v[name], self.step, lr, self.betas, self.eps, self.weight_decay, torch.sqrt)
             p.copy_(new_p)

@@ -39,12 +39,15 @@ def fused_attention(self, query, key, value, attention_mask=None):
     """GPT-Neo's attention as one scaled_dot_product_attention call, in place of transformers' eager
     matmul-mask-softmax-matmul: no (B, H, T, T) weights are kept. GPT-Neo does not scale by
     1/sqrt(head_dim), hence scale=1.0. Padding is on the right, so the (windowed) causal mask is
-    the whole mask."""
-    length = query.shape[-2]
+    the whole mask. In bfloat16/float16 the attention itself runs in float32, as transformers'
+    GPT-Neo does: unscaled scores overflow float16 and lose whole units in bfloat16."""
+    dtype, length = query.dtype, query.shape[-2]
+    query, key, value = query.float(), key.float(), value.float()
     if self.attention_type == "global" or length <= self.config.window_size:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=1.0), None
-    mask = self.bias[:, :, :length, :length]
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=1.0), None
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=1.0)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=self.bias[:, :, :length, :length], scale=1.0)
+    return out.to(dtype), None
 
 
 def causal_mask(positions: int, attention_type: str, window: int) -> torch.Tensor:
@@ -56,7 +59,8 @@ def causal_mask(positions: int, attention_type: str, window: int) -> torch.Tenso
 
 
 class GPTNeoForCausalLM(nn.Module):
-    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], quantized: dict[str, NF4Tensor] | None = None):
+    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], quantized: dict[str, NF4Tensor] | None = None,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         from transformers import GPTNeoForCausalLM as HFGPTNeo
 
@@ -66,11 +70,11 @@ class GPTNeoForCausalLM(nn.Module):
         # exists in float32 at all.
         with torch.device("meta"):
             hf = HFGPTNeo(transformers_config(spec))
-        state = {name: torch.from_numpy(np.ascontiguousarray(w)) for name, w in weights.items()}
+        state = {name: torch.from_numpy(np.ascontiguousarray(w)).to(dtype) for name, w in weights.items()}
         for name, weight in (quantized or {}).items():
             bias = state.pop(f"{name}.bias", None)
             parent_name, attr = name.rsplit(".", 1)
-            setattr(hf.get_submodule(parent_name), attr, nf4_linear(weight, bias))
+            setattr(hf.get_submodule(parent_name), attr, nf4_linear(weight, bias, compute_dtype=dtype))
         missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
         missing = [m for m in missing if m != "lm_head.weight" and m.rsplit(".", 1)[0] not in (quantized or {})]
         if unexpected or missing:

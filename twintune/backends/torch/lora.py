@@ -12,7 +12,10 @@ from twintune.methods import LoRA, adapted_layers
 
 class LoRALinear(nn.Module):
     """y = base_layer(x) + lora_B(scale * lora_A(dropout(x))): scaled at rank r, not at the output width
-    (the same function as PEFT's, one output-sized tensor fewer to keep for the backward)."""
+    (the same function as PEFT's, one output-sized tensor fewer to keep for the backward).
+
+    The adapter computes in float32 whatever the base's dtype, as PEFT does by default: its
+    updates are small next to its values, and bfloat16 would round many of them away."""
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, r: int, scale: float,
                  dropout: float):
@@ -24,7 +27,8 @@ class LoRALinear(nn.Module):
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x)) * self.scale)
+        update = self.lora_B(self.lora_A(self.dropout(x).float()) * self.scale)
+        return self.base_layer(x) + update.to(x.dtype)
 
 
 def apply_lora(model: nn.Module, method: LoRA, init: dict[str, np.ndarray]) -> None:
