@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from twintune.data.batching import Encoder, Prompt, TrainOrder, eval_batches, make_batch
-from twintune.data.sources import Example
 from twintune.errors import TwintuneError
 from twintune.formats.checkpoint import load_tokenizer
 from twintune.recipe import DEFAULT_LABELS

@@ -7,7 +7,7 @@ import torch
 from twintune.errors import TwintuneError
 from twintune.quant.nf4 import dequantize_nf4, quantize_nf4
 from twintune.recipe import load_recipe
-from twintune.train.loop import evaluate, prepare, train_step
+from twintune.train.loop import prepare, train_step
 
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("bitsandbytes")
