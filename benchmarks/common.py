@@ -103,18 +103,18 @@ def _plain(value):
     raise TypeError(type(value))
 
 
-def gemm_peak_gflops(framework: str, n: int = 2048, repeats: int = 5) -> float:
-    """This process's float32 GEMM rate (median of `repeats` n x n x n products): the MFU denominator."""
+def gemm_peak_gflops(framework: str, n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """This process's GEMM rate in `dtype` (median of `repeats` n x n x n products): the MFU denominator."""
     if framework == "mlx":
         import mlx.core as mx
 
-        a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+        a, b = (mx.random.normal((n, n)).astype(getattr(mx, dtype)) for _ in range(2))
         mx.eval(a, b)
         seconds, _ = median_time(lambda: mx.eval(a @ b), repeats)
     else:
         import torch
 
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = (torch.randn(n, n, dtype=getattr(torch, dtype)) for _ in range(2))
         seconds, _ = median_time(lambda: a @ b, repeats)
     return 2 * n**3 / seconds / 1e9
 

@@ -1,10 +1,12 @@
 """The MLX backend against mlx-lm's own LoRA training, on the same mlx-lm model and data, same run.
 
     python -m benchmarks.compare_mlx [--quick] [--shape small|base] [--examples N] [--repeats R]
+                                     [--dtype float32|bfloat16|float16]
 
 Both train LoRA (r=8, scale 2 = alpha 16 / r, q_proj + v_proj, AdamW lr 2e-4, batch 8) on the
 same tokenized financial-sentiment examples, loss on the label-word token only, on the same
-random-weight mlx-lm llama model (same seed, so the same weights):
+random-weight mlx-lm llama model (same seed, so the same weights), held in --dtype by both (the
+adapters in float32 by both):
 
   mlx_lm     mlx-lm's trainer (`mlx_lm.tuner.trainer.train`, its LoRALinear, its compiled step,
              its length-sorted batches padded to a multiple of 32 + 1, full-vocabulary logits at
@@ -35,7 +37,7 @@ SHAPES = {  # llama-family shapes; vocabulary 32000 as Llama 2 / Mistral
 }
 
 
-def mlx_lm_model(shape: str):
+def mlx_lm_model(shape: str, dtype: str = "float32"):
     """A random-weight mlx-lm llama model; the same seed gives the same weights in every process."""
     import mlx.core as mx
     from mlx_lm.models import llama
@@ -44,6 +46,7 @@ def mlx_lm_model(shape: str):
     args = llama.ModelArgs(model_type="llama", rms_norm_eps=1e-5, vocab_size=32000, tie_word_embeddings=False,
                            **SHAPES[shape])
     model = llama.Model(args)
+    model.set_dtype(getattr(mx, dtype))
     mx.eval(model.parameters())
     return model
 
@@ -63,7 +66,7 @@ def train_examples(n: int):
     return encoder.encode_all(examples[:n])
 
 
-def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
+def child(kind: str, shape: str, examples: int, repeats: int, dtype: str) -> dict:
     import mlx.core as mx
 
     from twintune.backends.mlx.mlx_lm_model import MLXLMModel, MLXLMSpec
@@ -72,9 +75,9 @@ def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
     steps = len(encoded) // LORA["batch"]
     encoded = encoded[: steps * LORA["batch"]]  # mlx-lm drops a last partial batch: train on the same set
     real_tokens = sum(len(e.ids) for e in encoded)
-    model = mlx_lm_model(shape)
+    model = mlx_lm_model(shape, dtype)
     mx.reset_peak_memory()
-    epoch_times = (_mlx_lm_epochs if kind == "mlx_lm" else _twintune_epochs)(model, encoded, steps, repeats + 1)
+    epoch_times = (_mlx_lm_epochs if kind == "mlx_lm" else _twintune_epochs)(model, encoded, steps, repeats + 1, dtype)
     times = epoch_times[1:]
     seconds = statistics.median(times)
     peak_mb = mx.get_peak_memory() / 2**20
@@ -84,21 +87,21 @@ def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
     flops = lora_training_flops(spec.linear_layers(), adapted, LORA["r"], args["hidden_size"],
                                 args["num_hidden_layers"], spec.vocab_size, [len(e.ids) for e in encoded],
                                 sum(len(e.ids) - e.prompt_len for e in encoded))
-    peak_gflops = gemm_peak_gflops("mlx")
-    return {"kind": kind, "shape": shape, "examples": len(encoded), "steps": steps, "real_tokens": real_tokens,
+    peak_gflops = gemm_peak_gflops("mlx", dtype=dtype)
+    return {"kind": kind, "shape": shape, "dtype": dtype, "examples": len(encoded), "steps": steps, "real_tokens": real_tokens,
             "epoch_seconds": seconds, "epoch_times": times, "warmup_epoch_seconds": epoch_times[0],
             "real_tokens_per_s": real_tokens / seconds, "peak_memory_mb": peak_mb,
             "useful_gflop_per_epoch": flops / 1e9, "achieved_gflops": flops / seconds / 1e9,
             "gemm_peak_gflops": peak_gflops, "mfu": flops / seconds / 1e9 / peak_gflops}
 
 
-def _twintune_epochs(model, encoded, steps: int, epochs: int) -> list[float]:
+def _twintune_epochs(model, encoded, steps: int, epochs: int, dtype: str) -> list[float]:
     from twintune.backends.mlx.backend import MLXBackend
     from twintune.backends.mlx.mlx_lm_model import MLXLMModel
     from twintune.data.batching import TrainOrder
     from twintune.methods import LoRA
 
-    backend = MLXBackend.from_model(MLXLMModel(model), seed=0)
+    backend = MLXBackend.from_model(MLXLMModel(model), seed=0, dtype=dtype)
     lora = LoRA(r=LORA["r"], alpha=LORA["alpha"], target_modules=tuple(LORA["targets"]))
     backend.apply_method(lora, lora.init_values(backend.spec.linear_layers(), seed=0))
     backend.set_optimizer((0.9, 0.999), 1e-8, 0.0)
@@ -114,7 +117,7 @@ def _twintune_epochs(model, encoded, steps: int, epochs: int) -> list[float]:
     return times
 
 
-def _mlx_lm_epochs(model, encoded, steps: int, epochs: int) -> list[float]:
+def _mlx_lm_epochs(model, encoded, steps: int, epochs: int, dtype: str) -> list[float]:  # the model is in dtype
     import mlx.optimizers as optim
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.trainer import TrainingArgs, train
@@ -149,19 +152,20 @@ def main() -> None:
     parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--child", default=None)
     args = parser.parse_args()
     if args.quick:
         args.shape, args.examples, args.repeats = "small", 64, 3
     if args.child:
-        print(json.dumps(child(args.child, args.shape, args.examples, args.repeats)))
+        print(json.dumps(child(args.child, args.shape, args.examples, args.repeats, args.dtype)))
         return
 
     rows = {}
     for kind in ("twintune", "mlx_lm"):
         rows[kind] = run_child("benchmarks.compare_mlx", ["--child", kind, "--shape", args.shape,
                                                           "--examples", str(args.examples),
-                                                          "--repeats", str(args.repeats)])
+                                                          "--repeats", str(args.repeats), "--dtype", args.dtype])
         print(json.dumps(rows[kind]), flush=True)
     ours, theirs = rows["twintune"], rows["mlx_lm"]
     ratios = {
@@ -170,10 +174,11 @@ def main() -> None:
         "epoch_time_ratio_vs_mlx_lm": ours["epoch_seconds"] / theirs["epoch_seconds"],
     }
     ratios = {k: round(v, 3) for k, v in ratios.items()}
-    print(f"mlx-lm llama {args.shape} shape (vocabulary 32000), {ours['examples']} examples "
+    print(f"mlx-lm llama {args.shape} shape (vocabulary 32000, {args.dtype}), {ours['examples']} examples "
           f"({ours['real_tokens']} real tokens), batch {LORA['batch']}, median of {args.repeats} epochs after one warm-up")
     print_epoch_table(rows, "peak_memory_mb", "mx peak MB")
-    write_result(f"compare_mlx_{args.shape}" + ("_quick" if args.quick else ""), {"rows": rows, "ratios": ratios})
+    suffix = ("_quick" if args.quick else "") + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    write_result(f"compare_mlx_{args.shape}{suffix}", {"rows": rows, "ratios": ratios})
     print(json.dumps(ratios))
 
 

@@ -38,6 +38,12 @@ CONFIGS = {  # name -> (backend, recipe overrides)
                                           "train.gradient_checkpointing=true"]),
     "torch-lora-all-checkpointed": ("torch", ["method.r=16", f"method.target_modules={ALL}",
                                               "train.gradient_checkpointing=true"]),
+    "mlx-lora-all-bf16": ("mlx", ["method.r=16", f"method.target_modules={ALL}", "dtype=bfloat16"]),
+    "mlx-qlora-all-nf4-bf16": ("mlx", ["method.r=16", f"method.target_modules={ALL}", "quantize.type=nf4",
+                                       "dtype=bfloat16"]),
+    # bfloat16 matmuls run ~100x slower than float32 on this AVX2-only CPU: a smaller batch
+    "torch-lora-all-bf16": ("torch", ["method.r=16", f"method.target_modules={ALL}", "dtype=bfloat16",
+                                      "train.batch_size=4"]),
 }
 
 
@@ -58,6 +64,7 @@ def child(name: str, shape: str, batch: int, tokens: int, steps: int) -> dict:
 
     backend, overrides = CONFIGS[name]
     r = recipe(shape, overrides, batch, tokens)
+    batch = r.train.batch_size  # a configuration may set its own
     backend_class(backend)
     if backend == "torch":  # what the torch backend imports lazily belongs to the baseline
         import bitsandbytes  # noqa: F401
@@ -67,7 +74,7 @@ def child(name: str, shape: str, batch: int, tokens: int, steps: int) -> dict:
     baseline = rss_mb()
     run = prepare(r, backend, with_data=False)
     estimate = estimate_memory(run.spec, run.method, r.quantization(), batch, tokens, backend,
-                               gradient_checkpointing=r.train.gradient_checkpointing)
+                               gradient_checkpointing=r.train.gradient_checkpointing, dtype=r.dtype)
 
     reset_peak_rss()
     if backend == "mlx":

@@ -73,3 +73,25 @@ def test_checkpointing_keeps_one_array_per_block():
     saved = estimate_memory(SPEC, lora, None, 4, 32, "mlx", gradient_checkpointing=True)
     assert saved.activations == 4 * 32 * (SPEC.num_layers + 3) * SPEC.hidden_size * FLOAT32
     assert saved.training_peak < plain.training_peak
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_low_precision_base_halves_the_weights_but_not_the_trainable_state(dtype):
+    lora = LoRA(r=8, target_modules=ALL)
+    full = estimate_memory(SPEC, lora, None, 4, 32, "torch")
+    half = estimate_memory(SPEC, lora, None, 4, 32, "torch", dtype=dtype)
+    assert half.frozen_weights * 2 == full.frozen_weights
+    assert half.trainable == full.trainable
+    assert 0.5 * full.activations < half.activations < full.activations  # the attention and adapters stay float32
+    nf4 = estimate_memory(SPEC, lora, Quantization("nf4"), 4, 32, "torch", dtype=dtype)
+    assert nf4.frozen_weights < half.frozen_weights
+    affine = Quantization("affine", bits=4, group_size=64)
+    assert quantized_bytes(4096, affine, 2) == 4096 // 2 + 64 * 4  # scales and biases in the dtype
+
+
+def test_cli_estimate_follows_the_recipe_dtype(capsys):
+    assert main(["estimate", "recipes/demo-financial-sentiment.yaml", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert main(["estimate", "recipes/demo-financial-sentiment.yaml", "--set", "dtype=bfloat16", "--json"]) == 0
+    half = json.loads(capsys.readouterr().out)
+    assert half["frozen weights"] == pytest.approx(full["frozen weights"] / 2, abs=0.1)

@@ -17,6 +17,8 @@ from twintune.models import GPTNeoSpec
 from twintune.quant import Quantization
 
 FLOAT32 = 4
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ATTENTION_KEPT = 4.0  # q, k, v and the attention output per block, in units of d: float32 in every dtype
 # Arrays the backward keeps per block and per token, in units of (hidden size d, MLP width f,
 # heads x sequence length), and the short-lived ones at the peak (per token, once).
 # torch: counted from the saved tensors (layer-norm inputs, q, k, v and the attention output of
@@ -53,8 +55,11 @@ class MemoryEstimate:
 
 def estimate_memory(spec: GPTNeoSpec, method: LoRA, quantization: Quantization | None, batch_size: int,
                     sequence_length: int, backend: str = "torch", optimizer: str = "adamw",
-                    gradient_checkpointing: bool = False) -> MemoryEstimate:
+                    gradient_checkpointing: bool = False, dtype: str = "float32") -> MemoryEstimate:
     """Estimated bytes of one training step of `method` on `spec`, for batches of batch_size x sequence_length.
+
+    `dtype` is the frozen model's (the recipe's `dtype`): its weights and most activations take
+    that many bytes; the attention, the adapters' inputs and everything trainable stay float32.
 
     Example:
         >>> spec = GPTNeoSpec.from_config(load_checkpoint("builtin:tiny-gpt-neo").config)
@@ -68,9 +73,10 @@ def estimate_memory(spec: GPTNeoSpec, method: LoRA, quantization: Quantization |
     shapes = spec.weight_shapes()
     float_weights = sum(_size(shape) for name, shape in shapes.items()
                         if not (quantization and name.endswith(".weight") and name[:-len(".weight")] in linear))
-    frozen = float_weights * FLOAT32
+    e = BYTES[dtype]
+    frozen = float_weights * e
     if quantization:
-        frozen += sum(quantized_bytes(out_f * in_f, quantization) for out_f, in_f in linear.values())
+        frozen += sum(quantized_bytes(out_f * in_f, quantization, e) for out_f, in_f in linear.values())
 
     trainable_parameters = sum(method.r * (out_f + in_f) for name, (out_f, in_f) in linear.items() if name in adapted)
     per_trainable = ADAM_BYTES_PER_TRAINABLE if optimizer == "adamw" else SGD_BYTES_PER_TRAINABLE
@@ -80,31 +86,34 @@ def estimate_memory(spec: GPTNeoSpec, method: LoRA, quantization: Quantization |
     short = {name.rsplit(".", 1)[-1] for name in adapted}
     heads_by_length = spec.num_heads * sequence_length
     kd, kf, ka = KEPT_PER_BLOCK[backend]
-    per_token_per_block = kd * d + kf * f + ka * heads_by_length
-    per_token_per_block += d * bool(short & {"q_proj", "k_proj", "v_proj"})  # ln_1 output, the adapters' input
-    per_token_per_block += d * ("out_proj" in short) + d * ("c_fc" in short) + f * ("c_proj" in short)
-    per_token_per_block += method.r * len(short)  # each adapter's low-rank activation
+    # bytes per token and block: the attention's share of kd is float32, the rest in the dtype
+    attention = min(kd, ATTENTION_KEPT) * d
+    per_token_per_block = attention * FLOAT32 + ((kd * d - attention) + kf * f) * e + ka * heads_by_length * FLOAT32
+    adapter_inputs = d * bool(short & {"q_proj", "k_proj", "v_proj"})  # ln_1 output
+    adapter_inputs += d * ("out_proj" in short) + d * ("c_fc" in short) + f * ("c_proj" in short)
+    per_token_per_block += (adapter_inputs + method.r * len(short)) * FLOAT32  # + each low-rank activation
     td, tf, ta = TRANSIENT[backend]
-    transient = int(tokens * (td * d + tf * f + ta * heads_by_length) * FLOAT32)
+    transient = int(tokens * ((td * d + tf * f) * e + ta * heads_by_length * FLOAT32))
     if gradient_checkpointing:  # each block's input is kept; one block at a time is recomputed
-        activations = int(tokens * (layers * d + 3 * d) * FLOAT32)
-        transient += int(tokens * per_token_per_block * FLOAT32)
+        activations = int(tokens * (layers * d + 3 * d) * e)
+        transient += int(tokens * per_token_per_block)
     else:
-        activations = int(tokens * (layers * per_token_per_block + 3 * d) * FLOAT32)  # + embeddings, final norm
+        activations = int(tokens * (layers * per_token_per_block + 3 * d * e))  # + embeddings, final norm
     if quantization and quantization.kind == "nf4":
-        transient += 2 * max(out_f * in_f for out_f, in_f in linear.values()) * FLOAT32  # dequantized, fwd + bwd
-    loading = sum(_size(shape) for shape in shapes.values()) * FLOAT32 + (frozen - float_weights * FLOAT32)
+        transient += 2 * max(out_f * in_f for out_f, in_f in linear.values()) * e  # dequantized, fwd + bwd
+    converted = frozen - float_weights * FLOAT32 if e == FLOAT32 else frozen  # float32 weights are used as read
+    loading = sum(_size(shape) for shape in shapes.values()) * FLOAT32 + converted
     return MemoryEstimate(frozen, trainable, activations, transient, loading, trainable_parameters, tokens)
 
 
-def quantized_bytes(n: int, quantization: Quantization) -> int:
-    """Bytes a quantized (out x in) weight of n values takes as stored."""
+def quantized_bytes(n: int, quantization: Quantization, float_bytes: int = FLOAT32) -> int:
+    """Bytes a quantized (out x in) weight of n values takes as stored (affine scales in the model's dtype)."""
     if quantization.kind == "nf4":
         blocks = -(-n // quantization.blocksize)
         absmax = blocks + 4 * -(-blocks // 256) + 4 if quantization.double_quant else 4 * blocks
         return -(-n // 2) + absmax
-    groups = -(-n // quantization.group_size)  # MLX affine: packed codes, a float32 scale and bias per group
-    return n * quantization.bits // 8 + 2 * FLOAT32 * groups
+    groups = -(-n // quantization.group_size)  # MLX affine: packed codes, a scale and a bias per group
+    return n * quantization.bits // 8 + 2 * float_bytes * groups
 
 
 def _size(shape: tuple[int, ...]) -> int:
@@ -138,8 +147,8 @@ def estimate_recipe(path: str, overrides: list[str] = (), tokens: int | None = N
         raise TwintuneError(f"--tokens must be at least 1, not {length}.")
     backend = resolve_backend_name(recipe.backend if backend in (None, "auto") else backend)
     estimate = estimate_memory(spec, recipe.method_spec(), recipe.quantization(), recipe.train.batch_size, length,
-                               backend, gradient_checkpointing=recipe.train.gradient_checkpointing)
-    quant = recipe.quantize.type if recipe.quantize.type != "none" else "float32"
+                               backend, gradient_checkpointing=recipe.train.gradient_checkpointing, dtype=recipe.dtype)
+    quant = recipe.quantize.type if recipe.quantize.type != "none" else recipe.dtype
     note = (f"{recipe.name}: GPT-Neo {spec.num_layers} layers x {spec.hidden_size}, {quant} base, LoRA r={recipe.method.r} "
             f"({estimate.trainable_parameters:,} trainable), {backend} backend, batch {recipe.train.batch_size} x {length} tokens, AdamW; "
             "framework memory not included")
