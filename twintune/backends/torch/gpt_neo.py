@@ -40,8 +40,9 @@ def fused_attention(self, query, key, value, attention_mask=None):
     matmul-mask-softmax-matmul: no (B, H, T, T) weights are kept. GPT-Neo does not scale by
     1/sqrt(head_dim), hence scale=1.0. Padding is on the right, so the (windowed) causal mask is
     the whole mask, built when needed (as MLX does) rather than kept: transformers keeps a
-    (max_positions)^2 mask per block, 50 MB on GPT-Neo-125M and 100 MB on 1.3B. In bfloat16/float16 the attention itself runs in float32, as transformers'
-    GPT-Neo does: unscaled scores overflow float16 and lose whole units in bfloat16."""
+    (max_positions)^2 mask per block, 50 MB on GPT-Neo-125M and 100 MB on 1.3B. In bfloat16/float16
+    the attention itself runs in float32, as transformers' GPT-Neo does: unscaled scores overflow
+    float16 and lose whole units in bfloat16."""
     dtype, length = query.dtype, query.shape[-2]
     query, key, value = query.float(), key.float(), value.float()
     if self.attention_type == "global" or length <= self.config.window_size:
