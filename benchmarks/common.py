@@ -137,8 +137,11 @@ def lora_training_flops(linear_layers: dict[str, tuple[int, int]], adapted: list
 
 
 def print_epoch_table(rows: dict[str, dict], memory_key: str, memory_header: str) -> None:
-    """One line per contender: epoch time, real tokens/s, peak memory, achieved GFLOP/s, GEMM peak, MFU."""
-    print(f"{'':10s} {'epoch s':>9s} {'real tok/s':>11s} {memory_header:>12s} {'GFLOP/s':>8s} {'GEMM peak':>10s} {'MFU':>6s}")
+    """One line per contender: epoch time (and the warm-up epoch's), real tokens/s, peak memory,
+    achieved GFLOP/s, GEMM peak, MFU."""
+    print(f"{'':18s} {'epoch s':>9s} {'warm-up s':>10s} {'real tok/s':>11s} {memory_header:>12s} {'GFLOP/s':>8s} "
+          f"{'GEMM peak':>10s} {'MFU':>6s}")
     for kind, row in rows.items():
-        print(f"{kind:10s} {row['epoch_seconds']:9.2f} {row['real_tokens_per_s']:11.1f} {row[memory_key]:12.1f} "
+        print(f"{kind:18s} {row['epoch_seconds']:9.2f} {row['warmup_epoch_seconds']:10.2f} "
+              f"{row['real_tokens_per_s']:11.1f} {row[memory_key]:12.1f} "
               f"{row['achieved_gflops']:8.1f} {row['gemm_peak_gflops']:10.1f} {row['mfu']:6.3f}")

@@ -1,7 +1,7 @@
 """The MLX backend against mlx-lm's own LoRA training, on the same mlx-lm model and data, same run.
 
     python -m benchmarks.compare_mlx [--quick] [--shape small|base] [--examples N] [--repeats R]
-                                     [--dtype float32|bfloat16|float16]
+                                     [--dtype float32|bfloat16|float16] [--compile]
 
 Both train LoRA (r=8, scale 2 = alpha 16 / r, q_proj + v_proj, AdamW lr 2e-4, batch 8) on the
 same tokenized financial-sentiment examples, loss on the label-word token only, on the same
@@ -13,6 +13,7 @@ adapters in float32 by both):
              every position, masked to the completion)
   twintune   twintune's MLX backend wrapping the same mlx-lm model (MLXLMModel): length-grouped
              batches padded to their longest row, logits only at the label positions
+  twintune_compiled  (with --compile) the same with its step compiled (train.compile: mx.compile)
 
 Each runs in its own process. Epoch times: mlx-lm's come from its own report callback, one
 report per epoch (steady state: the first epoch, with compilation, is dropped; so is ours).
@@ -77,7 +78,10 @@ def child(kind: str, shape: str, examples: int, repeats: int, dtype: str) -> dic
     real_tokens = sum(len(e.ids) for e in encoded)
     model = mlx_lm_model(shape, dtype)
     mx.reset_peak_memory()
-    epoch_times = (_mlx_lm_epochs if kind == "mlx_lm" else _twintune_epochs)(model, encoded, steps, repeats + 1, dtype)
+    if kind == "mlx_lm":
+        epoch_times = _mlx_lm_epochs(model, encoded, steps, repeats + 1, dtype)
+    else:
+        epoch_times = _twintune_epochs(model, encoded, steps, repeats + 1, dtype, compile=kind == "twintune_compiled")
     times = epoch_times[1:]
     seconds = statistics.median(times)
     peak_mb = mx.get_peak_memory() / 2**20
@@ -95,7 +99,7 @@ def child(kind: str, shape: str, examples: int, repeats: int, dtype: str) -> dic
             "gemm_peak_gflops": peak_gflops, "mfu": flops / seconds / 1e9 / peak_gflops}
 
 
-def _twintune_epochs(model, encoded, steps: int, epochs: int, dtype: str) -> list[float]:
+def _twintune_epochs(model, encoded, steps: int, epochs: int, dtype: str, compile: bool = False) -> list[float]:
     from twintune.backends.mlx.backend import MLXBackend
     from twintune.backends.mlx.mlx_lm_model import MLXLMModel
     from twintune.data.batching import TrainOrder
@@ -105,6 +109,8 @@ def _twintune_epochs(model, encoded, steps: int, epochs: int, dtype: str) -> lis
     lora = LoRA(r=LORA["r"], alpha=LORA["alpha"], target_modules=tuple(LORA["targets"]))
     backend.apply_method(lora, lora.init_values(backend.spec.linear_layers(), seed=0))
     backend.set_optimizer((0.9, 0.999), 1e-8, 0.0)
+    if compile:
+        backend.enable_compile()
     order = TrainOrder(encoded, LORA["batch"], 1, seed=0, group_by_length=True)
     times = []
     for _ in range(epochs):
@@ -153,6 +159,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--compile", action="store_true", help="also time twintune with its step compiled")
     parser.add_argument("--child", default=None)
     args = parser.parse_args()
     if args.quick:
@@ -162,7 +169,7 @@ def main() -> None:
         return
 
     rows = {}
-    for kind in ("twintune", "mlx_lm"):
+    for kind in ("twintune", "mlx_lm") + (("twintune_compiled",) if args.compile else ()):
         rows[kind] = run_child("benchmarks.compare_mlx", ["--child", kind, "--shape", args.shape,
                                                           "--examples", str(args.examples),
                                                           "--repeats", str(args.repeats), "--dtype", args.dtype])
@@ -173,11 +180,14 @@ def main() -> None:
         "peak_memory_ratio_vs_mlx_lm": ours["peak_memory_mb"] / theirs["peak_memory_mb"],
         "epoch_time_ratio_vs_mlx_lm": ours["epoch_seconds"] / theirs["epoch_seconds"],
     }
+    if args.compile:
+        ratios["compiled_epoch_time_ratio_vs_eager"] = rows["twintune_compiled"]["epoch_seconds"] / ours["epoch_seconds"]
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     print(f"mlx-lm llama {args.shape} shape (vocabulary 32000, {args.dtype}), {ours['examples']} examples "
           f"({ours['real_tokens']} real tokens), batch {LORA['batch']}, median of {args.repeats} epochs after one warm-up")
     print_epoch_table(rows, "peak_memory_mb", "mx peak MB")
     suffix = ("_quick" if args.quick else "") + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    suffix += "_compile" if args.compile else ""
     write_result(f"compare_mlx_{args.shape}{suffix}", {"rows": rows, "ratios": ratios})
     print(json.dumps(ratios))
 

@@ -1,6 +1,6 @@
 """The torch backend against Hugging Face transformers + PEFT on one epoch of the task, same run.
 
-    python -m benchmarks.compare_torch [--quick] [--shape 125m|1.3b] [--examples N] [--repeats R]
+    python -m benchmarks.compare_torch [--quick] [--shape 125m|1.3b] [--examples N] [--repeats R] [--compile]
 
 Three ways to train the same LoRA (r=8, alpha=16, q_proj + v_proj, AdamW lr 2e-4, batch 8) on
 the same tokenized financial-sentiment examples, loss on the label-word tokens only:
@@ -11,6 +11,8 @@ the same tokenized financial-sentiment examples, loss on the label-word tokens o
              own longest row), as a careful user would write it
   twintune   twintune's torch backend: length-grouped batches (train.group_by_length), logits
              only where the loss is taken
+  twintune_compiled  (with --compile) the same with train.compile (torch.compile, dynamic shapes);
+             its warm-up epoch, reported apart, pays for compiling
 
 Each runs in its own process (its own peak memory), on a random-weight GPT-Neo of the given
 shape with the built-in tokenizer. Tokens/s counts real (non-padding) tokens. Every ratio is
@@ -56,7 +58,7 @@ def model_dir(shape: str) -> Path:
     return target
 
 
-def recipe(shape: str, examples: int):
+def recipe(shape: str, examples: int, compile: bool = False):
     from twintune.recipe import load_recipe
 
     # train on `examples` sentences: the validation/test fractions take the rest of a larger set
@@ -65,7 +67,7 @@ def recipe(shape: str, examples: int):
         f"model={model_dir(shape)}", f"data.synthetic_size={max(30, total)}", "train.epochs=1",
         f"train.batch_size={LORA['batch']}", f"train.lr={LORA['lr']}", "train.warmup_steps=0",
         f"method.r={LORA['r']}", f"method.alpha={LORA['alpha']}", f"method.target_modules={LORA['targets']}",
-        "train.schedule=constant", "train.max_grad_norm=0", "train.group_by_length=true"])
+        "train.schedule=constant", "train.max_grad_norm=0", "train.group_by_length=true", f"train.compile={compile}"])
 
 
 def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
@@ -76,20 +78,22 @@ def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
 
     from twintune.data.batching import TrainOrder
 
-    run = prepare(recipe(shape, examples), "torch")
+    run = prepare(recipe(shape, examples, compile=kind == "twintune_compiled"), "torch")
     encoded = run.splits["train"]
     # the references get plain dynamic padding (a random order); length grouping is ours
     plain = TrainOrder(encoded, LORA["batch"], 1, run.recipe.seed)
     batches = [b for step in range(plain.steps_per_epoch) for b in plain.step_batches(step)]
     real_tokens = sum(len(e.ids) for e in encoded)
 
-    if kind == "twintune":
+    if kind.startswith("twintune"):
         def epoch():
             for step in range(run.order.steps_per_epoch):
                 train_step(run, step)
     else:
         epoch = _hf_epoch(kind, shape, encoded, batches)
-    epoch()  # warm-up epoch: allocator, kernels and caches settle
+    start = time.perf_counter()
+    epoch()  # warm-up epoch: allocator, kernels and caches settle (and compiling, if any)
+    warmup_seconds = time.perf_counter() - start
     times = []
     reset_peak_rss()
     for _ in range(repeats):
@@ -105,6 +109,7 @@ def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
     peak_gflops = gemm_peak_gflops("torch")
     return {"kind": kind, "shape": shape, "examples": len(encoded), "steps": len(batches),
             "real_tokens": real_tokens, "epoch_seconds": seconds, "epoch_times": times,
+            "warmup_epoch_seconds": warmup_seconds,
             "real_tokens_per_s": real_tokens / seconds, "peak_rss_mb": peak_mb,
             "useful_gflop_per_epoch": flops / 1e9, "achieved_gflops": flops / seconds / 1e9,
             "gemm_peak_gflops": peak_gflops, "mfu": flops / seconds / 1e9 / peak_gflops}
@@ -168,6 +173,7 @@ def main() -> None:
     parser.add_argument("--shape", default="125m")
     parser.add_argument("--examples", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time twintune with train.compile")
     parser.add_argument("--child", default=None)
     args = parser.parse_args()
     if args.quick:
@@ -178,7 +184,7 @@ def main() -> None:
 
     model_dir(args.shape)
     rows = {}
-    for kind in ("twintune", "fair_loop", "trainer"):
+    for kind in ("twintune", "fair_loop", "trainer") + (("twintune_compiled",) if args.compile else ()):
         rows[kind] = run_child("benchmarks.compare_torch", ["--child", kind, "--shape", args.shape,
                                                             "--examples", str(args.examples),
                                                             "--repeats", str(args.repeats)], mlx=False)
@@ -192,11 +198,14 @@ def main() -> None:
         "peak_memory_ratio": ours["peak_rss_mb"] / rows["fair_loop"]["peak_rss_mb"],
         "peak_memory_ratio_vs_trainer": ours["peak_rss_mb"] / rows["trainer"]["peak_rss_mb"],
     }
+    if args.compile:
+        ratios["compiled_epoch_time_ratio_vs_eager"] = rows["twintune_compiled"]["epoch_seconds"] / ours["epoch_seconds"]
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     print(f"GPT-Neo {args.shape} shape, {ours['examples']} examples ({ours['real_tokens']} real tokens), "
           f"batch {LORA['batch']}, median of {args.repeats} epochs after one warm-up")
     print_epoch_table(rows, "peak_rss_mb", "peak RSS MB")
-    write_result(f"compare_torch_{args.shape}" + ("_quick" if args.quick else ""), {"rows": rows, "ratios": ratios})
+    suffix = ("_quick" if args.quick else "") + ("_compile" if args.compile else "")
+    write_result(f"compare_torch_{args.shape}{suffix}", {"rows": rows, "ratios": ratios})
     print(json.dumps(ratios))
 
 

@@ -70,6 +70,7 @@ class TrainConfig:
     grad_accum: int = 1
     group_by_length: bool = False  # batches of similar-length sentences: less padding computed
     gradient_checkpointing: bool = False  # keep only each block's input; recompute the block in the backward
+    compile: bool = False  # torch.compile / mx.compile the training step; the first steps of each shape compile
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

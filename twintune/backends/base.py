@@ -33,6 +33,10 @@ class Backend(Protocol):
     def enable_gradient_checkpointing(self) -> None:
         """From now on keep only each block's input for the backward and recompute the block there."""
 
+    def enable_compile(self) -> None:
+        """Compile the training forward and backward (torch.compile / mx.compile): the same values,
+        fewer framework calls per step; each new batch shape compiles once."""
+
     def trainable_state(self) -> dict[str, np.ndarray]:
         """The current trainable values, as float32 numpy."""
 

@@ -122,6 +122,8 @@ def _finish(recipe: Recipe, engine, spec, method: LoRA, init: dict[str, np.ndarr
     engine.apply_method(method, init)
     if t.gradient_checkpointing:
         engine.enable_gradient_checkpointing()
+    if t.compile:
+        engine.enable_compile()
     engine.set_optimizer(tuple(t.betas), t.eps, t.weight_decay)
     scaler = LossScaler() if recipe.dtype == "float16" else None
     return Run(recipe, engine, spec, method, encoder, splits, order, total_steps, Path(model_dir), scaler)

@@ -94,6 +94,12 @@ class MLXBackend:
             raise TwintuneError("train.gradient_checkpointing is built for GPT-Neo; this mlx-lm model runs without it.")
         self.model.transformer.checkpoint_blocks = True
 
+    def enable_compile(self) -> None:
+        # The model's arrays (trainable ones change every step) and the random state (dropout) are
+        # the compiled function's inputs, and the random state its output too, as in mlx-lm's trainer.
+        state = [self.model.state, mx.random.state]
+        self._loss_and_grad = mx.compile(self._loss_and_grad, inputs=state, outputs=state)
+
     def trainable_state(self) -> dict[str, np.ndarray]:
         return {k: np.array(v, dtype=np.float32) for k, v in tree_flatten(self.model.trainable_parameters())}
 

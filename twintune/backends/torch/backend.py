@@ -75,6 +75,10 @@ class TorchBackend:
     def enable_gradient_checkpointing(self) -> None:
         self.model.checkpoint_blocks()
 
+    def enable_compile(self) -> None:
+        # In place (nn.Module.compile), so parameter names stay PEFT's; dynamic: batch shapes vary.
+        self.model.transformer.compile(dynamic=True)
+
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         return {k: p for k, p in self.model.named_parameters() if p.requires_grad}
 
