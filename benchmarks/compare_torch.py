@@ -96,6 +96,8 @@ def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
     warmup_seconds = time.perf_counter() - start
     times = []
     reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(repeats):
         start = time.perf_counter()
         epoch()
@@ -110,6 +112,7 @@ def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
     return {"kind": kind, "shape": shape, "examples": len(encoded), "steps": len(batches),
             "real_tokens": real_tokens, "epoch_seconds": seconds, "epoch_times": times,
             "warmup_epoch_seconds": warmup_seconds,
+            "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
             "real_tokens_per_s": real_tokens / seconds, "peak_rss_mb": peak_mb,
             "useful_gflop_per_epoch": flops / 1e9, "achieved_gflops": flops / seconds / 1e9,
             "gemm_peak_gflops": peak_gflops, "mfu": flops / seconds / 1e9 / peak_gflops}
