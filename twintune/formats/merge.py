@@ -23,7 +23,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write base + scale * B A as config.json + model.safetensors + tokenizer files in `out_dir`.
 
     A run trained on an NF4 base merges into that base dequantized (float32), the weights the
-    adapter was trained against; re-quantizing would round the update away.
+    adapter was trained against; re-quantizing would round the update away. A run trained in
+    bfloat16 or float16 (`dtype`) merges into the float32 base as well.
 
     Example:
         >>> merge_run("runs/demo", "models/demo-merged")   # then GPTNeoForCausalLM.from_pretrained(...)
