@@ -7,6 +7,7 @@ prefix), e.g. `transformer.h.0.attn.attention.q_proj.lora_A.weight`.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import numpy as np
@@ -100,3 +101,15 @@ def clip_factor(total_norm: float, max_grad_norm: float) -> float:
     if max_grad_norm <= 0:
         return 1.0
     return min(1.0, max_grad_norm / (total_norm + 1e-6))
+
+
+def gradient_factor(scaled_norm: float, max_grad_norm: float, grad_scale: float) -> tuple[float, float | None]:
+    """(the gradients' true norm, what to multiply the accumulated gradients by: unscale, then clip).
+
+    The factor is None when the norm is not finite (an overflow under float16 loss scaling):
+    the step is skipped.
+    """
+    norm = scaled_norm / grad_scale
+    if not math.isfinite(norm):
+        return norm, None
+    return norm, clip_factor(norm, max_grad_norm) / grad_scale

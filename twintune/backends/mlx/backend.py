@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import resource
 
 import mlx.core as mx
@@ -10,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from twintune.backends.base import adamw_update, clip_factor, step_seed
+from twintune.backends.base import adamw_update, gradient_factor, step_seed
 from twintune.backends.mlx.gpt_neo import GPTNeoForCausalLM
 from twintune.backends.mlx.lora import apply_lora, get_submodule, set_submodule
 from twintune.backends.mlx.nf4 import NF4Linear
@@ -147,10 +146,10 @@ class MLXBackend:
     def optimizer_step(self, lr: float, max_grad_norm: float, grad_scale: float = 1.0) -> float:
         grads = dict(tree_flatten(self.grads))
         self.grads = None
-        norm = mx.sqrt(sum(mx.sum(g * g) for g in grads.values())).item() / grad_scale
-        if not math.isfinite(norm):  # an overflow under float16 loss scaling: skip the step
+        norm, factor = gradient_factor(mx.sqrt(sum(mx.sum(g * g) for g in grads.values())).item(), max_grad_norm,
+                                       grad_scale)
+        if factor is None:
             return norm
-        factor = clip_factor(norm, max_grad_norm) / grad_scale
         self.step += 1
         params = dict(tree_flatten(self.model.trainable_parameters()))
         updated = []

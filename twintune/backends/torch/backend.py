@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import math
 import resource
 import sys
 
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from twintune.backends.base import adamw_update, clip_factor, step_seed
+from twintune.backends.base import adamw_update, gradient_factor, step_seed
 from twintune.backends.torch.gpt_neo import GPTNeoForCausalLM
 from twintune.backends.torch.lora import apply_lora
 from twintune.data.batching import Batch
@@ -128,12 +127,12 @@ class TorchBackend:
     @torch.no_grad()
     def optimizer_step(self, lr: float, max_grad_norm: float, grad_scale: float = 1.0) -> float:
         params = self._trainable()
-        norm = torch.sqrt(sum(torch.sum(p.grad * p.grad) for p in params.values())).item() / grad_scale
-        if not math.isfinite(norm):  # an overflow under float16 loss scaling: skip the step
+        norm, factor = gradient_factor(torch.sqrt(sum(torch.sum(p.grad * p.grad) for p in params.values())).item(),
+                                       max_grad_norm, grad_scale)
+        if factor is None:
             for p in params.values():
                 p.grad = None
             return norm
-        factor = clip_factor(norm, max_grad_norm) / grad_scale
         self.step += 1
         for name, p in params.items():
             g = p.grad * factor if factor != 1.0 else p.grad
