@@ -2,20 +2,17 @@
 
 import json
 
+import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models import gpt2, llama
 
-mx = pytest.importorskip("mlx.core")
-pytest.importorskip("mlx_lm")
-
-from mlx.utils import tree_flatten  # noqa: E402
-from mlx_lm.models import gpt2, llama  # noqa: E402
-
-from twintune.backends.mlx.backend import MLXBackend  # noqa: E402
-from twintune.backends.mlx.mlx_lm_model import MLXLMModel, load_mlx_lm_model  # noqa: E402
-from twintune.data.batching import Batch  # noqa: E402
-from twintune.errors import TwintuneError  # noqa: E402
-from twintune.methods import LoRA  # noqa: E402
+from twintune.backends.mlx.backend import MLXBackend
+from twintune.backends.mlx.mlx_lm_model import MLXLMModel, load_mlx_lm_model
+from twintune.data.batching import Batch
+from twintune.errors import TwintuneError
+from twintune.methods import LoRA
 
 LLAMA = dict(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
              num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=300, tie_word_embeddings=False)

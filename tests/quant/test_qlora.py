@@ -1,19 +1,19 @@
 """NF4 layers with LoRA on both backends, the quantize recipe options, and what a QLoRA run saves."""
 
+import bitsandbytes as bnb
+import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
+from twintune.backends.mlx.nf4 import NF4Linear, metal_available
+from twintune.backends.torch import nf4 as torch_nf4
+from twintune.backends.torch.nf4 import nf4_linear
 from twintune.errors import TwintuneError
 from twintune.quant.nf4 import dequantize_nf4, quantize_nf4
 from twintune.recipe import load_recipe
 from twintune.train.loop import prepare, train_step
-
-mx = pytest.importorskip("mlx.core")
-pytest.importorskip("bitsandbytes")
-
-from twintune.backends.mlx.nf4 import NF4Linear, metal_available  # noqa: E402
-from twintune.backends.torch.nf4 import nf4_linear  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +36,12 @@ def test_mlx_nf4_layer_forward_and_input_gradient(layer_case):
     assert not layer.trainable_parameters()  # the 4-bit base is frozen
 
 
-def test_torch_bitsandbytes_layer_matches_mlx_layer(layer_case):
+def test_torch_nf4_layer_matches_mlx_layer(layer_case):
+    """Whichever layer nf4_linear chose (bitsandbytes' Linear4bit, or our NF4Linear where bitsandbytes'
+    kernel is wrong: 80 wide, blocks of 64 straddle rows), it computes what the MLX layer computes."""
     q, bias, x, dy = layer_case
     torch_layer = nf4_linear(q, torch.from_numpy(bias))
+    assert isinstance(torch_layer, (bnb.nn.Linear4bit, torch_nf4.NF4Linear))
     xt = torch.from_numpy(x).requires_grad_(True)
     yt = torch_layer(xt)
     yt.backward(torch.from_numpy(dy))
@@ -46,6 +49,51 @@ def test_torch_bitsandbytes_layer_matches_mlx_layer(layer_case):
     y, vjp = mx.vjp(lambda inp: mlx_layer(inp), [mx.array(x)], [mx.array(dy)])
     np.testing.assert_allclose(np.array(y[0]), yt.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.array(vjp[0]), xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_torch_nf4_layer_is_a_linear_with_the_dequantized_weight(layer_case, dtype):
+    """Our torch NF4Linear: the forward is F.linear with numpy's dequantized weight (rounded once to the
+    dtype) bit for bit, and the backward gives that linear's input gradient, to the input only."""
+    q, bias, x, dy = layer_case
+    layer = torch_nf4.NF4Linear(q, torch.from_numpy(bias), compute_dtype=dtype)
+    weight = torch.from_numpy(dequantize_nf4(q)).to(dtype)
+    assert not any(p.requires_grad for p in layer.parameters())  # the 4-bit base is frozen
+    xt = torch.from_numpy(x).to(dtype).requires_grad_(True)
+    y = layer(xt)
+    y.backward(torch.from_numpy(dy).to(dtype))
+    xr = torch.from_numpy(x).to(dtype).requires_grad_(True)
+    expected = F.linear(xr, weight, torch.from_numpy(bias).to(dtype))
+    expected.backward(torch.from_numpy(dy).to(dtype))
+    assert y.dtype == dtype and torch.equal(y, expected)
+    assert xt.grad.dtype == dtype and torch.equal(xt.grad, xr.grad)
+    assert torch.equal(layer.dequantized_weight(), torch.from_numpy(dequantize_nf4(q)))
+
+
+def test_float64_compute_is_our_nf4_layer_with_the_exact_weight(layer_case):
+    """bitsandbytes cannot compute in float64: nf4_linear returns our NF4Linear, whose weight is the
+    float32 dequantization widened exactly, with nothing wrong to report about bitsandbytes."""
+    q, bias, x, _ = layer_case
+    layer = nf4_linear(q, torch.from_numpy(bias), compute_dtype=torch.float64)
+    assert isinstance(layer, torch_nf4.NF4Linear) and layer.bitsandbytes_mismatch is None
+    assert layer.bias.dtype == torch.float64
+    exact = dequantize_nf4(q).astype(np.float64)
+    assert np.array_equal(layer.dequantized_weight().double().numpy(), exact)
+    x64 = torch.from_numpy(x).double()
+    assert torch.equal(layer(x64), F.linear(x64, torch.from_numpy(exact), torch.from_numpy(bias).double()))
+
+
+def test_bitsandbytes_layers_never_switch_to_their_bfloat16_cpu_kernel(layer_case):
+    """On CPUs with AVX512-BF16, Linear4bit would repack itself at its first no-grad forward in eval
+    mode for a kernel that computes in bfloat16 whatever the compute dtype; ours turn that off."""
+    _, bias, _, _ = layer_case
+    square = quantize_nf4(np.random.default_rng(4).normal(size=(64, 64)).astype(np.float32))
+    layer = nf4_linear(square, torch.from_numpy(bias[:64]))
+    assert isinstance(layer, bnb.nn.Linear4bit) and layer.support_avx512bf16_for_cpu is False
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.ones(2, 64))
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)  # still bitsandbytes' layout
 
 
 @pytest.mark.skipif(not metal_available(), reason="the Metal kernel needs an Apple GPU")

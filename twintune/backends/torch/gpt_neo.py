@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from twintune.backends.torch.nf4 import nf4_linear
+from twintune.backends.torch.nf4 import nf4_linear, warn_about_bitsandbytes_mismatches
 from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
 
@@ -74,10 +74,13 @@ class GPTNeoForCausalLM(nn.Module):
         with torch.device("meta"):
             hf = HFGPTNeo(transformers_config(spec))
         state = {name: torch.from_numpy(np.ascontiguousarray(w)).to(dtype) for name, w in weights.items()}
+        nf4_layers = []
         for name, weight in (quantized or {}).items():
             bias = state.pop(f"{name}.bias", None)
             parent_name, attr = name.rsplit(".", 1)
-            setattr(hf.get_submodule(parent_name), attr, nf4_linear(weight, bias, compute_dtype=dtype))
+            nf4_layers.append(nf4_linear(weight, bias, compute_dtype=dtype))
+            setattr(hf.get_submodule(parent_name), attr, nf4_layers[-1])
+        warn_about_bitsandbytes_mismatches(nf4_layers)  # once per model, naming the layers' shapes
         missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
         missing = [m for m in missing if m != "lm_head.weight" and m.rsplit(".", 1)[0] not in (quantized or {})]
         if unexpected or missing:
