@@ -85,7 +85,7 @@ CASES = [
     case("train", "{root}/list.yaml", match="mapping"),
     case("train", "{root}/no-text.yaml", match="{text}"),
     case("train", DEMO, "--set", "quantize.type=int3", match="quantize.type' must be none, nf4 or affine"),
-    case("train", DEMO, "--set", "dtype=float64", match="'dtype' must be one of float32, bfloat16, float16"),
+    case("train", DEMO, "--set", "dtype=float128", match="'dtype' must be one of float32, bfloat16, float16, float64"),
     case("train", DEMO, "--backend", "torch", "--set", "quantize.type=affine", match="mlx backend only"),
     case("train", DEMO, "--set", "train.early_stopping_patience=2", match="needs train.eval_every"),
     case("train", DEMO, "--set", "data.validation_fraction=0", match="validation_fraction' must be between 0 and 1"),

@@ -173,5 +173,6 @@ def test_float16_resume_restores_the_loss_scale(backend, tmp_path, monkeypatch):
 
 
 def test_an_unknown_dtype_is_refused():
-    with pytest.raises(TwintuneError, match="recipe key 'dtype' must be one of float32, bfloat16, float16, got 'float64'"):
-        load_recipe("recipes/demo-financial-sentiment.yaml", ["dtype=float64"])
+    with pytest.raises(TwintuneError, match="recipe key 'dtype' must be one of float32, bfloat16, float16, float64, "
+                                            "got 'float128'"):
+        load_recipe("recipes/demo-financial-sentiment.yaml", ["dtype=float128"])

@@ -59,7 +59,7 @@ class QuantizeConfig:
     group_size: int = 64  # affine: 32 | 64 | 128
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Recipe:
     model: str = "builtin:tiny-gpt-neo"
     backend: str = "auto"
     seed: int = 0
-    dtype: str = "float32"  # the frozen model's; the trainable values and optimizer state are float32 always
+    dtype: str = "float32"  # the frozen model's; trainable values and optimizer state: float32 (float64 in float64)
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     method: MethodConfig = field(default_factory=MethodConfig)

@@ -26,7 +26,8 @@ class Backend(Protocol):
         """Build the model from float weights; the layers in `quantized` arrive as shared NF4 bytes
         (their float weights are absent from `weights`). The frozen model is held and computes in
         `dtype` (float32, bfloat16 or float16; attention and the loss in float32); the trainable
-        values, their gradients and the optimizer state are float32 in every dtype."""
+        values, their gradients and the optimizer state are float32 in every dtype. `float64`
+        (CPU only) computes everything in float64: the proof that both backends are one algorithm."""
 
     def apply_method(self, method: LoRA, init: dict[str, np.ndarray]) -> None:
         """Wrap the targeted layers and set the trainable values to `init`."""
@@ -39,7 +40,7 @@ class Backend(Protocol):
         fewer framework calls per step; each new batch shape compiles once."""
 
     def trainable_state(self) -> dict[str, np.ndarray]:
-        """The current trainable values, as float32 numpy."""
+        """The current trainable values as numpy (float32; float64 in a float64 run)."""
 
     def set_optimizer(self, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
         """Create the AdamW state for the trainable values."""
@@ -50,13 +51,11 @@ class Backend(Protocol):
     def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
         """Restore what optimizer_state returned."""
 
-    def seed_step(self, seed: int, step: int) -> None:
-        """Seed the backend's random numbers (dropout) from (seed, step): a resumed run draws
-        the same masks as an uninterrupted one, with no RNG state to save."""
-
-    def forward_backward(self, batch: Batch, loss_scale: float) -> float:
+    def forward_backward(self, batch: Batch, loss_scale: float, dropout_key: int = 0) -> float:
         """Add the gradient of loss_scale * (summed label-token cross-entropy) to the
-        accumulated gradients; return the unscaled summed loss."""
+        accumulated gradients; return the unscaled summed loss. Dropout masks come from the shared
+        generator under `dropout_key` (twintune/dropout.py): a pure function of the key, so a
+        resumed run draws what an uninterrupted one draws, with no random state to save."""
 
     def optimizer_step(self, lr: float, max_grad_norm: float, grad_scale: float = 1.0) -> float:
         """Divide the gradients by grad_scale (float16 loss scaling), clip by global norm (if > 0),
@@ -67,7 +66,7 @@ class Backend(Protocol):
         """(B, K) log-softmax scores at the answer positions, for the K label tokens (no dropout)."""
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
-        """(B, T, V) full logits, float32, for tests and generation."""
+        """(B, T, V) full logits, float32 (float64 in a float64 run), for tests and generation."""
 
     def peak_memory_mb(self) -> float:
         """Peak memory the backend's allocator saw, in MiB (process RSS peak where it has none)."""
@@ -91,9 +90,9 @@ def adamw_update(p, g, m, v, step: int, lr: float, betas, eps: float, weight_dec
     return p, m, v
 
 
-def step_seed(seed: int, step: int) -> int:
-    """One 32-bit seed per (recipe seed, optimizer step)."""
-    return (seed * 1_000_003 + step) % 2**32
+def trainable_dtype(dtype: str) -> str:
+    """The dtype of the trainable values, their gradients, AdamW's state, attention and the loss."""
+    return "float64" if dtype == "float64" else "float32"
 
 
 def clip_factor(total_norm: float, max_grad_norm: float) -> float:

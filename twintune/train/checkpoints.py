@@ -10,8 +10,9 @@ A checkpoint is a directory RUN/checkpoints/step-00000050/ holding
 
 It is written into a temporary directory that is renamed into place, so a run killed at any
 moment leaves either a whole checkpoint or none. The data position is the step itself (the
-training order is addressed by step) and random numbers are seeded per step
-(Backend.seed_step), so nothing more is needed to continue exactly where the run stopped.
+training order is addressed by step) and dropout masks are a pure function of (seed, step,
+micro-batch) (twintune/dropout.py), so nothing more is needed to continue exactly where the run
+stopped, on either backend.
 """
 
 from __future__ import annotations

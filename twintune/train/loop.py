@@ -17,6 +17,7 @@ import numpy as np
 from twintune.backends import backend_class, resolve_backend_name
 from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder, eval_batches
 from twintune.data.sources import load_examples, stratified_split
+from twintune.dropout import dropout_key
 from twintune.errors import TwintuneError
 from twintune.formats.adapter import save_lora_adapter, write_json
 from twintune.formats.checkpoint import load_checkpoint, load_config, load_tokenizer, resolve_model_dir
@@ -59,10 +60,9 @@ def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) 
     """
     name = resolve_backend_name(backend or recipe.backend)
     cls = backend_class(name)  # fail on a missing framework before the slow work
-    q = recipe.quantize
-    if q.type != "none" and name not in SUPPORTED[q.type]:
-        raise TwintuneError(f"quantize.type {q.type!r} runs on the {' and '.join(SUPPORTED[q.type])} backend only "
-                            f"(this run uses {name}); use quantize.type=nf4 for a format both backends share.")
+    problem = backend_cannot_run(recipe, name)
+    if problem:
+        raise TwintuneError(f"{problem}.")
     model_type = load_config(recipe.model).get("model_type")
     if model_type != "gpt_neo" and mlx_lm_has_family(model_type):
         return _prepare_mlx_lm_model(recipe, model_type, name, cls, with_data)
@@ -80,11 +80,21 @@ def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) 
     return _finish(recipe, engine, spec, method, init, tokenizer, spec.max_positions, checkpoint.directory, with_data)
 
 
+def backend_cannot_run(recipe: Recipe, backend: str) -> str | None:
+    """Why a concrete backend cannot run this recipe (a clause, no full stop), or None if it can."""
+    q = recipe.quantize
+    if q.type != "none" and backend not in SUPPORTED[q.type]:
+        return (f"quantize.type {q.type!r} runs on the {' and '.join(SUPPORTED[q.type])} backend only "
+                f"(this run uses {backend}); use quantize.type=nf4 for a format both backends share")
+    model_type = load_config(recipe.model).get("model_type")
+    if backend != "mlx" and model_type != "gpt_neo" and mlx_lm_has_family(model_type):
+        return (f"model type {model_type!r} runs on the mlx backend only (through mlx-lm); "
+                "the torch backend runs GPT-Neo. Use --backend mlx")
+    return None
+
+
 def _prepare_mlx_lm_model(recipe: Recipe, model_type: str, name: str, cls, with_data: bool) -> Run:
     """A model of one of mlx-lm's families: MLX only, trained through MLXBackend.from_mlx_lm."""
-    if name != "mlx":
-        raise TwintuneError(f"model type {model_type!r} runs on the mlx backend only (through mlx-lm); "
-                            "the torch backend runs GPT-Neo. Use --backend mlx.")
     if recipe.quantize.type == "nf4":
         raise TwintuneError(f"quantize.type 'nf4' needs a GPT-Neo model; for this {model_type!r} model use "
                             "quantize.type=affine (MLX's own) or none.")
@@ -136,11 +146,11 @@ def train_step(run: Run, step: int) -> dict:
     logged with "skipped": true, and still counts as a step of the schedule.
     """
     t = run.recipe.train
-    run.backend.seed_step(run.recipe.seed, step)
     batches = run.order.step_batches(step)
     n_targets = sum(b.n_targets for b in batches)
     scale = run.loss_scaler.scale if run.loss_scaler else 1.0
-    loss_sum = sum(run.backend.forward_backward(b, scale / n_targets) for b in batches)
+    loss_sum = sum(run.backend.forward_backward(b, scale / n_targets, dropout_key(run.recipe.seed, step, i))
+                   for i, b in enumerate(batches))
     loss = loss_sum / n_targets
     if not math.isfinite(loss):
         raise TwintuneError(f"the training loss became {loss} at step {step + 1}; lower train.lr "
@@ -204,13 +214,14 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         found = find_checkpoint(resume)
         resumed = load_checkpoint_state(found)
         _check_same_recipe(resumed[0]["recipe"], recipe.to_dict(), found)
+        _check_backend_can_resume(recipe, name, resumed[0]["history"], found)
         out = Path(out_dir) if out_dir else found.parent.parent
     else:
         out = Path(out_dir) if out_dir else default_out_dir(recipe, name)
     _check_writable(out)
     run = prepare(recipe, name)
     t = recipe.train
-    history = {"log": [], "real_tokens": 0, "train_seconds": 0.0, "best": None}
+    history = {"log": [], "real_tokens": 0, "train_seconds": 0.0, "best": None, "backends": []}
     first_step, best_state = 0, None
     if resumed:
         state, trainable, optimizer, best_state = resumed
@@ -219,6 +230,9 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         history, first_step = state["history"], state["step"]
         if run.loss_scaler:
             run.loss_scaler = LossScaler(**history["loss_scale"])
+    # Which backend ran which steps: a resumed run adds a segment, on whichever backend it runs.
+    segments = history.setdefault("backends", [])
+    segments.append({"backend": name, "first_step": first_step + 1, "last_step": first_step})
     write_json(out / "recipe.json", recipe.to_dict())
 
     bar = _progress(run.total_steps, progress, first_step)
@@ -232,7 +246,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
             log.write(json.dumps(line) + "\n")
         for step in range(first_step, first_step if stopped_early else run.total_steps):
             record = train_step(run, step)
-            last_step = step + 1
+            last_step = segments[-1]["last_step"] = step + 1
             history["real_tokens"] += record["tokens"]
             _log(log, history, record)
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < run.total_steps:
@@ -282,6 +296,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         "stopped_early": stopped_early,
         "best": history["best"],
         "resumed_from_step": first_step or None,
+        "backend_steps": [s for s in segments if s["last_step"] >= s["first_step"]],
         "trainable_params": int(sum(v.size for v in trained.values())),
         "final_train_loss": losses[-1],
         "train_losses": losses,
@@ -305,6 +320,15 @@ def _log(log, history: dict, line: dict) -> None:
     history["log"].append(line)
     log.write(json.dumps(line) + "\n")
     log.flush()
+
+
+def _check_backend_can_resume(recipe: Recipe, backend: str, history: dict, checkpoint: Path) -> None:
+    """A checkpoint resumes on either backend (the same numbers, the same files), unless the
+    recipe needs what only its own backend has (MLX's affine quantization, an mlx-lm model)."""
+    problem = backend_cannot_run(recipe, backend)
+    if problem:
+        trained_on = (history.get("backends") or [{"backend": "another backend"}])[-1]["backend"]
+        raise TwintuneError(f"cannot resume {checkpoint} on {backend}: it was trained on {trained_on} and {problem}.")
 
 
 def _check_same_recipe(saved: dict, current: dict, checkpoint: Path) -> None:

@@ -9,8 +9,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from twintune.backends.base import adamw_update, gradient_factor, step_seed
-from twintune.backends.mlx.gpt_neo import GPTNeoForCausalLM
+from twintune.backends.base import adamw_update, gradient_factor, trainable_dtype
+from twintune.backends.mlx.dropout import dropout_masks
+from twintune.backends.mlx.gpt_neo import GPTNeoForCausalLM, logsumexp
 from twintune.backends.mlx.lora import apply_lora, get_submodule, set_submodule
 from twintune.backends.mlx.nf4 import NF4Linear
 from twintune.data.batching import Batch
@@ -20,7 +21,13 @@ from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
 
 
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16, "float64": mx.float64}
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype == "float64" and mx.default_device() != mx.cpu:
+        raise TwintuneError("dtype float64 runs on the CPU only: Apple GPUs (Metal) have no float64 arithmetic. "
+                            "It is the proof mode in which both backends agree to 1e-9; train with float32 here.")
 
 
 class MLXBackend:
@@ -28,10 +35,11 @@ class MLXBackend:
 
     def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], seed: int = 0,
                  quantized: dict[str, NF4Tensor] | None = None, dtype: str = "float32"):
-        mx.random.seed(seed)
+        _check_dtype(dtype)
         self.spec = spec
         self.model = GPTNeoForCausalLM(spec)
         compute = DTYPES[dtype]
+        self.precise = DTYPES[trainable_dtype(dtype)]
         loaded = [(k, mx.array(v).astype(compute)) for k, v in weights.items()]
         for name, weight in (quantized or {}).items():
             bias = weights.get(f"{name}.bias")
@@ -54,10 +62,13 @@ class MLXBackend:
         """
         from twintune.backends.mlx.mlx_lm_model import MLXLMSpec
 
-        mx.random.seed(seed)
+        if dtype == "float64":
+            raise TwintuneError("dtype float64 is the GPT-Neo proof mode (both backends agree to 1e-9); "
+                                "mlx-lm models train in float32, bfloat16 or float16.")
         backend = cls.__new__(cls)
         backend.model = model
         backend.spec = MLXLMSpec.of(model)
+        backend.precise = mx.float32
         model.set_dtype(DTYPES[dtype])
         model.freeze()
         model.eval()
@@ -86,7 +97,8 @@ class MLXBackend:
         mx.eval(self.model.parameters())
 
     def apply_method(self, method: LoRA, init: dict[str, np.ndarray]) -> None:
-        apply_lora(self.model, method, init)
+        dtype = np.float64 if self.precise == mx.float64 else np.float32
+        apply_lora(self.model, method, {k: v.astype(dtype) for k, v in init.items()})
 
     def enable_gradient_checkpointing(self) -> None:
         if not hasattr(self.model, "transformer"):
@@ -94,16 +106,16 @@ class MLXBackend:
         self.model.transformer.checkpoint_blocks = True
 
     def enable_compile(self) -> None:
-        # The model's arrays (trainable ones change every step) and the random state (dropout) are
-        # the compiled function's inputs, and the random state its output too, as in mlx-lm's trainer.
-        state = [self.model.state, mx.random.state]
+        # The model's arrays (trainable ones change every step) are the compiled function's inputs, as
+        # in mlx-lm's trainer; the dropout key is an argument, so masks change without recompiling.
+        state = [self.model.state]
         self._loss_and_grad = mx.compile(self._loss_and_grad, inputs=state, outputs=state)
 
     def trainable_state(self) -> dict[str, np.ndarray]:
-        return {k: np.array(v, dtype=np.float32) for k, v in tree_flatten(self.model.trainable_parameters())}
+        return {k: np.array(v) for k, v in tree_flatten(self.model.trainable_parameters())}
 
     def set_trainable_state(self, state: dict[str, np.ndarray]) -> None:
-        self.model.update(tree_unflatten([(k, mx.array(v)) for k, v in state.items()]))
+        self.model.update(tree_unflatten([(k, mx.array(v, dtype=self.precise)) for k, v in state.items()]))
 
     def set_optimizer(self, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
@@ -118,27 +130,25 @@ class MLXBackend:
         return state
 
     def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
-        self.m = {k: mx.array(state[f"m.{k}"]) for k in self.m}
-        self.v = {k: mx.array(state[f"v.{k}"]) for k in self.v}
+        self.m = {k: mx.array(state[f"m.{k}"], dtype=self.precise) for k in self.m}
+        self.v = {k: mx.array(state[f"v.{k}"], dtype=self.precise) for k in self.v}
         self.step = int(state["step"].reshape(-1)[0])
-
-    def seed_step(self, seed: int, step: int) -> None:
-        mx.random.seed(step_seed(seed, step))
 
     def _hidden_rows(self, input_ids: mx.array, rows: mx.array) -> mx.array:
         hidden = self.model(input_ids)
         return hidden.reshape(-1, hidden.shape[-1])[rows]
 
-    def _loss(self, input_ids, positions, targets, scale):
-        logits = self.model.logits(self._hidden_rows(input_ids, positions)).astype(mx.float32)
-        loss = nn.losses.cross_entropy(logits, targets, reduction="sum")
+    def _loss(self, input_ids, positions, targets, scale, key):
+        with dropout_masks(key):
+            logits = self.model.logits(self._hidden_rows(input_ids, positions)).astype(self.precise)
+        loss = (logsumexp(logits)[:, 0] - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]).sum()
         return loss * scale, loss
 
-    def forward_backward(self, batch: Batch, loss_scale: float) -> float:
+    def forward_backward(self, batch: Batch, loss_scale: float, dropout_key: int = 0) -> float:
         self.model.train()
         (_, loss), grads = self._loss_and_grad(
             mx.array(batch.input_ids), mx.array(batch.target_positions), mx.array(batch.targets),
-            mx.array(loss_scale, dtype=mx.float32))
+            mx.array(loss_scale, dtype=self.precise), mx.array(dropout_key, dtype=mx.uint32))
         self.grads = grads if self.grads is None else tree_map(mx.add, self.grads, grads)
         mx.eval(loss, self.grads)
         return loss.item()
@@ -165,13 +175,13 @@ class MLXBackend:
     def label_logprobs(self, batch: Batch, label_token_ids: np.ndarray) -> np.ndarray:
         self.model.eval()
         logits = self.model.logits(self._hidden_rows(mx.array(batch.input_ids), mx.array(batch.answer_positions)))
-        logits = logits.astype(mx.float32)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logits = logits.astype(self.precise)
+        logprobs = logits - logsumexp(logits)
         return np.array(logprobs[:, mx.array(label_token_ids)])
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         self.model.eval()
-        return np.array(self.model.logits(self.model(mx.array(input_ids))).astype(mx.float32))
+        return np.array(self.model.logits(self.model(mx.array(input_ids))).astype(self.precise))
 
     def peak_memory_mb(self) -> float:
         peak = mx.get_peak_memory()

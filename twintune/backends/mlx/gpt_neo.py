@@ -14,7 +14,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from twintune.backends.mlx.lora import replayable_dropout
+from twintune.backends.mlx.dropout import current_dropout_key, dropout_masks
 from twintune.models import GPTNeoSpec
 
 
@@ -45,6 +45,47 @@ def _gelu_new_vjp(primals, cotangent, output):
     return _gelu_new_backward(primals, cotangent)
 
 
+# float64 (CPU, the parity proof): MLX's exp, logsumexp, softmax, layer_norm and fused attention
+# compute at float32 accuracy even on float64 arrays (measured: exp 3e-6 relative, layer_norm 6e-7),
+# while its power, tanh, matmul and reductions are float64-exact. So float64 composes these few
+# from the exact ops; every other dtype keeps MLX's fast kernels.
+
+
+def exp(x: mx.array) -> mx.array:
+    """e**x; in float64 through mx.power, exact to ~3e-15."""
+    if x.dtype != mx.float64:
+        return mx.exp(x)
+    return mx.power(mx.array(math.e, dtype=mx.float64), x)
+
+
+def logsumexp(x: mx.array) -> mx.array:
+    """log(sum(exp(x))) over the last axis, keeping it."""
+    if x.dtype != mx.float64:
+        return mx.logsumexp(x, axis=-1, keepdims=True)
+    top = mx.stop_gradient(x.max(axis=-1, keepdims=True))
+    return top + mx.log(exp(x - top).sum(axis=-1, keepdims=True))
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, mask) -> mx.array:
+    """softmax(q k^T + mask) v: GPT-Neo does not scale its scores. `mask` is "causal" or a boolean (T, T)."""
+    if q.dtype != mx.float64:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+    if isinstance(mask, str):
+        mask = mx.tril(mx.ones((q.shape[2], q.shape[2]), dtype=mx.bool_))
+    scores = mx.where(mask, q @ k.swapaxes(-1, -2), -mx.inf)
+    return exp(scores - logsumexp(scores)) @ v
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm, composed in float64 (see above); the same parameter names."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.dtype != mx.float64:
+            return super().__call__(x)
+        centred = x - x.mean(axis=-1, keepdims=True)
+        return centred * mx.rsqrt((centred * centred).mean(axis=-1, keepdims=True) + self.eps) * self.weight + self.bias
+
+
 class GPTNeoSelfAttention(nn.Module):
     def __init__(self, spec: GPTNeoSpec, attention_type: str):
         super().__init__()
@@ -60,9 +101,10 @@ class GPTNeoSelfAttention(nn.Module):
         B, T, D = x.shape
         heads = lambda t: t.reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)
         # In bfloat16/float16 the attention itself runs in float32, as transformers' GPT-Neo does:
-        # unscaled scores overflow float16 and lose whole units in bfloat16.
-        q, k, v = (heads(proj(x)).astype(mx.float32) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=self.mask(T)).astype(x.dtype)
+        # unscaled scores overflow float16 and lose whole units in bfloat16 (float64 stays float64).
+        precise = mx.float64 if x.dtype == mx.float64 else mx.float32
+        q, k, v = (heads(proj(x)).astype(precise) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = attention(q, k, v, self.mask(T)).astype(x.dtype)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, D))
 
     def mask(self, T: int):
@@ -96,9 +138,9 @@ class GPTNeoMLP(nn.Module):
 class GPTNeoBlock(nn.Module):
     def __init__(self, spec: GPTNeoSpec, attention_type: str):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.ln_1 = LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
         self.attn = GPTNeoAttention(spec, attention_type)
-        self.ln_2 = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.ln_2 = LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
         self.mlp = GPTNeoMLP(spec)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -112,7 +154,7 @@ class GPTNeoModel(nn.Module):
         self.wte = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.wpe = nn.Embedding(spec.max_positions, spec.hidden_size)
         self.h = [GPTNeoBlock(spec, kind) for kind in spec.attention_layers]
-        self.ln_f = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.ln_f = LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
         self.checkpoint_blocks = False
 
     def __call__(self, input_ids: mx.array) -> mx.array:
@@ -123,22 +165,19 @@ class GPTNeoModel(nn.Module):
 
 
 def run_block(block: nn.Module, x: mx.array, checkpoint: bool) -> mx.array:
-    """One block; its adapters' dropout draws from one key per call, taken from the global stream.
-
-    With `checkpoint`, only the block's input is kept for the backward, which runs the block again
-    (mx.checkpoint): the fixed key makes that run draw the same masks, so the gradients are those
-    of the plain path. Trainable parameters go in as arguments so their gradients flow through.
-    """
-    if not block.training:  # no dropout: nothing to draw
+    """One block. With `checkpoint`, only the block's input is kept for the backward, which runs
+    the block again (mx.checkpoint); the recompute re-enters the micro-batch's dropout key, and the
+    shared generator's masks depend on nothing else, so the gradients are those of the plain path.
+    Trainable parameters go in as arguments so their gradients flow through."""
+    if not checkpoint or not block.training:
         return block(x)
-    key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
-    if not checkpoint:
-        with replayable_dropout(key):
-            return block(x)
+    key = current_dropout_key()
 
     def run(parameters, x):
         block.update(parameters)
-        with replayable_dropout(key):
+        if key is None:
+            return block(x)
+        with dropout_masks(key):
             return block(x)
 
     return mx.checkpoint(run)(block.trainable_parameters(), x)

@@ -10,16 +10,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from twintune.backends.base import adamw_update, gradient_factor, step_seed
+from twintune.backends.base import adamw_update, gradient_factor, trainable_dtype
+from twintune.backends.torch.dropout import dropout_masks
 from twintune.backends.torch.gpt_neo import GPTNeoForCausalLM
 from twintune.backends.torch.lora import apply_lora
 from twintune.data.batching import Batch
+from twintune.errors import TwintuneError
 from twintune.methods import LoRA
 from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def _device() -> torch.device:
@@ -58,9 +60,13 @@ class TorchBackend:
 
     def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], seed: int = 0,
                  quantized: dict[str, NF4Tensor] | None = None, dtype: str = "float32"):
-        torch.manual_seed(seed)
         self.spec = spec
         self.device = _device()
+        if dtype == "float64" and self.device.type == "cuda":
+            raise TwintuneError("dtype float64 runs on the CPU only: it is the proof mode in which both backends agree "
+                                "to 1e-9, and a GPU runs float64 at a small fraction of its float32 speed (bitsandbytes "
+                                "not at all); train with float32 or bfloat16 on CUDA.")
+        self.precise = DTYPES[trainable_dtype(dtype)]
         self.model = GPTNeoForCausalLM(spec, weights, quantized, DTYPES[dtype]).to(self.device)
         self.model.requires_grad_(False)
         self.model.eval()
@@ -68,7 +74,8 @@ class TorchBackend:
         _return_freed_memory_to_the_os(trim=True)
 
     def apply_method(self, method: LoRA, init: dict[str, np.ndarray]) -> None:
-        apply_lora(self.model, method, init)
+        dtype = np.float64 if self.precise == torch.float64 else np.float32
+        apply_lora(self.model, method, {k: v.astype(dtype) for k, v in init.items()})
         self.model.to(self.device)
 
     def enable_gradient_checkpointing(self) -> None:
@@ -82,7 +89,7 @@ class TorchBackend:
         return {k: p for k, p in self.model.named_parameters() if p.requires_grad}
 
     def trainable_state(self) -> dict[str, np.ndarray]:
-        return {k: p.detach().float().cpu().numpy().copy() for k, p in self._trainable().items()}
+        return {k: p.detach().cpu().numpy().copy() for k, p in self._trainable().items()}
 
     def set_trainable_state(self, state: dict[str, np.ndarray]) -> None:
         params = self._trainable()
@@ -107,9 +114,6 @@ class TorchBackend:
         self.v = {k: torch.from_numpy(state[f"v.{k}"].copy()).to(self.device) for k in self.v}
         self.step = int(state["step"].reshape(-1)[0])
 
-    def seed_step(self, seed: int, step: int) -> None:
-        torch.manual_seed(step_seed(seed, step))
-
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, torch.long)
 
@@ -117,11 +121,13 @@ class TorchBackend:
         hidden = self.model(self._tensor(input_ids))
         return hidden.reshape(-1, hidden.shape[-1])[self._tensor(rows)]
 
-    def forward_backward(self, batch: Batch, loss_scale: float) -> float:
+    def forward_backward(self, batch: Batch, loss_scale: float, dropout_key: int = 0) -> float:
         self.model.train()
-        logits = self.model.logits(self._hidden_rows(batch.input_ids, batch.target_positions)).float()
-        loss = F.cross_entropy(logits, self._tensor(batch.targets), reduction="sum")
-        (loss * loss_scale).backward()
+        # The key stays set through the backward: gradient checkpointing's recompute runs there.
+        with dropout_masks(torch.tensor(dropout_key, dtype=torch.int64, device=self.device)):
+            logits = self.model.logits(self._hidden_rows(batch.input_ids, batch.target_positions)).to(self.precise)
+            loss = F.cross_entropy(logits, self._tensor(batch.targets), reduction="sum")
+            (loss * loss_scale).backward()
         return loss.item()
 
     @torch.no_grad()
@@ -145,13 +151,13 @@ class TorchBackend:
     @torch.no_grad()
     def label_logprobs(self, batch: Batch, label_token_ids: np.ndarray) -> np.ndarray:
         self.model.eval()
-        logits = self.model.logits(self._hidden_rows(batch.input_ids, batch.answer_positions)).float()
+        logits = self.model.logits(self._hidden_rows(batch.input_ids, batch.answer_positions)).to(self.precise)
         return torch.log_softmax(logits, dim=-1)[:, self._tensor(label_token_ids)].cpu().numpy()
 
     @torch.no_grad()
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         self.model.eval()
-        return self.model.logits(self.model(self._tensor(input_ids))).float().cpu().numpy()
+        return self.model.logits(self.model(self._tensor(input_ids))).to(self.precise).cpu().numpy()
 
     def peak_memory_mb(self) -> float:
         if self.device.type == "cuda":

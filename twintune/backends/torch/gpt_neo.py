@@ -42,9 +42,10 @@ def fused_attention(self, query, key, value, attention_mask=None):
     the whole mask, built when needed (as MLX does) rather than kept: transformers keeps a
     (max_positions)^2 mask per block, 50 MB on GPT-Neo-125M and 100 MB on 1.3B. In bfloat16/float16
     the attention itself runs in float32, as transformers' GPT-Neo does: unscaled scores overflow
-    float16 and lose whole units in bfloat16."""
+    float16 and lose whole units in bfloat16 (float64 stays float64)."""
     dtype, length = query.dtype, query.shape[-2]
-    query, key, value = query.float(), key.float(), value.float()
+    precise = torch.float64 if dtype == torch.float64 else torch.float32
+    query, key, value = query.to(precise), key.to(precise), value.to(precise)
     if self.attention_type == "global" or length <= self.config.window_size:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=1.0)
     else:
