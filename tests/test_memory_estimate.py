@@ -89,6 +89,16 @@ def test_a_low_precision_base_halves_the_weights_but_not_the_trainable_state(dty
     assert quantized_bytes(4096, affine, 2) == 4096 // 2 + 64 * 4  # scales and biases in the dtype
 
 
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_float64_doubles_everything(backend):
+    """float64 holds the weights, the trainable state, the attention and every activation in 8 bytes."""
+    lora = LoRA(r=8, target_modules=ALL)
+    single = estimate_memory(SPEC, lora, None, 4, 32, backend)
+    double = estimate_memory(SPEC, lora, None, 4, 32, backend, dtype="float64")
+    assert double.frozen_weights == 2 * single.frozen_weights and double.trainable == 2 * single.trainable
+    assert abs(double.activations - 2 * single.activations) <= 2 and abs(double.transient - 2 * single.transient) <= 2
+
+
 def test_cli_estimate_follows_the_recipe_dtype(capsys):
     assert main(["estimate", "recipes/demo-financial-sentiment.yaml", "--json"]) == 0
     full = json.loads(capsys.readouterr().out)

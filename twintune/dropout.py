@@ -22,6 +22,7 @@ wraps to on numpy and MLX: one formula, written once here, for all three.
 from __future__ import annotations
 
 import zlib
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -86,3 +87,22 @@ def keep_mask(key: int, layer_name: str, shape: tuple[int, ...], p: float) -> np
     index = np.arange(int(np.prod(shape)), dtype=np.uint32).reshape(shape)
     salt = np.uint32(layer_salt(key, dropout_stream(layer_name)))
     return keep_bits(index, salt) >= np.uint32(keep_threshold(p))
+
+
+_keys: list = []  # the current micro-batch's key as the backend's 0-d array, innermost last
+
+
+@contextmanager
+def dropout_masks(key):
+    """Layers run inside draw their masks from `key`: the backend's 0-d array (MLX uint32, torch
+    int64) of `dropout_key(...)`, an input of a compiled step rather than a constant."""
+    _keys.append(key)
+    try:
+        yield
+    finally:
+        _keys.pop()
+
+
+def current_dropout_key():
+    """The key set by the innermost `dropout_masks`, or None outside one."""
+    return _keys[-1] if _keys else None

@@ -17,7 +17,7 @@ from twintune.models import GPTNeoSpec
 from twintune.quant import Quantization
 
 FLOAT32 = 4
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 ATTENTION_KEPT = 4.0  # q, k, v and the attention output per block, in units of d: float32 in every dtype
 # Arrays the backward keeps per block and per token, in units of (hidden size d, MLP width f,
 # heads x sequence length), and the short-lived ones at the peak (per token, once).
@@ -59,7 +59,8 @@ def estimate_memory(spec: GPTNeoSpec, method: LoRA, quantization: Quantization |
     """Estimated bytes of one training step of `method` on `spec`, for batches of batch_size x sequence_length.
 
     `dtype` is the frozen model's (the recipe's `dtype`): its weights and most activations take
-    that many bytes; the attention, the adapters' inputs and everything trainable stay float32.
+    that many bytes; the attention, the adapters' inputs and everything trainable stay float32
+    (float64 in a float64 run).
 
     Example:
         >>> spec = GPTNeoSpec.from_config(load_checkpoint("builtin:tiny-gpt-neo").config)
@@ -74,13 +75,14 @@ def estimate_memory(spec: GPTNeoSpec, method: LoRA, quantization: Quantization |
     float_weights = sum(_size(shape) for name, shape in shapes.items()
                         if not (quantization and name.endswith(".weight") and name[:-len(".weight")] in linear))
     e = BYTES[dtype]
+    precise = max(e, FLOAT32)  # attention, adapter inputs, trainable values: float32, or float64 in float64
     frozen = float_weights * e
     if quantization:
         frozen += sum(quantized_bytes(out_f * in_f, quantization, e) for out_f, in_f in linear.values())
 
     trainable_parameters = sum(method.r * (out_f + in_f) for name, (out_f, in_f) in linear.items() if name in adapted)
     per_trainable = ADAM_BYTES_PER_TRAINABLE if optimizer == "adamw" else SGD_BYTES_PER_TRAINABLE
-    trainable = trainable_parameters * per_trainable
+    trainable = trainable_parameters * per_trainable * precise // FLOAT32
 
     tokens = batch_size * sequence_length
     short = {name.rsplit(".", 1)[-1] for name in adapted}
@@ -88,12 +90,12 @@ def estimate_memory(spec: GPTNeoSpec, method: LoRA, quantization: Quantization |
     kd, kf, ka = KEPT_PER_BLOCK[backend]
     # bytes per token and block: the attention's share of kd is float32, the rest in the dtype
     attention = min(kd, ATTENTION_KEPT) * d
-    per_token_per_block = attention * FLOAT32 + ((kd * d - attention) + kf * f) * e + ka * heads_by_length * FLOAT32
+    per_token_per_block = attention * precise + ((kd * d - attention) + kf * f) * e + ka * heads_by_length * precise
     adapter_inputs = d * bool(short & {"q_proj", "k_proj", "v_proj"})  # ln_1 output
     adapter_inputs += d * ("out_proj" in short) + d * ("c_fc" in short) + f * ("c_proj" in short)
-    per_token_per_block += (adapter_inputs + method.r * len(short)) * FLOAT32  # + each low-rank activation
+    per_token_per_block += (adapter_inputs + method.r * len(short)) * precise  # + each low-rank activation
     td, tf, ta = TRANSIENT[backend]
-    transient = int(tokens * ((td * d + tf * f) * e + ta * heads_by_length * FLOAT32))
+    transient = int(tokens * ((td * d + tf * f) * e + ta * heads_by_length * precise))
     if gradient_checkpointing:  # each block's input is kept; one block at a time is recomputed
         activations = int(tokens * (layers * d + 3 * d) * e)
         transient += int(tokens * per_token_per_block)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from twintune.backends.mlx.dropout import dropout as mlx_dropout, dropout_masks as mlx_masks
-from twintune.backends.torch.dropout import dropout as torch_dropout, dropout_masks as torch_masks
-from twintune.dropout import dropout_key, dropout_stream, keep_mask, mix32
+from twintune.backends.mlx.dropout import dropout as mlx_dropout
+from twintune.backends.torch.dropout import dropout as torch_dropout
+from twintune.dropout import dropout_key, dropout_masks, dropout_stream, keep_mask, mix32
 from twintune.recipe import load_recipe
 from twintune.train.loop import prepare, train_step
 
@@ -38,9 +38,9 @@ def test_both_backends_draw_the_reference_mask(shape, p, dtype):
     key = dropout_key(7, 3, 1)
     stream = dropout_stream("transformer.h.1.mlp.c_fc")
     values = np.random.default_rng(0).normal(size=shape).astype(dtype)
-    with mlx_masks(mx.array(key, dtype=mx.uint32)):
+    with dropout_masks(mx.array(key, dtype=mx.uint32)):
         ours_mlx = np.array(mlx_dropout(mx.array(values, dtype=getattr(mx, dtype)), p, stream, True))
-    with torch_masks(torch.tensor(key)):
+    with dropout_masks(torch.tensor(key)):
         ours_torch = torch_dropout(torch.from_numpy(values), p, stream, True).numpy()
     keep = keep_mask(key, "transformer.h.1.mlp.c_fc", shape, p)
     expected = np.where(keep, values * np.asarray(1 / (1 - p), dtype=dtype), 0)

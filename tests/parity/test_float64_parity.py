@@ -79,3 +79,20 @@ def test_float64_is_refused_on_a_gpu(monkeypatch):
     monkeypatch.setattr(torch_backend, "_device", lambda: torch.device("cuda"))
     with pytest.raises(TwintuneError, match="float64 runs on the CPU only: .* on CUDA"):
         prepare(recipe, "torch", with_data=False)
+
+
+def test_float64_on_an_nf4_base_agrees_to_1e_9():
+    """The same NF4 bytes, dequantized exactly into float64 on both backends (torch: twintune's own
+    NF4 layer, since bitsandbytes has no float64 kernels)."""
+    steps = 8
+    runs = {}
+    for backend in ("mlx", "torch"):
+        run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml",
+                                  ["dtype=float64", "quantize.type=nf4", "method.dropout=0.1",
+                                   f"train.max_steps={steps}", "data.synthetic_size=300"]), backend)
+        runs[backend] = np.array([train_step(run, s)["loss"] for s in range(steps)]), run.backend.trainable_state()
+    (mlx_losses, mlx_state), (torch_losses, torch_state) = runs["mlx"], runs["torch"]
+    assert mlx_losses[-1] < mlx_losses[0]
+    assert np.abs(mlx_losses - torch_losses).max() / np.abs(torch_losses).min() < 1e-9
+    for name, value in torch_state.items():
+        assert np.abs(mlx_state[name] - value).max() <= 1e-9 * np.abs(value).max(), name

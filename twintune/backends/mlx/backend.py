@@ -10,11 +10,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from twintune.backends.base import adamw_update, gradient_factor, trainable_dtype
-from twintune.backends.mlx.dropout import dropout_masks
 from twintune.backends.mlx.gpt_neo import GPTNeoForCausalLM, logsumexp
 from twintune.backends.mlx.lora import apply_lora, get_submodule, set_submodule
 from twintune.backends.mlx.nf4 import NF4Linear
 from twintune.data.batching import Batch
+from twintune.dropout import dropout_masks
 from twintune.errors import TwintuneError
 from twintune.methods import LoRA
 from twintune.models import GPTNeoSpec

@@ -1,34 +1,17 @@
 """Dropout in MLX with the shared counter-based masks (twintune/dropout.py): bit for bit torch's.
 
-The backend names the micro-batch by setting its key around the forward pass (`dropout_key`);
+The backend names the micro-batch by setting its key around the forward pass (`twintune.dropout.dropout_masks`);
 a layer with dropout calls `dropout(x, p, stream, training)` with its own stream. No random
 state is consumed, so gradient checkpointing's recompute draws the same masks by construction.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from functools import partial
 
 import mlx.core as mx
 
-from twintune.dropout import keep_bits, keep_threshold, layer_salt
-
-_keys: list[mx.array] = []  # the current micro-batch's key (uint32, 0-d), innermost last
-
-
-@contextmanager
-def dropout_masks(key: mx.array):
-    """Layers run inside draw their masks from `key` (a 0-d uint32 array: an input of a compiled step)."""
-    _keys.append(key)
-    try:
-        yield
-    finally:
-        _keys.pop()
-
-
-def current_dropout_key() -> mx.array | None:
-    return _keys[-1] if _keys else None
+from twintune.dropout import current_dropout_key, keep_bits, keep_threshold, layer_salt
 
 
 @partial(mx.compile, shapeless=True)

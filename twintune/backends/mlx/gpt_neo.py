@@ -14,7 +14,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from twintune.backends.mlx.dropout import current_dropout_key, dropout_masks
+from twintune.dropout import current_dropout_key, dropout_masks
 from twintune.models import GPTNeoSpec
 
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from twintune.backends.base import adamw_update, gradient_factor, trainable_dtype
-from twintune.backends.torch.dropout import dropout_masks
 from twintune.backends.torch.gpt_neo import GPTNeoForCausalLM
 from twintune.backends.torch.lora import apply_lora
 from twintune.data.batching import Batch
+from twintune.dropout import dropout_masks
 from twintune.errors import TwintuneError
 from twintune.methods import LoRA
 from twintune.models import GPTNeoSpec

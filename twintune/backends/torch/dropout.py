@@ -1,7 +1,7 @@
 """Dropout in PyTorch with the shared counter-based masks (twintune/dropout.py): bit for bit MLX's.
 
 The backend names the micro-batch by setting its key around the forward and backward passes
-(`dropout_masks`); a layer with dropout calls `dropout(x, p, stream, training)` with its own
+(`twintune.dropout.dropout_masks`); a layer with dropout calls `dropout(x, p, stream, training)` with its own
 stream. No random state is consumed, so gradient checkpointing's recompute and a compiled
 graph draw the same masks as the eager step. torch has no unsigned 32-bit shifts, so the hash
 runs on int64 tensors holding 32-bit values (twintune/dropout.py says why that is exact).
@@ -9,27 +9,9 @@ runs on int64 tensors holding 32-bit values (twintune/dropout.py says why that i
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
-from twintune.dropout import keep_bits, keep_threshold, layer_salt
-
-_keys: list[torch.Tensor] = []  # the current micro-batch's key (int64, 0-d), innermost last
-
-
-@contextmanager
-def dropout_masks(key: torch.Tensor):
-    """Layers run inside draw their masks from `key` (a 0-d int64 tensor holding a 32-bit value)."""
-    _keys.append(key)
-    try:
-        yield
-    finally:
-        _keys.pop()
-
-
-def current_dropout_key() -> torch.Tensor | None:
-    return _keys[-1] if _keys else None
+from twintune.dropout import current_dropout_key, keep_bits, keep_threshold, layer_salt
 
 
 def dropout(x: torch.Tensor, p: float, stream: int, training: bool) -> torch.Tensor:
