@@ -29,3 +29,28 @@ def tiny_window_dir(tmp_path_factory):
     from twintune.formats.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-window") / "model", window_size=8, seed=1)
+
+
+# Skips are for absent hardware only. A test skipped for anything else (a missing package, say)
+# fails instead: on a fresh machine a skip would silently test nothing.
+HARDWARE_WORDS = ("metal", "apple gpu", "cuda")
+
+
+def _fail_a_skip_without_hardware_reason(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+        if not any(word in reason.lower() for word in HARDWARE_WORDS):
+            report.outcome = "failed"
+            report.longrepr = f"skipped for a reason that is not absent hardware (Metal, CUDA): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_a_skip_without_hardware_reason(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield  # a whole module skipped at import (pytest.importorskip) lands here
+    _fail_a_skip_without_hardware_reason(outcome.get_result())

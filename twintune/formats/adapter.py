@@ -161,7 +161,7 @@ def load_lora_adapter(directory: str | Path, spec: GPTNeoSpec) -> tuple[LoRA, di
     """Read a Hugging Face PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for a model.
 
     Returns our LoRA spec (r, alpha, dropout, target modules, rsLoRA) and the adapter values named
-    as the backends name them (`transformer.h.0.attn.attention.q_proj.lora_A.weight`, float32),
+    as the backends name them (`transformer.h.0.attn.attention.q_proj.lora_A.weight`, float32, float64 if saved so),
     checked against the model: every tensor must belong to a linear layer the model has, with its
     shape, every adapted layer needs its lora_A and lora_B, and the layers must be exactly those
     the config's target_modules select. An `adapter_model.bin` is read only through
@@ -212,7 +212,8 @@ def load_lora_adapter(directory: str | Path, spec: GPTNeoSpec) -> tuple[LoRA, di
             raise TwintuneError(f"adapter tensor {name!r} has shape {tuple(array.shape)} but layer {layer!r} of this "
                                 f"model ({out_features}x{in_features}) with r={method.r} needs {expected}; the "
                                 "adapter does not match this base model.")
-        state[ours] = np.ascontiguousarray(array, dtype=np.float32)
+        # float64 (a float64 run's adapter) stays float64; half precision is widened to float32
+        state[ours] = np.ascontiguousarray(array, dtype=np.float64 if array.dtype == np.float64 else np.float32)
 
     adapted = adapted_layers(state)
     for layer in adapted:
