@@ -18,6 +18,12 @@ RESULTS = Path(__file__).parent / "results"
 # mlx[cpu] on Linux ships the reference BLAS (~4 GFLOP/s); Debian's OpenBLAS (apt install
 # libopenblas0-pthread) exports the same symbols at ~170 GFLOP/s here, so benchmarks preload it.
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
+OPENBLAS_MISSING = ("WARNING: Debian's OpenBLAS is not installed (apt-get install libopenblas0-pthread): "
+                    "MLX runs on its slow reference BLAS; figures are not comparable")
+# The CPU flags that decide which kernels torch, MLX and bitsandbytes run (AVX-512 and AMX paths,
+# emulated or native bfloat16): a figure means little without them.
+KERNEL_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                "amx_bf16", "amx_tile", "amx_int8")
 
 
 def fast_blas_env(preload: bool = True) -> dict[str, str]:
@@ -26,17 +32,23 @@ def fast_blas_env(preload: bool = True) -> dict[str, str]:
     For MLX only: torch brings its own BLAS, and a preloaded one takes over its GEMMs (3x slower
     here, measured on compare_torch's step)."""
     env = dict(os.environ)
-    if preload and sys.platform == "linux" and OPENBLAS.exists():
-        env["LD_PRELOAD"] = f"{OPENBLAS} {env.get('LD_PRELOAD', '')}".strip()
+    if preload and sys.platform == "linux":
+        if OPENBLAS.exists():
+            env["LD_PRELOAD"] = f"{OPENBLAS} {env.get('LD_PRELOAD', '')}".strip()
+        else:  # every MLX child says it: a 40x slower GEMM must not pass unnoticed into a table
+            print(OPENBLAS_MISSING, file=sys.stderr, flush=True)
     return env
 
 
-def run_child(module: str, args: list[str], timeout: float = 1800, mlx: bool = True) -> dict:
+def run_child(module: str, args: list[str], timeout: float = 1800, mlx: bool = True,
+              env: dict[str, str] | None = None) -> dict:
     """Run `python -m module args` in a fresh process (its own peak memory) and parse its last line as JSON.
 
-    `mlx=False` for a torch-only child: no OpenBLAS preload (see fast_blas_env)."""
-    out = subprocess.run([sys.executable, "-m", module, *args], env=fast_blas_env(preload=mlx), capture_output=True,
-                         text=True, timeout=timeout, cwd=Path(__file__).parent.parent)
+    `mlx=False` for a torch-only child: no OpenBLAS preload (see fast_blas_env). `env` adds variables
+    a library reads once at load (OPENBLAS_NUM_THREADS, say)."""
+    announce_machine()
+    out = subprocess.run([sys.executable, "-m", module, *args], env={**fast_blas_env(preload=mlx), **(env or {})},
+                         capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent.parent)
     if out.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -77,6 +89,61 @@ def median_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
+def cpu_info() -> dict:
+    """The CPU's model name, which of KERNEL_FLAGS it has, and a one-word kind for tables.
+
+    From /proc/cpuinfo (Linux), else `lscpu`; on neither (macOS) the flags list is empty."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = _lscpu()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "model name(s)") and value.strip():
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    present = [flag for flag in KERNEL_FLAGS if flag in flags]
+    return {"cpu_model": model, "cpu_flags": present, "cpu_kind": cpu_kind(present)}
+
+
+def cpu_kind(flags: list[str]) -> str:
+    """One word for the fastest float kernels the flags allow: avx512-bf16, avx512, avx2 or other."""
+    if "avx512_bf16" in flags:
+        return "avx512-bf16"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else "other"
+
+
+def _lscpu() -> str:
+    try:
+        return subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine_line() -> str:
+    """One line naming the CPU and its kernel flags, printed before a benchmark's figures."""
+    cpu = cpu_info()
+    blas = "installed" if OPENBLAS.exists() else "MISSING"
+    return (f"machine: {cpu['cpu_model']}, {os.cpu_count()} cores, cpu_kind {cpu['cpu_kind']} "
+            f"(flags: {' '.join(cpu['cpu_flags']) or 'none'}), OpenBLAS for MLX {blas}")
+
+
+_announced = False
+
+
+def announce_machine() -> None:
+    """Print machine_line() once per process (run_child and write_result call it)."""
+    global _announced
+    if not _announced:
+        _announced = True
+        print(machine_line(), flush=True)
+
+
 def machine() -> dict:
     versions = {}
     for package in ("numpy", "mlx", "torch", "bitsandbytes", "transformers", "peft", "mlx-lm"):
@@ -86,10 +153,12 @@ def machine() -> dict:
             pass
     return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "versions": versions,
-            "openblas_preloaded": str(OPENBLAS) in os.environ.get("LD_PRELOAD", "")}
+            "openblas_preloaded": str(OPENBLAS) in os.environ.get("LD_PRELOAD", ""),
+            "openblas_installed": OPENBLAS.exists(), **cpu_info()}
 
 
 def write_result(name: str, payload: dict) -> Path:
+    announce_machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **payload}

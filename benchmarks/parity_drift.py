@@ -1,0 +1,257 @@
+"""How far the backends drift apart over the whole demo, against how far torch drifts from itself.
+
+    python -m benchmarks.parity_drift [--steps N] [--skip-float64]
+
+Trains the float32 demo recipe (recipes/demo-financial-sentiment.yaml, 225 steps) four times,
+each in its own process: on MLX (OpenBLAS preloaded, its default 2 threads), on MLX with OpenBLAS
+on 1 thread, on torch with 1 thread and on torch with 2 threads. Per step it compares the losses
+as |a - b| / |b|:
+
+  cross-backend          MLX vs torch (1 thread)
+  same-backend (torch)   torch (2 threads) vs torch (1 thread): the rounding a framework changes
+                         when only its thread count does, the yardstick of the standard
+  same-backend (MLX)     MLX (OpenBLAS 1 thread) vs MLX (2 threads): the same on MLX. On the
+                         tiny demo model torch splits no operation across threads, so its two
+                         runs are bit for bit the same and its yardstick is zero; OpenBLAS does
+                         split MLX's GEMMs, so this one is not.
+
+The standard (README, "What is the same on both backends"): cross-backend drift no larger than
+2x the same-backend drift, with the same final validation predictions. Drift is compared two
+ways, and both must hold (judged against each yardstick):
+  - the median relative difference over the last 50 steps: cross <= 2 x same;
+  - the first step whose relative difference passes 1e-3: cross no earlier than half of
+    same's ("never" counts as one step past the run).
+
+Then, unless --skip-float64, the same demo in float64 on MLX and torch: per-step losses within
+1e-8 relative, and each final trainable array within 1e-8 of its largest value.
+
+Prints a table, plots the per-step differences to results/parity_drift.png (log scale) and
+writes results/parity_drift.json; the last line is one JSON object with the verdicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import RESULTS, announce_machine, run_child, write_result
+
+RECIPE = "recipes/demo-financial-sentiment.yaml"
+THRESHOLD = 1e-3  # the float32 parity tests' tolerance
+TAIL = 50  # steps at the end whose median measures the drift
+FLOAT64_TOLERANCE = 1e-8
+# name -> (backend, threads: torch's intra-op threads, or OpenBLAS's for MLX; 0 = the default)
+FLOAT32_RUNS = {"mlx": ("mlx", 0), "mlx_1": ("mlx", 1), "torch_1": ("torch", 1), "torch_2": ("torch", 2)}
+# pair -> (a, b): |a - b| / |b|
+PAIRS = {"cross-backend": ("mlx", "torch_1"), "same-backend (torch)": ("torch_2", "torch_1"),
+         "same-backend (MLX)": ("mlx_1", "mlx")}
+YARDSTICKS = ("same-backend (torch)", "same-backend (MLX)")
+STYLES = {"cross-backend": ("MLX vs torch (1 thread), float32", "tab:red"),
+          "same-backend (torch)": ("torch (2 threads) vs torch (1 thread), float32", "tab:blue"),
+          "same-backend (MLX)": ("MLX (OpenBLAS 1 thread) vs MLX (2 threads), float32", "tab:green")}
+
+
+def child(backend: str, threads: int, dtype: str, steps: int, state_path: str) -> dict:
+    """Train the demo on one backend; per-step losses, validation predictions, the final adapter in an npz."""
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)  # before any work: the pool is sized once
+    from twintune.recipe import load_recipe
+    from twintune.train.loop import evaluate, prepare, train_step
+
+    run = prepare(load_recipe(RECIPE, [f"dtype={dtype}", f"train.max_steps={steps}"]), backend)
+    start = time.perf_counter()
+    losses = [train_step(run, step)["loss"] for step in range(steps)]
+    seconds = time.perf_counter() - start
+    report = evaluate(run)
+    np.savez(state_path, **run.backend.trainable_state())
+    return {"backend": backend, "threads": threads or None, "dtype": dtype, "steps": steps,
+            "seconds_per_step": seconds / steps, "losses": losses, "predictions": report["predictions"],
+            "val_accuracy": report["accuracy"]}
+
+
+def train(name: str, backend: str, threads: int, dtype: str, steps: int, scratch: Path) -> dict:
+    """One training run in its own process (its own thread pool); the final adapter is loaded back."""
+    state_path = scratch / f"{name}-{dtype}.npz"
+    # OpenBLAS sizes its pool when it loads (preloaded, before Python runs): tell it by environment
+    env = {"OPENBLAS_NUM_THREADS": str(threads)} if backend == "mlx" and threads else None
+    row = run_child("benchmarks.parity_drift", ["--child", backend, "--threads", str(threads), "--dtype", dtype,
+                                                "--steps", str(steps), "--state", str(state_path)],
+                    timeout=3600, mlx=backend == "mlx", env=env)
+    with np.load(state_path) as state:
+        row["state"] = {k: state[k] for k in state.files}
+    print(f"  {name} ({dtype}): {row['seconds_per_step']:.3f} s/step, final loss {row['losses'][-1]:.6f}, "
+          f"validation accuracy {row['val_accuracy']:.3f}", flush=True)
+    return row
+
+
+def relative(a: list[float], b: list[float]) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b) / np.abs(b)
+
+
+def first_past(rel: np.ndarray, threshold: float) -> int | None:
+    """The first (1-based) step whose relative difference passes the threshold, or None."""
+    past = np.flatnonzero(rel > threshold)
+    return int(past[0]) + 1 if past.size else None
+
+
+def state_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """The largest, over trainable arrays, of max |a - b| / max |b|: the adapters' gap at their own scale."""
+    return max(float(np.abs(a[k].astype(np.float64) - b[k]).max() / np.abs(b[k]).max()) for k in b)
+
+
+def compare(a: dict, b: dict) -> dict:
+    """One pair's drift: per-step relative loss differences and what the verdicts read from them."""
+    rel = relative(a["losses"], b["losses"])
+    differing = sum(x != y for x, y in zip(a["predictions"], b["predictions"]))
+    return {"relative": rel.tolist(), "first_step_past_1e-3": first_past(rel, THRESHOLD), "max": float(rel.max()),
+            "max_at_step": int(rel.argmax()) + 1, "final": float(rel[-1]),
+            f"median_last_{TAIL}": float(statistics.median(rel[-TAIL:])),
+            "predictions_agree": differing == 0, "predictions_differing": differing,
+            "adapter_max_relative_difference": state_difference(a["state"], b["state"])}
+
+
+def verdict(cross: dict, same: dict, steps: int) -> dict:
+    """The standard: cross-backend drift no larger than 2x same-backend drift, same final predictions."""
+    median_key = f"median_last_{TAIL}"
+    # "never" counts as one step past the run: a pair that never passes 1e-3 drifted least
+    cross_first = cross["first_step_past_1e-3"] or steps + 1
+    same_first = same["first_step_past_1e-3"] or steps + 1
+    checks = {
+        f"{median_key}: cross <= 2 x same": cross[median_key] <= 2 * same[median_key],
+        "first step past 1e-3: cross >= same / 2": cross_first >= same_first / 2,
+        "final validation predictions agree (cross)": cross["predictions_agree"],
+    }
+    return {"checks": checks, "cross_over_same_median": cross[median_key] / same[median_key] if same[median_key]
+            else None, "pass": all(checks.values())}
+
+
+def float64_check(mlx: dict, torch: dict) -> dict:
+    """float64: the algorithm is the same if losses and adapters agree to 1e-8, far below float32's rounding."""
+    rel = relative(mlx["losses"], torch["losses"])
+    state = state_difference(mlx["state"], torch["state"])
+    return {"relative": rel.tolist(), "max_loss_relative_difference": float(rel.max()),
+            "max_at_step": int(rel.argmax()) + 1, "max_adapter_relative_difference": state,
+            "predictions_agree": mlx["predictions"] == torch["predictions"], "tolerance": FLOAT64_TOLERANCE,
+            "pass": bool(rel.max() <= FLOAT64_TOLERANCE and state <= FLOAT64_TOLERANCE)}
+
+
+def plot(pairs: dict[str, dict], float64: dict | None, path: Path) -> None:
+    """Per-step relative loss differences on a log scale, with the 1e-3 line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    floor = 1e-17  # a log scale has no zero: steps that agree exactly are marked on this line
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    curves = [(pair["relative"], *STYLES[name]) for name, pair in pairs.items()]
+    if float64:
+        curves.append((float64["relative"], "MLX vs torch (1 thread), float64", "tab:gray"))
+    for relative, label, color in curves:
+        rel = np.asarray(relative)
+        steps = np.arange(1, len(rel) + 1)
+        exact = rel == 0
+        if exact.all():  # no line to draw: say so in the legend
+            label += ": equal at every step"
+        ax.plot(steps, np.where(exact, np.nan, rel), color=color, lw=1.1, ls="--" if "float64" in label else "-",
+                label=label)
+        ax.plot(steps[exact], np.full(exact.sum(), floor), "|", color=color, ms=6)
+    ax.axhline(THRESHOLD, color="black", lw=1, ls=":", label="1e-3 (float32 parity tests)")
+    ax.set_yscale("log")
+    ax.set_ylim(floor / 3, 1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("|a - b| / |b| of the training loss")
+    ax.set_title(f"Demo recipe: per-step loss drift (ticks at {floor:g}: steps that agree exactly)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8.5, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+LABELS = {"cross-backend": "cross-backend: MLX vs torch(1)",
+          "same-backend (torch)": "same-backend: torch(2) vs torch(1)",
+          "same-backend (MLX)": "same-backend: MLX(1) vs MLX(2)"}
+
+
+def print_table(pairs: dict[str, dict], checks: dict[str, dict]) -> None:
+    median_key = f"median_last_{TAIL}"
+    print(f"{'pair':36s} {'first > 1e-3':>12s} {'max':>9s} {'final':>9s} {'median last 50':>15s} "
+          f"{'adapter':>9s} {'predictions':>12s}")
+    for name, pair in pairs.items():
+        first = pair["first_step_past_1e-3"] or "never"
+        agree = "agree" if pair["predictions_agree"] else f"{pair['predictions_differing']} differ"
+        print(f"{LABELS[name]:36s} {first!s:>12s} {pair['max']:9.2e} {pair['final']:9.2e} {pair[median_key]:15.2e} "
+              f"{pair['adapter_max_relative_difference']:9.2e} {agree:>12s}")
+    for yardstick, check in checks.items():
+        ratio = check["cross_over_same_median"]
+        print(f"standard against {yardstick} (cross-backend drift <= 2x same-backend drift, same predictions): "
+              f"{'PASS' if check['pass'] else 'FAIL'}; median ratio cross/same "
+              + (f"{ratio:.2f}" if ratio is not None else "infinite (the yardstick is exactly 0)"))
+        for text, ok in check["checks"].items():
+            print(f"  {'PASS' if ok else 'FAIL'}  {text}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=225, help="optimizer steps (the demo's 225 by default)")
+    parser.add_argument("--skip-float64", action="store_true", help="only the float32 drift")
+    parser.add_argument("--child", default=None)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--state", default=None)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.threads, args.dtype, args.steps, args.state)))
+        return
+
+    announce_machine()
+    with tempfile.TemporaryDirectory(prefix="parity-drift-") as scratch:
+        runs = {name: train(name, backend, threads, "float32", args.steps, Path(scratch))
+                for name, (backend, threads) in FLOAT32_RUNS.items()}
+        float64 = None
+        if not args.skip_float64:
+            mlx64 = train("mlx", "mlx", 0, "float64", args.steps, Path(scratch))
+            torch64 = train("torch_1", "torch", 1, "float64", args.steps, Path(scratch))
+            float64 = float64_check(mlx64, torch64)
+    pairs = {name: compare(runs[a], runs[b]) for name, (a, b) in PAIRS.items()}
+    checks = {name: verdict(pairs["cross-backend"], pairs[name], args.steps) for name in YARDSTICKS}
+
+    print(f"demo recipe, float32, {args.steps} steps; relative loss difference |a-b|/|b| per step; "
+          f"adapter = max over arrays of max|diff| / max|value|")
+    print_table(pairs, checks)
+    if float64:
+        agree = "agree" if float64["predictions_agree"] else "differ"
+        print(f"float64, MLX vs torch (1 thread): max loss relative difference "
+              f"{float64['max_loss_relative_difference']:.2e} (step {float64['max_at_step']}), max adapter difference "
+              f"{float64['max_adapter_relative_difference']:.2e} of scale, predictions {agree}: "
+              f"{'PASS' if float64['pass'] else 'FAIL'} (tolerance {FLOAT64_TOLERANCE:g})")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    png = RESULTS / "parity_drift.png"
+    plot(pairs, float64, png)
+    print(f"plot: {png}")
+    for row in runs.values():
+        del row["state"]  # the adapters' differences are summarized above; the arrays stay out of the JSON
+    write_result("parity_drift", {"recipe": RECIPE, "steps": args.steps, "threshold": THRESHOLD, "tail": TAIL,
+                                  "runs": runs, "pairs": pairs, "verdicts": checks, "float64": float64})
+    summary = {"first_step_past_1e-3": {name: pair["first_step_past_1e-3"] for name, pair in pairs.items()},
+               "cross_predictions_agree": pairs["cross-backend"]["predictions_agree"],
+               "standard_pass": {name: check["pass"] for name, check in checks.items()},
+               "cross_over_same_median": {name: check["cross_over_same_median"] for name, check in checks.items()}}
+    if float64:
+        summary.update(float64_pass=float64["pass"], float64_max_loss_rel=float64["max_loss_relative_difference"],
+                       float64_max_adapter_rel=float64["max_adapter_relative_difference"])
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
