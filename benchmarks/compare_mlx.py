@@ -110,7 +110,7 @@ def _twintune_epochs(model, encoded, steps: int, epochs: int, dtype: str, compil
     from twintune.data.batching import TrainOrder
     from twintune.methods import LoRA
 
-    backend = MLXBackend.from_model(MLXLMModel(model), seed=0, dtype=dtype)
+    backend = MLXBackend.from_model(MLXLMModel(model), dtype=dtype)
     lora = LoRA(r=LORA["r"], alpha=LORA["alpha"], target_modules=tuple(LORA["targets"]))
     backend.apply_method(lora, lora.init_values(backend.spec.linear_layers(), seed=0))
     backend.set_optimizer((0.9, 0.999), 1e-8, 0.0)

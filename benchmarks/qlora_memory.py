@@ -36,7 +36,7 @@ def child(backend: str, base: str, shape: str, batch_size: int, tokens: int, ste
     spec, weights, quantized = random_model(shape, Quantization("nf4") if base == "nf4" else None)
     floor = sum(q.nbytes for q in quantized.values())
     float_weights = sum(w.nbytes for w in weights.values())
-    engine = cls(spec, weights, seed=0, quantized=quantized)
+    engine = cls(spec, weights, quantized=quantized)
     del weights, quantized
     method = LoRA(r=16, alpha=32, target_modules=spec.LINEAR_NAMES)
     estimate = estimate_memory(spec, method, Quantization("nf4") if base == "nf4" else None, batch_size, tokens,

@@ -21,7 +21,7 @@ from twintune.quant.nf4 import NF4Tensor
 class Backend(Protocol):
     name: str
 
-    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], seed: int = 0,
+    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray],
                  quantized: dict[str, NF4Tensor] | None = None, dtype: str = "float32") -> None:
         """Build the model from float weights; the layers in `quantized` arrive as shared NF4 bytes
         (their float weights are absent from `weights`). The frozen model is held and computes in

@@ -76,7 +76,7 @@ def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) 
     quantized = {}
     if quantization and quantization.kind == "nf4":  # quantized once here; both backends get these bytes
         quantized = quantize_linear_layers(weights, list(spec.linear_layers()), quantization)
-    engine = cls(spec, weights, seed=recipe.seed, quantized=quantized, dtype=recipe.dtype)
+    engine = cls(spec, weights, quantized=quantized, dtype=recipe.dtype)
     return _finish(recipe, engine, spec, method, init, tokenizer, spec.max_positions, checkpoint.directory, with_data)
 
 
@@ -99,7 +99,7 @@ def _prepare_mlx_lm_model(recipe: Recipe, model_type: str, name: str, cls, with_
         raise TwintuneError(f"quantize.type 'nf4' needs a GPT-Neo model; for this {model_type!r} model use "
                             "quantize.type=affine (MLX's own) or none.")
     directory = resolve_model_dir(recipe.model)
-    engine = cls.from_mlx_lm(directory, seed=recipe.seed, dtype=recipe.dtype)
+    engine = cls.from_mlx_lm(directory, dtype=recipe.dtype)
     spec = engine.spec
     method = recipe.method_spec()
     init = method.init_values(spec.linear_layers(), recipe.seed)

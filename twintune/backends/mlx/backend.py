@@ -33,7 +33,7 @@ def _check_dtype(dtype: str) -> None:
 class MLXBackend:
     name = "mlx"
 
-    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], seed: int = 0,
+    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray],
                  quantized: dict[str, NF4Tensor] | None = None, dtype: str = "float32"):
         _check_dtype(dtype)
         self.spec = spec
@@ -53,7 +53,7 @@ class MLXBackend:
         self._start()
 
     @classmethod
-    def from_model(cls, model: nn.Module, seed: int = 0, dtype: str = "float32") -> "MLXBackend":
+    def from_model(cls, model: nn.Module, dtype: str = "float32") -> "MLXBackend":
         """Train a model built elsewhere, e.g. an mlx-lm model wrapped in MLXLMModel (MLX only).
 
         Example:
@@ -77,11 +77,11 @@ class MLXBackend:
         return backend
 
     @classmethod
-    def from_mlx_lm(cls, directory, seed: int = 0, dtype: str = "float32") -> "MLXBackend":
+    def from_mlx_lm(cls, directory, dtype: str = "float32") -> "MLXBackend":
         """A model directory of one of mlx-lm's families (config.json + safetensors), ready to adapt."""
         from twintune.backends.mlx.mlx_lm_model import load_mlx_lm_model
 
-        return cls.from_model(load_mlx_lm_model(directory), seed=seed, dtype=dtype)
+        return cls.from_model(load_mlx_lm_model(directory), dtype=dtype)
 
     def _start(self) -> None:
         self.grads = None

@@ -94,7 +94,7 @@ def load_mlx_lm_model(path: str | Path) -> MLXLMModel:
 
     Example:
         >>> model = load_mlx_lm_model("~/models/Qwen2.5-0.5B")
-        >>> backend = MLXBackend.from_model(model, seed=0)
+        >>> backend = MLXBackend.from_model(model)
     """
     from mlx_lm.utils import load_model
 

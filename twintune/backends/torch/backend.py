@@ -58,7 +58,7 @@ _return_freed_memory_to_the_os()  # before a checkpoint is read: its buffers go 
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], seed: int = 0,
+    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray],
                  quantized: dict[str, NF4Tensor] | None = None, dtype: str = "float32"):
         self.spec = spec
         self.device = _device()
