@@ -162,6 +162,6 @@ def test_qlora_adapter_is_a_plain_lora_adapter_and_merges_into_a_float_base(back
     weights = gpt_neo_weights(spec, checkpoint.weights)
     quantized = quantize_linear_layers(weights, list(spec.linear_layers()), Quantization("nf4"))
     merged = run.method.merge(weights, adapter, quantized)
-    merged_backend = type(run.backend)(spec, merged, seed=0)
+    merged_backend = type(run.backend)(spec, merged)
     ids = run.splits["validation"][0].ids[None, :]
     np.testing.assert_allclose(merged_backend.logits(ids), run.backend.logits(ids), rtol=1e-4, atol=1e-4)
