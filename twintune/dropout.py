@@ -106,3 +106,16 @@ def dropout_masks(key):
 def current_dropout_key():
     """The key set by the innermost `dropout_masks`, or None outside one."""
     return _keys[-1] if _keys else None
+
+
+def active_dropout_key(p: float, training: bool):
+    """The key a dropout layer draws with, or None when it drops nothing (evaluation, p = 0).
+
+    Training without a key set is a bug of the caller, not a reason to draw other masks: it raises.
+    """
+    if not training or p == 0:
+        return None
+    key = current_dropout_key()
+    if key is None:
+        raise RuntimeError("dropout in training mode needs a key: run the forward pass inside dropout_masks(...)")
+    return key

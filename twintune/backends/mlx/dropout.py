@@ -11,7 +11,7 @@ from functools import partial
 
 import mlx.core as mx
 
-from twintune.dropout import current_dropout_key, keep_bits, keep_threshold, layer_salt
+from twintune.dropout import active_dropout_key, keep_bits, keep_threshold, layer_salt
 
 
 @partial(mx.compile, shapeless=True)
@@ -26,11 +26,9 @@ def _masked(x: mx.array, row_start: mx.array, column: mx.array, salt: mx.array, 
 
 def dropout(x: mx.array, p: float, stream: int, training: bool) -> mx.array:
     """x with the elements the shared generator drops for (current key, stream) zeroed, the rest scaled by 1/(1-p)."""
-    if not training or p == 0:
-        return x
-    key = current_dropout_key()
+    key = active_dropout_key(p, training)
     if key is None:
-        raise RuntimeError("dropout in training mode needs a key: run the forward pass inside dropout_masks(...)")
+        return x
     threshold = mx.array(keep_threshold(p), dtype=mx.uint32)
     width = x.shape[-1]
     row_start = (mx.arange(x.size // width, dtype=mx.uint32) * width).reshape(*x.shape[:-1], 1)

@@ -175,8 +175,6 @@ def run_block(block: nn.Module, x: mx.array, checkpoint: bool) -> mx.array:
 
     def run(parameters, x):
         block.update(parameters)
-        if key is None:
-            return block(x)
         with dropout_masks(key):
             return block(x)
 

@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from twintune.dropout import current_dropout_key, keep_bits, keep_threshold, layer_salt
+from twintune.dropout import active_dropout_key, keep_bits, keep_threshold, layer_salt
 
 
 def _keep_mask(x: torch.Tensor, salt: torch.Tensor, threshold: int) -> torch.Tensor:
@@ -48,10 +48,8 @@ def keep_mask(x: torch.Tensor, salt: torch.Tensor, threshold: int) -> torch.Tens
 
 def dropout(x: torch.Tensor, p: float, stream: int, training: bool) -> torch.Tensor:
     """x with the elements the shared generator drops for (current key, stream) zeroed, the rest scaled by 1/(1-p)."""
-    if not training or p == 0:
-        return x
-    key = current_dropout_key()
+    key = active_dropout_key(p, training)
     if key is None:
-        raise RuntimeError("dropout in training mode needs a key: run the forward pass inside dropout_masks(...)")
+        return x
     keep = keep_mask(x.detach(), layer_salt(key, stream), keep_threshold(p))
     return torch.where(keep, x * (1 / (1 - p)), torch.zeros((), dtype=x.dtype, device=x.device))
