@@ -108,11 +108,11 @@ def _twintune_epochs(model, encoded, steps: int, epochs: int, dtype: str, compil
     from twintune.backends.mlx.backend import MLXBackend
     from twintune.backends.mlx.mlx_lm_model import MLXLMModel
     from twintune.data.batching import TrainOrder
-    from twintune.methods import LoRA
+    from twintune.methods import BaseModel, LoRA
 
     backend = MLXBackend.from_model(MLXLMModel(model), dtype=dtype)
     lora = LoRA(r=LORA["r"], alpha=LORA["alpha"], target_modules=tuple(LORA["targets"]))
-    backend.apply_method(lora, lora.init_values(backend.spec.linear_layers(), seed=0))
+    backend.apply_method(lora.plan(BaseModel(backend.spec, backend.base_weights()), seed=0))
     backend.set_optimizer((0.9, 0.999), 1e-8, 0.0)
     if compile:
         backend.enable_compile()

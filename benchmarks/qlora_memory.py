@@ -23,7 +23,7 @@ def child(backend: str, base: str, shape: str, batch_size: int, tokens: int, ste
     from twintune.backends import backend_class
     from twintune.data.batching import Batch
     from twintune.memory import estimate_memory
-    from twintune.methods import LoRA
+    from twintune.methods import BaseModel, LoRA
     from twintune.quant import Quantization
 
     cls = backend_class(backend)
@@ -37,11 +37,12 @@ def child(backend: str, base: str, shape: str, batch_size: int, tokens: int, ste
     floor = sum(q.nbytes for q in quantized.values())
     float_weights = sum(w.nbytes for w in weights.values())
     engine = cls(spec, weights, quantized=quantized)
-    del weights, quantized
     method = LoRA(r=16, alpha=32, target_modules=spec.LINEAR_NAMES)
+    plan = method.plan(BaseModel(spec, weights, quantized), seed=0)
+    del weights, quantized
     estimate = estimate_memory(spec, method, Quantization("nf4") if base == "nf4" else None, batch_size, tokens,
                                backend).training_peak / 2**20
-    engine.apply_method(method, method.init_values(spec.linear_layers(), seed=0))
+    engine.apply_method(plan)
     engine.set_optimizer((0.9, 0.999), 1e-8, 0.0)
 
     rng = np.random.default_rng(0)

@@ -10,7 +10,7 @@ import torch
 
 from twintune.cli import main
 from twintune.errors import TwintuneError
-from twintune.formats.merge import merge_run
+from twintune.train.runs import merge_run
 from twintune.recipe import load_recipe
 from twintune.train.loop import train
 from twintune.train.runs import evaluate_target, open_run, predict_texts

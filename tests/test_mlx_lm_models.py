@@ -12,7 +12,7 @@ from twintune.backends.mlx.backend import MLXBackend
 from twintune.backends.mlx.mlx_lm_model import MLXLMModel, load_mlx_lm_model
 from twintune.data.batching import Batch
 from twintune.errors import TwintuneError
-from twintune.methods import LoRA
+from twintune.methods import BaseModel, LoRA
 
 LLAMA = dict(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
              num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=300, tie_word_embeddings=False)
@@ -62,7 +62,7 @@ def test_lora_trains_only_the_adapter_and_lowers_the_loss(make, targets):
     backend = MLXBackend.from_model(MLXLMModel(make()))
     frozen = {k: np.array(v) for k, v in tree_flatten(backend.model.parameters())}
     lora = LoRA(r=4, alpha=8, target_modules=targets)
-    backend.apply_method(lora, lora.init_values(backend.spec.linear_layers(), seed=0))
+    backend.apply_method(lora.plan(BaseModel(backend.spec, backend.base_weights()), seed=0))
     backend.set_optimizer((0.9, 0.999), 1e-8, 0.0)
     batch = _batch()
     losses = []
@@ -107,7 +107,7 @@ def test_exported_adapter_loads_in_mlx_lm_with_the_same_logits(tmp_path):
 
     backend = MLXBackend.from_model(MLXLMModel(_llama()))
     lora = LoRA(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))
-    backend.apply_method(lora, lora.init_values(backend.spec.linear_layers(), seed=0))
+    backend.apply_method(lora.plan(BaseModel(backend.spec, backend.base_weights()), seed=0))
     backend.set_optimizer((0.9, 0.999), 1e-8, 0.0)
     batch = _batch()
     for _ in range(3):  # B is no longer zero: the adapter changes the logits

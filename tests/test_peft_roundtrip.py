@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from twintune.errors import TwintuneError
-from twintune.formats.adapter import load_lora_adapter, save_lora_adapter
+from twintune.formats.adapter import load_adapter, save_adapter
 from twintune.formats.checkpoint import load_checkpoint
 from twintune.formats.safetensors_io import read_safetensors, write_safetensors
 from twintune.methods import LoRA
@@ -60,7 +60,7 @@ def test_trained_twintune_adapter_gives_the_same_logits_in_peft(backend, tmp_pat
         train_step(run, step)
     state = run.backend.trainable_state()
     assert all(np.abs(v).max() > 0 for k, v in state.items() if ".lora_B." in k)  # the adapter does something
-    adapter_dir = save_lora_adapter(tmp_path / "adapter", run.method, state, run.recipe.model)
+    adapter_dir = save_adapter(tmp_path / "adapter", run.method, state, run.recipe.model)
 
     peft_model = PeftModel.from_pretrained(_hf_model(run.model_dir), str(adapter_dir)).eval()
     ids = _ids(run.spec)
@@ -71,7 +71,7 @@ def test_trained_twintune_adapter_gives_the_same_logits_in_peft(backend, tmp_pat
     assert np.abs(base - reference).max() / np.abs(reference).max() > 1e-4
 
     # And back: twintune reads its own adapter to the same spec and the same values, bit for bit.
-    method, loaded = load_lora_adapter(adapter_dir, run.spec)
+    method, loaded = load_adapter(adapter_dir, run.spec)
     assert (method.r, method.alpha, method.dropout, method.rslora) == \
         (run.method.r, run.method.alpha, run.method.dropout, run.method.rslora)
     assert method.targets(run.spec.linear_layers()) == run.method.targets(run.spec.linear_layers())
@@ -116,7 +116,7 @@ def test_peft_adapter_gives_the_same_logits_in_twintune(backend, peft_adapter, t
     assert ids.shape[1] > 8  # longer than the local window of tiny_window_dir
     run = prepare(_recipe(f"model={tiny_window_dir}", "method.r=4", "method.alpha=8",
                           "method.target_modules=[q_proj, v_proj, c_fc]"), backend)
-    method, state = load_lora_adapter(adapter_dir, run.spec)
+    method, state = load_adapter(adapter_dir, run.spec)
 
     assert (method.r, method.alpha, method.dropout, method.rslora) == (4, 8.0, 0.0, False)
     assert sorted(method.target_modules) == sorted(PEFT_TARGETS)
@@ -141,7 +141,7 @@ def test_peft_adapter_with_a_regex_target_and_rslora_gives_the_same_logits(backe
     run = prepare(_recipe(f"model={tiny_window_dir}", "method.r=4", "method.alpha=8",
                           f"method.target_modules={PEFT_REGEX}", "method.rslora=true"), backend)
     assert run.method.target_modules == PEFT_REGEX
-    method, state = load_lora_adapter(adapter_dir, run.spec)
+    method, state = load_adapter(adapter_dir, run.spec)
     assert method.target_modules == PEFT_REGEX
     assert method.rslora and method.scale == 8 / 2  # alpha / sqrt(r)
     assert sorted({k.rsplit(".lora_", 1)[0] for k in state}) == [
@@ -154,7 +154,7 @@ def test_peft_adapter_with_a_regex_target_and_rslora_gives_the_same_logits(backe
 def test_peft_names_with_default_or_without_prefix_and_bin_files_load_alike(peft_adapter, tiny_window_dir, tmp_path):
     adapter_dir, _, _ = peft_adapter
     spec = GPTNeoSpec.from_config(load_checkpoint(str(tiny_window_dir)).config)
-    method, state = load_lora_adapter(adapter_dir, spec)
+    method, state = load_adapter(adapter_dir, spec)
     saved = read_safetensors(adapter_dir / "adapter_model.safetensors")
     assert all(k.startswith("base_model.model.") and ".default." not in k for k in saved)
 
@@ -173,11 +173,11 @@ def test_peft_names_with_default_or_without_prefix_and_bin_files_load_alike(peft
     half = {k: v.astype(np.float16) for k, v in saved.items()}
     for d in (variant("default", in_memory), variant("no-prefix", no_prefix),
               variant("bin", saved, "adapter_model.bin")):
-        other_method, other = load_lora_adapter(d, spec)
+        other_method, other = load_adapter(d, spec)
         assert other_method == method
         assert set(other) == set(state)
         assert all(np.array_equal(other[k], state[k]) for k in state)
-    _, from_half = load_lora_adapter(variant("half", half), spec)
+    _, from_half = load_adapter(variant("half", half), spec)
     assert all(from_half[k].dtype == np.float32 for k in from_half)
     assert all(np.array_equal(from_half[k], state[k].astype(np.float16).astype(np.float32)) for k in state)
 
@@ -195,8 +195,8 @@ def good(tmp_path, tiny_spec):
     method = LoRA(r=4, alpha=8, target_modules=("q_proj", "v_proj"))
     state = method.init_values(tiny_spec.linear_layers(), seed=0)
     state = {k: v + 0.01 if ".lora_B." in k else v for k, v in state.items()}
-    directory = save_lora_adapter(tmp_path / "adapter", method, state, "builtin:tiny-gpt-neo")
-    load_lora_adapter(directory, tiny_spec)  # good before it is broken
+    directory = save_adapter(tmp_path / "adapter", method, state, "builtin:tiny-gpt-neo")
+    load_adapter(directory, tiny_spec)  # good before it is broken
     return directory
 
 
@@ -216,7 +216,7 @@ def _edit_weights(directory, edit):
 
 def _refused(directory, spec, match):
     with pytest.raises(TwintuneError, match=match) as info:
-        load_lora_adapter(directory, spec)
+        load_adapter(directory, spec)
     message = str(info.value)
     assert "\n" not in message and message.endswith((".", "?"))
     return message
@@ -251,16 +251,19 @@ def test_corrupt_safetensors_is_refused(good, tiny_spec, corrupt):
 
 
 @pytest.mark.parametrize("changes, match", [
-    ({"peft_type": "IA3"}, r"PEFT 'IA3' adapter; twintune loads LoRA adapters"),
     ({"peft_type": None}, r"names no peft_type in adapter_config\.json"),
-    ({"use_dora": True}, r"use_dora=True \(DoRA\)"),
+    ({"peft_type": "PREFIX_TUNING"}, r"PEFT 'PREFIX_TUNING' adapter; twintune loads PEFT adapters of type IA3, LORA"),
+    ({"use_dora": "yes"}, r"use_dora='yes'; it must be true or false"),
+    ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern=\{'q_proj': 0\}; it must map layer names to positive numbers"),
+    ({"alpha_pattern": ["v_proj"]}, r"alpha_pattern=\['v_proj'\]"),
+    ({"layers_to_transform": [0], "layers_pattern": "layers"}, r"layers_pattern='layers'; GPT-Neo's blocks are 'h'"),
+    ({"layers_to_transform": [0]}, r"weights for layer 'transformer\.h\.1\..*', which its target_modules"),
+    ({"rank_pattern": {"q_proj": 2}}, r"has shape \(4, 64\) but layer .*q_proj.* with r=2 needs \(2, 64\)"),
+    ({"use_dora": True}, r"no lora_magnitude_vector weight for layer"),
     ({"fan_in_fan_out": True}, r"fan_in_fan_out=True"),
     ({"bias": "all"}, r"bias='all' \(trained biases\)"),
     ({"bias": "lora_only"}, r"bias='lora_only'"),
     ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\]"),
-    ({"rank_pattern": {"q_proj": 2}}, r"rank_pattern=\{'q_proj': 2\} \(per-layer ranks\)"),
-    ({"alpha_pattern": {"v_proj": 32}}, r"alpha_pattern=\{'v_proj': 32\} \(per-layer alphas\)"),
-    ({"layers_to_transform": [0]}, r"layers_to_transform=\[0\]"),
     ({"lora_bias": True}, r"lora_bias=True"),
     ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa', which changes the base model's weights"),
     ({"r": 0}, r"rank r=0; it must be a positive integer"),
@@ -276,7 +279,7 @@ def test_unsupported_or_bad_settings_are_refused_by_name(good, tiny_spec, change
 def test_neutral_settings_written_as_null_or_empty_load(good, tiny_spec):
     _edit_config(good, modules_to_save=[], rank_pattern=None, alpha_pattern={}, layers_to_transform=None,
                  exclude_modules=None, fan_in_fan_out=None, init_lora_weights="gaussian")
-    method, state = load_lora_adapter(good, tiny_spec)
+    method, state = load_adapter(good, tiny_spec)
     assert method.r == 4 and len(state) == 2 * 2 * tiny_spec.num_layers
 
 
@@ -294,7 +297,7 @@ def test_adapter_for_another_base_is_refused(good, tiny_spec):
 
     wider = dataclasses.replace(tiny_spec, hidden_size=2 * tiny_spec.hidden_size)
     method = LoRA(r=4, alpha=8, target_modules=("q_proj", "v_proj"))
-    save_lora_adapter(good, method, method.init_values(wider.linear_layers(), seed=0), "someone/else")
+    save_adapter(good, method, method.init_values(wider.linear_layers(), seed=0), "someone/else")
     message = _refused(good, tiny_spec,
                        r"has shape \(4, 128\) but layer .* needs \(4, 64\); the adapter does not match this base model")
     assert "lora_A" in message
@@ -356,7 +359,7 @@ def test_bin_adapter_is_read_only_through_weights_only_torch_load(good, tiny_spe
     tensors = read_safetensors(good / "adapter_model.safetensors")
     (good / "adapter_model.safetensors").unlink()
     torch.save({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in tensors.items()}, good / "adapter_model.bin")
-    _, state = load_lora_adapter(good, tiny_spec)
+    _, state = load_adapter(good, tiny_spec)
     assert all(v.dtype == np.float32 for v in state.values())
 
     torch.save({"x": _Payload()}, good / "adapter_model.bin")

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     prediction.add_argument("texts", nargs="+", help="one or more sentences")
     prediction.add_argument("--backend", default=None, help="auto (default: the recipe's), mlx or torch")
 
-    merging = verbs.add_parser("merge", help="fold a run's LoRA adapter into the base; write a Hugging Face checkpoint")
+    merging = verbs.add_parser("merge", help="fold a run's trained values into the base; write a Hugging Face checkpoint")
     merging.add_argument("target", help="a run directory from `twintune train`")
     merging.add_argument("--out", required=True, help="directory to write (must be new or empty)")
 
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="override a recipe value (repeatable)")
     estimating.add_argument("--backend", default=None, help="auto (default: the recipe's), mlx or torch")
     estimating.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+    verbs.add_parser("methods", help="every fine-tuning method with its recipe keys and defaults")
 
     tiny = verbs.add_parser("make-tiny-model", help="write a tiny random GPT-Neo + tokenizer (offline)")
     tiny.add_argument("out", help="directory to write")
@@ -92,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
                 scores = "  ".join(f"{label} {p:.3f}" for label, p in row["probabilities"].items())
                 print(f"{row['label']:<10} [{scores}]  {row['text']}")
         elif args.verb == "merge":
-            from twintune.formats.merge import merge_run
+            from twintune.train.runs import merge_run
 
             print(merge_run(args.target, args.out))
         elif args.verb == "export":
-            from twintune.formats.adapter import export_run_adapter
+            from twintune.train.runs import export_run_adapter
 
             print(export_run_adapter(args.target, args.format, args.out))
         elif args.verb == "estimate":
@@ -109,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(note)
                 for name, mb in rows:
                     print(f"  {name:22s} {mb:10.1f} MB")
+        elif args.verb == "methods":
+            from twintune.methods import describe_methods
+
+            print(describe_methods())
         elif args.verb == "make-tiny-model":
             from twintune.formats.tiny_model import write_tiny_model
 

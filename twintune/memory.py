@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from twintune.methods import LoRA
+from twintune.methods import BaseModel, LoRA, Method
 from twintune.models import GPTNeoSpec
 from twintune.quant import Quantization
 
@@ -53,7 +53,7 @@ class MemoryEstimate:
                 ("training peak", self.training_peak / mb), ("loading peak", self.loading / mb)]
 
 
-def estimate_memory(spec: GPTNeoSpec, method: LoRA, quantization: Quantization | None, batch_size: int,
+def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization | None, batch_size: int,
                     sequence_length: int, backend: str = "torch", optimizer: str = "adamw",
                     gradient_checkpointing: bool = False, dtype: str = "float32") -> MemoryEstimate:
     """Estimated bytes of one training step of `method` on `spec`, for batches of batch_size x sequence_length.
@@ -69,7 +69,7 @@ def estimate_memory(spec: GPTNeoSpec, method: LoRA, quantization: Quantization |
     """
     d, f, layers = spec.hidden_size, spec.intermediate_size, spec.num_layers
     linear = spec.linear_layers()
-    adapted = method.targets(linear)
+    trainable_shapes = method.shapes(BaseModel(spec, {}, quantization=quantization, dtype=dtype))
 
     shapes = spec.weight_shapes()
     float_weights = sum(_size(shape) for name, shape in shapes.items()
@@ -80,20 +80,18 @@ def estimate_memory(spec: GPTNeoSpec, method: LoRA, quantization: Quantization |
     if quantization:
         frozen += sum(quantized_bytes(out_f * in_f, quantization, e) for out_f, in_f in linear.values())
 
-    trainable_parameters = sum(method.r * (out_f + in_f) for name, (out_f, in_f) in linear.items() if name in adapted)
+    trainable_parameters = sum(_size(shape) for shape in trainable_shapes.values())
+    frozen -= sum(_size(shape) for name, shape in trainable_shapes.items() if name in shapes) * e  # unfrozen: counted as trainable
     per_trainable = ADAM_BYTES_PER_TRAINABLE if optimizer == "adamw" else SGD_BYTES_PER_TRAINABLE
     trainable = trainable_parameters * per_trainable * precise // FLOAT32
 
     tokens = batch_size * sequence_length
-    short = {name.rsplit(".", 1)[-1] for name in adapted}
     heads_by_length = spec.num_heads * sequence_length
     kd, kf, ka = KEPT_PER_BLOCK[backend]
     # bytes per token and block: the attention's share of kd is float32, the rest in the dtype
     attention = min(kd, ATTENTION_KEPT) * d
     per_token_per_block = attention * precise + ((kd * d - attention) + kf * f) * e + ka * heads_by_length * precise
-    adapter_inputs = d * bool(short & {"q_proj", "k_proj", "v_proj"})  # ln_1 output
-    adapter_inputs += d * ("out_proj" in short) + d * ("c_fc" in short) + f * ("c_proj" in short)
-    per_token_per_block += (adapter_inputs + method.r * len(short)) * precise  # + each low-rank activation
+    per_token_per_block += kept_for_trainables(trainable_shapes, linear, d, f, layers) * precise
     td, tf, ta = TRANSIENT[backend]
     transient = int(tokens * ((td * d + tf * f) * e + ta * heads_by_length * precise))
     if gradient_checkpointing:  # each block's input is kept; one block at a time is recomputed
@@ -106,6 +104,30 @@ def estimate_memory(spec: GPTNeoSpec, method: LoRA, quantization: Quantization |
     converted = frozen - float_weights * FLOAT32 if e == FLOAT32 else frozen  # float32 weights are used as read
     loading = sum(_size(shape) for shape in shapes.values()) * FLOAT32 + converted
     return MemoryEstimate(frozen, trainable, activations, transient, loading, trainable_parameters, tokens)
+
+
+# Which input each linear layer reads (q, k and v read the same ln_1 output: kept once).
+_INPUTS = {"q_proj": "ln_1", "k_proj": "ln_1", "v_proj": "ln_1", "out_proj": "attention", "c_fc": "ln_2", "c_proj": "mlp"}
+
+
+def kept_for_trainables(shapes: dict[str, tuple[int, ...]], linear: dict[str, tuple[int, int]], d: int, f: int,
+                        layers: int) -> float:
+    """Values per token and block that the backward keeps for the trainable values, beyond the base's:
+    the input of every layer whose weight or low-rank path trains, each low-rank activation, and the
+    output a learned output scale (IA3) or magnitude (DoRA) multiplies. Read off the trainable names."""
+    inputs, extra = set(), 0.0
+    for name, shape in shapes.items():
+        layer, _, part = name.rpartition(".")
+        if name.endswith(".lora_A.weight"):
+            layer = name[: -len(".lora_A.weight")]
+            inputs.add(layer.rsplit(".", 1)[-1])
+            extra += shape[0]
+        elif part == "lora_magnitude_vector" or (part == "ia3_l" and shape[1] == 1):
+            extra += linear[layer][0]
+        elif part == "ia3_l" or (part == "weight" and layer in linear):
+            inputs.add(layer.rsplit(".", 1)[-1])
+    sizes = {"ln_1": d, "attention": d, "ln_2": d, "mlp": f}
+    return (sum(sizes[key] for key in {_INPUTS[short] for short in inputs}) * layers + extra) / layers
 
 
 def quantized_bytes(n: int, quantization: Quantization, float_bytes: int = FLOAT32) -> int:
@@ -151,7 +173,7 @@ def estimate_recipe(path: str, overrides: list[str] = (), tokens: int | None = N
     estimate = estimate_memory(spec, recipe.method_spec(), recipe.quantization(), recipe.train.batch_size, length,
                                backend, gradient_checkpointing=recipe.train.gradient_checkpointing, dtype=recipe.dtype)
     quant = recipe.quantize.type if recipe.quantize.type != "none" else recipe.dtype
-    note = (f"{recipe.name}: GPT-Neo {spec.num_layers} layers x {spec.hidden_size}, {quant} base, LoRA r={recipe.method.r} "
+    note = (f"{recipe.name}: GPT-Neo {spec.num_layers} layers x {spec.hidden_size}, {quant} base, method {recipe.method.name} "
             f"({estimate.trainable_parameters:,} trainable), {backend} backend, batch {recipe.train.batch_size} x {length} tokens, AdamW; "
             "framework memory not included")
     return estimate.rows(), note

@@ -7,8 +7,6 @@ before validation, so they are checked exactly like the file.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +14,8 @@ from pathlib import Path
 import yaml
 
 from twintune.errors import TwintuneError
-from twintune.methods import LoRA
+from twintune.keys import build, check
+from twintune.methods import LoRA, Method, method_from_dict
 from twintune.quant import Quantization
 
 DEFAULT_LABELS = {"negative": " negative", "neutral": " neutral", "positive": " positive"}
@@ -38,16 +37,6 @@ class DataConfig:
 class PromptConfig:
     template: str = "Sentence: {text}\nSentiment:"
     labels: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_LABELS))
-
-
-@dataclass
-class MethodConfig:
-    name: str = "lora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: typing.Union[list[str], str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    rslora: bool = False
 
 
 @dataclass
@@ -95,14 +84,12 @@ class Recipe:
     dtype: str = "float32"  # the frozen model's; trainable values and optimizer state: float32 (float64 in float64)
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: Method = field(default_factory=LoRA)  # method: {name: lora | dora | ia3 | ..., its keys}
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def method_spec(self) -> LoRA:
-        m = self.method
-        targets = m.target_modules if isinstance(m.target_modules, str) else tuple(m.target_modules)
-        return LoRA(r=m.r, alpha=m.alpha, dropout=m.dropout, target_modules=targets, rslora=m.rslora)
+    def method_spec(self) -> Method:
+        return self.method
 
     def quantization(self) -> Quantization | None:
         q = self.quantize
@@ -112,7 +99,12 @@ class Recipe:
                             group_size=q.group_size)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain values (JSON-ready): what recipe.json holds and what a resume compares."""
+        def plain(value):
+            if isinstance(value, Method):
+                return value.to_dict()
+            return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Recipe:
@@ -136,7 +128,12 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise TwintuneError(f"recipe {path} must be a mapping of keys to values.")
     for item in overrides:
         apply_override(raw, item)
-    recipe = _build(Recipe, raw, "")
+    return recipe_from_dict(raw)
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    """A validated recipe from plain values (a YAML file's, or a run's recipe.json)."""
+    recipe = build(Recipe, raw, "", {Method: method_from_dict})
     validate(recipe)
     return recipe
 
@@ -158,70 +155,7 @@ def apply_override(raw: dict, item: str) -> None:
         node[parts[-1]] = value
 
 
-def _build(cls, raw, where: str):
-    if not isinstance(raw, dict):
-        raise TwintuneError(f"recipe section {where.rstrip('.') or 'top level'!r} must be a mapping, got {raw!r}.")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{where}{close[0]}'?" if close else f"; known keys here: {', '.join(names)}."
-            raise TwintuneError(f"recipe key '{where}{key}' is unknown{hint}")
-        kwargs[key] = _convert(hints[key], value, f"{where}{key}")
-    return cls(**kwargs)
-
-
-def _convert(kind, value, key: str):
-    if dataclasses.is_dataclass(kind):
-        return _build(kind, value or {}, key + ".")
-    origin = typing.get_origin(kind)
-    if origin is typing.Union:
-        for option in typing.get_args(kind):
-            try:
-                return _convert(option, value, key)
-            except TwintuneError:
-                continue
-        raise TwintuneError(f"recipe key {key!r} must be a list of names or a regex string, got {value!r}.")
-    if origin is list:
-        (item,) = typing.get_args(kind)
-        if not isinstance(value, list):
-            raise TwintuneError(f"recipe key {key!r} must be a list, got {value!r}.")
-        return [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            raise TwintuneError(f"recipe key {key!r} must map names to strings, got {value!r}.")
-        return dict(value)
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise TwintuneError(f"recipe key {key!r} must be true or false, got {value!r}.")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TwintuneError(f"recipe key {key!r} must be a whole number, got {value!r}.")
-        return value
-    if kind is float:
-        # YAML reads 1e-3 (no dot) as a string; accept any number spelled as text.
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-        except (TypeError, ValueError):
-            raise TwintuneError(f"recipe key {key!r} must be a number, got {value!r}.") from None
-        if not math.isfinite(number):
-            raise TwintuneError(f"recipe key {key!r} must be a finite number, got {value!r}.")
-        return number
-    if kind is str:
-        if not isinstance(value, str):
-            raise TwintuneError(f"recipe key {key!r} must be text, got {value!r}.")
-        return value
-    raise AssertionError(f"unhandled recipe type {kind}")
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise TwintuneError(message)
+_check = check
 
 
 def validate(r: Recipe) -> None:
@@ -238,12 +172,6 @@ def validate(r: Recipe) -> None:
     _check(d.validation_fraction + d.test_fraction < 1, "data.validation_fraction + data.test_fraction must leave examples to train on.")
     _check(d.max_length >= 2, f"recipe key 'data.max_length' must be at least 2, got {d.max_length}.")
     _check(len(r.prompt.labels) >= 2, "recipe key 'prompt.labels' must name at least two labels.")
-    m = r.method
-    _check(m.name == "lora", f"recipe key 'method.name' must be 'lora' (the methods built so far), got {m.name!r}.")
-    _check(m.r > 0, f"recipe key 'method.r' must be a positive rank, got {m.r}.")
-    _check(m.alpha > 0, f"recipe key 'method.alpha' must be positive, got {m.alpha}.")
-    _check(0 <= m.dropout < 1, f"recipe key 'method.dropout' must be in [0, 1), got {m.dropout}.")
-    _check(bool(m.target_modules), "recipe key 'method.target_modules' must not be empty.")
     q = r.quantize
     _check(q.type in ("none", "nf4", "affine"), f"recipe key 'quantize.type' must be none, nf4 or affine, got {q.type!r}.")
     _check(q.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096),

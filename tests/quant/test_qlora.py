@@ -161,7 +161,9 @@ def test_qlora_adapter_is_a_plain_lora_adapter_and_merges_into_a_float_base(back
     spec = GPTNeoSpec.from_config(checkpoint.config)
     weights = gpt_neo_weights(spec, checkpoint.weights)
     quantized = quantize_linear_layers(weights, list(spec.linear_layers()), Quantization("nf4"))
-    merged = run.method.merge(weights, adapter, quantized)
+    from twintune.methods import BaseModel
+
+    merged = run.method.merge(BaseModel(spec, weights, quantized), adapter)
     merged_backend = type(run.backend)(spec, merged)
     ids = run.splits["validation"][0].ids[None, :]
     np.testing.assert_allclose(merged_backend.logits(ids), run.backend.logits(ids), rtol=1e-4, atol=1e-4)

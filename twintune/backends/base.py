@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from twintune.data.batching import Batch
-from twintune.methods import LoRA
+from twintune.methods import Plan
 from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
 
@@ -29,8 +29,9 @@ class Backend(Protocol):
         values, their gradients and the optimizer state are float32 in every dtype. `float64`
         (CPU only) computes everything in float64: the proof that both backends are one algorithm."""
 
-    def apply_method(self, method: LoRA, init: dict[str, np.ndarray]) -> None:
-        """Wrap the targeted layers and set the trainable values to `init`."""
+    def apply_method(self, plan: Plan) -> None:
+        """Perform the plan's surgeries (backends/X/surgery.py): from then on only the values the plan
+        added or unfroze train, starting from the plan's initial values, each at its lr scale."""
 
     def enable_gradient_checkpointing(self) -> None:
         """From now on keep only each block's input for the backward and recompute the block there."""

@@ -1,4 +1,12 @@
-"""Adapters in and out: Hugging Face PEFT layout (adapter_config.json + adapter_model.safetensors)."""
+"""Adapters in and out, for every method, in the method's layout:
+
+- "peft" (LoRA, DoRA, IA3): what `peft.PeftModel.from_pretrained` reads, adapter_config.json +
+  adapter_model.safetensors with `base_model.model.` names;
+- "twintune" (BitFit, last blocks): adapter_config.json naming the method and its keys
+  (`twintune_method`) + adapter_model.safetensors holding the trained tensors under the base's names;
+- "checkpoint" (full fine-tuning): a whole Hugging Face checkpoint (config.json, model.safetensors,
+  tokenizer files) that transformers loads, with the same adapter_config.json beside it.
+"""
 
 from __future__ import annotations
 
@@ -10,39 +18,32 @@ import numpy as np
 from twintune.errors import TwintuneError
 from twintune.formats.checkpoint import read_torch_bin
 from twintune.formats.safetensors_io import read_safetensors, write_atomically, write_safetensors
-from twintune.methods import LoRA, adapted_layers
+from twintune.methods import METHODS, BaseModel, Method, method_from_dict
 from twintune.models import GPTNeoSpec
 
 PEFT_PREFIX = "base_model.model."
 
 
-def save_lora_adapter(directory: str | Path, method: LoRA, state: dict[str, np.ndarray], base_model: str) -> Path:
-    """Write a LoRA adapter that `peft.PeftModel.from_pretrained` can load.
+def save_adapter(directory: str | Path, method: Method, state: dict[str, np.ndarray], base_model: str,
+                 model_dir: str | Path | None = None) -> Path:
+    """Write a method's trained values in its layout (a "checkpoint" layout needs the base's `model_dir`
+    for config.json and the tokenizer).
 
     Example:
-        >>> save_lora_adapter("runs/demo/adapter", recipe.method_spec(), backend.trainable_state(), "EleutherAI/gpt-neo-1.3B")
+        >>> save_adapter("runs/demo/adapter", run.method, run.backend.trainable_state(), "EleutherAI/gpt-neo-1.3B")
+        PosixPath('runs/demo/adapter')
     """
     directory = Path(directory)
-    targets = method.target_modules
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": method.r,
-        "lora_alpha": method.alpha,
-        "lora_dropout": method.dropout,
-        "use_rslora": method.rslora,
-        "target_modules": targets if isinstance(targets, str) else sorted(targets),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "use_dora": False,
-    }
-    write_safetensors(directory / "adapter_model.safetensors",
-                      {PEFT_PREFIX + name: value for name, value in state.items()}, metadata={"format": "pt"})
-    write_json(directory / "adapter_config.json", config)
+    prefix = PEFT_PREFIX if method.layout == "peft" else ""
+    if method.layout == "checkpoint":
+        from twintune.formats.merge import write_checkpoint
+
+        write_checkpoint(directory, model_dir, state)
+        name = "model.safetensors"
+    else:
+        name = "adapter_model.safetensors"
+        write_safetensors(directory / name, {prefix + k: v for k, v in state.items()}, metadata={"format": "pt"})
+    write_json(directory / "adapter_config.json", method.adapter_config(base_model))
     return directory
 
 
@@ -54,126 +55,7 @@ def write_json(path: str | Path, data) -> None:
 
 # --- Adapters in -------------------------------------------------------------------------------
 
-_PEFT_DEFAULT_TARGETS = ("q_proj", "v_proj")  # what PEFT picks for gpt_neo when target_modules is unset
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")  # inits that leave the base weights as they are
-# PEFT options that change what an adapter means (beyond plain LoRA on the listed layers):
-# option -> (value that means "off", what the option is, for the message).
-_UNSUPPORTED_OPTIONS = {
-    "use_dora": (False, "DoRA"),
-    "fan_in_fan_out": (False, "transposed (Conv1D-style) weights"),
-    "bias": ("none", "trained biases"),
-    "lora_bias": (False, "a bias on lora_B"),
-    "modules_to_save": (None, "fully trained extra modules"),
-    "rank_pattern": ({}, "per-layer ranks"),
-    "alpha_pattern": ({}, "per-layer alphas"),
-    "layers_to_transform": (None, "adapting only some blocks"),
-    "exclude_modules": (None, "excluded modules"),
-    "trainable_token_indices": (None, "trained token embeddings"),
-    "layer_replication": (None, "replicated layers"),
-    "target_parameters": (None, "adapted parameters"),
-    "use_qalora": (False, "QA-LoRA"),
-    "alora_invocation_tokens": (None, "activated LoRA (aLoRA)"),
-    "megatron_config": (None, "Megatron layers"),
-    "use_bdlora": (None, "block-diagonal LoRA"),
-    "arrow_config": (None, "Arrow routing"),
-    "kasa_config": (None, "KaSA"),
-    "velora_config": (None, "VeLoRA"),
-    "monteclora_config": (None, "MonteCLoRA"),
-}
-
-
-def _is_off(value, off) -> bool:
-    """Whether an option is at its neutral value (null, or an empty list/dict, counts as unset)."""
-    if value is None or (isinstance(value, (list, dict, str)) and not value):
-        return True
-    return type(value) is type(off) and value == off
-
-
-def _lora_from_config(config: dict, where: Path) -> LoRA:
-    """Our LoRA spec from a PEFT adapter_config.json dict, refusing what plain LoRA cannot express."""
-    peft_type = config.get("peft_type")
-    if peft_type is None:
-        raise TwintuneError(f"adapter {where} names no peft_type in adapter_config.json; twintune loads LoRA "
-                            "adapters (peft_type 'LORA') only.")
-    if peft_type != "LORA":
-        raise TwintuneError(f"adapter {where} is a PEFT {peft_type!r} adapter; twintune loads LoRA adapters "
-                            "(peft_type 'LORA') only.")
-    for option, (off, meaning) in _UNSUPPORTED_OPTIONS.items():
-        value = config.get(option, off)
-        if not _is_off(value, off):
-            raise TwintuneError(f"adapter {where} sets {option}={value!r} ({meaning}), which twintune does not "
-                                f"support; only plain LoRA adapters load.")
-    init = config.get("init_lora_weights", True)
-    if not any(init is v or (isinstance(v, str) and init == v) for v in _PLAIN_INITS):
-        raise TwintuneError(f"adapter {where} sets init_lora_weights={init!r}, which changes the base model's "
-                            "weights; convert it to a plain LoRA adapter first (PEFT's "
-                            "path_initial_model_for_weight_conversion).")
-
-    r = config.get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise TwintuneError(f"adapter {where} has rank r={r!r}; it must be a positive integer.")
-    alpha = config.get("lora_alpha", 8)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise TwintuneError(f"adapter {where} has lora_alpha={alpha!r}; it must be a positive number.")
-    dropout = config.get("lora_dropout", 0.0)
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise TwintuneError(f"adapter {where} has lora_dropout={dropout!r}; it must be in [0, 1).")
-    rslora = config.get("use_rslora", False)
-    if not isinstance(rslora, bool):
-        raise TwintuneError(f"adapter {where} has use_rslora={rslora!r}; it must be true or false.")
-
-    targets = config.get("target_modules")
-    if targets is None:
-        targets = _PEFT_DEFAULT_TARGETS
-    elif targets == "all-linear":
-        targets = GPTNeoSpec.LINEAR_NAMES
-    elif isinstance(targets, str):
-        pass  # a regex, matched against the full layer name as PEFT does
-    elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
-        targets = tuple(sorted(set(targets)))
-    else:
-        raise TwintuneError(f"adapter {where} has target_modules={targets!r}; it must be a list of module "
-                            "names or one regex.")
-    return LoRA(r=r, alpha=float(alpha), dropout=float(dropout), target_modules=targets, rslora=rslora)
-
-
-def _read_adapter_weights(directory: Path) -> dict[str, np.ndarray]:
-    safetensors_path = directory / "adapter_model.safetensors"
-    if safetensors_path.exists():
-        return read_safetensors(safetensors_path)
-    bin_path = directory / "adapter_model.bin"
-    if bin_path.exists():
-        return read_torch_bin(bin_path)
-    raise TwintuneError(f"adapter directory {directory} has no adapter_model.safetensors (or adapter_model.bin).")
-
-
-def _twintune_name(name: str) -> str | None:
-    """`base_model.model.X.lora_A[.default].weight` -> `X.lora_A.weight`; None for a non-LoRA tensor."""
-    name = name.removeprefix(PEFT_PREFIX)
-    for part in ("lora_A", "lora_B"):
-        for suffix in (f".{part}.weight", f".{part}.default.weight"):
-            if name.endswith(suffix) and len(name) > len(suffix):
-                return name[: -len(suffix)] + f".{part}.weight"
-    return None
-
-
-def load_lora_adapter(directory: str | Path, spec: GPTNeoSpec) -> tuple[LoRA, dict[str, np.ndarray]]:
-    """Read a Hugging Face PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for a model.
-
-    Returns our LoRA spec (r, alpha, dropout, target modules, rsLoRA) and the adapter values named
-    as the backends name them (`transformer.h.0.attn.attention.q_proj.lora_A.weight`, float32, float64 if saved so),
-    checked against the model: every tensor must belong to a linear layer the model has, with its
-    shape, every adapted layer needs its lora_A and lora_B, and the layers must be exactly those
-    the config's target_modules select. An `adapter_model.bin` is read only through
-    `torch.load(weights_only=True)`. Anything else is refused with a TwintuneError.
-
-    Example:
-        >>> method, state = load_lora_adapter("runs/demo/adapter", run.spec)
-        >>> method.r, sorted(state)[0]
-        (8, 'transformer.h.0.attn.attention.k_proj.lora_A.weight')
-        >>> run.backend.set_trainable_state(state)   # a run prepared with the same method settings
-    """
-    directory = Path(directory)
+def read_adapter_config(directory: Path) -> dict:
     if not directory.is_dir():
         raise TwintuneError(f"adapter directory {directory} does not exist.")
     config_path = directory / "adapter_config.json"
@@ -187,93 +69,100 @@ def load_lora_adapter(directory: str | Path, spec: GPTNeoSpec) -> tuple[LoRA, di
         raise TwintuneError(f"{config_path} could not be read ({e.strerror or type(e).__name__}).") from None
     if not isinstance(config, dict):
         raise TwintuneError(f"{config_path} must hold a JSON object of adapter settings.")
-    method = _lora_from_config(config, directory)
+    return config
 
+
+def method_of_adapter(config: dict, where: Path) -> Method:
+    """The method an adapter_config.json describes: twintune's own layouts name it, PEFT's by peft_type."""
+    if "twintune_method" in config:
+        name = config["twintune_method"]
+        if name not in METHODS:
+            raise TwintuneError(f"adapter {where} was saved by method {name!r}, which this twintune does not have.")
+        keys = {k: v for k, v in config.items() if k not in ("twintune_method", "name", "base_model_name_or_path")}
+        return method_from_dict({"name": name, **keys}, where=f"{where / 'adapter_config.json'}: method")
+    peft_type = config.get("peft_type")
+    if peft_type is None:
+        raise TwintuneError(f"adapter {where} names no peft_type in adapter_config.json; twintune loads PEFT "
+                            f"adapters of type {', '.join(_peft_types())} and its own.")
+    for cls in METHODS.values():
+        if cls.peft_type == peft_type:
+            return cls.from_adapter_config(config, where)
+    raise TwintuneError(f"adapter {where} is a PEFT {peft_type!r} adapter; twintune loads PEFT adapters of type "
+                        f"{', '.join(_peft_types())}.")
+
+
+def _peft_types() -> list[str]:
+    return sorted({cls.peft_type for cls in METHODS.values() if cls.peft_type})
+
+
+def _read_adapter_weights(directory: Path, method: Method) -> dict[str, np.ndarray]:
+    if method.layout == "checkpoint":
+        if not (directory / "model.safetensors").exists():
+            raise TwintuneError(f"adapter directory {directory} has no model.safetensors (a full fine-tuning result).")
+        return read_safetensors(directory / "model.safetensors")
+    safetensors_path = directory / "adapter_model.safetensors"
+    if safetensors_path.exists():
+        return read_safetensors(safetensors_path)
+    bin_path = directory / "adapter_model.bin"
+    if bin_path.exists():
+        return read_torch_bin(bin_path)
+    raise TwintuneError(f"adapter directory {directory} has no adapter_model.safetensors (or adapter_model.bin).")
+
+
+def our_name(name: str) -> str:
+    """A saved tensor's name as the backends name it: no `base_model.model.` prefix, no PEFT adapter
+    name (`.default`), and DoRA's magnitude without the `.weight` PEFT keeps in memory."""
+    name = name.removeprefix(PEFT_PREFIX).replace(".default.", ".").removesuffix(".default")
+    return name.replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
+
+
+def load_adapter(directory: str | Path, spec: GPTNeoSpec) -> tuple[Method, dict[str, np.ndarray]]:
+    """Read an adapter of any method (twintune's or PEFT's) for a model: the method with its settings,
+    and the trained values named as the backends name them (float32; float64 if saved so).
+
+    Every tensor is checked against the model: it must be one the method's settings give this
+    model, with its shape, and none may be missing. An `adapter_model.bin` is read only through
+    `torch.load(weights_only=True)`. Anything else is refused with a TwintuneError.
+
+    Example:
+        >>> method, state = load_adapter("runs/demo/adapter", run.spec)
+        >>> method.name, sorted(state)[0]
+        ('lora', 'transformer.h.0.attn.attention.k_proj.lora_A.weight')
+    """
+    directory = Path(directory)
+    method = method_of_adapter(read_adapter_config(directory), directory)
+    expected = method.shapes(BaseModel(spec, {}))
     layers = spec.linear_layers()
     state: dict[str, np.ndarray] = {}
-    for name, array in _read_adapter_weights(directory).items():
-        ours = _twintune_name(name)
-        if ours is None:
-            raise TwintuneError(f"adapter tensor {name!r} is not a LoRA lora_A/lora_B weight; twintune loads "
-                                "plain LoRA adapters only.")
-        layer, part = ours.rsplit(".lora_", 1)
-        if layer not in layers:
+    for name, array in _read_adapter_weights(directory, method).items():
+        ours = our_name(name)
+        if method.layout == "checkpoint":
+            ours = ours if ours.startswith("transformer.") else f"transformer.{ours}"
+            if ours == "transformer.lm_head.weight" or ours.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # tied to wte / transformers' mask buffers
+        layer, part = method.split_name(ours)
+        if part is None:
+            raise TwintuneError(f"adapter tensor {name!r} is not a {method.weight_kinds} weight; twintune loads "
+                                f"{method.name} adapters with those tensors only.")
+        if layer and layer not in layers and not any(k.startswith(layer + ".") for k in expected):
             raise TwintuneError(f"adapter tensor {name!r} names layer {layer!r}, which this model does not have; "
                                 "was the adapter trained on a different base model?")
+        if ours not in expected:
+            raise TwintuneError(f"adapter has weights for layer {layer!r}, which its {method.selection} do not select.")
         if ours in state:
             raise TwintuneError(f"adapter holds two tensors for {ours!r} under different names (e.g. with and "
                                 "without '.default').")
         if not np.issubdtype(array.dtype, np.floating):
-            raise TwintuneError(f"adapter tensor {name!r} has dtype {array.dtype}; LoRA weights must be "
+            raise TwintuneError(f"adapter tensor {name!r} has dtype {array.dtype}; {method.title} weights must be "
                                 "floating point.")
-        out_features, in_features = layers[layer]
-        expected = (method.r, in_features) if part == "A.weight" else (out_features, method.r)
-        if tuple(array.shape) != expected:
+        if tuple(array.shape) != tuple(expected[ours]):
+            size = f" ({layers[layer][0]}x{layers[layer][1]})" if layer in layers else ""
             raise TwintuneError(f"adapter tensor {name!r} has shape {tuple(array.shape)} but layer {layer!r} of this "
-                                f"model ({out_features}x{in_features}) with r={method.r} needs {expected}; the "
-                                "adapter does not match this base model.")
+                                f"model{size}{method.layer_detail(layer)} needs {tuple(expected[ours])}; the adapter "
+                                "does not match this base model.")
         # float64 (a float64 run's adapter) stays float64; half precision is widened to float32
         state[ours] = np.ascontiguousarray(array, dtype=np.float64 if array.dtype == np.float64 else np.float32)
-
-    adapted = adapted_layers(state)
-    for layer in adapted:
-        for part in ("lora_A", "lora_B"):
-            if f"{layer}.{part}.weight" not in state:
-                raise TwintuneError(f"adapter has no {part} weight for layer {layer!r}; every adapted layer needs "
-                                    "both lora_A and lora_B.")
-    targets = method.targets(layers)
-    missing = sorted(set(targets) - set(adapted))
+    missing = [k for k in expected if k not in state]
     if missing:
-        raise TwintuneError(f"adapter has no lora_A/lora_B weights for layer {missing[0]!r}, which its "
-                            f"target_modules select ({len(missing)} such layers).")
-    extra = sorted(set(adapted) - set(targets))
-    if extra:
-        raise TwintuneError(f"adapter has weights for layer {extra[0]!r}, which its target_modules "
-                            f"{config.get('target_modules')!r} do not select.")
+        raise TwintuneError(method.missing_message(missing, state))
     return method, state
-
-
-def run_and_new_output(run_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
-    """A run directory and an output directory that is new or empty, or the sentence saying which is not."""
-    run_dir, out = Path(run_dir), Path(out_dir)
-    if not (run_dir / "recipe.json").exists():
-        raise TwintuneError(f"{run_dir} is not a run directory: it has no recipe.json.")
-    if out.exists() and any(out.iterdir()):
-        raise TwintuneError(f"output directory {out} is not empty; choose another --out (nothing was written).")
-    return run_dir, out
-
-
-def export_run_adapter(run_dir: str | Path, fmt: str, out_dir: str | Path) -> Path:
-    """A run's adapter in `fmt`: "peft" (copied as saved), or "mlx-lm" (for models of mlx-lm's families).
-
-    Example:
-        >>> export_run_adapter("runs/demo", "peft", "adapters/demo")
-        PosixPath('adapters/demo')
-    """
-    import shutil
-
-    run_dir, out = run_and_new_output(run_dir, out_dir)
-    if fmt == "mlx-lm":
-        return _export_mlx_lm(run_dir, out)
-    if fmt != "peft":
-        raise TwintuneError(f"export format {fmt!r} is unknown; choose peft or mlx-lm.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(run_dir / "adapter", out, dirs_exist_ok=True)
-    return out
-
-
-def _export_mlx_lm(run_dir: Path, out: Path) -> Path:
-    from twintune.formats.checkpoint import load_config
-    from twintune.formats.mlx_lm_adapter import write_mlx_lm_adapter
-    from twintune.models import mlx_lm_has_family
-    from twintune.recipe import load_recipe
-    from twintune.train.runs import open_run
-
-    config = load_config(load_recipe(run_dir / "recipe.json").model)
-    model_type = config.get("model_type")
-    if not mlx_lm_has_family(model_type):
-        raise TwintuneError(f"mlx-lm has no {model_type!r} model family, so it cannot load this run's adapter; "
-                            f"{run_dir / 'adapter'} is a Hugging Face PEFT adapter (--format peft).")
-    run = open_run(run_dir, "mlx", with_data=False)  # the adapter checked against the model, as for eval
-    layers = config.get("num_hidden_layers") or config.get("n_layer")
-    return write_mlx_lm_adapter(out, run.backend.trainable_state(), run.method, num_layers=int(layers))

@@ -19,9 +19,9 @@ from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder, eval_ba
 from twintune.data.sources import load_examples, stratified_split
 from twintune.dropout import dropout_key
 from twintune.errors import TwintuneError
-from twintune.formats.adapter import save_lora_adapter, write_json
+from twintune.formats.adapter import save_adapter, write_json
 from twintune.formats.checkpoint import load_checkpoint, load_config, load_tokenizer, resolve_model_dir
-from twintune.methods import LoRA
+from twintune.methods import BaseModel, Method, Plan
 from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.quant import SUPPORTED, quantize_linear_layers
 from twintune.recipe import Recipe
@@ -39,7 +39,9 @@ class Run:
     recipe: Recipe
     backend: object
     spec: GPTNeoSpec
-    method: LoRA
+    method: Method
+    plan: Plan
+    base: BaseModel
     encoder: Encoder
     splits: dict[str, list[Encoded]]
     order: TrainOrder | None
@@ -70,14 +72,20 @@ def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) 
     spec = GPTNeoSpec.from_config(checkpoint.config)
     weights = gpt_neo_weights(spec, checkpoint.weights)
     tokenizer = load_tokenizer(checkpoint.directory)
-    method = recipe.method_spec()
-    init = method.init_values(spec.linear_layers(), recipe.seed)
+    base = base_model(recipe, spec, weights)
+    plan = recipe.method.plan(base, recipe.seed)  # before the model is built: a refused method costs nothing
+    engine = cls(spec, base.weights, quantized=base.quantized, dtype=recipe.dtype)
+    return _finish(recipe, engine, base, plan, tokenizer, spec.max_positions, checkpoint.directory, with_data)
+
+
+def base_model(recipe: Recipe, spec: GPTNeoSpec, weights: dict[str, np.ndarray]) -> BaseModel:
+    """The frozen model a recipe's method plans on: NF4 layers quantized once here (both backends
+    get these bytes); their float weights are dropped."""
     quantization = recipe.quantization()
     quantized = {}
-    if quantization and quantization.kind == "nf4":  # quantized once here; both backends get these bytes
+    if quantization and quantization.kind == "nf4":
         quantized = quantize_linear_layers(weights, list(spec.linear_layers()), quantization)
-    engine = cls(spec, weights, quantized=quantized, dtype=recipe.dtype)
-    return _finish(recipe, engine, spec, method, init, tokenizer, spec.max_positions, checkpoint.directory, with_data)
+    return BaseModel(spec, weights, quantized, quantization, recipe.dtype)
 
 
 def backend_cannot_run(recipe: Recipe, backend: str) -> str | None:
@@ -100,15 +108,14 @@ def _prepare_mlx_lm_model(recipe: Recipe, model_type: str, name: str, cls, with_
                             "quantize.type=affine (MLX's own) or none.")
     directory = resolve_model_dir(recipe.model)
     engine = cls.from_mlx_lm(directory, dtype=recipe.dtype)
-    spec = engine.spec
-    method = recipe.method_spec()
-    init = method.init_values(spec.linear_layers(), recipe.seed)
-    return _finish(recipe, engine, spec, method, init, load_tokenizer(directory), spec.max_positions, directory,
+    base = BaseModel(engine.spec, engine.base_weights(), {}, recipe.quantization(), recipe.dtype)
+    plan = recipe.method.plan(base, recipe.seed)
+    return _finish(recipe, engine, base, plan, load_tokenizer(directory), engine.spec.max_positions, directory,
                    with_data)
 
 
-def _finish(recipe: Recipe, engine, spec, method: LoRA, init: dict[str, np.ndarray], tokenizer, max_positions: int,
-            model_dir: Path, with_data: bool) -> Run:
+def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_positions: int, model_dir: Path,
+            with_data: bool) -> Run:
     """Data, the adapter and the optimizer on a built model: the same for every model."""
     d = recipe.data
     labels = tuple(recipe.prompt.labels)
@@ -129,14 +136,15 @@ def _finish(recipe: Recipe, engine, spec, method: LoRA, init: dict[str, np.ndarr
     quantization = recipe.quantization()
     if quantization and quantization.kind == "affine":
         engine.quantize_affine(quantization.bits, quantization.group_size)
-    engine.apply_method(method, init)
+    engine.apply_method(plan)
     if t.gradient_checkpointing:
         engine.enable_gradient_checkpointing()
     if t.compile:
         engine.enable_compile()
     engine.set_optimizer(tuple(t.betas), t.eps, t.weight_decay)
     scaler = LossScaler() if recipe.dtype == "float16" else None
-    return Run(recipe, engine, spec, method, encoder, splits, order, total_steps, Path(model_dir), scaler)
+    return Run(recipe, engine, base.spec, recipe.method, plan, base, encoder, splits, order, total_steps,
+               Path(model_dir), scaler)
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -281,7 +289,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         bar.close()
 
     trained = run.backend.trainable_state()
-    save_lora_adapter(out / "adapter", run.method, trained, recipe.model)
+    save_adapter(out / "adapter", run.method, trained, recipe.model, run.model_dir)
     losses = [line["loss"] for line in history["log"] if "loss" in line]
     evals = [line for line in history["log"] if "val_accuracy" in line]
     seconds = history["train_seconds"]

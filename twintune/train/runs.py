@@ -1,4 +1,5 @@
-"""Finished runs reopened: evaluate them on a split, or predict labels for new texts.
+"""Finished runs reopened: evaluate them on a split, predict labels for new texts, merge their
+adapter into the base, export it in another tool's format.
 
 A target is a run directory (recipe.json + adapter/, as `twintune train` writes) or a recipe
 file (the base model with the recipe's method at its initial values, i.e. before training).
@@ -6,14 +7,18 @@ file (the base model with the recipe's method at its initial values, i.e. before
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from twintune.errors import TwintuneError
-from twintune.formats.adapter import load_lora_adapter
+from twintune.formats.adapter import load_adapter
+from twintune.formats.checkpoint import load_checkpoint, load_config
+from twintune.formats.merge import write_checkpoint
+from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.recipe import load_recipe
-from twintune.train.loop import Run, evaluate, predict, prepare
+from twintune.train.loop import Run, base_model, evaluate, predict, prepare
 
 
 def open_run(target: str | Path, backend: str | None = None, with_data: bool = True) -> Run:
@@ -31,13 +36,21 @@ def open_run(target: str | Path, backend: str | None = None, with_data: bool = T
     if not (path / "recipe.json").exists():
         raise TwintuneError(f"{path} is not a run directory: it has no recipe.json.")
     run = prepare(load_recipe(path / "recipe.json"), backend, with_data)
-    _, state = load_lora_adapter(path / "adapter", run.spec)
-    expected = run.backend.trainable_state()
-    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
-        raise TwintuneError(f"the adapter in {path / 'adapter'} does not fit the run's recipe "
-                            "(different target modules or rank).")
+    method, state = load_adapter(path / "adapter", run.spec)
+    check_adapter_fits(method, state, run, path / "adapter")
     run.backend.set_trainable_state(state)
     return run
+
+
+def check_adapter_fits(method, state: dict[str, np.ndarray], run: Run, where: Path) -> None:
+    """An adapter loads into a run only if it is the run's method with the same trainable values."""
+    if method.name != run.method.name:
+        raise TwintuneError(f"the adapter in {where} is a {method.name} adapter, but the run's recipe trains "
+                            f"method {run.method.name}.")
+    expected = run.backend.trainable_state()
+    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
+        raise TwintuneError(f"the adapter in {where} does not fit the run's recipe "
+                            "(different target modules, rank or blocks).")
 
 
 def evaluate_target(target: str | Path, split: str = "validation", backend: str | None = None) -> dict:
@@ -77,6 +90,84 @@ def predict_texts(target: str | Path, texts: list[str], backend: str | None = No
             for text, k, p in zip(texts, predicted, probabilities)]
 
 
+def run_and_new_output(run_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
+    """A run directory and an output directory that is new or empty, or the sentence saying which is not."""
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if not (run_dir / "recipe.json").exists():
+        raise TwintuneError(f"{run_dir} is not a run directory: it has no recipe.json.")
+    if out.exists() and any(out.iterdir()):
+        raise TwintuneError(f"output directory {out} is not empty; choose another --out (nothing was written).")
+    return run_dir, out
+
+
+def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Fold a run's trained values into its base and write a Hugging Face checkpoint in `out_dir`.
+
+    A run trained on an NF4 base merges into that base dequantized (float32), the weights the
+    adapter was trained against; re-quantizing would round the update away. A run trained in
+    bfloat16 or float16 (`dtype`) merges into the float32 base as well.
+
+    Example:
+        >>> merge_run("runs/demo", "models/demo-merged")   # then GPTNeoForCausalLM.from_pretrained(...)
+        PosixPath('models/demo-merged')
+    """
+    run_dir, out = run_and_new_output(run_dir, out_dir)
+    recipe = load_recipe(run_dir / "recipe.json")
+    quantization = recipe.quantization()
+    if quantization and quantization.kind == "affine":
+        raise TwintuneError("merging a run trained on MLX's affine-quantized base is not supported; "
+                            "train with quantize.type=nf4 or none to merge.")
+    model_type = load_config(recipe.model).get("model_type")
+    if model_type != "gpt_neo":
+        raise TwintuneError(f"merge writes GPT-Neo checkpoints; this run's model is {model_type!r} "
+                            "(an mlx-lm model): export the adapter with --format mlx-lm and fuse it with mlx-lm.")
+    checkpoint = load_checkpoint(recipe.model)
+    spec = GPTNeoSpec.from_config(checkpoint.config)
+    base = base_model(recipe, spec, gpt_neo_weights(spec, checkpoint.weights))
+    method, adapter = load_adapter(run_dir / "adapter", spec)
+    if method.name != recipe.method.name:
+        raise TwintuneError(f"the adapter in {run_dir / 'adapter'} is a {method.name} adapter, but the run's recipe "
+                            f"trains method {recipe.method.name}.")
+    return write_checkpoint(out, checkpoint.directory, method.merge(base, adapter))
+
+
+def export_run_adapter(run_dir: str | Path, fmt: str, out_dir: str | Path) -> Path:
+    """A run's adapter in `fmt`: "peft" (copied as saved), or "mlx-lm" (for models of mlx-lm's families).
+
+    Example:
+        >>> export_run_adapter("runs/demo", "peft", "adapters/demo")
+        PosixPath('adapters/demo')
+    """
+    run_dir, out = run_and_new_output(run_dir, out_dir)
+    if fmt == "mlx-lm":
+        return _export_mlx_lm(run_dir, out)
+    if fmt != "peft":
+        raise TwintuneError(f"export format {fmt!r} is unknown; choose peft or mlx-lm.")
+    method = load_recipe(run_dir / "recipe.json").method
+    if method.layout != "peft":
+        raise TwintuneError(f"method {method.name} has no PEFT format (PEFT does not have it); its adapter is in "
+                            f"{run_dir / 'adapter'}, in twintune's layout.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(run_dir / "adapter", out, dirs_exist_ok=True)
+    return out
+
+
+def _export_mlx_lm(run_dir: Path, out: Path) -> Path:
+    from twintune.formats.mlx_lm_adapter import write_mlx_lm_adapter
+
+    recipe = load_recipe(run_dir / "recipe.json")
+    config = load_config(recipe.model)
+    model_type = config.get("model_type")
+    if not mlx_lm_has_family(model_type):
+        raise TwintuneError(f"mlx-lm has no {model_type!r} model family, so it cannot load this run's adapter; "
+                            f"{run_dir / 'adapter'} is a Hugging Face PEFT adapter (--format peft).")
+    if recipe.method.name != "lora":
+        raise TwintuneError(f"export to mlx-lm writes LoRA adapters; this run's method is {recipe.method.name}.")
+    run = open_run(run_dir, "mlx", with_data=False)  # the adapter checked against the model, as for eval
+    layers = config.get("num_hidden_layers") or config.get("n_layer")
+    return write_mlx_lm_adapter(out, run.backend.trainable_state(), run.method, num_layers=int(layers))
+
+
 def format_report(report: dict) -> str:
     """A readable table of an evaluation report."""
     labels = report["labels"]
@@ -91,4 +182,3 @@ def format_report(report: dict) -> str:
     for label, row in zip(labels, report["confusion"]):
         lines.append(f"{label:{width}}" + "".join(f"{n:>{width}}" for n in row))
     return "\n".join(lines)
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+from collections.abc import Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -11,12 +12,12 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from twintune.backends.base import adamw_update, gradient_factor, trainable_dtype
 from twintune.backends.mlx.gpt_neo import GPTNeoForCausalLM, logsumexp
-from twintune.backends.mlx.lora import apply_lora, get_submodule, set_submodule
 from twintune.backends.mlx.nf4 import NF4Linear
+from twintune.backends.mlx.surgery import apply_plan, get_submodule, set_submodule
 from twintune.data.batching import Batch
 from twintune.dropout import dropout_masks
 from twintune.errors import TwintuneError
-from twintune.methods import LoRA
+from twintune.methods import Plan
 from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
 
@@ -28,6 +29,22 @@ def _check_dtype(dtype: str) -> None:
     if dtype == "float64" and mx.default_device() != mx.cpu:
         raise TwintuneError("dtype float64 runs on the CPU only: Apple GPUs (Metal) have no float64 arithmetic. "
                             "It is the proof mode in which both backends agree to 1e-9; train with float32 here.")
+
+
+class WeightsAsNumpy(Mapping):
+    """A model's arrays as a read-only mapping of numpy float32 arrays, each converted when read."""
+
+    def __init__(self, arrays: dict[str, mx.array]):
+        self.arrays = arrays
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return np.array(self.arrays[name].astype(mx.float32))
+
+    def __iter__(self):
+        return iter(self.arrays)
+
+    def __len__(self) -> int:
+        return len(self.arrays)
 
 
 class MLXBackend:
@@ -58,7 +75,7 @@ class MLXBackend:
 
         Example:
             >>> backend = MLXBackend.from_model(load_mlx_lm_model("~/models/Qwen2.5-0.5B"))
-            >>> backend.apply_method(lora, lora.init_values(backend.spec.linear_layers(), seed=0))
+            >>> backend.apply_method(LoRA(r=8).plan(BaseModel(backend.spec, backend.base_weights()), seed=0))
         """
         from twintune.backends.mlx.mlx_lm_model import MLXLMSpec
 
@@ -85,6 +102,7 @@ class MLXBackend:
 
     def _start(self) -> None:
         self.grads = None
+        self.lr_scales = {}
         self.step = 0
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
 
@@ -96,9 +114,17 @@ class MLXBackend:
         self.model.freeze()
         mx.eval(self.model.parameters())
 
-    def apply_method(self, method: LoRA, init: dict[str, np.ndarray]) -> None:
-        dtype = np.float64 if self.precise == mx.float64 else np.float32
-        apply_lora(self.model, method, {k: v.astype(dtype) for k, v in init.items()})
+    def apply_method(self, plan: Plan) -> None:
+        apply_plan(self.model, plan, np.float64 if self.precise == mx.float64 else np.float32)
+        self.lr_scales = dict(plan.lr_scales)
+
+    def base_weights(self) -> "WeightsAsNumpy":
+        """The model's weights by name, as float32 numpy when read (for planning on a model built elsewhere).
+
+        Example:
+            >>> backend.apply_method(LoRA(r=8).plan(BaseModel(backend.spec, backend.base_weights()), seed=0))
+        """
+        return WeightsAsNumpy(dict(tree_flatten(self.model.parameters())))
 
     def enable_gradient_checkpointing(self) -> None:
         if not hasattr(self.model, "transformer"):
@@ -166,7 +192,8 @@ class MLXBackend:
         for name, p in params.items():
             g = grads[name] * factor if factor != 1.0 else grads[name]
             p, self.m[name], self.v[name] = adamw_update(
-                p, g, self.m[name], self.v[name], self.step, lr, self.betas, self.eps, self.weight_decay, mx.sqrt)
+                p, g, self.m[name], self.v[name], self.step, lr * self.lr_scales.get(name, 1.0), self.betas, self.eps,
+                self.weight_decay, mx.sqrt)
             updated.append((name, p))
         self.model.update(tree_unflatten(updated))
         mx.eval(self.model.trainable_parameters(), self.m, self.v)

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from twintune.backends.base import adamw_update, gradient_factor, trainable_dtype
 from twintune.backends.torch.gpt_neo import GPTNeoForCausalLM
-from twintune.backends.torch.lora import apply_lora
+from twintune.backends.torch.surgery import apply_plan
 from twintune.data.batching import Batch
 from twintune.dropout import dropout_masks
 from twintune.errors import TwintuneError
-from twintune.methods import LoRA
+from twintune.methods import Plan
 from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
 
@@ -71,12 +71,12 @@ class TorchBackend:
         self.model.requires_grad_(False)
         self.model.eval()
         self.step = 0
+        self.lr_scales = {}
         _return_freed_memory_to_the_os(trim=True)
 
-    def apply_method(self, method: LoRA, init: dict[str, np.ndarray]) -> None:
-        dtype = np.float64 if self.precise == torch.float64 else np.float32
-        apply_lora(self.model, method, {k: v.astype(dtype) for k, v in init.items()})
-        self.model.to(self.device)
+    def apply_method(self, plan: Plan) -> None:
+        apply_plan(self.model, plan, np.float64 if self.precise == torch.float64 else np.float32, self.device)
+        self.lr_scales = dict(plan.lr_scales)
 
     def enable_gradient_checkpointing(self) -> None:
         self.model.checkpoint_blocks()
@@ -143,7 +143,8 @@ class TorchBackend:
         for name, p in params.items():
             g = p.grad * factor if factor != 1.0 else p.grad
             new_p, self.m[name], self.v[name] = adamw_update(
-                p, g, self.m[name], self.v[name], self.step, lr, self.betas, self.eps, self.weight_decay, torch.sqrt)
+                p, g, self.m[name], self.v[name], self.step, lr * self.lr_scales.get(name, 1.0), self.betas, self.eps,
+                self.weight_decay, torch.sqrt)
             p.copy_(new_p)
             p.grad = None
         return norm

@@ -1,0 +1,68 @@
+"""The plan's surgeries, performed on an MLX model (the mirror of backends/torch/surgery.py).
+
+Two kinds so far: WRAP puts a method's layer module (backends/mlx/methods/) around a linear layer;
+UNFREEZE lets a base parameter train as it is. Nothing here knows a method by name.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_unflatten
+
+from twintune.backends.mlx.methods import LAYERS
+from twintune.dropout import dropout_stream
+from twintune.methods import UNFREEZE, WRAP, Plan, Surgery
+
+
+def get_submodule(model: nn.Module, name: str) -> nn.Module:
+    """The module at a dotted path such as 'transformer.h.0.mlp.c_fc' (torch's get_submodule)."""
+    node = model
+    for part in name.split("."):
+        node = node[int(part)] if isinstance(node, list) else getattr(node, part)
+    return node
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, attr = name.rsplit(".", 1)
+    setattr(get_submodule(model, parent_name), attr, module)
+
+
+def exact_array(values: np.ndarray) -> mx.array:
+    """numpy -> MLX keeping float64 (mx.array alone rounds float64 to float32)."""
+    return mx.array(values, dtype=mx.float64) if values.dtype == np.float64 else mx.array(values)
+
+
+def apply_plan(model: nn.Module, plan: Plan, dtype: np.dtype) -> None:
+    """Freeze the model, then perform each surgery with its initial values in `dtype` (the
+    trainable dtype); only what the plan added or unfroze trains."""
+    model.freeze()
+    for surgery in plan.surgeries:
+        values = {name: exact_array(np.asarray(v).astype(dtype)) for name, v in surgery.values.items()}
+        if surgery.kind == WRAP:
+            wrap(model, surgery, values)
+        elif surgery.kind == UNFREEZE:
+            unfreeze(model, surgery.target, values[surgery.target])
+        else:
+            raise ValueError(f"surgery kind {surgery.kind!r} is not built on the MLX backend")
+    mx.eval(model.parameters())
+
+
+def wrap(model: nn.Module, surgery: Surgery, values: dict[str, mx.array]) -> None:
+    """Put the surgery's layer module around the linear layer and give it its initial values."""
+    base_layer = get_submodule(model, surgery.target)
+    prefix = surgery.target + "."
+    own = {name[len(prefix):]: value for name, value in values.items()}
+    layer = LAYERS[surgery.module](base_layer, own, dict(surgery.options), dropout_stream(surgery.target))
+    layer.update(tree_unflatten(list(own.items())))
+    base_layer.freeze()
+    set_submodule(model, surgery.target, layer)
+
+
+def unfreeze(model: nn.Module, name: str, value: mx.array) -> None:
+    """A base parameter trains from `value` (its own numbers, in the trainable dtype)."""
+    module_name, attr = name.rsplit(".", 1)
+    module = get_submodule(model, module_name)
+    module[attr] = value
+    module.unfreeze(recurse=False, keys=[attr])

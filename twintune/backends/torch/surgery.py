@@ -1,0 +1,51 @@
+"""The plan's surgeries, performed on a torch model (the mirror of backends/mlx/surgery.py).
+
+Two kinds so far: WRAP puts a method's layer module (backends/torch/methods/) around a linear
+layer; UNFREEZE lets a base parameter train as it is. Nothing here knows a method by name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from twintune.backends.torch.methods import LAYERS
+from twintune.dropout import dropout_stream
+from twintune.methods import UNFREEZE, WRAP, Plan, Surgery
+
+
+def apply_plan(model: nn.Module, plan: Plan, dtype: np.dtype, device: torch.device) -> None:
+    """Freeze the model, then perform each surgery with its initial values in `dtype` (the
+    trainable dtype); only what the plan added or unfroze trains."""
+    model.requires_grad_(False)
+    for surgery in plan.surgeries:
+        values = {name: torch.from_numpy(np.ascontiguousarray(v, dtype=dtype)).to(device)
+                  for name, v in surgery.values.items()}
+        if surgery.kind == WRAP:
+            wrap(model, surgery, values)
+        elif surgery.kind == UNFREEZE:
+            unfreeze(model, surgery.target, values[surgery.target])
+        else:
+            raise ValueError(f"surgery kind {surgery.kind!r} is not built on the torch backend")
+
+
+def wrap(model: nn.Module, surgery: Surgery, values: dict[str, torch.Tensor]) -> None:
+    """Put the surgery's layer module around the linear layer and give it its initial values."""
+    parent_name, attr = surgery.target.rsplit(".", 1)
+    parent = model.get_submodule(parent_name)
+    base_layer = getattr(parent, attr)
+    prefix = surgery.target + "."
+    own = {name[len(prefix):]: value for name, value in values.items()}
+    layer = LAYERS[surgery.module](base_layer, own, dict(surgery.options), dropout_stream(surgery.target))
+    layer.load_state_dict(own, strict=False, assign=True)
+    for name, parameter in layer.named_parameters():
+        parameter.requires_grad_(name in own)
+    setattr(parent, attr, layer)
+
+
+def unfreeze(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """A base parameter trains from `value` (its own numbers, in the trainable dtype)."""
+    module_name, attr = name.rsplit(".", 1)
+    module = model.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(value, requires_grad=True))

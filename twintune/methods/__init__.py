@@ -1,0 +1,75 @@
+"""The fine-tuning methods: one backend-neutral file each, all with the same interface (base.py).
+
+A recipe's `method: {name: X, ...}` becomes the method's dataclass here; its plan is what the
+backends perform. Adding a method is adding a file and a line to METHODS (and, for a new kind of
+layer, a mirrored module in backends/{mlx,torch}/methods/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from twintune.errors import TwintuneError
+from twintune.keys import build
+from twintune.methods.base import UNFREEZE, WRAP, BaseModel, Method, Plan, Surgery
+from twintune.methods.bitfit import BitFit
+from twintune.methods.dora import DoRA
+from twintune.methods.full import Full
+from twintune.methods.ia3 import IA3
+from twintune.methods.last_blocks import LastBlocks
+from twintune.methods.lora import LoRA, adapted_layers
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (LoRA, DoRA, IA3, BitFit, LastBlocks, Full)}
+
+__all__ = ["METHODS", "BaseModel", "Method", "Plan", "Surgery", "UNFREEZE", "WRAP", "LoRA", "DoRA", "IA3", "BitFit",
+           "LastBlocks", "Full", "adapted_layers", "method_from_dict", "method_keys"]
+
+
+def method_keys(cls: type[Method]) -> dict:
+    """A method's recipe keys and their defaults."""
+    return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            for f in dataclasses.fields(cls)}
+
+
+def method_from_dict(raw, where: str = "method") -> Method:
+    """The method a recipe's `method:` section names, its keys checked by name and value.
+
+    Example:
+        >>> method_from_dict({"name": "dora", "r": 4})
+        DoRA(r=4, alpha=16.0, ...)
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TwintuneError(f"recipe key {where!r} must be a mapping such as {{name: lora, r: 8}}, got {raw!r}.")
+    raw = dict(raw)
+    name = raw.pop("name", "lora")
+    if name not in METHODS:
+        close = difflib.get_close_matches(str(name), METHODS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise TwintuneError(f"recipe key '{where}.name' names no method: {name!r}{hint} "
+                            f"(methods: {', '.join(METHODS)}; `twintune methods` lists their keys).")
+    cls = METHODS[name]
+    own = method_keys(cls)
+    for key in raw:
+        if key not in own:
+            owners = [m for m, other in METHODS.items() if key in method_keys(other)]
+            if owners:
+                keys = ", ".join(own) or "none"
+                raise TwintuneError(f"recipe key '{where}.{key}' belongs to method {' and '.join(owners)}, not to "
+                                    f"{name}; {name}'s keys are: {keys}.")
+    method = build(cls, raw, f"{where}.")
+    method.validate()
+    return method
+
+
+def describe_methods() -> str:
+    """Every method with its one-line description and its keys' defaults (`twintune methods`)."""
+    lines = []
+    for name, cls in METHODS.items():
+        lines.append(f"{name:12s} {cls.description}")
+        for key, default in method_keys(cls).items():
+            shown = list(default) if isinstance(default, tuple) else default
+            lines.append(f"{'':14s}{key}: {shown}")
+    return "\n".join(lines)
