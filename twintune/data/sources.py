@@ -12,10 +12,11 @@ import json
 import os
 import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 
+from twintune.data.examples import Example
+from twintune.data.synthetic import synthetic_financial_sentiment
 from twintune.errors import TwintuneError
 
 FINANCIAL_PHRASEBANK_REPO = "takala/financial_phrasebank"
@@ -28,14 +29,6 @@ FINANCIAL_PHRASEBANK_SUBSETS = {
 }
 DEFAULT_LABELS = ("negative", "neutral", "positive")
 LOCAL_EXTENSIONS = (".txt", ".csv", ".jsonl")
-
-
-@dataclass(frozen=True)
-class Example:
-    """One labelled sentence."""
-
-    text: str
-    label: str
 
 
 def load_examples(
@@ -61,7 +54,6 @@ def load_examples(
         (30, True)
     """
     if source == "synthetic":
-        from twintune.data.synthetic import synthetic_financial_sentiment
 
         return synthetic_financial_sentiment(n=synthetic_size, seed=seed)
     if source == "financial_phrasebank":

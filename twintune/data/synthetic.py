@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from twintune.data.sources import Example
+from twintune.data.examples import Example
 
 SYNTHETIC_LABELS = ("negative", "neutral", "positive")
 
