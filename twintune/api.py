@@ -1,13 +1,300 @@
 """The public entry points, for use from Python.
 
-Example:
+Train a recipe:
     >>> from twintune.api import load_recipe, train
     >>> summary = train(load_recipe("recipes/demo-financial-sentiment.yaml"), backend="mlx", out_dir="runs/demo")
     >>> summary["val_accuracy"], summary["out_dir"]
+
+Use trained adapters (any method; twintune's or PEFT's), several on one loaded base:
+    >>> from twintune.api import load
+    >>> model = load("builtin:tiny-gpt-neo", adapter="runs/demo", backend="torch")
+    >>> model.predict(["Operating profit rose to EUR 13.1 mn ."])[0]["label"]
+    'positive'
+    >>> model.add_adapter("bitfit", "runs/demo-bitfit")
+    >>> model.set_adapter("bitfit")          # the base is not read again
+    >>> model.logits([[464, 3139, 373]]).shape
+    (1, 3, 1024)
+    >>> model.set_adapter(None)               # the base model itself
 """
 
-from twintune.formats.checkpoint import load_checkpoint
-from twintune.recipe import load_recipe
-from twintune.train.loop import evaluate, predict, prepare, train
+from __future__ import annotations
 
-__all__ = ["load_checkpoint", "load_recipe", "prepare", "train", "evaluate", "predict"]
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from twintune.backends import backend_class, resolve_backend_name
+from twintune.data.batching import Encoder, Prompt, eval_batches
+from twintune.errors import TwintuneError
+from twintune.formats.adapter import load_adapter
+from twintune.formats.checkpoint import load_checkpoint, load_config, load_tokenizer, resolve_model_dir
+from twintune.methods import BaseModel, Method, Plan
+from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
+from twintune.recipe import DTYPES, PromptConfig, Recipe, load_recipe
+from twintune.train.loop import backend_cannot_run, base_model, evaluate, predict, prepare, train
+
+__all__ = ["load_checkpoint", "load_recipe", "prepare", "train", "evaluate", "predict", "load", "Model", "Adapter"]
+
+Labels = Mapping[str, str] | Sequence[str]
+
+
+@dataclass
+class Adapter:
+    """One adapter held by a Model: its method, the plan that puts it on the base, its trained
+    values (as the backends name them), the prompt its predictions use, and where it was read."""
+
+    method: Method
+    plan: Plan
+    state: dict[str, np.ndarray]
+    prompt: Prompt
+    directory: Path
+
+
+def load(model: str | None, adapter: str | Path | None = None, backend: str = "auto", labels: Labels | None = None,
+         template: str | None = None, dtype: str | None = None) -> "Model":
+    """A base model on a backend, with an adapter (named "default") active if one is given.
+
+    `model` is a model directory, "builtin:tiny-gpt-neo" or a Hugging Face hub id (None: the
+    run's own recipe.model). `adapter` is a twintune run directory, a run's adapter/ directory,
+    or an adapter saved by PEFT (LoRA, DoRA, IA3). A run's recipe.json decides the prompt (unless
+    `labels`/`template` are given), the dtype (unless `dtype` is) and the base's quantization, so
+    the logits are the run's. Otherwise the base is float32 (`dtype="float64"`: the CPU proof
+    mode), unquantized. `backend`: "mlx", "torch" or "auto" (MLX on Apple Silicon, else torch).
+    `labels` maps each label to its verbalizer word ({"negative": " negative", ...}); a list of
+    labels means the words " label".
+
+    Example:
+        >>> model = load("builtin:tiny-gpt-neo", adapter="runs/demo/adapter", backend="mlx")
+        >>> model.active, model.adapters
+        ('default', ['default'])
+    """
+    directory, run_recipe = locate_adapter(adapter) if adapter is not None else (None, None)
+    if model is None and run_recipe is None:
+        raise TwintuneError("name the base model (a directory, builtin:tiny-gpt-neo or a hub id); only a run "
+                            "directory's adapter knows its own.")
+    recipe = run_recipe or Recipe()
+    settings = dataclasses.replace(recipe, model=model or recipe.model, dtype=dtype or recipe.dtype)
+    if settings.dtype not in DTYPES:
+        raise TwintuneError(f"dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}.")
+    engine, base, encoder_parts = build_base(settings, backend)
+    loaded = Model(engine, base, *encoder_parts, prompt_settings(labels, template))
+    if directory is not None:
+        loaded.add_adapter("default", adapter)
+        loaded.set_adapter("default")
+    return loaded
+
+
+class Model:
+    """A base model on a backend with named adapters, switched without reading the base again.
+
+    Example:
+        >>> model = load("builtin:tiny-gpt-neo", adapter="runs/lora", backend="torch")
+        >>> model.add_adapter("ia3", "runs/ia3")
+        >>> model.set_adapter("ia3"); model.active
+        'ia3'
+        >>> model.logits(np.array([[464, 3139]])).shape   # (batch, tokens, vocabulary)
+        (1, 2, 1024)
+    """
+
+    def __init__(self, backend, base: BaseModel, tokenizer, max_length: int, prompt: dict | None = None):
+        self.backend = backend
+        self.base = base
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self._prompt = prompt or {}  # load()'s own labels/template, which every adapter's prompt yields to
+        self._adapters: dict[str, Adapter] = {}
+        self.active: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Model(backend={self.backend.name!r}, adapters={self.adapters!r}, active={self.active!r})"
+
+    @property
+    def adapters(self) -> list[str]:
+        """The adapters' names, in the order they were added."""
+        return list(self._adapters)
+
+    @property
+    def prompt(self) -> Prompt:
+        """The prompt `predict` uses: the active adapter's (the defaults or load()'s with none active)."""
+        if self.active is not None:
+            return self._adapters[self.active].prompt
+        return make_prompt(self._prompt, None)
+
+    def add_adapter(self, name: str, directory: str | Path, labels: Labels | None = None,
+                    template: str | None = None) -> None:
+        """Read an adapter (run directory, adapter/ directory or PEFT adapter) and keep it under `name`;
+        the active adapter stays active.
+
+        Example:
+            >>> model.add_adapter("bitfit", "runs/bitfit"); model.adapters
+            ['default', 'bitfit']
+        """
+        if not isinstance(name, str) or not name:
+            raise TwintuneError(f"an adapter's name must be a non-empty string, got {name!r}.")
+        if name in self._adapters:
+            raise TwintuneError(f"there is already an adapter named {name!r}; choose another name "
+                                f"(adapters: {', '.join(self._adapters)}).")
+        self._adapters[name] = self._read(Path(directory), {**self._prompt, **prompt_settings(labels, template)})
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make the adapter `name` active (None: the base model itself): the active plan is taken off
+        the model, the new one put on, and its trained values set. The base is not read again.
+
+        Example:
+            >>> model.set_adapter("bitfit"); model.set_adapter(None); model.active is None
+            True
+        """
+        if name is not None and name not in self._adapters:
+            known = ", ".join(repr(n) for n in self._adapters) or "none yet"
+            raise TwintuneError(f"there is no adapter named {name!r}; adapters: {known} (or None for the base model).")
+        if name == self.active:
+            return
+        if self.active is not None:
+            self.backend.undo_method(self._adapters[self.active].plan, self.base)
+            self.active = None
+        if name is not None:
+            adapter = self._adapters[name]
+            self.backend.apply_method(adapter.plan)
+            self.backend.set_trainable_state(adapter.state)
+            self.active = name
+
+    def logits(self, input_ids) -> np.ndarray:
+        """Next-token logits (batch, tokens, vocabulary) for token ids (batch, tokens) or one row
+        (tokens,): float32, float64 on a float64 base.
+
+        Example:
+            >>> model.logits([[464, 3139, 373]]).shape
+            (1, 3, 1024)
+        """
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise TwintuneError(f"input_ids must be integer token ids of shape (batch, tokens), got {ids.dtype} "
+                                f"of shape {ids.shape}.")
+        return self.backend.logits(ids.astype(np.int32))
+
+    def predict(self, texts: Sequence[str] | str, batch_size: int = 32) -> list[dict]:
+        """Label and class probabilities for each text, in order: the softmax over the label words'
+        first-token scores after the prompt (the active adapter's prompt, see `prompt`).
+
+        Example:
+            >>> model.predict(["Operating profit rose to EUR 13.1 mn ."])
+            [{'text': 'Operating profit rose to EUR 13.1 mn .', 'label': 'positive', 'probabilities': {...}}]
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise TwintuneError("give at least one text to predict.")
+        encoder = Encoder(self.tokenizer, self.prompt, self.max_length)
+        labels = encoder.prompt.labels
+        encoded = [encoder.encode(text, labels[0], f" (text {i + 1})") for i, text in enumerate(texts)]
+        scores = np.zeros((len(encoded), len(labels)), np.float32)
+        for batch in eval_batches(encoded, batch_size):
+            scores[batch.example_index] = self.backend.label_logprobs(batch, encoder.first_label_ids)
+        probabilities = np.exp(scores - scores.max(axis=1, keepdims=True))
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        return [{"text": text, "label": labels[k], "probabilities": dict(zip(labels, map(float, p)))}
+                for text, k, p in zip(texts, scores.argmax(axis=1), probabilities)]
+
+    def _read(self, directory: Path, prompt: dict) -> Adapter:
+        """An adapter read, checked against this base, and planned (the plan's initial values are
+        overwritten by the trained ones, so its seed does not matter)."""
+        adapter_dir, recipe = locate_adapter(directory)
+        if recipe is not None:
+            check_same_base(recipe, self.base, directory)
+        method, state = load_adapter(adapter_dir, self.base.spec)
+        if recipe is not None and method.name != recipe.method.name:
+            raise TwintuneError(f"the adapter in {adapter_dir} is a {method.name} adapter, but the run's recipe "
+                                f"trains method {recipe.method.name}.")
+        plan = method.plan(self.base, seed=0)
+        check_fits(plan, state, adapter_dir)
+        return Adapter(method, plan, state, make_prompt(prompt, recipe), adapter_dir)
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def locate_adapter(directory: str | Path) -> tuple[Path, Recipe | None]:
+    """The adapter directory a path names, and its run's recipe (None for an adapter outside a run):
+    a run directory holds recipe.json and adapter/; a run's adapter/ has recipe.json beside it."""
+    path = Path(directory)
+    if (path / "recipe.json").is_file():
+        return path / "adapter", load_recipe(path / "recipe.json")
+    if (path / "adapter_config.json").is_file() and (path.parent / "recipe.json").is_file():
+        return path, load_recipe(path.parent / "recipe.json")
+    return path, None
+
+
+def build_base(settings: Recipe, backend: str) -> tuple[object, BaseModel, tuple]:
+    """The backend's model built as prepare() builds it (no method yet), the BaseModel plans are
+    made on, and (tokenizer, the model's context length)."""
+    name = resolve_backend_name(backend)
+    cls = backend_class(name)
+    problem = backend_cannot_run(settings, name)
+    if problem:
+        raise TwintuneError(f"{problem}.")
+    model_type = load_config(settings.model).get("model_type")
+    if model_type != "gpt_neo" and mlx_lm_has_family(model_type):
+        return build_mlx_lm_base(settings, cls, model_type)
+    checkpoint = load_checkpoint(settings.model)
+    spec = GPTNeoSpec.from_config(checkpoint.config)
+    base = base_model(settings, spec, gpt_neo_weights(spec, checkpoint.weights))
+    engine = cls(spec, base.weights, quantized=base.quantized, dtype=settings.dtype)
+    quantize_affine(engine, base)
+    return engine, base, (load_tokenizer(checkpoint.directory), spec.max_positions)
+
+
+def build_mlx_lm_base(settings: Recipe, cls, model_type: str) -> tuple[object, BaseModel, tuple]:
+    """A model of one of mlx-lm's families (MLX only), as prepare() builds it."""
+    if settings.quantize.type == "nf4":
+        raise TwintuneError(f"quantize.type 'nf4' needs a GPT-Neo model; this model is {model_type!r}.")
+    directory = resolve_model_dir(settings.model)
+    engine = cls.from_mlx_lm(directory, dtype=settings.dtype)
+    base = BaseModel(engine.spec, engine.base_weights(), {}, settings.quantization(), settings.dtype)
+    quantize_affine(engine, base)
+    return engine, base, (load_tokenizer(directory), engine.spec.max_positions)
+
+
+def quantize_affine(engine, base: BaseModel) -> None:
+    """MLX's affine quantization, when the run's recipe trained on it."""
+    if base.quantization and base.quantization.kind == "affine":
+        engine.quantize_affine(base.quantization.bits, base.quantization.group_size)
+
+
+def check_same_base(recipe: Recipe, base: BaseModel, where: Path) -> None:
+    """A run's adapter goes only on a base quantized as the run's was (else its logits are not the run's)."""
+    if recipe.quantization() != base.quantization:
+        def kind(q):
+            return q.kind if q else "none"
+        raise TwintuneError(f"the run in {where} was trained on a base with quantize.type "
+                            f"{kind(recipe.quantization())!r} (settings included), but this model's base has "
+                            f"{kind(base.quantization)!r}; load that run on its own with twintune.api.load.")
+
+
+def check_fits(plan: Plan, state: Mapping[str, np.ndarray], where: Path) -> None:
+    """An adapter fits a base only with exactly the tensors, of the shapes, its method's plan makes."""
+    expected = plan.initial_values()
+    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
+        raise TwintuneError(f"the adapter in {where} does not fit this base model: its tensors are not the ones "
+                            f"its {plan.method} settings make of this model; was it trained on another base model?")
+
+
+def prompt_settings(labels: Labels | None, template: str | None) -> dict:
+    """The prompt keys a caller gave (labels as {label: word}; a list of labels means words " label")."""
+    given = {}
+    if labels is not None:
+        if isinstance(labels, str) or not labels:
+            raise TwintuneError(f"labels must be a non-empty mapping of label to word, or a list of labels; "
+                                f"got {labels!r}.")
+        given["labels"] = dict(labels) if isinstance(labels, Mapping) else {str(label): f" {label}" for label in labels}
+    if template is not None:
+        given["template"] = template
+    return given
+
+
+def make_prompt(given: dict, recipe: Recipe | None) -> Prompt:
+    """The prompt from the keys given, else the run's recipe, else the recipe defaults."""
+    defaults = recipe.prompt if recipe is not None else PromptConfig()
+    return Prompt(given.get("template", defaults.template), dict(given.get("labels", defaults.labels)))

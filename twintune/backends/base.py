@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from twintune.data.batching import Batch
-from twintune.methods import Plan
+from twintune.methods import BaseModel, Plan
 from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
 
@@ -32,6 +32,9 @@ class Backend(Protocol):
     def apply_method(self, plan: Plan) -> None:
         """Perform the plan's surgeries (backends/X/surgery.py): from then on only the values the plan
         added or unfroze train, starting from the plan's initial values, each at its lr scale."""
+
+    def undo_method(self, plan: Plan, base: BaseModel) -> None:
+        """Reverse apply_method: wrapped layers unwrapped, unfrozen parameters back to the base's values."""
 
     def enable_gradient_checkpointing(self) -> None:
         """From now on keep only each block's input for the backward and recompute the block there."""

@@ -13,11 +13,11 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from twintune.backends.base import adamw_update, gradient_factor, trainable_dtype
 from twintune.backends.mlx.gpt_neo import GPTNeoForCausalLM, logsumexp
 from twintune.backends.mlx.nf4 import NF4Linear
-from twintune.backends.mlx.surgery import apply_plan, get_submodule, set_submodule
+from twintune.backends.mlx.surgery import apply_plan, undo_plan, get_submodule, set_submodule
 from twintune.data.batching import Batch
 from twintune.dropout import dropout_masks
 from twintune.errors import TwintuneError
-from twintune.methods import Plan
+from twintune.methods import BaseModel, Plan
 from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
 
@@ -117,6 +117,11 @@ class MLXBackend:
     def apply_method(self, plan: Plan) -> None:
         apply_plan(self.model, plan, np.float64 if self.precise == mx.float64 else np.float32)
         self.lr_scales = dict(plan.lr_scales)
+
+    def undo_method(self, plan: Plan, base: BaseModel) -> None:
+        """Take an applied plan off the model again (switching adapters on one loaded base)."""
+        undo_plan(self.model, plan, base)
+        self.lr_scales = {}
 
     def base_weights(self) -> "WeightsAsNumpy":
         """The model's weights by name, as float32 numpy when read (for planning on a model built elsewhere).

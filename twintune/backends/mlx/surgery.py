@@ -1,7 +1,8 @@
 """The plan's surgeries, performed on an MLX model (the mirror of backends/torch/surgery.py).
 
 Two kinds so far: WRAP puts a method's layer module (backends/mlx/methods/) around a linear layer;
-UNFREEZE lets a base parameter train as it is. Nothing here knows a method by name.
+UNFREEZE lets a base parameter train as it is. `undo_plan` takes a plan back off (switching adapters
+on one loaded base). Nothing here knows a method by name.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from mlx.utils import tree_unflatten
 
 from twintune.backends.mlx.methods import LAYERS
 from twintune.dropout import dropout_stream
-from twintune.methods import UNFREEZE, WRAP, Plan, Surgery
+from twintune.methods import UNFREEZE, WRAP, BaseModel, Plan, Surgery
 
 
 def get_submodule(model: nn.Module, name: str) -> nn.Module:
@@ -66,3 +67,31 @@ def unfreeze(model: nn.Module, name: str, value: mx.array) -> None:
     module = get_submodule(model, module_name)
     module[attr] = value
     module.unfreeze(recurse=False, keys=[attr])
+
+
+def undo_plan(model: nn.Module, plan: Plan, base: BaseModel) -> None:
+    """Reverse `apply_plan`: each wrapped layer becomes its `base_layer` again, each unfrozen
+    parameter gets the base's own value back (in the model's dtype) and is frozen again.
+
+    Example:
+        >>> apply_plan(backend.model, plan, np.float32); undo_plan(backend.model, plan, base)
+        >>> tree_flatten(backend.model.trainable_parameters())
+        []
+    """
+    for surgery in reversed(plan.surgeries):
+        if surgery.kind == WRAP:
+            set_submodule(model, surgery.target, get_submodule(model, surgery.target).base_layer)
+        elif surgery.kind == UNFREEZE:
+            refreeze(model, surgery.target, base)
+        else:
+            raise ValueError(f"surgery kind {surgery.kind!r} is not built on the MLX backend")
+    mx.eval(model.parameters())
+
+
+def refreeze(model: nn.Module, name: str, base: BaseModel) -> None:
+    """A parameter that `unfreeze` let train holds the base's own value again (as the backend built
+    it: the numpy weight in the model's dtype) and is frozen."""
+    module_name, attr = name.rsplit(".", 1)
+    module = get_submodule(model, module_name)
+    module[attr] = mx.array(np.asarray(base.weights[name])).astype(getattr(mx, base.dtype))
+    module.freeze(recurse=False, keys=[attr])

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from twintune.backends.base import adamw_update, gradient_factor, trainable_dtype
 from twintune.backends.torch.gpt_neo import GPTNeoForCausalLM
-from twintune.backends.torch.surgery import apply_plan
+from twintune.backends.torch.surgery import apply_plan, undo_plan
 from twintune.data.batching import Batch
 from twintune.dropout import dropout_masks
 from twintune.errors import TwintuneError
-from twintune.methods import Plan
+from twintune.methods import BaseModel, Plan
 from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
 
@@ -77,6 +77,11 @@ class TorchBackend:
     def apply_method(self, plan: Plan) -> None:
         apply_plan(self.model, plan, np.float64 if self.precise == torch.float64 else np.float32, self.device)
         self.lr_scales = dict(plan.lr_scales)
+
+    def undo_method(self, plan: Plan, base: BaseModel) -> None:
+        """Take an applied plan off the model again (switching adapters on one loaded base)."""
+        undo_plan(self.model, plan, base)
+        self.lr_scales = {}
 
     def enable_gradient_checkpointing(self) -> None:
         self.model.checkpoint_blocks()

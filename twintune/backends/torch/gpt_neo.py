@@ -1,14 +1,37 @@
-"""GPT-Neo in PyTorch: transformers' own `GPTNeoForCausalLM`, fed the shared numpy weights.
+"""GPT-Neo in PyTorch, one file, top to bottom: the mirror of backends/mlx/gpt_neo.py.
 
-The mirror of backends/mlx/gpt_neo.py: `model(ids)` gives the final hidden states and
-`model.logits(h)` projects only the rows asked for, so the loss never builds a full
-(batch, time, vocab) tensor.
+What makes GPT-Neo GPT-Neo: learned positions; blocks alternating global and local
+(sliding-window) causal attention; attention scores NOT scaled by 1/sqrt(head_dim); q/k/v
+without bias, out_proj with bias; gelu_new; lm_head tied to the token embedding.
+Module names follow Hugging Face's so weights load by name (transformer.h.0.attn.attention.q_proj,
+...); there is no lm_head parameter: `logits` multiplies by transformer.wte.weight.
+
+Why our own file and not transformers' `GPTNeoForCausalLM`: the two backends now read the same,
+class for class and line for line, so a difference between them is a difference of framework,
+not of model code. And a method that reaches inside the model (prefix tuning's extra keys and
+values, adapters after the attention or the MLP) becomes a plain argument of these few classes,
+written the same way in both files, instead of a patch on transformers' internals, which change
+from release to release. transformers stays the reference the parity tests compare with
+(tests/parity/test_logits_parity.py), and this file does not import it.
+
+What keeps it frugal with memory:
+- built on the meta device, then given the checkpoint's tensors themselves (`assign=True`, shared
+  with numpy where the dtype matches): no weight is allocated twice, and a layer that arrives in
+  NF4 never exists in float32 at all;
+- attention is one scaled_dot_product_attention call, so no (B, H, T, T) weights are kept; the
+  (windowed) causal mask is built when needed, as MLX does, not kept per block (transformers keeps
+  a (max_positions)^2 mask per block, 50 MB on GPT-Neo-125M and 100 MB on 1.3B);
+- gelu_new is one fused op (transformers' NewGELUActivation keeps four (B, T, 4d) tensors per
+  layer for the backward; values agree within 3e-7);
+- `model(ids)` gives the final hidden states and `model.logits(h)` projects only the rows asked
+  for, so the loss never builds a full (batch, time, vocab) tensor;
+- with `checkpoint_blocks()`, only each block's input is kept for the backward.
+
+Unlike MLX, torch's layer norm, softmax and attention are float64-exact on float64 tensors, so
+float64 needs no composed kernels here.
 """
 
 from __future__ import annotations
-
-import functools
-import types
 
 import numpy as np
 import torch
@@ -21,93 +44,146 @@ from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
 
 
-def transformers_config(spec: GPTNeoSpec):
-    from transformers import GPTNeoConfig
-
-    pattern = [[list(spec.attention_layers), 1]]
-    return GPTNeoConfig(
-        vocab_size=spec.vocab_size, max_position_embeddings=spec.max_positions,
-        hidden_size=spec.hidden_size, num_layers=spec.num_layers, num_heads=spec.num_heads,
-        intermediate_size=spec.intermediate_size, attention_types=pattern,
-        window_size=spec.window_size, layer_norm_epsilon=spec.layer_norm_eps,
-        activation_function="gelu_new", embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
-    )
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """GPT-Neo's tanh GELU, as one fused op: its backward keeps only x."""
+    return F.gelu(x, approximate="tanh")
 
 
-def fused_attention(self, query, key, value, attention_mask=None):
-    """GPT-Neo's attention as one scaled_dot_product_attention call, in place of transformers' eager
-    matmul-mask-softmax-matmul: no (B, H, T, T) weights are kept. GPT-Neo does not scale by
-    1/sqrt(head_dim), hence scale=1.0. Padding is on the right, so the (windowed) causal mask is
-    the whole mask, built when needed (as MLX does) rather than kept: transformers keeps a
-    (max_positions)^2 mask per block, 50 MB on GPT-Neo-125M and 100 MB on 1.3B. In bfloat16/float16
-    the attention itself runs in float32, as transformers' GPT-Neo does: unscaled scores overflow
-    float16 and lose whole units in bfloat16 (float64 stays float64)."""
-    dtype, length = query.dtype, query.shape[-2]
-    precise = torch.float64 if dtype == torch.float64 else torch.float32
-    query, key, value = query.to(precise), key.to(precise), value.to(precise)
-    if self.attention_type == "global" or length <= self.config.window_size:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=1.0)
-    else:
-        mask = causal_mask(length, self.attention_type, self.config.window_size).to(query.device)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=1.0)
-    return out.to(dtype), None
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str | torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T + mask) v: GPT-Neo does not scale its scores (scale=1.0). `mask` is "causal" or a
+    boolean (T, T), True where a position may attend. One fused call: no (B, H, T, T) weights are kept."""
+    if isinstance(mask, str):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
 
 
-def causal_mask(positions: int, attention_type: str, window: int) -> torch.Tensor:
-    """GPT-Neo's boolean attention mask (1, 1, T, T): causal, and for local layers within the window."""
-    mask = torch.tril(torch.ones((positions, positions), dtype=torch.bool))
-    if attention_type == "local":
-        mask = mask & ~torch.tril(mask, -window)
-    return mask.view(1, 1, positions, positions)
+class GPTNeoSelfAttention(nn.Module):
+    def __init__(self, spec: GPTNeoSpec, attention_type: str):
+        super().__init__()
+        d = spec.hidden_size
+        self.num_heads = spec.num_heads
+        self.window = spec.window_size if attention_type == "local" else None
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.out_proj = nn.Linear(d, d, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        heads = lambda t: t.reshape(B, T, self.num_heads, -1).transpose(1, 2)  # noqa: E731
+        # In bfloat16/float16 the attention itself runs in float32, as transformers' GPT-Neo does:
+        # unscaled scores overflow float16 and lose whole units in bfloat16 (float64 stays float64).
+        precise = torch.float64 if x.dtype == torch.float64 else torch.float32
+        q, k, v = (heads(proj(x)).to(precise) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = attention(q, k, v, self.mask(T, x.device)).to(x.dtype)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
+
+    def mask(self, T: int, device: torch.device) -> str | torch.Tensor:
+        """The mask for T positions: "causal", or for a local layer longer than its window the boolean
+        windowed causal mask (True where position i may attend to j)."""
+        if self.window is None or T <= self.window:
+            return "causal"
+        i = torch.arange(T, device=device)[:, None]
+        j = torch.arange(T, device=device)[None, :]
+        return (j <= i) & (i - j < self.window)
+
+
+class GPTNeoAttention(nn.Module):
+    # An extra level of nesting only so weight names match Hugging Face (attn.attention.q_proj).
+    def __init__(self, spec: GPTNeoSpec, attention_type: str):
+        super().__init__()
+        self.attention = GPTNeoSelfAttention(spec, attention_type)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x)
+
+
+class GPTNeoMLP(nn.Module):
+    def __init__(self, spec: GPTNeoSpec):
+        super().__init__()
+        self.c_fc = nn.Linear(spec.hidden_size, spec.intermediate_size)
+        self.c_proj = nn.Linear(spec.intermediate_size, spec.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(gelu_new(self.c_fc(x)))
+
+
+class GPTNeoBlock(nn.Module):
+    def __init__(self, spec: GPTNeoSpec, attention_type: str):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.attn = GPTNeoAttention(spec, attention_type)
+        self.ln_2 = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.mlp = GPTNeoMLP(spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPTNeoModel(nn.Module):
+    def __init__(self, spec: GPTNeoSpec):
+        super().__init__()
+        self.wte = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.wpe = nn.Embedding(spec.max_positions, spec.hidden_size)
+        self.h = nn.ModuleList(GPTNeoBlock(spec, kind) for kind in spec.attention_layers)
+        self.ln_f = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.checkpoint_blocks = False
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # No attention mask: padding is on the right, and causal attention never looks right.
+        x = self.wte(input_ids) + self.wpe(torch.arange(input_ids.shape[1], device=input_ids.device))
+        for block in self.h:
+            x = run_block(block, x, self.checkpoint_blocks)
+        return self.ln_f(x)
+
+
+def run_block(block: nn.Module, x: torch.Tensor, checkpoint_block: bool) -> torch.Tensor:
+    """One block. With `checkpoint_block`, only the block's input is kept for the backward, which runs
+    the block again (torch.utils.checkpoint, non-reentrant). The recompute draws the same dropout
+    masks: they depend only on the micro-batch's key, and the backend runs the backward inside the
+    same `dropout_masks(key)` as the forward (MLX's run_block re-enters the key itself instead)."""
+    if not checkpoint_block or not block.training:
+        return block(x)
+    return checkpoint(block, x, use_reentrant=False)
 
 
 class GPTNeoForCausalLM(nn.Module):
+    """`model(ids)` gives the final hidden states; `model.logits(h)` projects only the rows asked for.
+
+    `weights` are the checkpoint's numpy arrays by Hugging Face name; `quantized` the NF4 layers
+    (by layer name), which become bitsandbytes' or our NF4 layers (backends/torch/nf4.py)."""
+
     def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], quantized: dict[str, NF4Tensor] | None = None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        from transformers import GPTNeoForCausalLM as HFGPTNeo
-
         self.spec = spec
         # Built on the meta device, then given the checkpoint's tensors themselves (assign=True,
         # shared with numpy): no weight is allocated twice, and a layer that arrives in NF4 never
         # exists in float32 at all.
         with torch.device("meta"):
-            hf = HFGPTNeo(transformers_config(spec))
+            self.transformer = GPTNeoModel(spec)
         state = {name: torch.from_numpy(np.ascontiguousarray(w)).to(dtype) for name, w in weights.items()}
+        quantized = quantized or {}
         nf4_layers = []
-        for name, weight in (quantized or {}).items():
+        for name, weight in quantized.items():
             bias = state.pop(f"{name}.bias", None)
             parent_name, attr = name.rsplit(".", 1)
             nf4_layers.append(nf4_linear(weight, bias, compute_dtype=dtype))
-            setattr(hf.get_submodule(parent_name), attr, nf4_layers[-1])
+            setattr(self.get_submodule(parent_name), attr, nf4_layers[-1])
         warn_about_bitsandbytes_mismatches(nf4_layers)  # once per model, naming the layers' shapes
-        missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
-        missing = [m for m in missing if m != "lm_head.weight" and m.rsplit(".", 1)[0] not in (quantized or {})]
+        missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
+        missing = [m for m in missing if m.rsplit(".", 1)[0] not in quantized]
         if unexpected or missing:
             raise RuntimeError(f"weights do not fit GPT-Neo: missing {missing}, unexpected {unexpected}")
-        hf.tie_weights()
-        for block in hf.transformer.h:
-            del block.attn.attention.bias  # transformers' mask buffer; fused_attention builds its own
-            block.attn.attention._attn = types.MethodType(fused_attention, block.attn.attention)
-            # gelu_new as one fused op: transformers' NewGELUActivation keeps four (B, T, 4d) tensors
-            # per layer for the backward; values agree within 3e-7.
-            block.mlp.act = nn.GELU(approximate="tanh")
-        hf.eval()  # GPT-Neo's own dropouts are 0 anyway; only adapters' dropout is trained with
-        self.transformer = hf.transformer
-        self.lm_head = hf.lm_head
+        self.eval()  # GPT-Neo has no dropout of its own; only adapters' dropout is trained with
 
     def checkpoint_blocks(self) -> None:
-        """Keep only each block's input for the backward and run the block again there
-        (torch.utils.checkpoint; the random state is replayed, so dropout masks match)."""
-        for block in self.transformer.h:
-            block.gradient_checkpointing = True
-            block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
-        self.transformer.gradient_checkpointing = True
+        """Keep only each block's input for the backward and run the block again there (run_block)."""
+        self.transformer.checkpoint_blocks = True
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # No attention mask: padding is on the right, and causal attention never looks right.
-        return self.transformer(input_ids=input_ids, use_cache=False).last_hidden_state
+        return self.transformer(input_ids)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return F.linear(hidden, self.transformer.wte.weight)  # lm_head tied to the token embedding

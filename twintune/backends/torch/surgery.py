@@ -1,7 +1,8 @@
 """The plan's surgeries, performed on a torch model (the mirror of backends/mlx/surgery.py).
 
 Two kinds so far: WRAP puts a method's layer module (backends/torch/methods/) around a linear
-layer; UNFREEZE lets a base parameter train as it is. Nothing here knows a method by name.
+layer; UNFREEZE lets a base parameter train as it is. `undo_plan` takes a plan back off (switching
+adapters on one loaded base). Nothing here knows a method by name.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from torch import nn
 
 from twintune.backends.torch.methods import LAYERS
 from twintune.dropout import dropout_stream
-from twintune.methods import UNFREEZE, WRAP, Plan, Surgery
+from twintune.methods import UNFREEZE, WRAP, BaseModel, Plan, Surgery
 
 
 def apply_plan(model: nn.Module, plan: Plan, dtype: np.dtype, device: torch.device) -> None:
@@ -20,7 +21,8 @@ def apply_plan(model: nn.Module, plan: Plan, dtype: np.dtype, device: torch.devi
     trainable dtype); only what the plan added or unfroze trains."""
     model.requires_grad_(False)
     for surgery in plan.surgeries:
-        values = {name: torch.from_numpy(np.ascontiguousarray(v, dtype=dtype)).to(device)
+        # Copies: the plan's arrays (and an unfrozen parameter's, the base's own weights) stay as planned.
+        values = {name: torch.from_numpy(np.array(v, dtype=dtype, copy=True)).to(device)
                   for name, v in surgery.values.items()}
         if surgery.kind == WRAP:
             wrap(model, surgery, values)
@@ -49,3 +51,33 @@ def unfreeze(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, attr = name.rsplit(".", 1)
     module = model.get_submodule(module_name)
     setattr(module, attr, nn.Parameter(value, requires_grad=True))
+
+
+def undo_plan(model: nn.Module, plan: Plan, base: BaseModel) -> None:
+    """Reverse `apply_plan`: each wrapped layer becomes its `base_layer` again, each unfrozen
+    parameter gets the base's own value back (in the model's dtype) and is frozen again.
+
+    Example:
+        >>> apply_plan(backend.model, plan, np.float32, device); undo_plan(backend.model, plan, base)
+        >>> [name for name, p in backend.model.named_parameters() if p.requires_grad]
+        []
+    """
+    for surgery in reversed(plan.surgeries):
+        if surgery.kind == WRAP:
+            parent_name, attr = surgery.target.rsplit(".", 1)
+            parent = model.get_submodule(parent_name)
+            setattr(parent, attr, getattr(parent, attr).base_layer)
+        elif surgery.kind == UNFREEZE:
+            refreeze(model, surgery.target, base)
+        else:
+            raise ValueError(f"surgery kind {surgery.kind!r} is not built on the torch backend")
+
+
+def refreeze(model: nn.Module, name: str, base: BaseModel) -> None:
+    """A parameter that `unfreeze` let train holds the base's own value again (a copy, in the
+    model's dtype, on its device) and is frozen."""
+    module_name, attr = name.rsplit(".", 1)
+    module = model.get_submodule(module_name)
+    device = getattr(module, attr).device
+    value = torch.from_numpy(np.array(base.weights[name])).to(getattr(torch, base.dtype)).to(device)
+    setattr(module, attr, nn.Parameter(value, requires_grad=False))
