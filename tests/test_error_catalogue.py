@@ -40,6 +40,29 @@ def world(tmp_path_factory):
     shutil.rmtree(mismatched / "adapter")
     shutil.copytree(root / "other-run" / "adapter", mismatched / "adapter")
 
+    # a LoRA run whose adapter was replaced by a BitFit run's (another method's file)
+    subprocess.run([sys.executable, "-m", "twintune", "train", DEMO, "--backend", "torch", "--out",
+                    str(root / "bitfit-run"), "--set", "method={name: bitfit}", *QUICK], check=True, capture_output=True)
+    swapped = root / "swapped-run"
+    shutil.copytree(run, swapped)
+    shutil.rmtree(swapped / "adapter")
+    shutil.copytree(root / "bitfit-run" / "adapter", swapped / "adapter")
+
+    # a tiny llama (an mlx-lm family): a base whose layers IA3's GPT-Neo defaults do not name
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    settings = dict(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=300,
+                    tie_word_embeddings=False)
+    (root / "llama").mkdir()
+    mx.save_safetensors(str(root / "llama" / "model.safetensors"),
+                        dict(tree_flatten(llama.Model(llama.ModelArgs(**settings)).parameters())))
+    (root / "llama" / "config.json").write_text(json.dumps(settings))
+
     corrupt_ckpt = root / "corrupt-ckpt-run"
     shutil.copytree(run, corrupt_ckpt)
     for ckpt in (corrupt_ckpt / "checkpoints").iterdir():
@@ -99,6 +122,22 @@ CASES = [
     case("predict", "{root}/run", " ", match="at least one non-empty text"),
     case("merge", "{root}/run", "--out", "{root}/merged", match="is not empty"),
     case("merge", "{root}", "--out", "{root}/merged2", match="not a run directory"),
+    # methods: names, keys, what a model or base can take, adapters of another method
+    case("train", DEMO, "--set", "method.name=lorra", match="names no method: 'lorra'; did you mean 'lora'?"),
+    case("train", DEMO, "--set", "method={name: bitfit, r: 8}", match="'method.r' belongs to method lora and dora, not to bitfit"),
+    case("train", DEMO, "--set", "method={name: last_blocks, n: 9}", match="method.n=9 is larger than this model's 4 blocks"),
+    case("train", DEMO, "--set", "method.rank_pattern={lm_head: 2}", match="rank_pattern key 'lm_head' names no adapted layer"),
+    case("train", DEMO, "--set", "method={name: ia3, feedforward_modules: [c_fc]}",
+         match="feedforward_modules must be a subset of target_modules"),
+    case("train", DEMO, "--backend", "mlx", "--set", "quantize.type=affine", "--set", "method={name: dora}",
+         match="method dora needs the base weights' row norms"),
+    case("train", DEMO, "--backend", "mlx", "--set", "model={root}/llama", "--set", "method={name: ia3}",
+         match="IA3 target module 'c_proj' is not a linear layer of this model"),
+    case("train", DEMO, "--set", "method={name: full}", "--set", "quantize.type=nf4", match="quantized weights cannot be trained"),
+    case("train", DEMO, "--set", "method={name: bitfit}", "--set", "dtype=bfloat16", match="use dtype float32"),
+    case("eval", "{root}/swapped-run", match="is a bitfit adapter, but the run's recipe trains method lora"),
+    case("merge", "{root}/swapped-run", "--out", "{root}/merged3", match="is a bitfit adapter"),
+    case("export", "{root}/bitfit-run", "--format", "peft", "--out", "{root}/exported", match="method bitfit has no PEFT format"),
     # the same failures met inside the MLX backend
     case("train", DEMO, "--backend", "mlx", "--set", "train.lr=1e30", "--set", "train.max_grad_norm=0",
          match="training loss became"),
