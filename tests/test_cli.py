@@ -72,3 +72,15 @@ def test_recipe_file_missing_or_not_yaml(tmp_path, capsys):
     assert main(["train", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "not valid YAML" in err
+
+
+def test_methods_lists_every_method_with_its_keys_and_defaults(capsys):
+    from twintune.methods import METHODS, method_keys
+
+    assert main(["methods"]) == 0
+    shown = capsys.readouterr().out
+    for name, cls in METHODS.items():
+        assert f"{name} " in shown and cls.description in shown
+        for key, default in method_keys(cls).items():
+            assert f"{key}: {list(default) if isinstance(default, tuple) else default}" in shown
+    assert "rank_pattern: {}" in shown and "n: 2" in shown and "feedforward_modules: ['c_proj']" in shown

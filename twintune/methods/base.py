@@ -127,6 +127,7 @@ class Method:
     layout: ClassVar[str] = "twintune"
     peft_type: ClassVar[str | None] = None
     parts: ClassVar[tuple[str, ...] | None] = None  # the tensors a wrapped layer gets; None: base parameters
+    mlx_lm_format: ClassVar[bool] = False  # `twintune export --format mlx-lm` can write it
 
     def validate(self) -> None:
         """Range checks on the keys (types are checked when the recipe is read)."""

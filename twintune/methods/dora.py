@@ -39,6 +39,7 @@ class DoRA(LoRA):
     parts: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
     description: ClassVar[str] = "LoRA plus a learned magnitude per output row, the weight norm detached (PEFT use_dora)"
     module: ClassVar[str] = "dora"
+    mlx_lm_format: ClassVar[bool] = False  # mlx-lm's DoRA layout is not written yet
 
     def plan(self, base: BaseModel, seed: int) -> Plan:
         if base.quantization and base.quantization.kind == "affine":

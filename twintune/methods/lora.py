@@ -48,6 +48,7 @@ class LoRA(Method):
     layout: ClassVar[str] = "peft"
     peft_type: ClassVar[str] = "LORA"
     module: ClassVar[str] = "lora"
+    mlx_lm_format: ClassVar[bool] = True
 
     def validate(self) -> None:
         check(self.r > 0, f"recipe key 'method.r' must be a positive rank, got {self.r}.")

@@ -161,7 +161,7 @@ def _export_mlx_lm(run_dir: Path, out: Path) -> Path:
     if not mlx_lm_has_family(model_type):
         raise TwintuneError(f"mlx-lm has no {model_type!r} model family, so it cannot load this run's adapter; "
                             f"{run_dir / 'adapter'} is a Hugging Face PEFT adapter (--format peft).")
-    if recipe.method.name != "lora":
+    if not recipe.method.mlx_lm_format:
         raise TwintuneError(f"export to mlx-lm writes LoRA adapters; this run's method is {recipe.method.name}.")
     run = open_run(run_dir, "mlx", with_data=False)  # the adapter checked against the model, as for eval
     layers = config.get("num_hidden_layers") or config.get("n_layer")

@@ -1,4 +1,4 @@
-"""The MLX backend: GPT-Neo + PEFT layers in MLX, the training step, our AdamW."""
+"""The MLX backend: our GPT-Neo (gpt_neo.py) + a method's plan (surgery.py), the training step, our AdamW."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The PyTorch backend: transformers' GPT-Neo + PEFT layers, the training step, our AdamW."""
+"""The PyTorch backend: our GPT-Neo (gpt_neo.py) + a method's plan (surgery.py), the training step, our AdamW."""
 
 from __future__ import annotations
 
