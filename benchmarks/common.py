@@ -207,6 +207,59 @@ def lora_training_flops(linear_layers: dict[str, tuple[int, int]], adapted: list
     return 4 * n_linear * tokens + adapter * tokens + attention + 4 * hidden * vocab * n_targets
 
 
+def method_training_flops(plan, linear_layers: dict[str, tuple[int, int]], hidden: int, num_layers: int, vocab: int,
+                          lengths: list[int], n_targets: int, output_weight: str = "transformer.wte.weight") -> float:
+    """The FLOPs an epoch of training with `plan` (a twintune Plan) needs, whoever runs it (2 per multiply-add).
+
+    Per real token: every block linear forward (2N); backward, the input gradients (2 o i) of the
+    linears in the blocks the gradient passes through (from the lowest block holding a trained
+    value up; every block when an embedding trains) and the weight gradients (2 o i) of the
+    linears whose own weight trains; attention 4 * length * hidden per block forward, twice that
+    backward in the blocks the gradient passes through; each LoRA/DoRA adapter's two products
+    forward, input and weight gradients (6 r (in + out)). Per label position: the output layer's
+    row forward and its input gradient (4 hidden vocab), and its weight gradient (2 hidden vocab)
+    when `output_weight` trains. Element-wise work (IA3's and DoRA's vectors, biases, norms) and
+    DoRA's per-step weight norms are not counted. For LoRA on every block this is
+    lora_training_flops' figure.
+    """
+    from twintune.methods.base import block_index
+
+    trained = set(plan.initial_values())
+    blocks = [block_index(name) for name in trained]
+    lowest = 0 if any(b is None and not _above_blocks(n) for b, n in zip(blocks, trained)) else \
+        min((b for b in blocks if b is not None), default=num_layers)
+    through = lambda layer: (block_index(layer) if block_index(layer) is not None else 0) >= lowest
+    tokens = sum(lengths)
+    per_token = sum(2 * o * i for o, i in linear_layers.values())
+    per_token += sum(2 * o * i for layer, (o, i) in linear_layers.items() if through(layer))
+    per_token += sum(2 * o * i for layer, (o, i) in linear_layers.items() if f"{layer}.weight" in trained)
+    for layer, surgery in plan.wrapped().items():
+        if "r" in surgery.options:
+            o, i = linear_layers[layer]
+            per_token += 6 * surgery.options["r"] * (o + i)
+    passed = num_layers - min(lowest, num_layers)
+    attention = sum(length * length * hidden * (4 * num_layers + 8 * passed) for length in lengths)
+    output = (6 if output_weight in trained else 4) * hidden * vocab * n_targets
+    return per_token * tokens + attention + output
+
+
+def _above_blocks(name: str) -> bool:
+    """The final norm and an untied output layer sit above every block: training them sends no
+    gradient into the blocks (a tied one is also the token embedding, below them)."""
+    return name.startswith(("transformer.ln_f.", "model.norm.", "lm_head."))
+
+
+def check_targets(ratios: dict[str, float], targets: dict[str, tuple[str, float]]) -> dict[str, dict]:
+    """Each target (ratio key -> ('>=' or '<=', bound)) with its ratio and PASS/FAIL, printed one per line."""
+    verdicts = {}
+    for key, (op, bound) in targets.items():
+        value = ratios[key]
+        ok = value >= bound if op == ">=" else value <= bound
+        verdicts[key] = {"ratio": value, "target": f"{op} {bound}", "pass": ok}
+        print(f"{'PASS' if ok else 'FAIL'}  {key} = {value:.3f} (target {op} {bound})")
+    return verdicts
+
+
 def print_epoch_table(rows: dict[str, dict], memory_key: str, memory_header: str) -> None:
     """One line per contender: epoch time (and the warm-up epoch's), real tokens/s, peak memory,
     achieved GFLOP/s, GEMM peak, MFU."""

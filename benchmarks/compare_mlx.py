@@ -1,12 +1,19 @@
-"""The MLX backend against mlx-lm's own LoRA training, on the same mlx-lm model and data, same run.
+"""The MLX backend against mlx-lm's own training (LoRA, DoRA or full), on the same mlx-lm model and data, same run.
 
-    python -m benchmarks.compare_mlx [--quick] [--shape small|base] [--examples N] [--repeats R]
-                                     [--dtype float32|bfloat16|float16] [--compile]
+    python -m benchmarks.compare_mlx [--method lora|dora|full] [--quick] [--shape small|base|tiny]
+                                     [--examples N] [--repeats R] [--dtype float32|bfloat16|float16]
+                                     [--compile] [--no-save]
 
-Both train LoRA (r=8, scale 2 = alpha 16 / r, q_proj + v_proj, AdamW lr 2e-4, batch 8) on the
-same tokenized financial-sentiment examples, loss on the label-word token only, on the same
-random-weight mlx-lm llama model (same seed, so the same weights), held in --dtype by both (the
-adapters in float32 by both):
+Both train the same method (AdamW lr 2e-4, batch 8) on the same tokenized financial-sentiment
+examples, loss on the label-word token only, on the same random-weight mlx-lm llama model (same
+seed, so the same weights), held in --dtype by both (the adapters in float32 by both):
+
+  lora   r=8, scale 2 = alpha 16 / r, q_proj + v_proj; mlx-lm: linear_to_lora_layers
+  dora   the same with DoRA; mlx-lm: linear_to_lora_layers(..., use_dora=True) (fine_tune_type dora)
+  full   every parameter, embeddings, final norm and lm_head included; mlx-lm: model.unfreeze()
+         (its `fine_tune_type: full` unfreezes the blocks only; here both sides train the same
+         parameters, and each row records its count). float32 only: twintune trains base
+         parameters in float32 and refuses half-precision bases for it.
 
   mlx_lm     mlx-lm's trainer (`mlx_lm.tuner.trainer.train`, its LoRALinear, its compiled step,
              its length-sorted batches padded to a multiple of 32 + 1, full-vocabulary logits at
@@ -19,7 +26,9 @@ Each runs in its own process. Epoch times: mlx-lm's come from its own report cal
 report per epoch (steady state: the first epoch, with compilation, is dropped; so is ours).
 Tokens/s counts real (non-padding) tokens; peak memory is `mx.get_peak_memory()` over the run
 (and the process's peak RSS, which includes MLX's cache and the Python objects, in the JSON).
-Every ratio is ours / theirs; the last line is one JSON object with the ratios.
+Every ratio is ours / theirs; the targets (tokens/s >= 1.5x, peak memory <= 1.0x mlx-lm's) are
+printed PASS/FAIL; the last line is one JSON object with the ratios. Results go to
+results/compare_mlx_<shape>[_<method>][_quick][_<dtype>][_compile].json (lora keeps the old name).
 """
 
 from __future__ import annotations
@@ -31,13 +40,17 @@ import tempfile
 import time
 
 from benchmarks.common import (
-    gemm_peak_gflops, lora_training_flops, peak_rss_mb, print_epoch_table, reset_peak_rss, run_child, write_result,
+    check_targets, gemm_peak_gflops, method_training_flops, peak_rss_mb, print_epoch_table, reset_peak_rss, run_child,
+    write_result,
 )
 
 LORA = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "lr": 2e-4, "batch": 8}
+METHODS = ("lora", "dora", "full")
+TARGETS = {"tokens_per_s_ratio_vs_mlx_lm": (">=", 1.5), "peak_memory_ratio_vs_mlx_lm": ("<=", 1.0)}
 SHAPES = {  # llama-family shapes; vocabulary 32000 as Llama 2 / Mistral
     "small": dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1376, num_attention_heads=8),
     "base": dict(hidden_size=1024, num_hidden_layers=16, intermediate_size=2816, num_attention_heads=16),
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4),  # smoke tests
 }
 
 
@@ -70,10 +83,10 @@ def train_examples(n: int):
     return encoder.encode_all(examples[:n])
 
 
-def child(kind: str, shape: str, examples: int, repeats: int, dtype: str) -> dict:
+def child(kind: str, shape: str, examples: int, repeats: int, dtype: str, method: str = "lora") -> dict:
     import mlx.core as mx
 
-    from twintune.backends.mlx.mlx_lm_model import MLXLMModel, MLXLMSpec
+    from twintune.backends.mlx.mlx_lm_model import MLXLMModel
 
     encoded = train_examples(examples)
     steps = len(encoded) // LORA["batch"]
@@ -83,36 +96,58 @@ def child(kind: str, shape: str, examples: int, repeats: int, dtype: str) -> dic
     mx.reset_peak_memory()
     reset_peak_rss()
     if kind == "mlx_lm":
-        epoch_times = _mlx_lm_epochs(model, encoded, steps, repeats + 1, dtype)
+        epoch_times, trainable = _mlx_lm_epochs(model, encoded, steps, repeats + 1, dtype, method)
     else:
-        epoch_times = _twintune_epochs(model, encoded, steps, repeats + 1, dtype, compile=kind == "twintune_compiled")
+        epoch_times, trainable = _twintune_epochs(model, encoded, steps, repeats + 1, dtype,
+                                                  compile=kind == "twintune_compiled", method=method)
     times = epoch_times[1:]
     seconds = statistics.median(times)
     peak_mb = mx.get_peak_memory() / 2**20
     rss_peak_mb = peak_rss_mb()
     args = SHAPES[shape]
-    spec = MLXLMSpec.of(MLXLMModel(mlx_lm_model(shape)))
-    adapted = [n for n in spec.linear_layers() if n.rsplit(".", 1)[-1] in LORA["targets"]]
-    flops = lora_training_flops(spec.linear_layers(), adapted, LORA["r"], args["hidden_size"],
-                                args["num_hidden_layers"], spec.vocab_size, [len(e.ids) for e in encoded],
-                                sum(len(e.ids) - e.prompt_len for e in encoded))
+    del model
+    from twintune.backends.mlx.backend import MLXBackend
+
+    fresh = MLXBackend.from_model(MLXLMModel(mlx_lm_model(shape)))  # float32: the plan only names what trains
+    spec = fresh.spec
+    flops = method_training_flops(_plan(fresh, method, "float32"), spec.linear_layers(), args["hidden_size"],
+                                  args["num_hidden_layers"], spec.vocab_size, [len(e.ids) for e in encoded],
+                                  sum(len(e.ids) - e.prompt_len for e in encoded), output_weight="lm_head.weight")
+    del fresh
     peak_gflops = gemm_peak_gflops("mlx", dtype=dtype)
-    return {"kind": kind, "shape": shape, "dtype": dtype, "examples": len(encoded), "steps": steps, "real_tokens": real_tokens,
+    return {"kind": kind, "method": method, "trainable_parameters": trainable, "shape": shape, "dtype": dtype,
+            "examples": len(encoded), "steps": steps, "real_tokens": real_tokens,
             "epoch_seconds": seconds, "epoch_times": times, "warmup_epoch_seconds": epoch_times[0],
             "real_tokens_per_s": real_tokens / seconds, "peak_memory_mb": peak_mb, "peak_rss_mb": rss_peak_mb,
             "useful_gflop_per_epoch": flops / 1e9, "achieved_gflops": flops / seconds / 1e9,
             "gemm_peak_gflops": peak_gflops, "mfu": flops / seconds / 1e9 / peak_gflops}
 
 
-def _twintune_epochs(model, encoded, steps: int, epochs: int, dtype: str, compile: bool = False) -> list[float]:
+def _plan(backend, method: str, dtype: str):
+    """The method's plan on the backend's mlx-lm model (the same settings as mlx-lm's side)."""
+    from twintune.methods import BaseModel, DoRA, LoRA
+    from twintune.methods.base import unfreeze_plan
+
+    base = BaseModel(backend.spec, backend.base_weights(), dtype=dtype)
+    if method == "full":
+        # Full().plan reads the names off spec.weight_shapes(), which MLXLMSpec lacks: the same
+        # plan (every parameter unfrozen, float32 only) with the names read off the model
+        return unfreeze_plan("full", base, list(base.weights))
+    cls = DoRA if method == "dora" else LoRA
+    return cls(r=LORA["r"], alpha=LORA["alpha"], target_modules=tuple(LORA["targets"])).plan(base, seed=0)
+
+
+def _twintune_epochs(model, encoded, steps: int, epochs: int, dtype: str, compile: bool = False,
+                     method: str = "lora") -> tuple[list[float], int]:
     from twintune.backends.mlx.backend import MLXBackend
     from twintune.backends.mlx.mlx_lm_model import MLXLMModel
     from twintune.data.batching import TrainOrder
-    from twintune.methods import BaseModel, LoRA
 
     backend = MLXBackend.from_model(MLXLMModel(model), dtype=dtype)
-    lora = LoRA(r=LORA["r"], alpha=LORA["alpha"], target_modules=tuple(LORA["targets"]))
-    backend.apply_method(lora.plan(BaseModel(backend.spec, backend.base_weights()), seed=0))
+    plan = _plan(backend, method, dtype)
+    trainable = plan.trainable_parameters()
+    backend.apply_method(plan)
+    del plan
     backend.set_optimizer((0.9, 0.999), 1e-8, 0.0)
     if compile:
         backend.enable_compile()
@@ -125,19 +160,27 @@ def _twintune_epochs(model, encoded, steps: int, epochs: int, dtype: str, compil
             backend.forward_backward(batch, 1.0 / batch.n_targets)
             backend.optimizer_step(LORA["lr"], 0.0)
         times.append(time.perf_counter() - start)
-    return times
+    return times, trainable
 
 
-def _mlx_lm_epochs(model, encoded, steps: int, epochs: int, dtype: str) -> list[float]:  # the model is in dtype
+def _mlx_lm_epochs(model, encoded, steps: int, epochs: int, dtype: str,
+                   method: str = "lora") -> tuple[list[float], int]:  # the model is in dtype
+    import shutil
+
     import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.trainer import TrainingArgs, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     model.freeze()
-    linear_to_lora_layers(model, len(model.layers), {
-        "rank": LORA["r"], "scale": LORA["alpha"] / LORA["r"], "dropout": 0.0,
-        "keys": [f"self_attn.{t}" for t in LORA["targets"]]})
+    if method == "full":
+        model.unfreeze()  # everything, as twintune's full (mlx_lm.lora's "full" unfreezes only the blocks)
+    else:
+        linear_to_lora_layers(model, len(model.layers), {
+            "rank": LORA["r"], "scale": LORA["alpha"] / LORA["r"], "dropout": 0.0,
+            "keys": [f"self_attn.{t}" for t in LORA["targets"]]}, use_dora=method == "dora")
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     # (tokens, offset): mlx-lm's loss covers the tokens from the offset on, here the label word
     dataset = [(e.ids.tolist(), e.prompt_len) for e in encoded]
 
@@ -149,35 +192,44 @@ def _mlx_lm_epochs(model, encoded, steps: int, epochs: int, dtype: str) -> list[
             self.marks.append(time.perf_counter())
 
     clock = EpochClock()
-    adapter_file = tempfile.mkdtemp(prefix="mlx-lm-") + "/adapters.safetensors"
+    folder = tempfile.mkdtemp(prefix="mlx-lm-")  # mlx-lm saves the trained weights at the end (all of them for full)
     args = TrainingArgs(batch_size=LORA["batch"], iters=steps * epochs, val_batches=0, steps_per_report=steps,
-                        steps_per_eval=10**9, steps_per_save=10**9, adapter_file=adapter_file)
-    train(model, optim.AdamW(learning_rate=LORA["lr"], weight_decay=0.0), dataset, args=args,
-          training_callback=clock)
-    return [b - a for a, b in zip(clock.marks, clock.marks[1:])]
+                        steps_per_eval=10**9, steps_per_save=10**9, adapter_file=folder + "/adapters.safetensors")
+    try:
+        train(model, optim.AdamW(learning_rate=LORA["lr"], weight_decay=0.0), dataset, args=args,
+              training_callback=clock)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return [b - a for a, b in zip(clock.marks, clock.marks[1:])], trainable
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="lora", choices=METHODS, help="the method both sides train")
     parser.add_argument("--quick", action="store_true", help="small shape, 64 examples, 3 repeats: under 5 minutes")
     parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--compile", action="store_true", help="also time twintune with its step compiled")
+    parser.add_argument("--no-save", action="store_true", help="print only; write no results/*.json")
     parser.add_argument("--child", default=None)
     args = parser.parse_args()
     if args.quick:
         args.shape, args.examples, args.repeats = "small", 64, 3
+    if args.method == "full" and args.dtype != "float32":
+        parser.error("--method full trains the base's own parameters, which twintune keeps in float32: "
+                     "use --dtype float32")
     if args.child:
-        print(json.dumps(child(args.child, args.shape, args.examples, args.repeats, args.dtype)))
+        print(json.dumps(child(args.child, args.shape, args.examples, args.repeats, args.dtype, args.method)))
         return
 
     rows = {}
     for kind in ("twintune", "mlx_lm") + (("twintune_compiled",) if args.compile else ()):
         rows[kind] = run_child("benchmarks.compare_mlx", ["--child", kind, "--shape", args.shape,
                                                           "--examples", str(args.examples),
-                                                          "--repeats", str(args.repeats), "--dtype", args.dtype])
+                                                          "--repeats", str(args.repeats), "--dtype", args.dtype,
+                                                          "--method", args.method])
         print(json.dumps(rows[kind]), flush=True)
     ours, theirs = rows["twintune"], rows["mlx_lm"]
     ratios = {
@@ -189,12 +241,21 @@ def main() -> None:
     if args.compile:
         ratios["compiled_epoch_time_ratio_vs_eager"] = rows["twintune_compiled"]["epoch_seconds"] / ours["epoch_seconds"]
     ratios = {k: round(v, 3) for k, v in ratios.items()}
-    print(f"mlx-lm llama {args.shape} shape (vocabulary 32000, {args.dtype}), {ours['examples']} examples "
+    print(f"mlx-lm llama {args.shape} shape (vocabulary 32000, {args.dtype}), method {args.method} "
+          f"({ours['trainable_parameters']:,} trainable), {ours['examples']} examples "
           f"({ours['real_tokens']} real tokens), batch {LORA['batch']}, median of {args.repeats} epochs after one warm-up")
     print_epoch_table(rows, "peak_memory_mb", "mx peak MB")
-    suffix = ("_quick" if args.quick else "") + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    counts = {kind: row["trainable_parameters"] for kind, row in rows.items()}
+    if len(set(counts.values())) > 1:
+        print(f"WARNING: the contenders train different numbers of parameters: {counts}")
+    targets = check_targets(ratios, TARGETS)
+    suffix = ("" if args.method == "lora" else f"_{args.method}")  # lora keeps the old name
+    suffix += ("_quick" if args.quick else "") + ("" if args.dtype == "float32" else f"_{args.dtype}")
     suffix += "_compile" if args.compile else ""
-    write_result(f"compare_mlx_{args.shape}{suffix}", {"rows": rows, "ratios": ratios})
+    if not args.no_save:
+        path = write_result(f"compare_mlx_{args.shape}{suffix}", {"method": args.method, "rows": rows,
+                                                                   "ratios": ratios, "targets": targets})
+        print(f"wrote {path}")
     print(json.dumps(ratios))
 
 

@@ -1,13 +1,25 @@
 """The torch backend against Hugging Face transformers + PEFT on one epoch of the task, same run.
 
-    python -m benchmarks.compare_torch [--quick] [--shape 125m|1.3b] [--examples N] [--repeats R] [--compile]
+    python -m benchmarks.compare_torch [--method lora|dora|ia3|bitfit|last_blocks|full] [--quick]
+        [--shape 125m|1.3b|tiny] [--examples N] [--repeats R] [--compile] [--kinds K,...] [--no-save]
 
-Three ways to train the same LoRA (r=8, alpha=16, q_proj + v_proj, AdamW lr 2e-4, batch 8) on
-the same tokenized financial-sentiment examples, loss on the label-word tokens only:
+Three ways to train the same method (AdamW lr 2e-4, batch 8; --method, default lora) on the same
+tokenized financial-sentiment examples, loss on the label-word tokens only. The methods, with the
+same settings on both sides (METHODS below):
 
-  trainer    the way blog posts set it up: transformers' Trainer + PEFT, every example padded
-             to max_length 128, full-vocabulary logits at every position
-  fair_loop  transformers + PEFT in a plain loop with dynamic padding (each batch padded to its
+  lora         r=8, alpha=16, q_proj + v_proj        PEFT LoraConfig
+  dora         the same                              PEFT LoraConfig(use_dora=True)
+  ia3          q_proj, v_proj, c_proj (c_proj feed-forward: its input scaled; PEFT's gpt_neo default)
+                                                     PEFT IA3Config
+  bitfit       every bias                            transformers, requires_grad on the biases only
+  last_blocks  n=2: the last two blocks + ln_f       transformers, requires_grad on those only
+  full         every parameter (wte/lm_head once)    transformers, every parameter
+  (PEFT has no BitFit or last-blocks: the reference is plain transformers with the same
+  parameters trainable; each row records its trainable count, and the two sides must agree.)
+
+  trainer    the way blog posts set it up: transformers' Trainer (+ PEFT), every example padded
+             to max_length 128, full-vocabulary logits at every position (follows --method)
+  fair_loop  transformers (+ PEFT) in a plain loop with dynamic padding (each batch padded to its
              own longest row), as a careful user would write it
   twintune   twintune's torch backend: length-grouped batches (train.group_by_length), logits
              only where the loss is taken
@@ -16,7 +28,9 @@ the same tokenized financial-sentiment examples, loss on the label-word tokens o
 
 Each runs in its own process (its own peak memory), on a random-weight GPT-Neo of the given
 shape with the built-in tokenizer. Tokens/s counts real (non-padding) tokens. Every ratio is
-ours / theirs; the last line is one JSON object with the ratios.
+ours / theirs; the targets (against fair_loop: tokens/s >= 1.5x, >= 2x for DoRA; peak RSS <= 0.8x)
+are printed PASS/FAIL; the last line is one JSON object with the ratios. Results go to
+results/compare_torch_<shape>[_<method>][_quick][_compile].json (lora keeps the old name).
 """
 
 from __future__ import annotations
@@ -31,11 +45,24 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import (
-    gemm_peak_gflops, lora_training_flops, peak_rss_mb, print_epoch_table, reset_peak_rss, run_child, write_result,
+    check_targets, gemm_peak_gflops, method_training_flops, peak_rss_mb, print_epoch_table, reset_peak_rss, run_child,
+    write_result,
 )
 
 CACHE = Path(__file__).parent / ".cache"
 LORA = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "lr": 2e-4, "batch": 8}
+# Each method's recipe keys (the same settings the references get, see _reference_model)
+METHODS = {
+    "lora": {"r": LORA["r"], "alpha": LORA["alpha"], "target_modules": LORA["targets"]},
+    "dora": {"r": LORA["r"], "alpha": LORA["alpha"], "target_modules": LORA["targets"]},
+    "ia3": {"target_modules": ["q_proj", "v_proj", "c_proj"], "feedforward_modules": ["c_proj"]},
+    "bitfit": {},
+    "last_blocks": {"n": 2},
+    "full": {},
+}
+KINDS = ("twintune", "fair_loop", "trainer")
+SPEED_TARGET = {"dora": 2.0}  # tokens/s vs the reference's; 1.5 for the others
+MEMORY_TARGET = 0.8  # peak RSS vs the reference's
 
 
 def model_dir(shape: str) -> Path:
@@ -58,7 +85,12 @@ def model_dir(shape: str) -> Path:
     return target
 
 
-def recipe(shape: str, examples: int, compile: bool = False):
+def method_override(method: str) -> str:
+    """The recipe override that sets `method` with the benchmark's settings (the whole mapping)."""
+    return "method=" + json.dumps({"name": method, **METHODS[method]})
+
+
+def recipe(shape: str, examples: int, compile: bool = False, method: str = "lora"):
     from twintune.recipe import load_recipe
 
     # train on `examples` sentences: the validation/test fractions take the rest of a larger set
@@ -66,11 +98,11 @@ def recipe(shape: str, examples: int, compile: bool = False):
     return load_recipe("recipes/demo-financial-sentiment.yaml", [
         f"model={model_dir(shape)}", f"data.synthetic_size={max(30, total)}", "train.epochs=1",
         f"train.batch_size={LORA['batch']}", f"train.lr={LORA['lr']}", "train.warmup_steps=0",
-        f"method.r={LORA['r']}", f"method.alpha={LORA['alpha']}", f"method.target_modules={LORA['targets']}",
+        method_override(method),
         "train.schedule=constant", "train.max_grad_norm=0", "train.group_by_length=true", f"train.compile={compile}"])
 
 
-def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
+def child(kind: str, shape: str, examples: int, repeats: int, method: str = "lora") -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -78,7 +110,7 @@ def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
 
     from twintune.data.batching import TrainOrder
 
-    run = prepare(recipe(shape, examples, compile=kind == "twintune_compiled"), "torch")
+    run = prepare(recipe(shape, examples, compile=kind == "twintune_compiled", method=method), "torch")
     encoded = run.splits["train"]
     # the references get plain dynamic padding (a random order); length grouping is ours
     plain = TrainOrder(encoded, LORA["batch"], 1, run.recipe.seed)
@@ -89,8 +121,9 @@ def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
         def epoch():
             for step in range(run.order.steps_per_epoch):
                 train_step(run, step)
+        trainable = run.plan.trainable_parameters()
     else:
-        epoch = _hf_epoch(kind, shape, encoded, batches)
+        epoch, trainable = _hf_epoch(kind, shape, encoded, batches, method)
     start = time.perf_counter()
     epoch()  # warm-up epoch: allocator, kernels and caches settle (and compiling, if any)
     warmup_seconds = time.perf_counter() - start
@@ -105,11 +138,11 @@ def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
     seconds = statistics.median(times)
     peak_mb = peak_rss_mb()
     spec = run.spec
-    flops = lora_training_flops(spec.linear_layers(), run.method.targets(spec.linear_layers()), LORA["r"],
-                                spec.hidden_size, spec.num_layers, spec.vocab_size, [len(e.ids) for e in encoded],
-                                sum(len(e.ids) - e.prompt_len for e in encoded))
+    flops = method_training_flops(run.plan, spec.linear_layers(), spec.hidden_size, spec.num_layers, spec.vocab_size,
+                                  [len(e.ids) for e in encoded], sum(len(e.ids) - e.prompt_len for e in encoded))
     peak_gflops = gemm_peak_gflops("torch")
-    return {"kind": kind, "shape": shape, "examples": len(encoded), "steps": len(batches),
+    return {"kind": kind, "method": method, "trainable_parameters": trainable, "shape": shape,
+            "examples": len(encoded), "steps": len(batches),
             "real_tokens": real_tokens, "epoch_seconds": seconds, "epoch_times": times,
             "warmup_epoch_seconds": warmup_seconds,
             "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
@@ -118,14 +151,42 @@ def child(kind: str, shape: str, examples: int, repeats: int) -> dict:
             "gemm_peak_gflops": peak_gflops, "mfu": flops / seconds / 1e9 / peak_gflops}
 
 
-def _hf_epoch(kind: str, shape: str, encoded, batches):
-    import torch
-    from peft import LoraConfig, get_peft_model
+def _reference_model(shape: str, method: str):
+    """transformers' GPT-Neo with `method` as its users would set it up: PEFT's LoRA, DoRA or IA3,
+    or (PEFT has no BitFit, last-blocks or full method) requires_grad on the same parameters."""
     from transformers import GPTNeoForCausalLM
 
     model = GPTNeoForCausalLM.from_pretrained(model_dir(shape))
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=LORA["targets"],
-                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
+    keys = METHODS[method]
+    if method in ("lora", "dora"):
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=keys["r"], lora_alpha=keys["alpha"], lora_dropout=0.0,
+                                                target_modules=list(keys["target_modules"]),
+                                                use_dora=method == "dora", task_type="CAUSAL_LM"))
+    if method == "ia3":
+        from peft import IA3Config, get_peft_model
+
+        return get_peft_model(model, IA3Config(target_modules=list(keys["target_modules"]),
+                                               feedforward_modules=list(keys["feedforward_modules"]),
+                                               task_type="CAUSAL_LM"))
+    first = model.config.num_layers - keys.get("n", 0)
+    trains = {
+        "bitfit": lambda name: name.endswith(".bias"),
+        "last_blocks": lambda name: name.startswith("transformer.ln_f.") or (
+            name.startswith("transformer.h.") and int(name.split(".")[2]) >= first),
+        "full": lambda name: True,
+    }[method]
+    for name, parameter in model.named_parameters():  # the tied wte / lm_head weight is listed once
+        parameter.requires_grad_(trains(name))
+    return model
+
+
+def _hf_epoch(kind: str, shape: str, encoded, batches, method: str = "lora"):
+    import torch
+
+    model = _reference_model(shape, method)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def example(e, width):
         ids = np.zeros(width, np.int64)
@@ -147,7 +208,7 @@ def _hf_epoch(kind: str, shape: str, encoded, batches):
                                       max_grad_norm=0.0, report_to=[], save_strategy="no", logging_strategy="no",
                                       disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, seed=0)
         trainer = Trainer(model=model, args=arguments, train_dataset=rows, data_collator=default_data_collator)
-        return trainer.train
+        return trainer.train, trainable
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LORA["lr"], weight_decay=0.0)
     model.train()
@@ -167,48 +228,71 @@ def _hf_epoch(kind: str, shape: str, encoded, batches):
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-    return epoch
+    return epoch, trainable
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="lora", choices=list(METHODS), help="the method both sides train")
     parser.add_argument("--quick", action="store_true", help="125m shape, 40 examples, 3 repeats: under 5 minutes")
     parser.add_argument("--shape", default="125m")
     parser.add_argument("--examples", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time twintune with train.compile")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help="which contenders (twintune and fair_loop are needed for the targets)")
+    parser.add_argument("--no-save", action="store_true", help="print only; write no results/*.json")
     parser.add_argument("--child", default=None)
     args = parser.parse_args()
     if args.quick:
         args.shape, args.examples, args.repeats = "125m", 40, 3
     if args.child:
-        print(json.dumps(child(args.child, args.shape, args.examples, args.repeats)))
+        print(json.dumps(child(args.child, args.shape, args.examples, args.repeats, args.method)))
         return
 
     model_dir(args.shape)
+    kinds = [k for k in args.kinds.split(",") if k] + (["twintune_compiled"] if args.compile else [])
+    unknown = sorted(set(kinds) - set(KINDS) - {"twintune_compiled"})
+    if unknown or "twintune" not in kinds:
+        parser.error(f"--kinds: choose from {', '.join(KINDS)}, twintune included (got {args.kinds!r})")
     rows = {}
-    for kind in ("twintune", "fair_loop", "trainer") + (("twintune_compiled",) if args.compile else ()):
+    for kind in kinds:
         rows[kind] = run_child("benchmarks.compare_torch", ["--child", kind, "--shape", args.shape,
                                                             "--examples", str(args.examples),
-                                                            "--repeats", str(args.repeats)], mlx=False)
+                                                            "--repeats", str(args.repeats),
+                                                            "--method", args.method], mlx=False)
         print(json.dumps(rows[kind]), flush=True)
     ours = rows["twintune"]
-    ratios = {
-        "epoch_time_ratio_vs_trainer": ours["epoch_seconds"] / rows["trainer"]["epoch_seconds"],
-        "epoch_time_ratio_vs_fair_loop": ours["epoch_seconds"] / rows["fair_loop"]["epoch_seconds"],
-        "tokens_per_s_ratio_vs_fair_loop": ours["real_tokens_per_s"] / rows["fair_loop"]["real_tokens_per_s"],
-        "tokens_per_s_ratio_vs_trainer": ours["real_tokens_per_s"] / rows["trainer"]["real_tokens_per_s"],
-        "peak_memory_ratio": ours["peak_rss_mb"] / rows["fair_loop"]["peak_rss_mb"],
-        "peak_memory_ratio_vs_trainer": ours["peak_rss_mb"] / rows["trainer"]["peak_rss_mb"],
-    }
+    ratios = {}
+    for theirs in ("fair_loop", "trainer"):
+        if theirs in rows:
+            ratios[f"epoch_time_ratio_vs_{theirs}"] = ours["epoch_seconds"] / rows[theirs]["epoch_seconds"]
+            ratios[f"tokens_per_s_ratio_vs_{theirs}"] = ours["real_tokens_per_s"] / rows[theirs]["real_tokens_per_s"]
+    if "fair_loop" in rows:
+        ratios["peak_memory_ratio"] = ours["peak_rss_mb"] / rows["fair_loop"]["peak_rss_mb"]
+    if "trainer" in rows:
+        ratios["peak_memory_ratio_vs_trainer"] = ours["peak_rss_mb"] / rows["trainer"]["peak_rss_mb"]
     if args.compile:
         ratios["compiled_epoch_time_ratio_vs_eager"] = rows["twintune_compiled"]["epoch_seconds"] / ours["epoch_seconds"]
     ratios = {k: round(v, 3) for k, v in ratios.items()}
-    print(f"GPT-Neo {args.shape} shape, {ours['examples']} examples ({ours['real_tokens']} real tokens), "
+    print(f"GPT-Neo {args.shape} shape, method {args.method} ({ours['trainable_parameters']:,} trainable), "
+          f"{ours['examples']} examples ({ours['real_tokens']} real tokens), "
           f"batch {LORA['batch']}, median of {args.repeats} epochs after one warm-up")
     print_epoch_table(rows, "peak_rss_mb", "peak RSS MB")
-    suffix = ("_quick" if args.quick else "") + ("_compile" if args.compile else "")
-    write_result(f"compare_torch_{args.shape}{suffix}", {"rows": rows, "ratios": ratios})
+    counts = {kind: row["trainable_parameters"] for kind, row in rows.items()}
+    if len(set(counts.values())) > 1:
+        print(f"WARNING: the contenders train different numbers of parameters: {counts}")
+    targets = {}
+    if "fair_loop" in rows:
+        targets = check_targets(ratios, {
+            "tokens_per_s_ratio_vs_fair_loop": (">=", SPEED_TARGET.get(args.method, 1.5)),
+            "peak_memory_ratio": ("<=", MEMORY_TARGET)})
+    method = "" if args.method == "lora" else f"_{args.method}"  # lora keeps the old name
+    suffix = method + ("_quick" if args.quick else "") + ("_compile" if args.compile else "")
+    if not args.no_save:
+        path = write_result(f"compare_torch_{args.shape}{suffix}", {"method": args.method, "rows": rows,
+                                                                     "ratios": ratios, "targets": targets})
+        print(f"wrote {path}")
     print(json.dumps(ratios))
 
 
