@@ -125,14 +125,11 @@ def child(kind: str, shape: str, examples: int, repeats: int, dtype: str, method
 
 def _plan(backend, method: str, dtype: str):
     """The method's plan on the backend's mlx-lm model (the same settings as mlx-lm's side)."""
-    from twintune.methods import BaseModel, DoRA, LoRA
-    from twintune.methods.base import unfreeze_plan
+    from twintune.methods import BaseModel, DoRA, Full, LoRA
 
     base = BaseModel(backend.spec, backend.base_weights(), dtype=dtype)
     if method == "full":
-        # Full().plan reads the names off spec.weight_shapes(), which MLXLMSpec lacks: the same
-        # plan (every parameter unfrozen, float32 only) with the names read off the model
-        return unfreeze_plan("full", base, list(base.weights))
+        return Full().plan(base, seed=0)
     cls = DoRA if method == "dora" else LoRA
     return cls(r=LORA["r"], alpha=LORA["alpha"], target_modules=tuple(LORA["targets"])).plan(base, seed=0)
 

@@ -36,3 +36,19 @@ def test_clip_factor_matches_torch():
     assert np.allclose(p.grad.numpy(), g.numpy() * clip_factor(norm, 1.0))
     assert clip_factor(0.5, 1.0) == 1.0
     assert clip_factor(5.0, 0.0) == 1.0
+
+
+def test_torch_in_place_adamw_gives_the_shared_formulas_bits():
+    import torch
+
+    from twintune.backends.torch.backend import adamw_update_
+
+    rng = np.random.default_rng(3)
+    for dtype in (torch.float32, torch.float64):
+        p, g, m, v = (torch.from_numpy(rng.normal(size=(37, 19))).to(dtype) for _ in range(4))
+        v = v.abs()
+        kw = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+        expected = adamw_update(p.clone(), g.clone(), m.clone(), v.clone(), 3, 2e-3, sqrt=torch.sqrt, **kw)
+        adamw_update_(p, g, m, v, 3, 2e-3, **kw)
+        for got, want in zip((p, m, v), expected):
+            assert torch.equal(got, want)

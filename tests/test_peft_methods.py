@@ -127,11 +127,10 @@ def test_trained_twintune_adapter_gives_the_same_logits_in_peft(backend, case, t
     from peft import PeftModel, get_peft_model_state_dict
 
     run = prepare(_recipe(TO_PEFT[case]), backend)
-    start = {name: value.copy() for name, value in run.plan.initial_values().items()}  # copies: see below
+    start = {name: value.copy() for name, value in run.plan.initial_values().items()}
     for step in range(3):
         train_step(run, step)
     state = run.backend.trainable_state()
-    # (The torch backend trains the plan's own arrays in place, so the plan no longer shows the start.)
     _assert_trained(start, state)
     adapter_dir = save_adapter(tmp_path / "adapter", run.method, state, run.recipe.model)
 

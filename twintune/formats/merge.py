@@ -22,7 +22,7 @@ def write_checkpoint(out: str | Path, model_dir: str | Path, weights: dict[str, 
     config.json and tokenizer from `model_dir`. `out` must be new or empty.
 
     Example:
-        >>> write_checkpoint("models/demo-merged", run.model_dir, run.method.merge(run.base, state))
+        >>> write_checkpoint("models/demo-merged", model_dir, method.merge(base, state))
         PosixPath('models/demo-merged')
     """
     out, model_dir = Path(out), Path(model_dir)

@@ -57,6 +57,17 @@ class Plan:
     def trainable_parameters(self) -> int:
         return int(sum(value.size for s in self.surgeries for value in s.values.values()))
 
+    def released(self) -> "Plan":
+        """The plan without the base's own arrays (UNFREEZE values become read-only zero-size-memory
+        placeholders of the same shape): once the model holds them, keeping them would keep a second
+        copy of every unfrozen weight alive for the whole run."""
+        def light(s: Surgery) -> Surgery:
+            if s.kind != UNFREEZE:
+                return s
+            values = {k: np.broadcast_to(np.zeros((), v.dtype), v.shape) for k, v in s.values.items()}
+            return Surgery(s.kind, s.target, values, s.module, s.options)
+        return Plan(self.method, tuple(light(s) for s in self.surgeries), self.lr_scales)
+
     def wrapped(self) -> dict[str, Surgery]:
         """Wrapped layer name -> its surgery."""
         return {s.target: s for s in self.surgeries if s.kind == WRAP}

@@ -40,8 +40,7 @@ class Run:
     backend: object
     spec: GPTNeoSpec
     method: Method
-    plan: Plan
-    base: BaseModel
+    plan: Plan  # released: an unfrozen parameter's start is not kept (Plan.released)
     encoder: Encoder
     splits: dict[str, list[Encoded]]
     order: TrainOrder | None
@@ -143,7 +142,8 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
         engine.enable_compile()
     engine.set_optimizer(tuple(t.betas), t.eps, t.weight_decay)
     scaler = LossScaler() if recipe.dtype == "float16" else None
-    return Run(recipe, engine, base.spec, recipe.method, plan, base, encoder, splits, order, total_steps,
+    # The run does not keep the base's numpy weights: the backend holds the model now.
+    return Run(recipe, engine, base.spec, recipe.method, plan.released(), encoder, splits, order, total_steps,
                Path(model_dir), scaler)
 
 

@@ -61,6 +61,7 @@ class MLXLMSpec:
     vocab_size: int
     layers: tuple[tuple[str, tuple[int, int]], ...]
     max_positions: int = 2**31 - 1
+    weights: tuple[tuple[str, tuple[int, ...]], ...] = ()  # every parameter: name -> shape
 
     @classmethod
     def of(cls, model: MLXLMModel) -> "MLXLMSpec":
@@ -68,8 +69,9 @@ class MLXLMSpec:
         linear = [(name, tuple(module.weight.shape)) for name, module in model.named_modules()
                   if isinstance(module, nn.Linear) and (".layers." in name or ".h." in name)]
         vocab = model.logits(mx.zeros((1, 1, _hidden_size(model)))).shape[-1]
+        shapes = tuple((name, tuple(value.shape)) for name, value in tree_flatten(model.parameters()))
         return cls(vocab_size=vocab, layers=tuple(sorted(linear, key=lambda item: _natural_key(item[0]))),
-                   max_positions=model.max_positions or 2**31 - 1)
+                   max_positions=model.max_positions or 2**31 - 1, weights=shapes)
 
     @property
     def LINEAR_NAMES(self) -> tuple[str, ...]:  # noqa: N802 (the same name as GPTNeoSpec's constant)
@@ -77,6 +79,16 @@ class MLXLMSpec:
 
     def linear_layers(self) -> dict[str, tuple[int, int]]:
         return dict(self.layers)
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter's shape by name (what full fine-tuning and BitFit train)."""
+        return dict(self.weights)
+
+    @property
+    def num_layers(self) -> int:
+        from twintune.methods.base import block_index
+
+        return 1 + max(block_index(name) for name, _ in self.layers)
 
 
 def _hidden_size(model: MLXLMModel) -> int:
