@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from twintune.backends.mlx.methods.lora import LoRALinear
 
@@ -16,26 +17,41 @@ def base_weight(layer: nn.Module) -> mx.array:
 class DoRALinear(LoRALinear):
     """y = base(x) + (g - 1) W x' + g scale B A x',  g = m / ||W + scale B A|| (row norms, no gradient).
 
-    x' is the adapter's (dropped-out) input. Without dropout W x' is base(x) minus the bias, as PEFT
-    computes it; with dropout it is one more product with W, as in PEFT. The norm is recomputed each
-    call from W and B A (out x in x r work, no identity matrix pushed through the layers as PEFT does)."""
+    x' is the adapter's (dropped-out) input; W x' is base(x') less the bias, as PEFT computes it.
+    The norm never builds W + scale B A (out x in), as PEFT does each step (through an identity
+    matrix): ||W_i||^2 is kept from the start (the base is frozen) and the rest is small,
+        ||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s B_i . (W A^T)_i + s^2 B_i (A A^T) B_i^T,
+    with W A^T read off the frozen layer itself (base(A) less the bias), whatever its storage."""
 
     def __init__(self, base_layer: nn.Module, values: dict[str, mx.array], options: dict, stream: int = 0):
         super().__init__(base_layer, values, options, stream)
         self.lora_magnitude_vector = values["lora_magnitude_vector"]
+        weight = base_weight(base_layer)
+        weight = np.array(weight if weight.dtype == mx.float64 else weight.astype(mx.float32), dtype=np.float64)
+        self.weight_norm_sq = mx.array((weight * weight).sum(axis=1), dtype=self.lora_magnitude_vector.dtype)
+        self.freeze(recurse=False, keys=["weight_norm_sq"])
+
+    def without_bias(self, x: mx.array) -> mx.array:
+        """W x through the frozen layer, in the adapter's dtype."""
+        out = self.base_layer(x).astype(self.lora_A.weight.dtype)
+        bias = getattr(self.base_layer, "bias", None)
+        return out - bias.astype(out.dtype) if bias is not None else out
+
+    def weight_norm(self, dtype) -> mx.array:
+        a, b = mx.stop_gradient(self.lora_A.weight), mx.stop_gradient(self.lora_B.weight)
+        w_at = self.without_bias(a.astype(dtype)).T  # (out, r)
+        cross = (b * w_at).sum(axis=1)
+        update = ((b @ (a @ a.T)) * b).sum(axis=1)
+        return mx.stop_gradient(mx.sqrt(self.weight_norm_sq + 2 * self.scale * cross + self.scale**2 * update))
 
     def __call__(self, x: mx.array) -> mx.array:
         out = self.base_layer(x)
         h = self.adapter_input(x)
-        dtype = h.dtype
-        weight = base_weight(self.base_layer).astype(dtype)
-        lora_weight = self.lora_B.weight @ self.lora_A.weight
-        norm = mx.stop_gradient(mx.sqrt(mx.square(weight + self.scale * lora_weight).sum(axis=1)))
-        g = self.lora_magnitude_vector / norm
+        g = self.lora_magnitude_vector / self.weight_norm(x.dtype)
         if self.dropout > 0 and self.training:
-            plain = h @ weight.T
+            plain = self.without_bias(h.astype(x.dtype))
         else:
             bias = getattr(self.base_layer, "bias", None)
-            plain = out.astype(dtype) - (bias.astype(dtype) if bias is not None else 0)
+            plain = out.astype(h.dtype) - (bias.astype(h.dtype) if bias is not None else 0)
         update = (g - 1) * plain + g * self.lora_B(self.lora_A(h) * self.scale)
         return out + update.astype(x.dtype)
