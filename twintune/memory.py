@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from twintune.methods import BaseModel, LoRA, Method
+from twintune.methods.base import block_index
 from twintune.models import GPTNeoSpec
 from twintune.quant import Quantization
 
@@ -91,14 +92,16 @@ def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization
     # bytes per token and block: the attention's share of kd is float32, the rest in the dtype
     attention = min(kd, ATTENTION_KEPT) * d
     per_token_per_block = attention * precise + ((kd * d - attention) + kf * f) * e + ka * heads_by_length * precise
-    per_token_per_block += kept_for_trainables(trainable_shapes, linear, d, f, layers) * precise
+    # The backward runs only down to the lowest block that trains: blocks below keep nothing for it.
+    blocks = layers - first_trained_block(trainable_shapes, layers)
+    per_token_per_block += kept_for_trainables(trainable_shapes, linear, d, f, max(blocks, 1)) * precise
     td, tf, ta = TRANSIENT[backend]
     transient = int(tokens * ((td * d + tf * f) * e + ta * heads_by_length * precise))
     if gradient_checkpointing:  # each block's input is kept; one block at a time is recomputed
-        activations = int(tokens * (layers * d + 3 * d) * e)
+        activations = int(tokens * (blocks * d + 3 * d) * e)
         transient += int(tokens * per_token_per_block)
     else:
-        activations = int(tokens * (layers * per_token_per_block + 3 * d * e))  # + embeddings, final norm
+        activations = int(tokens * (blocks * per_token_per_block + 3 * d * e))  # + embeddings, final norm
     if quantization and quantization.kind == "nf4":
         transient += 2 * max(out_f * in_f for out_f, in_f in linear.values()) * e  # dequantized, fwd + bwd
     converted = frozen - float_weights * FLOAT32 if e == FLOAT32 else frozen  # float32 weights are used as read
@@ -128,6 +131,14 @@ def kept_for_trainables(shapes: dict[str, tuple[int, ...]], linear: dict[str, tu
             inputs.add(layer.rsplit(".", 1)[-1])
     sizes = {"ln_1": d, "attention": d, "ln_2": d, "mlp": f}
     return (sum(sizes[key] for key in {_INPUTS[short] for short in inputs}) * layers + extra) / layers
+
+
+def first_trained_block(shapes: dict[str, tuple[int, ...]], layers: int) -> int:
+    """The lowest block the backward must reach: 0 if an embedding trains, `layers` if no block does."""
+    if any(name.startswith(("transformer.wte.", "transformer.wpe.")) for name in shapes):
+        return 0
+    found = [block_index(name) for name in shapes if block_index(name) is not None]
+    return min(found) if found else layers
 
 
 def quantized_bytes(n: int, quantization: Quantization, float_bytes: int = FLOAT32) -> int:
