@@ -222,3 +222,13 @@ def test_merge_of_a_run_on_an_nf4_base_dequantizes_it(method, tmp_path):
         theirs = model(torch.from_numpy(ids()).long()).logits.numpy()
     for backend in BACKENDS:
         assert relative(theirs, open_run(out, backend, with_data=False).backend.logits(ids())) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["dora", "full"])
+def test_gradient_checkpointing_gives_the_same_steps(method, backend):
+    losses = {}
+    for checkpointing in (False, True):
+        run = prepare(recipe(method, f"train.gradient_checkpointing={checkpointing}", "train.warmup_steps=0"), backend)
+        losses[checkpointing] = [train_step(run, step)["loss"] for step in range(4)]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-6)
