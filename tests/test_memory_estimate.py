@@ -105,3 +105,25 @@ def test_cli_estimate_follows_the_recipe_dtype(capsys):
     assert main(["estimate", "recipes/demo-financial-sentiment.yaml", "--set", "dtype=bfloat16", "--json"]) == 0
     half = json.loads(capsys.readouterr().out)
     assert half["frozen weights"] == pytest.approx(full["frozen weights"] / 2, abs=0.1)
+
+
+def test_every_method_is_counted_from_its_plan():
+    from twintune.formats.checkpoint import load_checkpoint
+    from twintune.methods import METHODS, BaseModel
+    from twintune.models import gpt_neo_weights
+
+    weights = gpt_neo_weights(SPEC, load_checkpoint("builtin:tiny-gpt-neo").weights)
+    model_bytes = sum(w.size for w in weights.values()) * FLOAT32
+    estimates = {}
+    for name, cls in METHODS.items():
+        method = cls()
+        estimate = estimate_memory(SPEC, method, None, 4, 32, "torch")
+        assert estimate.trainable_parameters == method.plan(BaseModel(SPEC, weights), seed=0).trainable_parameters()
+        assert estimate.trainable == estimate.trainable_parameters * ADAM_BYTES_PER_TRAINABLE
+        assert estimate.loading == model_bytes  # the whole float32 model is read, whatever trains
+        estimates[name] = estimate
+    # an unfrozen weight is counted once, as trainable, not also as frozen
+    assert estimates["full"].frozen_weights == 0
+    assert estimates["bitfit"].frozen_weights + estimates["bitfit"].trainable_parameters * FLOAT32 == model_bytes
+    # the backward stops at the lowest trained block: the last 2 of 4 keep about half of what full keeps
+    assert estimates["last_blocks"].activations < 0.6 * estimates["full"].activations

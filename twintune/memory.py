@@ -82,6 +82,7 @@ def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization
         frozen += sum(quantized_bytes(out_f * in_f, quantization, e) for out_f, in_f in linear.values())
 
     trainable_parameters = sum(_size(shape) for shape in trainable_shapes.values())
+    as_built = frozen  # the whole model as the backend builds it, before any parameter is unfrozen
     frozen -= sum(_size(shape) for name, shape in trainable_shapes.items() if name in shapes) * e  # unfrozen: counted as trainable
     per_trainable = ADAM_BYTES_PER_TRAINABLE if optimizer == "adamw" else SGD_BYTES_PER_TRAINABLE
     trainable = trainable_parameters * per_trainable * precise // FLOAT32
@@ -104,7 +105,7 @@ def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization
         activations = int(tokens * (blocks * per_token_per_block + 3 * d * e))  # + embeddings, final norm
     if quantization and quantization.kind == "nf4":
         transient += 2 * max(out_f * in_f for out_f, in_f in linear.values()) * e  # dequantized, fwd + bwd
-    converted = frozen - float_weights * FLOAT32 if e == FLOAT32 else frozen  # float32 weights are used as read
+    converted = as_built - float_weights * FLOAT32 if e == FLOAT32 else as_built  # float32 weights are used as read
     loading = sum(_size(shape) for shape in shapes.values()) * FLOAT32 + converted
     return MemoryEstimate(frozen, trainable, activations, transient, loading, trainable_parameters, tokens)
 
