@@ -48,9 +48,11 @@ class DoRA(LoRA):
         lora = super().plan(base, seed)
         surgeries = []
         for s in lora.surgeries:
-            magnitude = row_norms(base.linear_weight(s.target)).astype(np.float32)
-            values = {**s.values, f"{s.target}.lora_magnitude_vector": magnitude}
-            surgeries.append(Surgery(s.kind, s.target, values, s.module, s.options))
+            norms = row_norms(base.linear_weight(s.target))
+            values = {**s.values, f"{s.target}.lora_magnitude_vector": norms.astype(np.float32)}
+            # ||W||^2 per row, constant while the base is frozen: the layer's norm starts from it
+            options = {**s.options, "weight_norm_sq": norms**2}
+            surgeries.append(Surgery(s.kind, s.target, values, s.module, options))
         return Plan(self.name, tuple(surgeries), lora.lr_scales)
 
     def shapes(self, base: BaseModel) -> dict[str, tuple[int, ...]]:

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from twintune.backends.mlx.methods.lora import LoRALinear
-
-
-def base_weight(layer: nn.Module) -> mx.array:
-    """The frozen layer's float weight (an NF4 layer's dequantized: the weight it computes with)."""
-    return layer.dequantized_weight() if hasattr(layer, "dequantized_weight") else layer.weight
 
 
 class DoRALinear(LoRALinear):
@@ -19,16 +13,14 @@ class DoRALinear(LoRALinear):
 
     x' is the adapter's (dropped-out) input; W x' is base(x') less the bias, as PEFT computes it.
     The norm never builds W + scale B A (out x in), as PEFT does each step (through an identity
-    matrix): ||W_i||^2 is kept from the start (the base is frozen) and the rest is small,
+    matrix): ||W_i||^2 comes with the plan (the base is frozen) and the rest is small,
         ||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s B_i . (W A^T)_i + s^2 B_i (A A^T) B_i^T,
     with W A^T read off the frozen layer itself (base(A) less the bias), whatever its storage."""
 
     def __init__(self, base_layer: nn.Module, values: dict[str, mx.array], options: dict, stream: int = 0):
         super().__init__(base_layer, values, options, stream)
         self.lora_magnitude_vector = values["lora_magnitude_vector"]
-        weight = base_weight(base_layer)
-        weight = np.array(weight if weight.dtype == mx.float64 else weight.astype(mx.float32), dtype=np.float64)
-        self.weight_norm_sq = mx.array((weight * weight).sum(axis=1), dtype=self.lora_magnitude_vector.dtype)
+        self.weight_norm_sq = mx.array(options["weight_norm_sq"], dtype=self.lora_magnitude_vector.dtype)
         self.freeze(recurse=False, keys=["weight_norm_sq"])
 
     def without_bias(self, x: mx.array) -> mx.array:

@@ -8,23 +8,12 @@ from torch import nn
 from twintune.backends.torch.methods.lora import LoRALinear
 
 
-def base_weight(layer: nn.Module) -> torch.Tensor:
-    """The frozen layer's float weight (an NF4 layer's dequantized: the weight it computes with)."""
-    if hasattr(layer, "dequantized_weight"):
-        return layer.dequantized_weight()
-    if hasattr(layer.weight, "quant_state"):  # bitsandbytes' Linear4bit: checked equal to ours when built
-        import bitsandbytes.functional as bnb
-
-        return bnb.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-    return layer.weight
-
-
 class DoRALinear(LoRALinear):
     """y = base(x) + (g - 1) W x' + g scale B A x',  g = m / ||W + scale B A|| (row norms, no gradient).
 
     x' is the adapter's (dropped-out) input; W x' is base(x') less the bias, as PEFT computes it.
     The norm never builds W + scale B A (out x in), as PEFT does each step (through an identity
-    matrix): ||W_i||^2 is kept from the start (the base is frozen) and the rest is small,
+    matrix): ||W_i||^2 comes with the plan (the base is frozen) and the rest is small,
         ||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s B_i . (W A^T)_i + s^2 B_i (A A^T) B_i^T,
     with W A^T read off the frozen layer itself (base(A) less the bias), whatever its storage."""
 
@@ -32,9 +21,7 @@ class DoRALinear(LoRALinear):
         super().__init__(base_layer, values, options, stream)
         m = values["lora_magnitude_vector"]
         self.lora_magnitude_vector = nn.Parameter(torch.empty(m.shape, dtype=m.dtype, device="meta"))
-        with torch.no_grad():
-            weight = base_weight(base_layer).to(torch.float64).cpu().numpy()
-        norm_sq = torch.from_numpy((weight * weight).sum(axis=1)).to(m.dtype).to(m.device)
+        norm_sq = torch.from_numpy(options["weight_norm_sq"]).to(m.dtype).to(m.device)
         self.register_buffer("weight_norm_sq", norm_sq, persistent=False)
 
     def without_bias(self, x: torch.Tensor) -> torch.Tensor:
