@@ -37,7 +37,7 @@ def method_from_dict(raw, where: str = "method") -> Method:
 
     Example:
         >>> method_from_dict({"name": "dora", "r": 4})
-        DoRA(r=4, alpha=16.0, ...)
+        DoRA(r=4, alpha=16.0, dropout=0.0, target_modules=('q_proj', 'v_proj'), ...)
     """
     if raw is None:
         raw = {}

@@ -19,7 +19,7 @@ class BitFit(Unfreezing):
 
     Example:
         >>> BitFit().plan(base, seed=0).unfrozen()[:2]
-        ['transformer.h.0.attn.attention.out_proj.bias', 'transformer.h.0.ln_1.bias']
+        ['transformer.ln_f.bias', 'transformer.h.0.attn.attention.out_proj.bias']
     """
 
     name: ClassVar[str] = "bitfit"

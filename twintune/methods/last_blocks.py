@@ -20,7 +20,7 @@ class LastBlocks(Unfreezing):
 
     Example:
         >>> LastBlocks(n=1).plan(base, seed=0).unfrozen()[0]   # a 4-block model
-        'transformer.h.3.ln_1.weight'
+        'transformer.ln_f.weight'
     """
 
     n: int = 2

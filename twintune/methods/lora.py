@@ -27,8 +27,9 @@ class LoRA(Method):
 
     Example:
         >>> lora = LoRA(r=8, alpha=16, target_modules=("q_proj", "v_proj"))
-        >>> plan = lora.plan(base, seed=0)
+        >>> plan = lora.plan(base, seed=0)   # base: the built-in tiny GPT-Neo (4 blocks of width 64)
         >>> plan.trainable_parameters()
+        8192
     """
 
     r: int = 8
