@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import twintune.api as api
+from model_helpers import write_tiny_llama
 from twintune.backends import backend_class
 from twintune.errors import TwintuneError
 from twintune.formats.checkpoint import load_checkpoint
@@ -242,29 +243,8 @@ def test_peft_adapters_give_peft_logits(peft_adapters, backend):
 
 # ---- a model of one of mlx-lm's families (MLX only) -------------------------------------------------
 
-def _llama_dir(path):
-    """A tiny random llama model directory (with the built-in model's tokenizer), as mlx-lm reads it."""
-    import json
-
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
-
-    config = dict(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=1024,
-                  tie_word_embeddings=False)
-    mx.random.seed(3)
-    inner = llama.Model(llama.ModelArgs(**config))
-    path.mkdir()
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(inner.parameters())))
-    (path / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (path / name).write_bytes((builtin_model_dir("tiny-gpt-neo") / name).read_bytes())
-    return path
-
-
 def test_adapters_switch_on_an_mlx_lm_model(tmp_path):
-    model_dir = _llama_dir(tmp_path / "tiny-llama")
+    model_dir = write_tiny_llama(tmp_path / "tiny-llama")
     runs = {}
     for name, targets in [("qv", "[q_proj,v_proj]"), ("mlp", "[up_proj,down_proj]")]:
         runs[name] = tmp_path / name

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from model_helpers import write_tiny_llama
+
 
 DEMO = "recipes/demo-financial-sentiment.yaml"
 QUICK = ["--set", "train.max_steps=2", "--set", "data.synthetic_size=60", "--no-progress"]
@@ -49,19 +51,7 @@ def world(tmp_path_factory):
     shutil.copytree(root / "bitfit-run" / "adapter", swapped / "adapter")
 
     # a tiny llama (an mlx-lm family): a base whose layers IA3's GPT-Neo defaults do not name
-    import json
-
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
-
-    settings = dict(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-                    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=300,
-                    tie_word_embeddings=False)
-    (root / "llama").mkdir()
-    mx.save_safetensors(str(root / "llama" / "model.safetensors"),
-                        dict(tree_flatten(llama.Model(llama.ModelArgs(**settings)).parameters())))
-    (root / "llama" / "config.json").write_text(json.dumps(settings))
+    write_tiny_llama(root / "llama", vocab_size=300, tokenizer=False)
 
     corrupt_ckpt = root / "corrupt-ckpt-run"
     shutil.copytree(run, corrupt_ckpt)

@@ -8,14 +8,13 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import gpt2, llama
 
+from model_helpers import LLAMA, write_tiny_llama
 from twintune.backends.mlx.backend import MLXBackend
 from twintune.backends.mlx.mlx_lm_model import MLXLMModel, load_mlx_lm_model
 from twintune.data.batching import Batch
 from twintune.errors import TwintuneError
 from twintune.methods import BaseModel, LoRA
 
-LLAMA = dict(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
-             num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=300, tie_word_embeddings=False)
 GPT2 = dict(model_type="gpt2", n_ctx=64, n_embd=32, n_head=4, n_layer=2, n_positions=64, layer_norm_epsilon=1e-5,
             vocab_size=300)
 
@@ -139,20 +138,6 @@ def test_export_refuses_adapters_mlx_lm_cannot_take(tmp_path):
         write_mlx_lm_adapter(tmp_path, gap, lora, num_layers=2)  # block 0 adapted, block 1 not
 
 
-def _llama_dir(path):
-    from twintune.formats.tiny_model import builtin_model_dir
-
-    config = dict(LLAMA, vocab_size=1024)
-    mx.random.seed(3)
-    inner = llama.Model(llama.ModelArgs(**config))
-    path.mkdir()
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(inner.parameters())))
-    (path / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (path / name).write_bytes((builtin_model_dir("tiny-gpt-neo") / name).read_bytes())
-    return path
-
-
 def test_a_recipe_trains_an_mlx_lm_model_evaluates_and_exports_it(tmp_path, capsys):
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import load_model
@@ -160,7 +145,7 @@ def test_a_recipe_trains_an_mlx_lm_model_evaluates_and_exports_it(tmp_path, caps
     from twintune.cli import main
     from twintune.train.runs import open_run
 
-    model_dir = _llama_dir(tmp_path / "tiny-llama")
+    model_dir = write_tiny_llama(tmp_path / "tiny-llama")
     settings = ["--set", f"model={model_dir}", "--set", "train.max_steps=6", "--set", "data.synthetic_size=120",
                 "--set", "method.target_modules=[q_proj,v_proj]", "--set", "train.lr=1e-2"]
     run_dir = tmp_path / "run"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from model_helpers import hf_model, torch_logits
 from twintune.errors import TwintuneError
 from twintune.formats.adapter import load_adapter, our_name, save_adapter
 from twintune.formats.checkpoint import load_checkpoint
@@ -35,18 +36,6 @@ def _recipe(method, *overrides):
 
 def _ids(spec: GPTNeoSpec, length: int = 24, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, spec.vocab_size, (1, length)).astype(np.int32)
-
-
-def _hf_model(model_dir):
-    from transformers import GPTNeoForCausalLM
-
-    return GPTNeoForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-
-
-def _torch_logits(model, ids: np.ndarray) -> np.ndarray:
-    model.eval()
-    with torch.no_grad():
-        return model(torch.from_numpy(ids).long()).logits.float().numpy()
 
 
 def _error(ours: np.ndarray, reference: np.ndarray) -> float:
@@ -134,7 +123,7 @@ def test_trained_twintune_adapter_gives_the_same_logits_in_peft(backend, case, t
     _assert_trained(start, state)
     adapter_dir = save_adapter(tmp_path / "adapter", run.method, state, run.recipe.model)
 
-    peft_model = PeftModel.from_pretrained(_hf_model(run.model_dir), str(adapter_dir)).eval()
+    peft_model = PeftModel.from_pretrained(hf_model(run.model_dir), str(adapter_dir)).eval()
     # PEFT reads adapter_config.json as twintune planned: the same layers, ranks, scales, IA3 kinds...
     assert _peft_layers(peft_model) == _planned_layers(run.method, run.plan)
     # ...and holds exactly the saved values (none left at PEFT's own init).
@@ -144,10 +133,10 @@ def test_trained_twintune_adapter_gives_the_same_logits_in_peft(backend, case, t
         np.testing.assert_array_equal(held[name].reshape(value.shape), value, err_msg=name)
 
     ids = _ids(run.spec)
-    reference = _torch_logits(peft_model, ids)
+    reference = torch_logits(peft_model, ids)
     _assert_same_logits(run.backend.logits(ids), reference)
     with peft_model.disable_adapter():  # the adapter matters
-        assert _error(_torch_logits(peft_model, ids), reference) > 1e-4
+        assert _error(torch_logits(peft_model, ids), reference) > 1e-4
 
     # And back: twintune reads its own adapter to the same settings and values, bit for bit.
     method, loaded = load_adapter(adapter_dir, run.spec)
@@ -218,7 +207,7 @@ def peft_adapter(request, tmp_path_factory, tiny):
     case = request.param
     model_dir, spec, _ = tiny
     torch.manual_seed(0)
-    model = get_peft_model(_hf_model(model_dir), _peft_configs()[case]).eval()
+    model = get_peft_model(hf_model(model_dir), _peft_configs()[case]).eval()
     with torch.no_grad():  # init_lora_weights=False leaves the magnitude at ||W + s B A||: move it off
         for name, p in model.named_parameters():
             if "lora_magnitude_vector" in name:
@@ -226,9 +215,9 @@ def peft_adapter(request, tmp_path_factory, tiny):
     out = tmp_path_factory.mktemp(f"peft-{case}") / "adapter"
     model.save_pretrained(str(out))
     ids = _ids(spec, seed=1)
-    logits = _torch_logits(model, ids)
+    logits = torch_logits(model, ids)
     with model.disable_adapter():
-        assert _error(_torch_logits(model, ids), logits) > 1e-3  # the adapter matters
+        assert _error(torch_logits(model, ids), logits) > 1e-3  # the adapter matters
     layers = _peft_layers(model)
     merged = {k: v.float().numpy() for k, v in model.merge_and_unload().state_dict().items()}
     return case, out, ids, logits, layers, merged
@@ -277,7 +266,7 @@ def test_peft_adapter_merges_as_peft_merges(peft_adapter, tiny, tmp_path):
             {f"transformer.h.{i}.{layer}.bias" for i in range(spec.num_layers) for layer in biased}
 
     out = write_checkpoint(tmp_path / "merged", model_dir, merged)
-    _assert_same_logits(_torch_logits(_hf_model(out), ids), reference)
+    _assert_same_logits(torch_logits(hf_model(out), ids), reference)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -305,7 +294,7 @@ def saved_peft_adapters(tmp_path_factory, tiny):
     for kind, config in (("dora", LoraConfig(use_dora=True, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
                          ("ia3", IA3Config())):
         dirs[kind] = tmp_path_factory.mktemp(f"refuse-{kind}") / "adapter"
-        get_peft_model(_hf_model(model_dir), config).save_pretrained(str(dirs[kind]))
+        get_peft_model(hf_model(model_dir), config).save_pretrained(str(dirs[kind]))
     return dirs
 
 

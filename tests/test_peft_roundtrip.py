@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from model_helpers import hf_model, torch_logits
 from twintune.errors import TwintuneError
 from twintune.formats.adapter import load_adapter, save_adapter
 from twintune.formats.checkpoint import load_checkpoint
@@ -31,18 +32,6 @@ def _ids(spec: GPTNeoSpec, length: int = 24, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, spec.vocab_size, (1, length)).astype(np.int32)
 
 
-def _hf_model(model_dir):
-    from transformers import GPTNeoForCausalLM
-
-    return GPTNeoForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-
-
-def _torch_logits(model, ids: np.ndarray) -> np.ndarray:
-    model.eval()
-    with torch.no_grad():
-        return model(torch.from_numpy(ids).long()).logits.float().numpy()
-
-
 def _assert_same_logits(ours: np.ndarray, reference: np.ndarray, tol: float = 1e-5) -> None:
     assert ours.shape == reference.shape
     error = np.abs(ours - reference).max() / np.abs(reference).max()
@@ -62,12 +51,12 @@ def test_trained_twintune_adapter_gives_the_same_logits_in_peft(backend, tmp_pat
     assert all(np.abs(v).max() > 0 for k, v in state.items() if ".lora_B." in k)  # the adapter does something
     adapter_dir = save_adapter(tmp_path / "adapter", run.method, state, run.recipe.model)
 
-    peft_model = PeftModel.from_pretrained(_hf_model(run.model_dir), str(adapter_dir)).eval()
+    peft_model = PeftModel.from_pretrained(hf_model(run.model_dir), str(adapter_dir)).eval()
     ids = _ids(run.spec)
-    reference = _torch_logits(peft_model, ids)
+    reference = torch_logits(peft_model, ids)
     _assert_same_logits(run.backend.logits(ids), reference)
     with peft_model.disable_adapter():  # guard against an adapter PEFT silently ignored
-        base = _torch_logits(peft_model, ids)
+        base = torch_logits(peft_model, ids)
     assert np.abs(base - reference).max() / np.abs(reference).max() > 1e-4
 
     # And back: twintune reads its own adapter to the same spec and the same values, bit for bit.
@@ -89,11 +78,11 @@ def _save_peft_adapter(model_dir, out_dir, target_modules, seed=0, **options):
 
     torch.manual_seed(seed)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, init_lora_weights=False, **options)
-    model = get_peft_model(_hf_model(model_dir), config).eval()
+    model = get_peft_model(hf_model(model_dir), config).eval()
     model.save_pretrained(str(out_dir))
     spec = GPTNeoSpec.from_config(load_checkpoint(str(model_dir)).config)
     ids = _ids(spec, seed=seed)
-    return ids, _torch_logits(model, ids)
+    return ids, torch_logits(model, ids)
 
 
 @pytest.fixture(scope="module")

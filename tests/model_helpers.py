@@ -1,0 +1,43 @@
+"""Helpers several test modules share: a tiny mlx-lm llama on disk, and transformers' logits."""
+
+import json
+
+import numpy as np
+import torch
+
+LLAMA = dict(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
+             num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=300, tie_word_embeddings=False)
+
+
+def write_tiny_llama(path, vocab_size: int = 1024, seed: int = 3, tokenizer: bool = True):
+    """A tiny random llama model directory as mlx-lm reads it (with the built-in model's tokenizer)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    from twintune.formats.tiny_model import builtin_model_dir
+
+    config = dict(LLAMA, vocab_size=vocab_size)
+    mx.random.seed(seed)
+    inner = llama.Model(llama.ModelArgs(**config))
+    path.mkdir()
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(inner.parameters())))
+    (path / "config.json").write_text(json.dumps(config))
+    if tokenizer:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (path / name).write_bytes((builtin_model_dir("tiny-gpt-neo") / name).read_bytes())
+    return path
+
+
+def hf_model(model_dir):
+    """transformers' GPTNeoForCausalLM from a directory, float32, in eval mode."""
+    from transformers import GPTNeoForCausalLM
+
+    return GPTNeoForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+    """A transformers (or PEFT) model's logits for token ids, as numpy float32."""
+    model.eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(ids).long()).logits.float().numpy()
