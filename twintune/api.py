@@ -188,7 +188,9 @@ class Model:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise TwintuneError("give at least one text to predict.")
-        encoder = Encoder(self.tokenizer, self.prompt, self.max_length)
+        method = self._adapters[self.active].method if self.active is not None else None
+        encoder = Encoder(self.tokenizer, self.prompt, self.max_length, method=method,
+                          context=self.base.spec.max_positions)
         labels = encoder.prompt.labels
         encoded = [encoder.encode(text, labels[0], f" (text {i + 1})") for i, text in enumerate(texts)]
         scores = np.zeros((len(encoded), len(labels)), np.float32)
@@ -206,7 +208,7 @@ class Model:
         if recipe is not None:
             check_same_base(recipe, self.base, directory)
         method, state = load_adapter(adapter_dir, self.base.spec)
-        if recipe is not None and method.name != recipe.method.name:
+        if recipe is not None and method.name != recipe.method.saved_method().name:
             raise TwintuneError(f"the adapter in {adapter_dir} is a {method.name} adapter, but the run's recipe "
                                 f"trains method {recipe.method.name}.")
         plan = method.plan(self.base, seed=0)

@@ -73,15 +73,26 @@ class Batch:
     def n_real_tokens(self) -> int:
         return int(self.lengths.sum())
 
+    @property
+    def prompt_lengths(self) -> np.ndarray:
+        """(B,) int32: each row's prompt tokens (its answer position within the row, plus one)."""
+        rows, width = self.input_ids.shape
+        return (self.answer_positions - np.arange(rows, dtype=np.int32) * width + 1).astype(np.int32)
+
 
 class Encoder:
     """Tokenizes examples for one prompt and tokenizer; checks the verbalizer is usable."""
 
-    def __init__(self, tokenizer, prompt: Prompt, max_length: int, pad_id: int = 0):
+    def __init__(self, tokenizer, prompt: Prompt, max_length: int, pad_id: int = 0, method=None,
+                 context: int | None = None):
+        """`method` (a twintune Method) may put virtual tokens before each example, which with it
+        must fit the model's `context` positions, and may need prompts of some length."""
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.max_length = max_length
         self.pad_id = pad_id
+        self.method = method
+        self.context = context
         self.label_ids = [tokenizer.encode(w, add_special_tokens=False).ids for w in prompt.label_words.values()]
         for word, ids in zip(prompt.label_words.values(), self.label_ids):
             if not ids:
@@ -101,7 +112,20 @@ class Encoder:
         if len(ids) > self.max_length:
             raise TwintuneError(f"example{where} is {len(ids)} tokens with its prompt, longer than "
                                 f"data.max_length={self.max_length}; raise it (up to the model's context) or shorten the text.")
+        self.check_method_fits(len(ids), len(prompt_ids), where)
         return Encoded(np.array(ids, np.int32), len(prompt_ids), k)
+
+    def check_method_fits(self, length: int, prompt_length: int, where: str) -> None:
+        if self.method is None:
+            return
+        virtual = self.method.virtual_tokens
+        if virtual and self.context is not None and length + virtual > self.context:
+            raise TwintuneError(f"example{where} is {length} tokens with its prompt, and method {self.method.name}'s "
+                                f"{virtual} virtual tokens make {length + virtual}, past the model's {self.context} "
+                                "positions; use fewer virtual tokens or shorten the text.")
+        problem = self.method.prompt_problem(prompt_length)
+        if problem:
+            raise TwintuneError(f"example{where}: {problem}.")
 
     def encode_all(self, examples, split: str = "") -> list[Encoded]:
         return [self.encode(e.text, e.label, f" #{i} of the {split} split" if split else "")

@@ -35,6 +35,7 @@ def save_adapter(directory: str | Path, method: Method, state: dict[str, np.ndar
     """
     directory = Path(directory)
     prefix = PEFT_PREFIX if method.layout == "peft" else ""
+    state = method.saved_values(state)
     if method.layout == "checkpoint":
         from twintune.formats.merge import write_checkpoint
 
@@ -42,7 +43,8 @@ def save_adapter(directory: str | Path, method: Method, state: dict[str, np.ndar
         name = "model.safetensors"
     else:
         name = "adapter_model.safetensors"
-        write_safetensors(directory / name, {prefix + k: v for k, v in state.items()}, metadata={"format": "pt"})
+        write_safetensors(directory / name, {method.file_names.get(k, prefix + k): v for k, v in state.items()},
+                          metadata={"format": "pt"})
     write_json(directory / "adapter_config.json", method.adapter_config(base_model))
     return directory
 
@@ -117,8 +119,9 @@ def our_name(name: str) -> str:
 
 
 def load_adapter(directory: str | Path, spec: GPTNeoSpec) -> tuple[Method, dict[str, np.ndarray]]:
-    """Read an adapter of any method (twintune's or PEFT's) for a model: the method with its settings,
-    and the trained values named as the backends name them (float32; float64 if saved so).
+    """Read an adapter of any method (twintune's or PEFT's) for a model: the method with its settings
+    (as saved: `Method.saved_method`), and the trained values named as the backends name them
+    (float32; float64 if saved so).
 
     Every tensor is checked against the model: it must be one the method's settings give this
     model, with its shape, and none may be missing. An `adapter_model.bin` is read only through
@@ -130,12 +133,13 @@ def load_adapter(directory: str | Path, spec: GPTNeoSpec) -> tuple[Method, dict[
         ('lora', 'transformer.h.0.attn.attention.k_proj.lora_A.weight')
     """
     directory = Path(directory)
-    method = method_of_adapter(read_adapter_config(directory), directory)
+    method = method_of_adapter(read_adapter_config(directory), directory).saved_method()
     expected = method.shapes(BaseModel(spec, {}))
+    from_file = {file: ours for ours, file in method.file_names.items()}
     layers = spec.linear_layers()
     state: dict[str, np.ndarray] = {}
     for name, array in _read_adapter_weights(directory, method).items():
-        ours = our_name(name)
+        ours = from_file.get(name) or our_name(name)
         if method.layout == "checkpoint":
             ours = ours if ours.startswith("transformer.") else f"transformer.{ours}"
             if ours == "transformer.lm_head.weight" or ours.endswith((".attn.bias", ".attn.masked_bias")):

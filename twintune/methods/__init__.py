@@ -12,7 +12,7 @@ import difflib
 
 from twintune.errors import TwintuneError
 from twintune.keys import build
-from twintune.methods.base import UNFREEZE, WRAP, BaseModel, Method, Plan, Surgery
+from twintune.methods.base import INSERT, UNFREEZE, WRAP, BaseModel, Method, Plan, Surgery
 from twintune.methods.bitfit import BitFit
 from twintune.methods.dora import DoRA
 from twintune.methods.full import Full
@@ -22,7 +22,7 @@ from twintune.methods.lora import LoRA, adapted_layers
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (LoRA, DoRA, IA3, BitFit, LastBlocks, Full)}
 
-__all__ = ["METHODS", "BaseModel", "Method", "Plan", "Surgery", "UNFREEZE", "WRAP", "LoRA", "DoRA", "IA3", "BitFit",
+__all__ = ["METHODS", "BaseModel", "Method", "Plan", "Surgery", "INSERT", "UNFREEZE", "WRAP", "LoRA", "DoRA", "IA3", "BitFit",
            "LastBlocks", "Full", "adapted_layers", "method_from_dict", "method_keys"]
 
 

@@ -21,6 +21,8 @@ from twintune.quant.nf4 import NF4Tensor, dequantize_nf4
 
 WRAP = "wrap"  # a linear layer gets a module around it, named by `module` (backends/X/methods/<module>.py)
 UNFREEZE = "unfreeze"  # a parameter of the base trains as it is
+INSERT = "insert"  # a module (backends/X/methods/<module>.py) fills one of the model's empty slots, named by
+# `target`: transformer.prompt, transformer.prefix, transformer.h.N.{attn_adapter,mlp_adapter,intervention}
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,10 @@ class Plan:
 
     def unfrozen(self) -> list[str]:
         return [s.target for s in self.surgeries if s.kind == UNFREEZE]
+
+    def inserted(self) -> dict[str, Surgery]:
+        """Filled slot name -> its surgery."""
+        return {s.target: s for s in self.surgeries if s.kind == INSERT}
 
 
 @dataclass
@@ -139,6 +145,9 @@ class Method:
     peft_type: ClassVar[str | None] = None
     parts: ClassVar[tuple[str, ...] | None] = None  # the tensors a wrapped layer gets; None: base parameters
     mlx_lm_format: ClassVar[bool] = False  # `twintune export --format mlx-lm` can write it
+    # our name of a value -> its name in an adapter file, where the layout's rule does not give it
+    # (PEFT's prompt-learning methods save one `prompt_embeddings` with no module path)
+    file_names: ClassVar[Mapping[str, str]] = {}
 
     def validate(self) -> None:
         """Range checks on the keys (types are checked when the recipe is read)."""
@@ -149,6 +158,27 @@ class Method:
     def shapes(self, base: BaseModel) -> dict[str, tuple[int, ...]]:
         """The trainable values' names and shapes (to check a saved adapter against a model)."""
         return {name: value.shape for name, value in self.plan(base, seed=0).initial_values().items()}
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Positions the method puts before the text (prompt and prefix methods); they count against
+        the model's context."""
+        return 0
+
+    def prompt_problem(self, prompt_tokens: int) -> str | None:
+        """Why an example whose prompt has this many tokens cannot be trained or scored with this
+        method (a clause), or None (LoReFT needs its positions to exist)."""
+        return None
+
+    def saved_method(self) -> "Method":
+        """The method whose trainable values an adapter file holds: the method itself, or (when
+        training reparameterises them, as P-tuning's prompt encoder does) the method that holds
+        their result. Evaluation, prediction and loading use it."""
+        return self
+
+    def saved_values(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The trained values as `saved_method()` holds them (numpy; computed once, at saving)."""
+        return dict(state)
 
     def merge(self, base: BaseModel, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Float32 base weights with the trained values folded in (NF4 layers dequantized)."""

@@ -119,7 +119,8 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
     d = recipe.data
     labels = tuple(recipe.prompt.labels)
     prompt = Prompt(recipe.prompt.template, recipe.prompt.labels)
-    encoder = Encoder(tokenizer, prompt, max_length=min(d.max_length, max_positions))
+    encoder = Encoder(tokenizer, prompt, max_length=min(d.max_length, max_positions), method=recipe.method,
+                      context=max_positions)
     t = recipe.train
     splits, order, total_steps = {}, None, 0
     if with_data:

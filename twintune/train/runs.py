@@ -7,6 +7,8 @@ file (the base model with the recipe's method at its initial values, i.e. before
 
 from __future__ import annotations
 
+import dataclasses
+
 import shutil
 from pathlib import Path
 
@@ -35,7 +37,10 @@ def open_run(target: str | Path, backend: str | None = None, with_data: bool = T
         return prepare(load_recipe(path), backend, with_data)
     if not (path / "recipe.json").exists():
         raise TwintuneError(f"{path} is not a run directory: it has no recipe.json.")
-    run = prepare(load_recipe(path / "recipe.json"), backend, with_data)
+    recipe = load_recipe(path / "recipe.json")
+    # the adapter holds the saved form of the method's values (P-tuning: its encoder's output)
+    recipe = dataclasses.replace(recipe, method=recipe.method.saved_method())
+    run = prepare(recipe, backend, with_data)
     method, state = load_adapter(path / "adapter", run.spec)
     check_adapter_fits(method, state, run, path / "adapter")
     run.backend.set_trainable_state(state)
@@ -125,7 +130,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     spec = GPTNeoSpec.from_config(checkpoint.config)
     base = base_model(recipe, spec, gpt_neo_weights(spec, checkpoint.weights))
     method, adapter = load_adapter(run_dir / "adapter", spec)
-    if method.name != recipe.method.name:
+    if method.name != recipe.method.saved_method().name:
         raise TwintuneError(f"the adapter in {run_dir / 'adapter'} is a {method.name} adapter, but the run's recipe "
                             f"trains method {recipe.method.name}.")
     return write_checkpoint(out, checkpoint.directory, method.merge(base, adapter))

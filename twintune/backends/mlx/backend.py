@@ -165,20 +165,20 @@ class MLXBackend:
         self.v = {k: mx.array(state[f"v.{k}"], dtype=self.precise) for k in self.v}
         self.step = int(state["step"].reshape(-1)[0])
 
-    def _hidden_rows(self, input_ids: mx.array, rows: mx.array) -> mx.array:
-        hidden = self.model(input_ids)
+    def _hidden_rows(self, input_ids: mx.array, prompt_lengths: mx.array, rows: mx.array) -> mx.array:
+        hidden = self.model(input_ids, prompt_lengths)
         return hidden.reshape(-1, hidden.shape[-1])[rows]
 
-    def _loss(self, input_ids, positions, targets, scale, key):
+    def _loss(self, input_ids, prompt_lengths, positions, targets, scale, key):
         with dropout_masks(key):
-            logits = self.model.logits(self._hidden_rows(input_ids, positions)).astype(self.precise)
+            logits = self.model.logits(self._hidden_rows(input_ids, prompt_lengths, positions)).astype(self.precise)
         loss = (logsumexp(logits)[:, 0] - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]).sum()
         return loss * scale, loss
 
     def forward_backward(self, batch: Batch, loss_scale: float, dropout_key: int = 0) -> float:
         self.model.train()
         (_, loss), grads = self._loss_and_grad(
-            mx.array(batch.input_ids), mx.array(batch.target_positions), mx.array(batch.targets),
+            mx.array(batch.input_ids), mx.array(batch.prompt_lengths), mx.array(batch.target_positions), mx.array(batch.targets),
             mx.array(loss_scale, dtype=self.precise), mx.array(dropout_key, dtype=mx.uint32))
         self.grads = grads if self.grads is None else tree_map(mx.add, self.grads, grads)
         mx.eval(loss, self.grads)
@@ -206,7 +206,8 @@ class MLXBackend:
 
     def label_logprobs(self, batch: Batch, label_token_ids: np.ndarray) -> np.ndarray:
         self.model.eval()
-        logits = self.model.logits(self._hidden_rows(mx.array(batch.input_ids), mx.array(batch.answer_positions)))
+        logits = self.model.logits(self._hidden_rows(mx.array(batch.input_ids), mx.array(batch.prompt_lengths),
+                                                   mx.array(batch.answer_positions)))
         logits = logits.astype(self.precise)
         logprobs = logits - logsumexp(logits)
         return np.array(logprobs[:, mx.array(label_token_ids)])

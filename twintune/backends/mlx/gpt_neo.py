@@ -97,22 +97,31 @@ class GPTNeoSelfAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.out_proj = nn.Linear(d, d, bias=True)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, prefix: tuple[mx.array, mx.array] | None = None) -> mx.array:
         B, T, D = x.shape
         heads = lambda t: t.reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)
         # In bfloat16/float16 the attention itself runs in float32, as transformers' GPT-Neo does:
         # unscaled scores overflow float16 and lose whole units in bfloat16 (float64 stays float64).
         precise = mx.float64 if x.dtype == mx.float64 else mx.float32
         q, k, v = (heads(proj(x)).astype(precise) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = attention(q, k, v, self.mask(T)).astype(x.dtype)
+        past = 0
+        if prefix is not None:  # prefix tuning: (heads, n, head_dim) keys and values before the text's
+            past = prefix[0].shape[1]
+            k, v = (mx.concatenate([mx.broadcast_to(p.astype(precise), (B, *p.shape)), t], axis=2)
+                    for p, t in zip(prefix, (k, v)))
+        out = attention(q, k, v, self.mask(T, past)).astype(x.dtype)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, D))
 
-    def mask(self, T: int):
-        if self.window is None or T <= self.window:
+    def mask(self, T: int, past: int = 0):
+        """"causal", or the boolean (T, past + T) mask: query i sits at position past + i and sees key j
+        when j <= past + i and, in a local layer, past + i - j < window (prefix keys count as the
+        first `past` positions, as transformers' GPT-Neo counts a cache)."""
+        if past == 0 and (self.window is None or T <= self.window):
             return "causal"
-        i = mx.arange(T)[:, None]
-        j = mx.arange(T)[None, :]
-        return (j <= i) & (i - j < self.window)
+        i = mx.arange(past, past + T)[:, None]
+        j = mx.arange(past + T)[None, :]
+        visible = j <= i
+        return visible & (i - j < self.window) if self.window is not None else visible
 
 
 class GPTNeoAttention(nn.Module):
@@ -121,8 +130,8 @@ class GPTNeoAttention(nn.Module):
         super().__init__()
         self.attention = GPTNeoSelfAttention(spec, attention_type)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.attention(x)
+    def __call__(self, x: mx.array, prefix: tuple[mx.array, mx.array] | None = None) -> mx.array:
+        return self.attention(x, prefix)
 
 
 class GPTNeoMLP(nn.Module):
@@ -136,49 +145,78 @@ class GPTNeoMLP(nn.Module):
 
 
 class GPTNeoBlock(nn.Module):
+    """Pre-norm attention and MLP on the residual stream, with three empty slots a method may fill:
+    `attn_adapter` and `mlp_adapter` take (sublayer output, residual stream) and return the new
+    residual stream (bottleneck adapters; empty: their sum), and `intervention` takes the block's
+    output and the rows' prompt lengths (LoReFT)."""
+
     def __init__(self, spec: GPTNeoSpec, attention_type: str):
         super().__init__()
         self.ln_1 = LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
         self.attn = GPTNeoAttention(spec, attention_type)
         self.ln_2 = LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
         self.mlp = GPTNeoMLP(spec)
+        self.attn_adapter = self.mlp_adapter = self.intervention = None
 
-    def __call__(self, x: mx.array) -> mx.array:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def __call__(self, x: mx.array, prefix=None, prompt_lengths: mx.array | None = None) -> mx.array:
+        x = add_residual(self.attn_adapter, self.attn(self.ln_1(x), prefix), x)
+        x = add_residual(self.mlp_adapter, self.mlp(self.ln_2(x)), x)
+        return x if self.intervention is None else self.intervention(x, prompt_lengths)
+
+
+def add_residual(adapter, output: mx.array, residual: mx.array) -> mx.array:
+    return residual + output if adapter is None else adapter(output, residual)
 
 
 class GPTNeoModel(nn.Module):
+    """Embeddings, blocks, final norm; two empty slots a method may fill: `prompt()` gives (n, d)
+    virtual-token embeddings put before the text's (prompt tuning, P-tuning), `prefix()` one
+    (keys, values) pair of (heads, n, head_dim) per block (prefix tuning).
+
+    Virtual tokens take the first n positions and the text starts at position n, as with PEFT on
+    transformers' GPT-Neo (its cache of prefix keys counts as past positions); local layers' windows
+    count them as ordinary earlier positions. Only the text's positions come out, so the loss and
+    prediction rows index the text as without the method."""
+
     def __init__(self, spec: GPTNeoSpec):
         super().__init__()
         self.wte = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.wpe = nn.Embedding(spec.max_positions, spec.hidden_size)
         self.h = [GPTNeoBlock(spec, kind) for kind in spec.attention_layers]
         self.ln_f = LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.prompt = self.prefix = None
         self.checkpoint_blocks = False
 
-    def __call__(self, input_ids: mx.array) -> mx.array:
-        x = self.wte(input_ids) + self.wpe(mx.arange(input_ids.shape[1]))
-        for block in self.h:
-            x = run_block(block, x, self.checkpoint_blocks)
-        return self.ln_f(x)
+    def __call__(self, input_ids: mx.array, prompt_lengths: mx.array | None = None) -> mx.array:
+        B, T = input_ids.shape
+        x = self.wte(input_ids)
+        if self.prompt is not None:
+            virtual = self.prompt().astype(x.dtype)
+            x = mx.concatenate([mx.broadcast_to(virtual, (B, *virtual.shape)), x], axis=1)
+        prefixes = self.prefix() if self.prefix is not None else [None] * len(self.h)
+        past = 0 if self.prefix is None else prefixes[0][0].shape[1]
+        x = x + self.wpe(mx.arange(past, past + x.shape[1]))
+        for block, prefix in zip(self.h, prefixes):
+            x = run_block(block, x, prefix, prompt_lengths, self.checkpoint_blocks)
+        return self.ln_f(x[:, x.shape[1] - T:])
 
 
-def run_block(block: nn.Module, x: mx.array, checkpoint: bool) -> mx.array:
+def run_block(block: nn.Module, x: mx.array, prefix, prompt_lengths, checkpoint: bool) -> mx.array:
     """One block. With `checkpoint`, only the block's input is kept for the backward, which runs
     the block again (mx.checkpoint); the recompute re-enters the micro-batch's dropout key, and the
     shared generator's masks depend on nothing else, so the gradients are those of the plain path.
-    Trainable parameters go in as arguments so their gradients flow through."""
+    Trainable parameters (and the prefix, computed outside the block) go in as arguments so their
+    gradients flow through."""
     if not checkpoint or not block.training:
-        return block(x)
+        return block(x, prefix, prompt_lengths)
     key = current_dropout_key()
 
-    def run(parameters, x):
+    def run(parameters, x, *prefix):
         block.update(parameters)
         with dropout_masks(key):
-            return block(x)
+            return block(x, prefix or None, prompt_lengths)
 
-    return mx.checkpoint(run)(block.trainable_parameters(), x)
+    return mx.checkpoint(run)(block.trainable_parameters(), x, *(prefix or ()))
 
 
 class GPTNeoForCausalLM(nn.Module):
@@ -189,8 +227,10 @@ class GPTNeoForCausalLM(nn.Module):
         self.spec = spec
         self.transformer = GPTNeoModel(spec)
 
-    def __call__(self, input_ids: mx.array) -> mx.array:
-        return self.transformer(input_ids)
+    def __call__(self, input_ids: mx.array, prompt_lengths: mx.array | None = None) -> mx.array:
+        """Final hidden states (B, T, d); `prompt_lengths` (B,) are the rows' prompt tokens, for
+        methods that act on prompt positions (none given: each whole row is its prompt)."""
+        return self.transformer(input_ids, prompt_lengths)
 
     def logits(self, hidden: mx.array) -> mx.array:
         return self.transformer.wte.as_linear(hidden)

@@ -42,8 +42,8 @@ class MLXLMModel(nn.Module):
         # positions the model was built for (learned position tables); None: rotary, no fixed limit
         self.max_positions = getattr(args, "max_position_embeddings", None) or getattr(args, "n_positions", None)
 
-    def __call__(self, input_ids: mx.array) -> mx.array:
-        return self.model(input_ids)
+    def __call__(self, input_ids: mx.array, prompt_lengths: mx.array | None = None) -> mx.array:
+        return self.model(input_ids)  # no method on these models acts on prompt positions
 
     def logits(self, hidden: mx.array) -> mx.array:
         if "lm_head" in self:

@@ -1,7 +1,9 @@
 """The plan's surgeries, performed on an MLX model (the mirror of backends/torch/surgery.py).
 
-Two kinds so far: WRAP puts a method's layer module (backends/mlx/methods/) around a linear layer;
-UNFREEZE lets a base parameter train as it is. `undo_plan` takes a plan back off (switching adapters
+Three kinds: WRAP puts a method's layer module (backends/mlx/methods/) around a linear layer;
+UNFREEZE lets a base parameter train as it is; INSERT fills one of the model's empty slots (gpt_neo.py:
+virtual tokens, prefixes, adapters after a sublayer, interventions on a block's output) with a
+method's module. `undo_plan` takes a plan back off (switching adapters
 on one loaded base). Nothing here knows a method by name.
 """
 
@@ -14,7 +16,8 @@ from mlx.utils import tree_unflatten
 
 from twintune.backends.mlx.methods import LAYERS
 from twintune.dropout import dropout_stream
-from twintune.methods import UNFREEZE, WRAP, BaseModel, Plan, Surgery
+from twintune.errors import TwintuneError
+from twintune.methods import INSERT, UNFREEZE, WRAP, BaseModel, Plan, Surgery
 
 
 def get_submodule(model: nn.Module, name: str) -> nn.Module:
@@ -45,6 +48,8 @@ def apply_plan(model: nn.Module, plan: Plan, dtype: np.dtype) -> None:
             wrap(model, surgery, values)
         elif surgery.kind == UNFREEZE:
             unfreeze(model, surgery.target, values[surgery.target])
+        elif surgery.kind == INSERT:
+            insert(model, surgery, values)
         else:
             raise ValueError(f"surgery kind {surgery.kind!r} is not built on the MLX backend")
     mx.eval(model.parameters())
@@ -61,6 +66,20 @@ def wrap(model: nn.Module, surgery: Surgery, values: dict[str, mx.array]) -> Non
     set_submodule(model, surgery.target, layer)
 
 
+def insert(model: nn.Module, surgery: Surgery, values: dict[str, mx.array]) -> None:
+    """Fill the empty slot `surgery.target` with the surgery's module, given its initial values."""
+    parent_name, attr = surgery.target.rsplit(".", 1)
+    parent = get_submodule(model, parent_name)
+    if not hasattr(parent, attr) or parent.get(attr) is not None:
+        raise TwintuneError(f"this model has no free slot {surgery.target!r} for method {surgery.module}'s module "
+                            "(slots are built into twintune's GPT-Neo).")
+    prefix = surgery.target + "."
+    own = {name[len(prefix):]: value for name, value in values.items()}
+    module = LAYERS[surgery.module](own, dict(surgery.options), dropout_stream(surgery.target))
+    module.update(tree_unflatten(list(own.items())))
+    setattr(parent, attr, module)
+
+
 def unfreeze(model: nn.Module, name: str, value: mx.array) -> None:
     """A base parameter trains from `value` (its own numbers, in the trainable dtype)."""
     module_name, attr = name.rsplit(".", 1)
@@ -71,7 +90,8 @@ def unfreeze(model: nn.Module, name: str, value: mx.array) -> None:
 
 def undo_plan(model: nn.Module, plan: Plan, base: BaseModel) -> None:
     """Reverse `apply_plan`: each wrapped layer becomes its `base_layer` again, each unfrozen
-    parameter gets the base's own value back (in the model's dtype) and is frozen again.
+    parameter gets the base's own value back (in the model's dtype) and is frozen again, each
+    filled slot is empty again.
 
     Example:
         >>> apply_plan(backend.model, plan, np.float32); undo_plan(backend.model, plan, base)
@@ -83,6 +103,8 @@ def undo_plan(model: nn.Module, plan: Plan, base: BaseModel) -> None:
             set_submodule(model, surgery.target, get_submodule(model, surgery.target).base_layer)
         elif surgery.kind == UNFREEZE:
             refreeze(model, surgery.target, base)
+        elif surgery.kind == INSERT:
+            set_submodule(model, surgery.target, None)
         else:
             raise ValueError(f"surgery kind {surgery.kind!r} is not built on the MLX backend")
     mx.eval(model.parameters())

@@ -136,15 +136,15 @@ class TorchBackend:
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, torch.long)
 
-    def _hidden_rows(self, input_ids: np.ndarray, rows: np.ndarray) -> torch.Tensor:
-        hidden = self.model(self._tensor(input_ids))
+    def _hidden_rows(self, batch: Batch, rows: np.ndarray) -> torch.Tensor:
+        hidden = self.model(self._tensor(batch.input_ids), self._tensor(batch.prompt_lengths))
         return hidden.reshape(-1, hidden.shape[-1])[self._tensor(rows)]
 
     def forward_backward(self, batch: Batch, loss_scale: float, dropout_key: int = 0) -> float:
         self.model.train()
         # The key stays set through the backward: gradient checkpointing's recompute runs there.
         with dropout_masks(torch.tensor(dropout_key, dtype=torch.int64, device=self.device)):
-            logits = self.model.logits(self._hidden_rows(batch.input_ids, batch.target_positions)).to(self.precise)
+            logits = self.model.logits(self._hidden_rows(batch, batch.target_positions)).to(self.precise)
             loss = F.cross_entropy(logits, self._tensor(batch.targets), reduction="sum")
             (loss * loss_scale).backward()
         return loss.item()
@@ -170,7 +170,7 @@ class TorchBackend:
     @torch.no_grad()
     def label_logprobs(self, batch: Batch, label_token_ids: np.ndarray) -> np.ndarray:
         self.model.eval()
-        logits = self.model.logits(self._hidden_rows(batch.input_ids, batch.answer_positions)).to(self.precise)
+        logits = self.model.logits(self._hidden_rows(batch, batch.answer_positions)).to(self.precise)
         return torch.log_softmax(logits, dim=-1)[:, self._tensor(label_token_ids)].cpu().numpy()
 
     @torch.no_grad()

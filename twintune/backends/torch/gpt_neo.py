@@ -68,24 +68,31 @@ class GPTNeoSelfAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.out_proj = nn.Linear(d, d, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, D = x.shape
         heads = lambda t: t.reshape(B, T, self.num_heads, -1).transpose(1, 2)  # noqa: E731
         # In bfloat16/float16 the attention itself runs in float32, as transformers' GPT-Neo does:
         # unscaled scores overflow float16 and lose whole units in bfloat16 (float64 stays float64).
         precise = torch.float64 if x.dtype == torch.float64 else torch.float32
         q, k, v = (heads(proj(x)).to(precise) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = attention(q, k, v, self.mask(T, x.device)).to(x.dtype)
+        past = 0
+        if prefix is not None:  # prefix tuning: (heads, n, head_dim) keys and values before the text's
+            past = prefix[0].shape[1]
+            k, v = (torch.cat([p.to(precise).expand(B, *p.shape), t], dim=2) for p, t in zip(prefix, (k, v)))
+        out = attention(q, k, v, self.mask(T, past, x.device)).to(x.dtype)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
 
-    def mask(self, T: int, device: torch.device) -> str | torch.Tensor:
-        """The mask for T positions: "causal", or for a local layer longer than its window the boolean
-        windowed causal mask (True where position i may attend to j)."""
-        if self.window is None or T <= self.window:
+    def mask(self, T: int, past: int, device: torch.device) -> str | torch.Tensor:
+        """"causal", or the boolean (T, past + T) mask: query i sits at position past + i and sees key j
+        when j <= past + i and, in a local layer, past + i - j < window (prefix keys count as the
+        first `past` positions, as transformers' GPT-Neo counts a cache). Built explicitly whenever
+        there are more keys than queries: torch's is_causal would align the triangle top-left."""
+        if past == 0 and (self.window is None or T <= self.window):
             return "causal"
-        i = torch.arange(T, device=device)[:, None]
-        j = torch.arange(T, device=device)[None, :]
-        return (j <= i) & (i - j < self.window)
+        i = torch.arange(past, past + T, device=device)[:, None]
+        j = torch.arange(past + T, device=device)[None, :]
+        visible = j <= i
+        return visible & (i - j < self.window) if self.window is not None else visible
 
 
 class GPTNeoAttention(nn.Module):
@@ -94,8 +101,8 @@ class GPTNeoAttention(nn.Module):
         super().__init__()
         self.attention = GPTNeoSelfAttention(spec, attention_type)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attention(x)
+    def forward(self, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.attention(x, prefix)
 
 
 class GPTNeoMLP(nn.Module):
@@ -109,43 +116,71 @@ class GPTNeoMLP(nn.Module):
 
 
 class GPTNeoBlock(nn.Module):
+    """Pre-norm attention and MLP on the residual stream, with three empty slots a method may fill:
+    `attn_adapter` and `mlp_adapter` take (sublayer output, residual stream) and return the new
+    residual stream (bottleneck adapters; empty: their sum), and `intervention` takes the block's
+    output and the rows' prompt lengths (LoReFT)."""
+
     def __init__(self, spec: GPTNeoSpec, attention_type: str):
         super().__init__()
         self.ln_1 = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
         self.attn = GPTNeoAttention(spec, attention_type)
         self.ln_2 = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
         self.mlp = GPTNeoMLP(spec)
+        self.attn_adapter = self.mlp_adapter = self.intervention = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, prefix=None, prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        x = add_residual(self.attn_adapter, self.attn(self.ln_1(x), prefix), x)
+        x = add_residual(self.mlp_adapter, self.mlp(self.ln_2(x)), x)
+        return x if self.intervention is None else self.intervention(x, prompt_lengths)
+
+
+def add_residual(adapter, output: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return residual + output if adapter is None else adapter(output, residual)
 
 
 class GPTNeoModel(nn.Module):
+    """Embeddings, blocks, final norm; two empty slots a method may fill: `prompt()` gives (n, d)
+    virtual-token embeddings put before the text's (prompt tuning, P-tuning), `prefix()` one
+    (keys, values) pair of (heads, n, head_dim) per block (prefix tuning).
+
+    Virtual tokens take the first n positions and the text starts at position n, as with PEFT on
+    transformers' GPT-Neo (its cache of prefix keys counts as past positions); local layers' windows
+    count them as ordinary earlier positions. Only the text's positions come out, so the loss and
+    prediction rows index the text as without the method."""
+
     def __init__(self, spec: GPTNeoSpec):
         super().__init__()
         self.wte = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.wpe = nn.Embedding(spec.max_positions, spec.hidden_size)
         self.h = nn.ModuleList(GPTNeoBlock(spec, kind) for kind in spec.attention_layers)
         self.ln_f = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.prompt = self.prefix = None
         self.checkpoint_blocks = False
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
         # No attention mask: padding is on the right, and causal attention never looks right.
-        x = self.wte(input_ids) + self.wpe(torch.arange(input_ids.shape[1], device=input_ids.device))
-        for block in self.h:
-            x = run_block(block, x, self.checkpoint_blocks)
-        return self.ln_f(x)
+        B, T = input_ids.shape
+        x = self.wte(input_ids)
+        if self.prompt is not None:
+            virtual = self.prompt().to(x.dtype)
+            x = torch.cat([virtual.expand(B, *virtual.shape), x], dim=1)
+        prefixes = self.prefix() if self.prefix is not None else [None] * len(self.h)
+        past = 0 if self.prefix is None else prefixes[0][0].shape[1]
+        x = x + self.wpe(torch.arange(past, past + x.shape[1], device=input_ids.device))
+        for block, prefix in zip(self.h, prefixes):
+            x = run_block(block, x, prefix, prompt_lengths, self.checkpoint_blocks)
+        return self.ln_f(x[:, x.shape[1] - T:])
 
 
-def run_block(block: nn.Module, x: torch.Tensor, checkpoint_block: bool) -> torch.Tensor:
+def run_block(block: nn.Module, x: torch.Tensor, prefix, prompt_lengths, checkpoint_block: bool) -> torch.Tensor:
     """One block. With `checkpoint_block`, only the block's input is kept for the backward, which runs
     the block again (torch.utils.checkpoint, non-reentrant). The recompute draws the same dropout
     masks: they depend only on the micro-batch's key, and the backend runs the backward inside the
     same `dropout_masks(key)` as the forward (MLX's run_block re-enters the key itself instead)."""
     if not checkpoint_block or not block.training:
-        return block(x)
-    return checkpoint(block, x, use_reentrant=False)
+        return block(x, prefix, prompt_lengths)
+    return checkpoint(block, x, prefix, prompt_lengths, use_reentrant=False)
 
 
 class GPTNeoForCausalLM(nn.Module):
@@ -182,8 +217,10 @@ class GPTNeoForCausalLM(nn.Module):
         """Keep only each block's input for the backward and run the block again there (run_block)."""
         self.transformer.checkpoint_blocks = True
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.transformer(input_ids)
+    def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, d); `prompt_lengths` (B,) are the rows' prompt tokens, for
+        methods that act on prompt positions (none given: each whole row is its prompt)."""
+        return self.transformer(input_ids, prompt_lengths)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.transformer.wte.weight)  # lm_head tied to the token embedding

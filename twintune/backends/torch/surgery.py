@@ -1,7 +1,9 @@
 """The plan's surgeries, performed on a torch model (the mirror of backends/mlx/surgery.py).
 
-Two kinds so far: WRAP puts a method's layer module (backends/torch/methods/) around a linear
-layer; UNFREEZE lets a base parameter train as it is. `undo_plan` takes a plan back off (switching
+Three kinds: WRAP puts a method's layer module (backends/torch/methods/) around a linear layer;
+UNFREEZE lets a base parameter train as it is; INSERT fills one of the model's empty slots
+(gpt_neo.py: virtual tokens, prefixes, adapters after a sublayer, interventions on a block's output)
+with a method's module. `undo_plan` takes a plan back off (switching
 adapters on one loaded base). Nothing here knows a method by name.
 """
 
@@ -13,7 +15,8 @@ from torch import nn
 
 from twintune.backends.torch.methods import LAYERS
 from twintune.dropout import dropout_stream
-from twintune.methods import UNFREEZE, WRAP, BaseModel, Plan, Surgery
+from twintune.errors import TwintuneError
+from twintune.methods import INSERT, UNFREEZE, WRAP, BaseModel, Plan, Surgery
 
 
 def apply_plan(model: nn.Module, plan: Plan, dtype: np.dtype, device: torch.device) -> None:
@@ -28,6 +31,8 @@ def apply_plan(model: nn.Module, plan: Plan, dtype: np.dtype, device: torch.devi
             wrap(model, surgery, values)
         elif surgery.kind == UNFREEZE:
             unfreeze(model, surgery.target, values[surgery.target])
+        elif surgery.kind == INSERT:
+            insert(model, surgery, values, device)
         else:
             raise ValueError(f"surgery kind {surgery.kind!r} is not built on the torch backend")
 
@@ -46,6 +51,22 @@ def wrap(model: nn.Module, surgery: Surgery, values: dict[str, torch.Tensor]) ->
     setattr(parent, attr, layer)
 
 
+def insert(model: nn.Module, surgery: Surgery, values: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Fill the empty slot `surgery.target` with the surgery's module, given its initial values."""
+    parent_name, attr = surgery.target.rsplit(".", 1)
+    parent = model.get_submodule(parent_name)
+    if not hasattr(parent, attr) or getattr(parent, attr) is not None:
+        raise TwintuneError(f"this model has no free slot {surgery.target!r} for method {surgery.module}'s module "
+                            "(slots are built into twintune's GPT-Neo).")
+    prefix = surgery.target + "."
+    own = {name[len(prefix):]: value for name, value in values.items()}
+    module = LAYERS[surgery.module](own, dict(surgery.options), dropout_stream(surgery.target)).to(device)
+    module.load_state_dict(own, strict=False, assign=True)
+    for name, parameter in module.named_parameters():
+        parameter.requires_grad_(name in own)
+    setattr(parent, attr, module)
+
+
 def unfreeze(model: nn.Module, name: str, value: torch.Tensor) -> None:
     """A base parameter trains from `value` (its own numbers, in the trainable dtype)."""
     module_name, attr = name.rsplit(".", 1)
@@ -55,7 +76,8 @@ def unfreeze(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def undo_plan(model: nn.Module, plan: Plan, base: BaseModel) -> None:
     """Reverse `apply_plan`: each wrapped layer becomes its `base_layer` again, each unfrozen
-    parameter gets the base's own value back (in the model's dtype) and is frozen again.
+    parameter gets the base's own value back (in the model's dtype) and is frozen again, each
+    filled slot is empty again.
 
     Example:
         >>> apply_plan(backend.model, plan, np.float32, device); undo_plan(backend.model, plan, base)
@@ -69,6 +91,9 @@ def undo_plan(model: nn.Module, plan: Plan, base: BaseModel) -> None:
             setattr(parent, attr, getattr(parent, attr).base_layer)
         elif surgery.kind == UNFREEZE:
             refreeze(model, surgery.target, base)
+        elif surgery.kind == INSERT:
+            parent_name, attr = surgery.target.rsplit(".", 1)
+            setattr(model.get_submodule(parent_name), attr, None)
         else:
             raise ValueError(f"surgery kind {surgery.kind!r} is not built on the torch backend")
 
