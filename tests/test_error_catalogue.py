@@ -136,6 +136,11 @@ CASES = [
     case("eval", "{root}/mismatched-run", "--backend", "mlx", match="the adapter does not match this base model"),
     case("train", DEMO, "--backend", "mlx", "--resume", "{root}/corrupt-ckpt-run", "--set", "train.save_every=1",
          "--set", "train.max_steps=2", "--set", "data.synthetic_size=60", match="is corrupt: trainable.safetensors"),
+    # method zoo part 2: one section per method
+    # [adapter]
+    # [prompt]
+    # [prefix]
+    # [loreft]
 ]
 
 

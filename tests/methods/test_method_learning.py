@@ -31,6 +31,10 @@ CASES = {
     "last_blocks": (["method={name: last_blocks, n: 2, include_embeddings: true}"], 0.9,
                     "the tied embedding is GPT-Neo's output layer: with it the label words' vectors learn too"),
     "full": (["method={name: full}", "train.lr=1e-3"], 0.9, "every parameter: the easiest case"),
+    # [adapter]
+    # [prompt]
+    # [prefix]
+    # [loreft]
 }
 
 

@@ -10,6 +10,7 @@ merge gives transformers the adapted model's logits.
 Costs are shared: one module fixture trains each (method, backend, dtype) once.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from twintune.errors import TwintuneError
 from twintune.formats.adapter import load_adapter, save_adapter
 from twintune.formats.safetensors_io import read_safetensors
 from twintune.recipe import load_recipe
@@ -49,6 +51,10 @@ METHODS = {
     "bitfit": ("{name: bitfit}", BLOCKS * (D + F + D + 2 * D) + D),  # out_proj, c_fc, c_proj, ln_1, ln_2; ln_f
     "last_blocks": ("{name: last_blocks, n: 1}", block_parameters() + 2 * D),
     "full": ("{name: full}", VOCAB * D + POSITIONS * D + BLOCKS * block_parameters() + 2 * D),
+    # [adapter]
+    # [prompt]
+    # [prefix]
+    # [loreft]
 }
 BACKENDS = ["mlx", "torch"]
 STEPS = 20
@@ -120,11 +126,12 @@ def test_saved_values_load_back_to_the_same_logits_in_either_backend(method, tra
     state = run.backend.trainable_state()
     save_adapter(tmp_path / "adapter", run.method, state, run.recipe.model, run.model_dir)
     loaded_method, loaded = load_adapter(tmp_path / "adapter", run.spec)
-    assert loaded_method == run.method or loaded_method.name == run.method.name
-    assert loaded.keys() == state.keys() and all(np.array_equal(loaded[k], state[k]) for k in state)
+    saved = run.method.saved_values(state)  # the values themselves, or (P-tuning) what they compute
+    assert loaded_method == run.method.saved_method() or loaded_method.name == run.method.name
+    assert loaded.keys() == saved.keys() and all(np.array_equal(loaded[k], saved[k]) for k in saved)
     expected = run.backend.logits(ids())
     for backend in BACKENDS:
-        fresh = prepare(recipe(method), backend, with_data=False)
+        fresh = prepare(dataclasses.replace(recipe(method), method=loaded_method), backend, with_data=False)
         fresh.backend.set_trainable_state(loaded)
         assert relative(fresh.backend.logits(ids()), expected) < (1e-6 if backend == "torch" else 1e-4)
 
@@ -134,7 +141,16 @@ def test_saved_values_load_back_to_the_same_logits_in_either_backend(method, tra
 RUN_SETTINGS = ["train.save_every=5", "train.max_steps=15"]
 # Each method resumes on one backend (alternating); resuming across backends is tested in
 # tests/test_resume_across_backends.py, and the two backends' steps agree (above).
-RESUME_BACKEND = dict(zip(METHODS, ["mlx", "torch", "torch", "mlx", "mlx", "torch"]))
+RESUME_BACKEND = {"lora": "mlx", "dora": "torch", "ia3": "torch", "bitfit": "mlx", "last_blocks": "mlx",
+                  "full": "torch",
+                  # [adapter]
+                  # [prompt]
+                  # [prefix]
+                  # [loreft]
+}
+# Methods whose trained values fold into the base weights; the others add positions, modules or
+# interventions that no weight can hold, and say so.
+MERGEABLE = ["lora", "dora", "ia3", "bitfit", "last_blocks", "full"]
 
 
 def _cli(method, backend, out, *extra):
@@ -197,7 +213,15 @@ def test_eval_and_predict_work_on_the_run_directory_on_both_backends(method, res
         assert rows[0]["label"] in ("negative", "neutral", "positive")
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in MERGEABLE])
+def test_merge_is_refused_with_the_reason(method, resumed_runs, tmp_path):
+    run_dir, _, _ = resumed_runs(method)
+    with pytest.raises(TwintuneError, match="cannot be merged") as refused:
+        merge_run(run_dir, tmp_path / "merged")
+    assert "\n" not in str(refused.value) and not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("method", MERGEABLE)
 def test_merge_gives_transformers_the_adapted_models_logits(method, resumed_runs, tmp_path):
     from transformers import GPTNeoForCausalLM
 

@@ -19,8 +19,18 @@ from twintune.methods.full import Full
 from twintune.methods.ia3 import IA3
 from twintune.methods.last_blocks import LastBlocks
 from twintune.methods.lora import LoRA, adapted_layers
+# [adapter]
+# [prompt]
+# [prefix]
+# [loreft]
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (LoRA, DoRA, IA3, BitFit, LastBlocks, Full)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
+    LoRA, DoRA, IA3, BitFit, LastBlocks, Full,
+    # [adapter]
+    # [prompt]
+    # [prefix]
+    # [loreft]
+)}
 
 __all__ = ["METHODS", "BaseModel", "Method", "Plan", "Surgery", "INSERT", "UNFREEZE", "WRAP", "LoRA", "DoRA", "IA3", "BitFit",
            "LastBlocks", "Full", "adapted_layers", "method_from_dict", "method_keys"]
