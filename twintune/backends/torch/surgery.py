@@ -32,7 +32,7 @@ def apply_plan(model: nn.Module, plan: Plan, dtype: np.dtype, device: torch.devi
         elif surgery.kind == UNFREEZE:
             unfreeze(model, surgery.target, values[surgery.target])
         elif surgery.kind == INSERT:
-            insert(model, surgery, values, device)
+            insert(model, surgery, values)
         else:
             raise ValueError(f"surgery kind {surgery.kind!r} is not built on the torch backend")
 
@@ -51,7 +51,7 @@ def wrap(model: nn.Module, surgery: Surgery, values: dict[str, torch.Tensor]) ->
     setattr(parent, attr, layer)
 
 
-def insert(model: nn.Module, surgery: Surgery, values: dict[str, torch.Tensor], device: torch.device) -> None:
+def insert(model: nn.Module, surgery: Surgery, values: dict[str, torch.Tensor]) -> None:
     """Fill the empty slot `surgery.target` with the surgery's module, given its initial values."""
     parent_name, attr = surgery.target.rsplit(".", 1)
     parent = model.get_submodule(parent_name)
@@ -60,7 +60,8 @@ def insert(model: nn.Module, surgery: Surgery, values: dict[str, torch.Tensor], 
                             "(slots are built into twintune's GPT-Neo).")
     prefix = surgery.target + "."
     own = {name[len(prefix):]: value for name, value in values.items()}
-    module = LAYERS[surgery.module](own, dict(surgery.options), dropout_stream(surgery.target)).to(device)
+    # Built on the meta device like a wrapped layer's parts: the initial values (already on `device`) become its parameters.
+    module = LAYERS[surgery.module](own, dict(surgery.options), dropout_stream(surgery.target))
     module.load_state_dict(own, strict=False, assign=True)
     for name, parameter in module.named_parameters():
         parameter.requires_grad_(name in own)
