@@ -1,6 +1,7 @@
 """The torch backend against Hugging Face transformers + PEFT on one epoch of the task, same run.
 
-    python -m benchmarks.compare_torch [--method lora|dora|ia3|bitfit|last_blocks|full] [--quick]
+    python -m benchmarks.compare_torch [--method lora|dora|ia3|bitfit|last_blocks|full|prompt|ptuning|prefix
+                                        |adapter|loreft] [--quick]
         [--shape 125m|1.3b|tiny] [--examples N] [--repeats R] [--compile] [--kinds K,...] [--no-save]
 
 Three ways to train the same method (AdamW lr 2e-4, batch 8; --method, default lora) on the same
@@ -14,6 +15,12 @@ same settings on both sides (METHODS below):
   bitfit       every bias                            transformers, requires_grad on the biases only
   last_blocks  n=2: the last two blocks + ln_f       transformers, requires_grad on those only
   full         every parameter (wte/lm_head once)    transformers, every parameter
+  prompt       20 virtual tokens                     PEFT PromptTuningConfig
+  ptuning      20 virtual tokens, MLP encoder        PEFT PromptEncoderConfig (MLP)
+  prefix       20 virtual tokens per layer           PEFT PrefixTuningConfig
+  adapter      Houlsby, reduction factor 16          twintune's LoRA on q_proj + v_proj at the rank
+  loreft       r=4, every block, f1+l1               that trains as many parameters (no PEFT method;
+                                                     AdapterHub has no GPT-Neo): kind lora_equal
   (PEFT has no BitFit or last-blocks: the reference is plain transformers with the same
   parameters trainable; each row records its trainable count, and the two sides must agree.)
 
@@ -25,11 +32,15 @@ same settings on both sides (METHODS below):
              only where the loss is taken
   twintune_compiled  (with --compile) the same with train.compile (torch.compile, dynamic shapes);
              its warm-up epoch, reported apart, pays for compiling
+  lora_equal (adapter, loreft) twintune's LoRA on q_proj + v_proj with as many trainable
+             parameters as the method, as near as a rank allows: what the same budget costs with LoRA
 
 Each runs in its own process (its own peak memory), on a random-weight GPT-Neo of the given
 shape with the built-in tokenizer. Tokens/s counts real (non-padding) tokens. Every ratio is
 ours / theirs; the targets (against fair_loop: tokens/s >= 1.5x, >= 2x for DoRA; peak RSS <= 0.8x)
-are printed PASS/FAIL; the last line is one JSON object with the ratios. Results go to
+are printed PASS/FAIL; for prompt, ptuning and prefix: tokens/s >= 1.2x, peak RSS <= 1.0x; adapter
+and loreft have no target, their ratio to lora_equal is printed); the last line is one JSON object
+with the ratios. Results go to
 results/compare_torch_<shape>[_<method>][_quick][_compile].json (lora keeps the old name).
 """
 
@@ -59,10 +70,16 @@ METHODS = {
     "bitfit": {},
     "last_blocks": {"n": 2},
     "full": {},
+    "prompt": {"n": 20},
+    "ptuning": {"n": 20, "encoder": "mlp"},
+    "prefix": {"n": 20},
+    "adapter": {"style": "houlsby", "reduction_factor": 16},
+    "loreft": {"r": 4, "positions": "f1+l1"},
 }
-KINDS = ("twintune", "fair_loop", "trainer")
-SPEED_TARGET = {"dora": 2.0}  # tokens/s vs the reference's; 1.5 for the others
-MEMORY_TARGET = 0.8  # peak RSS vs the reference's
+KINDS = ("twintune", "fair_loop", "trainer", "lora_equal")
+WITHOUT_PEFT = ("adapter", "loreft")  # compared with twintune's LoRA of the same size (lora_equal)
+SPEED_TARGET = {"dora": 2.0, "prompt": 1.2, "ptuning": 1.2, "prefix": 1.2}  # tokens/s vs the reference's; else 1.5
+MEMORY_TARGET = {"prompt": 1.0, "ptuning": 1.0, "prefix": 1.0}  # peak RSS vs the reference's; else 0.8
 
 
 def model_dir(shape: str) -> Path:
@@ -90,7 +107,25 @@ def method_override(method: str) -> str:
     return "method=" + json.dumps({"name": method, **METHODS[method]})
 
 
-def recipe(shape: str, examples: int, compile: bool = False, method: str = "lora"):
+def equal_lora_override(shape: str, method: str) -> str:
+    """twintune's LoRA on q_proj and v_proj at the rank whose trainable count is nearest the method's."""
+    from twintune.formats.checkpoint import load_checkpoint
+    from twintune.methods import BaseModel, method_from_dict
+    from twintune.models import GPTNeoSpec
+
+    spec = GPTNeoSpec.from_config(load_checkpoint(str(model_dir(shape))).config)
+    count = method_from_dict({"name": method, **METHODS[method]}).plan(BaseModel(spec, _zeros(spec)), 0)
+    per_rank = 2 * spec.num_layers * 2 * spec.hidden_size  # q and v in every block: A (r x d) and B (d x r)
+    rank = max(1, round(count.trainable_parameters() / per_rank))
+    return "method=" + json.dumps({"name": "lora", "r": rank, "alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"]})
+
+
+def _zeros(spec) -> dict:
+    """Zero weights of the spec's shapes, read-only broadcasts (planning reads shapes, and embeddings for some inits)."""
+    return {name: np.broadcast_to(np.zeros((), np.float32), shape) for name, shape in spec.weight_shapes().items()}
+
+
+def recipe(shape: str, examples: int, compile: bool = False, method: str = "lora", equal_lora: bool = False):
     from twintune.recipe import load_recipe
 
     # train on `examples` sentences: the validation/test fractions take the rest of a larger set
@@ -98,7 +133,7 @@ def recipe(shape: str, examples: int, compile: bool = False, method: str = "lora
     return load_recipe("recipes/demo-financial-sentiment.yaml", [
         f"model={model_dir(shape)}", f"data.synthetic_size={max(30, total)}", "train.epochs=1",
         f"train.batch_size={LORA['batch']}", f"train.lr={LORA['lr']}", "train.warmup_steps=0",
-        method_override(method),
+        equal_lora_override(shape, method) if equal_lora else method_override(method),
         "train.schedule=constant", "train.max_grad_norm=0", "train.group_by_length=true", f"train.compile={compile}"])
 
 
@@ -110,14 +145,15 @@ def child(kind: str, shape: str, examples: int, repeats: int, method: str = "lor
 
     from twintune.data.batching import TrainOrder
 
-    run = prepare(recipe(shape, examples, compile=kind == "twintune_compiled", method=method), "torch")
+    run = prepare(recipe(shape, examples, compile=kind == "twintune_compiled", method=method,
+                         equal_lora=kind == "lora_equal"), "torch")
     encoded = run.splits["train"]
     # the references get plain dynamic padding (a random order); length grouping is ours
     plain = TrainOrder(encoded, LORA["batch"], 1, run.recipe.seed)
     batches = [b for step in range(plain.steps_per_epoch) for b in plain.step_batches(step)]
     real_tokens = sum(len(e.ids) for e in encoded)
 
-    if kind.startswith("twintune"):
+    if kind.startswith("twintune") or kind == "lora_equal":
         def epoch():
             for step in range(run.order.steps_per_epoch):
                 train_step(run, step)
@@ -152,8 +188,9 @@ def child(kind: str, shape: str, examples: int, repeats: int, method: str = "lor
 
 
 def _reference_model(shape: str, method: str):
-    """transformers' GPT-Neo with `method` as its users would set it up: PEFT's LoRA, DoRA or IA3,
-    or (PEFT has no BitFit, last-blocks or full method) requires_grad on the same parameters."""
+    """transformers' GPT-Neo with `method` as its users would set it up: PEFT's LoRA, DoRA, IA3, prompt
+    tuning, P-tuning or prefix tuning, or (PEFT has no BitFit, last-blocks or full method)
+    requires_grad on the same parameters."""
     from transformers import GPTNeoForCausalLM
 
     model = GPTNeoForCausalLM.from_pretrained(model_dir(shape))
@@ -170,6 +207,12 @@ def _reference_model(shape: str, method: str):
         return get_peft_model(model, IA3Config(target_modules=list(keys["target_modules"]),
                                                feedforward_modules=list(keys["feedforward_modules"]),
                                                task_type="CAUSAL_LM"))
+    if method in ("prompt", "ptuning", "prefix"):
+        import peft
+
+        config = {"prompt": peft.PromptTuningConfig, "ptuning": peft.PromptEncoderConfig,
+                  "prefix": peft.PrefixTuningConfig}[method]
+        return peft.get_peft_model(model, config(task_type="CAUSAL_LM", num_virtual_tokens=keys["n"]))
     first = model.config.num_layers - keys.get("n", 0)
     trains = {
         "bitfit": lambda name: name.endswith(".bias"),
@@ -239,8 +282,9 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time twintune with train.compile")
-    parser.add_argument("--kinds", default=",".join(KINDS),
-                        help="which contenders (twintune and fair_loop are needed for the targets)")
+    parser.add_argument("--kinds", default=None,
+                        help="which contenders, from " + ", ".join(KINDS) + " (default: twintune, fair_loop, trainer; "
+                             "twintune and lora_equal for methods PEFT lacks); twintune and fair_loop give the targets")
     parser.add_argument("--no-save", action="store_true", help="print only; write no results/*.json")
     parser.add_argument("--child", default=None)
     args = parser.parse_args()
@@ -251,7 +295,8 @@ def main() -> None:
         return
 
     model_dir(args.shape)
-    kinds = [k for k in args.kinds.split(",") if k] + (["twintune_compiled"] if args.compile else [])
+    default = "twintune,lora_equal" if args.method in WITHOUT_PEFT else "twintune,fair_loop,trainer"
+    kinds = [k for k in (args.kinds or default).split(",") if k] + (["twintune_compiled"] if args.compile else [])
     unknown = sorted(set(kinds) - set(KINDS) - {"twintune_compiled"})
     if unknown or "twintune" not in kinds:
         parser.error(f"--kinds: choose from {', '.join(KINDS)}, twintune included (got {args.kinds!r})")
@@ -272,6 +317,9 @@ def main() -> None:
         ratios["peak_memory_ratio"] = ours["peak_rss_mb"] / rows["fair_loop"]["peak_rss_mb"]
     if "trainer" in rows:
         ratios["peak_memory_ratio_vs_trainer"] = ours["peak_rss_mb"] / rows["trainer"]["peak_rss_mb"]
+    if "lora_equal" in rows:
+        ratios["tokens_per_s_ratio_vs_lora_equal"] = ours["real_tokens_per_s"] / rows["lora_equal"]["real_tokens_per_s"]
+        ratios["peak_memory_ratio_vs_lora_equal"] = ours["peak_rss_mb"] / rows["lora_equal"]["peak_rss_mb"]
     if args.compile:
         ratios["compiled_epoch_time_ratio_vs_eager"] = rows["twintune_compiled"]["epoch_seconds"] / ours["epoch_seconds"]
     ratios = {k: round(v, 3) for k, v in ratios.items()}
@@ -279,14 +327,14 @@ def main() -> None:
           f"{ours['examples']} examples ({ours['real_tokens']} real tokens), "
           f"batch {LORA['batch']}, median of {args.repeats} epochs after one warm-up")
     print_epoch_table(rows, "peak_rss_mb", "peak RSS MB")
-    counts = {kind: row["trainable_parameters"] for kind, row in rows.items()}
+    counts = {kind: row["trainable_parameters"] for kind, row in rows.items() if kind != "lora_equal"}
     if len(set(counts.values())) > 1:
         print(f"WARNING: the contenders train different numbers of parameters: {counts}")
     targets = {}
     if "fair_loop" in rows:
         targets = check_targets(ratios, {
             "tokens_per_s_ratio_vs_fair_loop": (">=", SPEED_TARGET.get(args.method, 1.5)),
-            "peak_memory_ratio": ("<=", MEMORY_TARGET)})
+            "peak_memory_ratio": ("<=", MEMORY_TARGET.get(args.method, 0.8))})
     method = "" if args.method == "lora" else f"_{args.method}"  # lora keeps the old name
     suffix = method + ("_quick" if args.quick else "") + ("_compile" if args.compile else "")
     if not args.no_save:

@@ -68,6 +68,15 @@ CONFIGS = {  # name -> (backend, recipe overrides)
     "torch-last-blocks-2-fp32": ("torch", [LAST_BLOCKS]),
     "mlx-full-fp32": ("mlx", [FULL]),
     "torch-full-fp32": ("torch", [FULL]),
+    # part 2: modules, virtual tokens and interventions, with compare_torch's settings
+    **{f"{backend}-{name}-fp32": (backend, [section]) for name, section in (
+        ("adapter-houlsby", "method={name: adapter, style: houlsby}"),
+        ("adapter-pfeiffer", "method={name: adapter, style: pfeiffer}"),
+        ("prompt-20", "method={name: prompt, n: 20}"),
+        ("ptuning-mlp-20", "method={name: ptuning, n: 20, encoder: mlp}"),
+        ("prefix-20", "method={name: prefix, n: 20}"),
+        ("loreft-r4", "method={name: loreft, r: 4}"),
+    ) for backend in ("mlx", "torch")},
 }
 
 
