@@ -87,8 +87,11 @@ def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization
     per_trainable = ADAM_BYTES_PER_TRAINABLE if optimizer == "adamw" else SGD_BYTES_PER_TRAINABLE
     trainable = trainable_parameters * per_trainable * precise // FLOAT32
 
-    tokens = batch_size * sequence_length
-    heads_by_length = spec.num_heads * sequence_length
+    # Virtual tokens: a prompt's pass through every block like the text's; a prefix's are extra keys only.
+    keys_length = sequence_length + method.virtual_tokens
+    through_blocks = any(name.startswith("transformer.prompt.") for name in trainable_shapes)
+    tokens = batch_size * (keys_length if through_blocks else sequence_length)
+    heads_by_length = spec.num_heads * keys_length
     kd, kf, ka = KEPT_PER_BLOCK[backend]
     # bytes per token and block: the attention's share of kd is float32, the rest in the dtype
     attention = min(kd, ATTENTION_KEPT) * d
@@ -130,13 +133,19 @@ def kept_for_trainables(shapes: dict[str, tuple[int, ...]], linear: dict[str, tu
             extra += linear[layer][0]
         elif part == "ia3_l" or (part == "weight" and layer in linear):
             inputs.add(layer.rsplit(".", 1)[-1])
+        elif name.endswith("_adapter.down.weight"):  # its input, the bottleneck before and after the nonlinearity
+            extra += shape[1] + 2 * shape[0]
+        elif name.endswith("rotate_layer"):  # LoReFT: the block output it reads, R h and W h + b
+            extra += shape[1] + 2 * shape[0]
     sizes = {"ln_1": d, "attention": d, "ln_2": d, "mlp": f}
     return (sum(sizes[key] for key in {_INPUTS[short] for short in inputs}) * layers + extra) / layers
 
 
 def first_trained_block(shapes: dict[str, tuple[int, ...]], layers: int) -> int:
-    """The lowest block the backward must reach: 0 if an embedding trains, `layers` if no block does."""
-    if any(name.startswith(("transformer.wte.", "transformer.wpe.")) for name in shapes):
+    """The lowest block the backward must reach: 0 if an embedding or virtual tokens train, `layers`
+    if no block does."""
+    if any(name.startswith(("transformer.wte.", "transformer.wpe.", "transformer.prompt.", "transformer.prefix."))
+           for name in shapes):
         return 0
     found = [block_index(name) for name in shapes if block_index(name) is not None]
     return min(found) if found else layers
