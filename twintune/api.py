@@ -59,7 +59,7 @@ def load(model: str | None, adapter: str | Path | None = None, backend: str = "a
 
     `model` is a model directory, "builtin:tiny-gpt-neo" or a Hugging Face hub id (None: the
     run's own recipe.model). `adapter` is a twintune run directory, a run's adapter/ directory,
-    or an adapter saved by PEFT (LoRA, DoRA, IA3). A run's recipe.json decides the prompt (unless
+    or an adapter saved by PEFT (LoRA, DoRA, IA3, prompt tuning, P-tuning, prefix tuning). A run's recipe.json decides the prompt (unless
     `labels`/`template` are given), the dtype (unless `dtype` is) and the base's quantization, so
     the logits are the run's. Otherwise the base is float32 (`dtype="float64"`: the CPU proof
     mode), unquantized. `backend`: "mlx", "torch" or "auto" (MLX on Apple Silicon, else torch).
@@ -242,10 +242,11 @@ def build_base(settings: Recipe, backend: str) -> tuple[object, BaseModel, tuple
         return build_mlx_lm_base(settings, cls, model_type)
     checkpoint = load_checkpoint(settings.model)
     spec = GPTNeoSpec.from_config(checkpoint.config)
-    base = base_model(settings, spec, gpt_neo_weights(spec, checkpoint.weights))
+    tokenizer = load_tokenizer(checkpoint.directory)
+    base = base_model(settings, spec, gpt_neo_weights(spec, checkpoint.weights), tokenizer)
     engine = cls(spec, base.weights, quantized=base.quantized, dtype=settings.dtype)
     quantize_affine(engine, base)
-    return engine, base, (load_tokenizer(checkpoint.directory), spec.max_positions)
+    return engine, base, (tokenizer, spec.max_positions)
 
 
 def build_mlx_lm_base(settings: Recipe, cls, model_type: str) -> tuple[object, BaseModel, tuple]:

@@ -94,6 +94,7 @@ class BaseModel:
     quantized: Mapping[str, NF4Tensor] = field(default_factory=dict)
     quantization: Quantization | None = None
     dtype: str = "float32"
+    tokenizer: Any = None  # the model's tokenizer (prompt tuning's `init: text` reads its words with it)
 
     def linear_weight(self, layer: str) -> np.ndarray:
         """A linear layer's weight as float32 (an NF4 layer dequantized: the weights it computes with)."""

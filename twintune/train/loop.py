@@ -71,20 +71,20 @@ def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) 
     spec = GPTNeoSpec.from_config(checkpoint.config)
     weights = gpt_neo_weights(spec, checkpoint.weights)
     tokenizer = load_tokenizer(checkpoint.directory)
-    base = base_model(recipe, spec, weights)
+    base = base_model(recipe, spec, weights, tokenizer)
     plan = recipe.method.plan(base, recipe.seed)  # before the model is built: a refused method costs nothing
     engine = cls(spec, base.weights, quantized=base.quantized, dtype=recipe.dtype)
     return _finish(recipe, engine, base, plan, tokenizer, spec.max_positions, checkpoint.directory, with_data)
 
 
-def base_model(recipe: Recipe, spec: GPTNeoSpec, weights: dict[str, np.ndarray]) -> BaseModel:
+def base_model(recipe: Recipe, spec: GPTNeoSpec, weights: dict[str, np.ndarray], tokenizer=None) -> BaseModel:
     """The frozen model a recipe's method plans on: NF4 layers quantized once here (both backends
     get these bytes); their float weights are dropped."""
     quantization = recipe.quantization()
     quantized = {}
     if quantization and quantization.kind == "nf4":
         quantized = quantize_linear_layers(weights, list(spec.linear_layers()), quantization)
-    return BaseModel(spec, weights, quantized, quantization, recipe.dtype)
+    return BaseModel(spec, weights, quantized, quantization, recipe.dtype, tokenizer)
 
 
 def backend_cannot_run(recipe: Recipe, backend: str) -> str | None:

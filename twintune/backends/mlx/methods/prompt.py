@@ -1,0 +1,88 @@
+"""Prompt tuning and P-tuning for MLX: modules for the model's `transformer.prompt` slot, called as
+`prompt()` -> the (n, d) virtual-token embeddings (mirrors backends/torch/methods/prompt.py).
+
+P-tuning's LSTM is written out here (torch's equations, gate order i, f, g, o, and nn.LSTM's
+parameter names) rather than taken from either framework, so both backends compute the same
+numbers; torch's own nn.LSTM is the reference in tests/methods/test_prompt.py."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from twintune.backends.mlx.dropout import dropout
+from twintune.dropout import MASK32
+
+
+class PromptEmbedding(nn.Module):
+    """Prompt tuning: the virtual tokens' embeddings are the trained values (PEFT's `embedding`)."""
+
+    def __init__(self, values: dict[str, mx.array], options: dict, stream: int = 0):
+        super().__init__()
+        self.embedding = nn.Embedding(*values["embedding.weight"].shape)
+
+    def __call__(self) -> mx.array:
+        return self.embedding.weight
+
+
+class PromptEncoder(nn.Module):
+    """P-tuning: an input embedding through an MLP, or a bidirectional LSTM then an MLP (PEFT's
+    `embedding`, `lstm_head`, `mlp_head.{0,2,4}`); its output is the virtual tokens' embeddings."""
+
+    def __init__(self, values: dict[str, mx.array], options: dict, stream: int = 0):
+        super().__init__()
+        self.embedding = nn.Embedding(*values["embedding.weight"].shape)
+        self.lstm_head = LSTM(values, options["num_layers"], options["dropout"], stream) \
+            if options["encoder"] == "lstm" else None
+        linears = sorted(int(name.split(".")[1]) for name in values if name.startswith("mlp_head.") and name.endswith(".weight"))
+        self.mlp_head = []
+        for i in linears:
+            out_features, in_features = values[f"mlp_head.{i}.weight"].shape
+            self.mlp_head += [nn.Linear(in_features, out_features)] + ([nn.ReLU()] if i != linears[-1] else [])
+
+    def __call__(self) -> mx.array:
+        x = self.embedding.weight
+        if self.lstm_head is not None:
+            x = self.lstm_head(x)
+        for layer in self.mlp_head:
+            x = layer(x)
+        return x
+
+
+def sigmoid(x: mx.array) -> mx.array:
+    # through tanh: MLX's float64 exp is only float32-accurate, its tanh is exact
+    return 0.5 * (1 + mx.tanh(0.5 * x))
+
+
+class LSTM(nn.Module):
+    """torch.nn.LSTM(bidirectional=True) over one sequence (n, input) -> (n, 2 * hidden), with
+    dropout on each layer's output but the last's. Parameters named as nn.LSTM's state_dict."""
+
+    def __init__(self, values: dict[str, mx.array], num_layers: int, dropout: float, stream: int):
+        super().__init__()
+        for name, value in values.items():
+            if name.startswith("lstm_head."):
+                setattr(self, name.removeprefix("lstm_head."), mx.zeros(value.shape, value.dtype))
+        self.num_layers = num_layers
+        self.dropout = dropout
+        self.stream = stream
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for k in range(self.num_layers):
+            if k > 0:  # each layer's stream its own, so two layers' masks differ
+                x = dropout(x, self.dropout, (self.stream + k) & MASK32, self.training)
+            x = mx.concatenate([self.direction(x, k, ""), self.direction(x, k, "_reverse")], axis=1)
+        return x
+
+    def direction(self, x: mx.array, k: int, suffix: str) -> mx.array:
+        """One direction of layer k: h and c run over the rows forwards, or backwards for `_reverse`."""
+        w_ih, w_hh = self[f"weight_ih_l{k}{suffix}"], self[f"weight_hh_l{k}{suffix}"]
+        inputs = x @ w_ih.T + self[f"bias_ih_l{k}{suffix}"] + self[f"bias_hh_l{k}{suffix}"]
+        h = c = mx.zeros((w_hh.shape[1],), w_hh.dtype)
+        out = [None] * x.shape[0]
+        for t in (range(x.shape[0]) if suffix == "" else reversed(range(x.shape[0]))):
+            i, f, g, o = mx.split(inputs[t] + h @ w_hh.T, 4)
+            c = sigmoid(f) * c + sigmoid(i) * mx.tanh(g)
+            h = sigmoid(o) * mx.tanh(c)
+            out[t] = h
+        return mx.stack(out)
