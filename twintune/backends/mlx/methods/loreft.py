@@ -1,0 +1,69 @@
+"""LoReFT for MLX: the module that fills a block's `intervention` slot (mirrors backends/torch/methods/loreft.py)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from twintune.backends.mlx.dropout import dropout
+
+
+def orthonormal_rows(matrix: mx.array) -> mx.array:
+    """The rows orthonormalised by modified Gram-Schmidt, in plain differentiable ops
+    (twintune.methods.loreft.orthonormal_rows is the numpy reference; the docstring there says why)."""
+    rows = []
+    for i in range(matrix.shape[0]):
+        v = matrix[i]
+        for q in rows:
+            v = v - (v @ q) * q
+        rows.append(v / mx.sqrt(v @ v))
+    return mx.stack(rows)
+
+
+def position_masks(length: int, prompt_lengths: mx.array | None, first: int, last: int) -> tuple[mx.array, mx.array]:
+    """Boolean masks, (T, 1) and (B or 1, T, 1): a row's first `first` positions, and the last `last`
+    of its prompt (a row without a prompt length is all prompt)."""
+    position = mx.arange(length)[:, None]
+    ends = length if prompt_lengths is None else prompt_lengths[:, None, None]
+    return position < first, (position >= ends - last) & (position < ends)
+
+
+class LoReFT(nn.Module):
+    """One intervention: h + Rᵀ(W h + b − R h), R the orthonormalised `rotate_layer`, W and b
+    `learned_source` (a Linear(d, r)); then dropout on the result, as pyreft's LoreftIntervention."""
+
+    def __init__(self, r: int, d: int, dropout: float, stream: int):
+        super().__init__()
+        self.rotate_layer = mx.zeros((r, d))
+        self.learned_source = nn.Linear(d, r)
+        self.dropout = dropout
+        self.stream = stream
+
+    def edit(self, h: mx.array) -> mx.array:
+        R = orthonormal_rows(self.rotate_layer)
+        out = h + (self.learned_source(h) - h @ R.T) @ R
+        return dropout(out, self.dropout, self.stream, self.training)
+
+
+class LoReFTIntervention(LoReFT):
+    """A block's output, intervened on at each row's first and last prompt positions: by this
+    module's R, W, b at all of them, or (`separate_last`) by `last`'s at the last ones.
+
+    It computes in its values' dtype (float32; float64 in a float64 run) whatever the model's, and
+    casts back; positions it does not change come back as they were."""
+
+    def __init__(self, values: dict[str, mx.array], options: dict, stream: int = 0):
+        r, d = values["rotate_layer"].shape
+        super().__init__(r, d, options["dropout"], stream)
+        self.first, self.last_positions = options["first"], options["last"]
+        self.separate_last = options["separate_last"]
+        if self.separate_last:
+            self.last = LoReFT(r, d, options["dropout"], (stream + 1) % 2**32)  # its own dropout masks
+
+    def __call__(self, x: mx.array, prompt_lengths: mx.array | None) -> mx.array:
+        h = x.astype(self.rotate_layer.dtype)
+        first, last = position_masks(x.shape[1], prompt_lengths, self.first, self.last_positions)
+        if not self.separate_last:
+            return mx.where(first | last, self.edit(h), h).astype(x.dtype)
+        h = mx.where(first, self.edit(h), h)
+        return mx.where(last, self.last.edit(h), h).astype(x.dtype)
