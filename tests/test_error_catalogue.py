@@ -114,7 +114,7 @@ CASES = [
     case("merge", "{root}", "--out", "{root}/merged2", match="not a run directory"),
     # methods: names, keys, what a model or base can take, adapters of another method
     case("train", DEMO, "--set", "method.name=lorra", match="names no method: 'lorra'; did you mean 'lora'?"),
-    case("train", DEMO, "--set", "method={name: bitfit, r: 8}", match="'method.r' belongs to method lora and dora, not to bitfit"),
+    case("train", DEMO, "--set", "method={name: bitfit, r: 8}", match="'method.r' belongs to methods lora, dora and loreft, not to bitfit"),
     case("train", DEMO, "--set", "method={name: last_blocks, n: 9}", match="method.n=9 is larger than this model's 4 blocks"),
     case("train", DEMO, "--set", "method.rank_pattern={lm_head: 2}", match="rank_pattern key 'lm_head' names no adapted layer"),
     case("train", DEMO, "--set", "method={name: ia3, feedforward_modules: [c_fc]}",
@@ -137,10 +137,42 @@ CASES = [
     case("train", DEMO, "--backend", "mlx", "--resume", "{root}/corrupt-ckpt-run", "--set", "train.save_every=1",
          "--set", "train.max_steps=2", "--set", "data.synthetic_size=60", match="is corrupt: trainable.safetensors"),
     # method zoo part 2: one section per method
-    # [adapter]
-    # [prompt]
-    # [prefix]
-    # [loreft]
+    case("train", DEMO, "--set", "method={name: adapter, style: parallel}",
+         match="'method.style' must be houlsby or pfeiffer, got 'parallel'"),
+    case("train", DEMO, "--set", "method={name: adapter, non_linearity: gelu}",
+         match="'method.non_linearity' must be one of default (the style's), relu, swish, silu, gelu_new, tanh"),
+    case("train", DEMO, "--set", "method={name: adapter, reduction_factor: 128}",
+         match="reduction_factor=128 leaves no bottleneck for this model's hidden size 64"),
+    case("train", DEMO, "--set", "method={name: adapter, reduction_factor: 0}", match="'method.reduction_factor' must be positive"),
+    case("train", DEMO, "--backend", "mlx", "--set", "model={root}/llama", "--set", "method={name: adapter}",
+         match="slots that only twintune's GPT-Neo blocks have"),
+    case("train", DEMO, "--set", "method={name: prompt, init: zeros}",
+         match="'method.init' must be random, sample_vocab or text, got 'zeros'"),
+    case("train", DEMO, "--set", "method={name: prompt, init: text}", match="with init: text needs init_text"),
+    case("train", DEMO, "--set", "method={name: ptuning, encoder: gru}", match="'method.encoder' must be mlp or lstm"),
+    case("train", DEMO, "--set", "method={name: prompt, n: 500}", "--set", "data.synthetic_size=60",
+         match="is 20 tokens with its prompt, and method prompt's 500 virtual tokens make 520, past the model's 512 "
+               "positions"),
+    case("train", DEMO, "--backend", "mlx", "--set", "model={root}/llama", "--set", "method={name: ptuning}",
+         match="method ptuning needs the virtual-token slot that only twintune's GPT-Neo has"),
+    case("train", DEMO, "--set", "method={name: prefix, n: 500, projection: true}", "--set", "data.synthetic_size=60",
+         match="method prefix's 500 virtual tokens make 520, past the model's 512 positions"),
+    case("train", DEMO, "--set", "method={name: prefix, n: 512}",
+         match="method prefix's n=512 virtual tokens leave no room for text in the model's 512 positions"),
+    case("train", DEMO, "--set", "method={name: prefix, n: 0}", match="'method.n' must be a positive number of virtual tokens"),
+    case("train", DEMO, "--set", "method={name: prefix, projection: true, encoder_hidden_size: -8}",
+         match="'method.encoder_hidden_size' must be positive (or 0: the model's hidden size), got -8"),
+    case("train", DEMO, "--backend", "mlx", "--set", "model={root}/llama", "--set", "method={name: prefix}",
+         match="method prefix needs twintune's GPT-Neo, whose attention takes the prefixes"),
+    case("train", DEMO, "--set", "method={name: loreft, layers: [1, 7]}",
+         match="method.layers names block 7, but this model has 4 blocks (0-3)"),
+    case("train", DEMO, "--set", "method={name: loreft, positions: last2}",
+         match="'method.positions' must be f<N>+l<M>, f<N> or l<M>"),
+    case("train", DEMO, "--set", "method={name: loreft, positions: f40+l40}",
+         match="fewer than the 80 that method loreft's positions f40+l40 intervene on"),
+    case("train", DEMO, "--set", "method={name: loreft, r: 65}", match="LoReFT rank r=65 is larger than the model's width 64"),
+    case("train", DEMO, "--backend", "mlx", "--set", "model={root}/llama", "--set", "method={name: loreft}",
+         match="method loreft intervenes on GPT-Neo blocks' outputs"),
 ]
 
 

@@ -51,10 +51,28 @@ METHODS = {
     "bitfit": ("{name: bitfit}", BLOCKS * (D + F + D + 2 * D) + D),  # out_proj, c_fc, c_proj, ln_1, ln_2; ln_f
     "last_blocks": ("{name: last_blocks, n: 1}", block_parameters() + 2 * D),
     "full": ("{name: full}", VOCAB * D + POSITIONS * D + BLOCKS * block_parameters() + 2 * D),
-    # [adapter]
-    # [prompt]
-    # [prefix]
-    # [loreft]
+    # Houlsby: two bottlenecks of D // 8 per block (down weight and bias, up weight and bias), with dropout;
+    # Pfeiffer: one of D // 16 after the MLP of blocks 1 and 3, another non-linearity than its relu
+    "adapter_houlsby": ("{name: adapter, style: houlsby, reduction_factor: 8, dropout: 0.1}",
+                        BLOCKS * 2 * (2 * D * (D // 8) + D // 8 + D)),
+    "adapter_pfeiffer": ("{name: adapter, style: pfeiffer, non_linearity: gelu_new, layers: [1, 3]}",
+                         2 * (2 * D * (D // 16) + D // 16 + D)),
+    # prompt tuning: n virtual tokens of width D; P-tuning: the input embedding and its encoder (H = encoder_hidden_size)
+    "prompt": ("{name: prompt, n: 8, init: sample_vocab}", 8 * D),
+    "ptuning_mlp": ("{name: ptuning, n: 6, encoder: mlp, encoder_hidden_size: 32}",
+                    6 * D + (D * 32 + 32) + (32 * 32 + 32) + (32 * D + D)),
+    "ptuning_lstm": ("{name: ptuning, n: 6, encoder: lstm, encoder_hidden_size: 16, encoder_num_layers: 2, "
+                     "encoder_dropout: 0.1}",
+                     6 * D + 2 * (4 * 16 * (D + 16) + 2 * 4 * 16) + 2 * (4 * 16 * (2 * 16 + 16) + 2 * 4 * 16)
+                     + (2 * 16 * 2 * 16 + 2 * 16) + (2 * 16 * D + D)),
+    # prefix tuning: n virtual tokens' keys and values for every block (BLOCKS * 2 * D each); with projection
+    # (H = encoder_hidden_size) an (n, D) embedding, Linear(D, H), tanh, Linear(H, BLOCKS * 2 * D) while training
+    "prefix": ("{name: prefix, n: 4, projection: true, encoder_hidden_size: 16}",
+               4 * D + (D * 16 + 16) + (16 * BLOCKS * 2 * D + BLOCKS * 2 * D)),
+    "prefix_plain": ("{name: prefix, n: 6}", 6 * BLOCKS * 2 * D),
+    # blocks 0 and 2 (block 3's first positions would reach no prediction); separate first/last R, W, b
+    "loreft": ("{name: loreft, r: 2, layers: [0, 2], positions: f1+l2, share_weights: false, dropout: 0.1}",
+               2 * 2 * (2 * D + 2 * D + 2)),
 }
 BACKENDS = ["mlx", "torch"]
 STEPS = 20
@@ -143,10 +161,10 @@ RUN_SETTINGS = ["train.save_every=5", "train.max_steps=15"]
 # tests/test_resume_across_backends.py, and the two backends' steps agree (above).
 RESUME_BACKEND = {"lora": "mlx", "dora": "torch", "ia3": "torch", "bitfit": "mlx", "last_blocks": "mlx",
                   "full": "torch",
-                  # [adapter]
-                  # [prompt]
-                  # [prefix]
-                  # [loreft]
+                  "adapter_houlsby": "mlx", "adapter_pfeiffer": "torch",
+                  "prompt": "torch", "ptuning_mlp": "mlx", "ptuning_lstm": "torch",
+                  "prefix": "mlx", "prefix_plain": "torch",
+                  "loreft": "mlx",
 }
 # Methods whose trained values fold into the base weights; the others add positions, modules or
 # interventions that no weight can hold, and say so.

@@ -1,8 +1,9 @@
 """Adapters in and out, for every method, in the method's layout:
 
-- "peft" (LoRA, DoRA, IA3): what `peft.PeftModel.from_pretrained` reads, adapter_config.json +
-  adapter_model.safetensors with `base_model.model.` names;
-- "twintune" (BitFit, last blocks): adapter_config.json naming the method and its keys
+- "peft" (LoRA, DoRA, IA3, prompt tuning, P-tuning, prefix tuning): what
+  `peft.PeftModel.from_pretrained` reads, adapter_config.json + adapter_model.safetensors with
+  `base_model.model.` names (prompt-learning methods: one `prompt_embeddings`, `Method.file_names`);
+- "twintune" (BitFit, last blocks, bottleneck adapters, LoReFT): adapter_config.json naming the method and its keys
   (`twintune_method`) + adapter_model.safetensors holding the trained tensors under the base's names;
 - "checkpoint" (full fine-tuning): a whole Hugging Face checkpoint (config.json, model.safetensors,
   tokenizer files) that transformers loads, with the same adapter_config.json beside it.

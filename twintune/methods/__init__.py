@@ -19,21 +19,18 @@ from twintune.methods.full import Full
 from twintune.methods.ia3 import IA3
 from twintune.methods.last_blocks import LastBlocks
 from twintune.methods.lora import LoRA, adapted_layers
-# [adapter]
-# [prompt]
-# [prefix]
-# [loreft]
+from twintune.methods.adapter import BottleneckAdapter
+from twintune.methods.prompt import PTuning, PromptTuning
+from twintune.methods.prefix import Prefix
+from twintune.methods.loreft import LoReFT
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
-    LoRA, DoRA, IA3, BitFit, LastBlocks, Full,
-    # [adapter]
-    # [prompt]
-    # [prefix]
-    # [loreft]
+    LoRA, DoRA, IA3, BitFit, LastBlocks, Full, BottleneckAdapter, PromptTuning, PTuning, Prefix, LoReFT,
 )}
 
 __all__ = ["METHODS", "BaseModel", "Method", "Plan", "Surgery", "INSERT", "UNFREEZE", "WRAP", "LoRA", "DoRA", "IA3", "BitFit",
-           "LastBlocks", "Full", "adapted_layers", "method_from_dict", "method_keys"]
+           "LastBlocks", "Full", "BottleneckAdapter", "PromptTuning", "PTuning", "Prefix", "LoReFT",
+           "adapted_layers", "method_from_dict", "method_keys"]
 
 
 def method_keys(cls: type[Method]) -> dict:
@@ -67,8 +64,10 @@ def method_from_dict(raw, where: str = "method") -> Method:
             owners = [m for m, other in METHODS.items() if key in method_keys(other)]
             if owners:
                 keys = ", ".join(own) or "none"
-                raise TwintuneError(f"recipe key '{where}.{key}' belongs to method {' and '.join(owners)}, not to "
-                                    f"{name}; {name}'s keys are: {keys}.")
+                owned_by = f"method {owners[0]}" if len(owners) == 1 else \
+                    f"methods {', '.join(owners[:-1])} and {owners[-1]}"
+                raise TwintuneError(f"recipe key '{where}.{key}' belongs to {owned_by}, not to {name}; "
+                                    f"{name}'s keys are: {keys}.")
     method = build(cls, raw, f"{where}.")
     method.validate()
     return method

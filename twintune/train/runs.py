@@ -133,7 +133,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     if method.name != recipe.method.saved_method().name:
         raise TwintuneError(f"the adapter in {run_dir / 'adapter'} is a {method.name} adapter, but the run's recipe "
                             f"trains method {recipe.method.name}.")
-    return write_checkpoint(out, checkpoint.directory, method.merge(base, adapter))
+    # the recipe's method merges (or says why it cannot): a saved form (P-tuning's prompt) is not the method trained
+    return write_checkpoint(out, checkpoint.directory, recipe.method.merge(base, adapter))
 
 
 def export_run_adapter(run_dir: str | Path, fmt: str, out_dir: str | Path) -> Path:

@@ -1,17 +1,15 @@
-"""Method layer modules for MLX, by the name a plan's WRAP surgery gives (mirrors backends/torch/methods/)."""
+"""Method layer modules for MLX, by the name a plan's WRAP or INSERT surgery gives (mirrors backends/torch/methods/)."""
 
 from twintune.backends.mlx.methods.dora import DoRALinear
 from twintune.backends.mlx.methods.ia3 import IA3Linear
 from twintune.backends.mlx.methods.lora import LoRALinear
-# [adapter]
-# [prompt]
-# [prefix]
-# [loreft]
+from twintune.backends.mlx.methods.adapter import Bottleneck
+from twintune.backends.mlx.methods.prompt import PromptEmbedding, PromptEncoder
+from twintune.backends.mlx.methods.prefix import PrefixEncoder
+from twintune.backends.mlx.methods.loreft import LoReFTIntervention
 
 LAYERS = {
     "lora": LoRALinear, "dora": DoRALinear, "ia3": IA3Linear,
-    # [adapter]
-    # [prompt]
-    # [prefix]
-    # [loreft]
+    "bottleneck": Bottleneck, "prompt_embedding": PromptEmbedding, "prompt_encoder": PromptEncoder,
+    "prefix": PrefixEncoder, "loreft": LoReFTIntervention,
 }
