@@ -154,7 +154,7 @@ CASES = [
          match="is 20 tokens with its prompt, and method prompt's 500 virtual tokens make 520, past the model's 512 "
                "positions"),
     case("train", DEMO, "--backend", "mlx", "--set", "model={root}/llama", "--set", "method={name: ptuning}",
-         match="method ptuning needs the virtual-token slot that only twintune's GPT-Neo has"),
+         match="method ptuning needs twintune's GPT-Neo, the model with the transformer.prompt slot"),
     case("train", DEMO, "--set", "method={name: prefix, n: 500, projection: true}", "--set", "data.synthetic_size=60",
          match="method prefix's 500 virtual tokens make 520, past the model's 512 positions"),
     case("train", DEMO, "--set", "method={name: prefix, n: 512}",
@@ -163,7 +163,7 @@ CASES = [
     case("train", DEMO, "--set", "method={name: prefix, projection: true, encoder_hidden_size: -8}",
          match="'method.encoder_hidden_size' must be positive (or 0: the model's hidden size), got -8"),
     case("train", DEMO, "--backend", "mlx", "--set", "model={root}/llama", "--set", "method={name: prefix}",
-         match="method prefix needs twintune's GPT-Neo, whose attention takes the prefixes"),
+         match="method prefix needs twintune's GPT-Neo, the model with the transformer.prefix slot"),
     case("train", DEMO, "--set", "method={name: loreft, layers: [1, 7]}",
          match="method.layers names block 7, but this model has 4 blocks (0-3)"),
     case("train", DEMO, "--set", "method={name: loreft, positions: last2}",

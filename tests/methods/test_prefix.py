@@ -162,7 +162,7 @@ def peft_adapter(tmp_path_factory):
 
 @pytest.mark.parametrize("option, value, match", [
     ("task_type", "SEQ_2_SEQ_LM", "for task_type 'SEQ_2_SEQ_LM'; twintune's prefix tuning is for causal"),
-    ("num_transformer_submodules", 2, "num_transformer_submodules=2 .prefixes for an encoder-decoder model"),
+    ("num_transformer_submodules", 2, "num_transformer_submodules=2 .for an encoder-decoder model"),
     ("modules_to_save", ["score"], r"modules_to_save=\['score'\] .fully trained extra modules"),
     ("num_virtual_tokens", 0, "num_virtual_tokens=0; it must be a positive integer"),
     ("init_weights", "gaussian", "init_weights='gaussian'"),

@@ -25,8 +25,8 @@ import numpy as np
 
 from twintune.errors import TwintuneError
 from twintune.keys import check
-from twintune.methods.base import INSERT, BaseModel, Method, Plan, Surgery
-from twintune.models import GPTNeoSpec
+from twintune.methods.base import INSERT, BaseModel, Plan, Surgery
+from twintune.methods.virtual_tokens import VirtualTokens
 
 SLOT = "transformer.prefix"
 TABLE = f"{SLOT}.embedding.weight"  # the prefixes themselves, or (with projection) the MLP's input embeddings
@@ -34,7 +34,7 @@ _INITS = ("random", "zero")
 
 
 @dataclass(frozen=True)
-class Prefix(Method):
+class Prefix(VirtualTokens):
     """Trained key/value prefixes of `n` virtual tokens in every attention layer.
 
     `encoder_hidden_size` 0 means the model's hidden size (PEFT's default); it matters only with
@@ -56,8 +56,8 @@ class Prefix(Method):
     title: ClassVar[str] = "prefix tuning"
     description: ClassVar[str] = ("trained keys and values of n virtual tokens in every attention layer, optionally "
                                   "through an MLP while training (PEFT prefix tuning)")
-    layout: ClassVar[str] = "peft"
     peft_type: ClassVar[str] = "PREFIX_TUNING"
+    slot: ClassVar[str] = SLOT
     file_names: ClassVar[Mapping[str, str]] = {TABLE: "prompt_embeddings"}
 
     def validate(self) -> None:
@@ -66,24 +66,10 @@ class Prefix(Method):
                                              f"model's hidden size), got {self.encoder_hidden_size}.")
         check(self.init in _INITS, f"recipe key 'method.init' must be {' or '.join(_INITS)}, got {self.init!r}.")
 
-    @property
-    def virtual_tokens(self) -> int:
-        return self.n
-
-    def spec(self, base: BaseModel) -> GPTNeoSpec:
-        """The base's GPT-Neo spec; other models' attention has no place for prefixes."""
-        if not isinstance(base.spec, GPTNeoSpec):
-            raise TwintuneError(f"method {self.name} needs twintune's GPT-Neo, whose attention takes the prefixes; "
-                                "this model is an mlx-lm model, so choose another method (lora, dora, ia3, ...).")
-        if self.n >= base.spec.max_positions:
-            raise TwintuneError(f"method {self.name}'s n={self.n} virtual tokens leave no room for text in the "
-                                f"model's {base.spec.max_positions} positions.")
-        return base.spec
-
     def plan(self, base: BaseModel, seed: int) -> Plan:
         """Initial values drawn once from the seed as PEFT draws them in kind: embeddings N(0, 1), the
         MLP's layers torch's default (uniform within 1/sqrt(fan_in), weights and biases)."""
-        spec = self.spec(base)
+        spec = self.gpt_neo(base)
         width = spec.num_layers * 2 * spec.hidden_size
         rng = np.random.default_rng(seed)
         zero = self.init == "zero"
@@ -144,31 +130,14 @@ class Prefix(Method):
         return f"adapter has no prompt_embeddings tensor, the prefixes a {self.title} adapter holds."
 
     def adapter_config(self, base_model: str) -> dict:
-        """PEFT's PREFIX_TUNING config. token_dim, num_layers and num_attention_heads stay null: PEFT
-        fills them from the base model's config when it loads the adapter (as it does for a new one)."""
-        return {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-                "num_virtual_tokens": self.n, "token_dim": None, "num_layers": None, "num_attention_heads": None,
-                "num_transformer_submodules": 1, "encoder_hidden_size": self.encoder_hidden_size or None,
-                "prefix_projection": self.projection, "init_weights": "zero" if self.init == "zero" else None,
-                "modules_to_save": None, "inference_mode": True}
+        """PEFT's PREFIX_TUNING config."""
+        return {**self.peft_config(base_model), "encoder_hidden_size": self.encoder_hidden_size or None,
+                "prefix_projection": self.projection, "init_weights": "zero" if self.init == "zero" else None}
 
     @classmethod
     def from_adapter_config(cls, config: dict, where) -> "Prefix":
         """Prefix tuning from a PEFT adapter_config.json, refusing what twintune cannot express."""
-        task = config.get("task_type")
-        if task not in (None, "CAUSAL_LM"):
-            raise TwintuneError(f"adapter {where} is a prefix tuning adapter for task_type {task!r}; twintune's "
-                                "prefix tuning is for causal language models (CAUSAL_LM).")
-        submodules = config.get("num_transformer_submodules")
-        if submodules not in (None, 1):
-            raise TwintuneError(f"adapter {where} sets num_transformer_submodules={submodules!r} (prefixes for an "
-                                "encoder-decoder model), but twintune's GPT-Neo is decoder-only (1).")
-        if config.get("modules_to_save"):
-            raise TwintuneError(f"adapter {where} sets modules_to_save={config['modules_to_save']!r} (fully trained "
-                                "extra modules), which twintune's prefix tuning does not support.")
-        n = config.get("num_virtual_tokens")
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise TwintuneError(f"adapter {where} has num_virtual_tokens={n!r}; it must be a positive integer.")
+        n = cls.virtual_tokens_in(config, where)
         hidden = config.get("encoder_hidden_size")
         if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden <= 0):
             raise TwintuneError(f"adapter {where} has encoder_hidden_size={hidden!r}; it must be a positive integer.")

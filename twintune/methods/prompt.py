@@ -28,7 +28,8 @@ import numpy as np
 
 from twintune.errors import TwintuneError
 from twintune.keys import check
-from twintune.methods.base import INSERT, BaseModel, Method, Plan, Surgery
+from twintune.methods.base import INSERT, BaseModel, Plan, Surgery
+from twintune.methods.virtual_tokens import VirtualTokens
 
 SLOT = "transformer.prompt"
 EMBEDDING = f"{SLOT}.embedding.weight"
@@ -36,27 +37,15 @@ INITS = ("random", "sample_vocab", "text")
 ENCODERS = ("mlp", "lstm")
 
 
-class PromptLearning(Method):
-    """What prompt tuning and P-tuning share: the slot, the saved tensor, the PEFT config's common keys."""
+class PromptLearning(VirtualTokens):
+    """What prompt tuning and P-tuning share: the slot, the saved tensor and its sentences."""
 
-    layout: ClassVar[str] = "peft"
+    slot: ClassVar[str] = SLOT
     file_names: ClassVar[Mapping[str, str]] = {EMBEDDING: "prompt_embeddings"}
-
-    @property
-    def virtual_tokens(self) -> int:
-        return self.n
 
     def check_base(self, base: BaseModel) -> int:
         """The model's width, refusing models without the prompt slot or too short for n virtual tokens."""
-        from twintune.models import GPTNeoSpec
-
-        if not isinstance(base.spec, GPTNeoSpec):
-            raise TwintuneError(f"method {self.name} needs the virtual-token slot that only twintune's GPT-Neo has; "
-                                "this model is not a GPT-Neo.")
-        if self.n >= base.spec.max_positions:
-            raise TwintuneError(f"method.n={self.n} virtual tokens leave no room for text in this model's "
-                                f"{base.spec.max_positions} positions.")
-        return base.spec.hidden_size
+        return self.gpt_neo(base).hidden_size
 
     def merge(self, base: BaseModel, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise TwintuneError(f"method {self.name} cannot be merged into the base model: its virtual tokens are extra "
@@ -64,31 +53,6 @@ class PromptLearning(Method):
 
     def missing_message(self, missing: list[str], state: Mapping[str, np.ndarray]) -> str:
         return f"adapter has no 'prompt_embeddings' tensor, the virtual tokens a {self.title} adapter holds."
-
-    def peft_config(self, base_model: str) -> dict:
-        # token_dim, num_attention_heads and num_layers are left for PEFT to read from the model's config.
-        return {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-                "num_virtual_tokens": self.n, "token_dim": None, "num_transformer_submodules": 1,
-                "num_attention_heads": None, "num_layers": None, "modules_to_save": None, "inference_mode": True}
-
-    @staticmethod
-    def check_peft_config(config: dict, where) -> int:
-        """The number of virtual tokens of a PEFT prompt-learning config, refusing what twintune cannot express."""
-        task = config.get("task_type")
-        if task not in (None, "CAUSAL_LM"):
-            raise TwintuneError(f"adapter {where} is a PEFT {config['peft_type']} adapter for task_type {task!r}; "
-                                "twintune loads causal language model (CAUSAL_LM) adapters.")
-        submodules = config.get("num_transformer_submodules")
-        if submodules not in (None, 1):
-            raise TwintuneError(f"adapter {where} sets num_transformer_submodules={submodules!r} (an encoder-decoder "
-                                "model's), which twintune's decoder-only prompt learning does not support.")
-        if config.get("modules_to_save") not in (None, [], {}):
-            raise TwintuneError(f"adapter {where} sets modules_to_save={config['modules_to_save']!r}, which twintune's "
-                                "prompt learning does not support.")
-        n = config.get("num_virtual_tokens")
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise TwintuneError(f"adapter {where} has num_virtual_tokens={n!r}; it must be a positive whole number.")
-        return n
 
 
 @dataclass(frozen=True)
@@ -153,7 +117,7 @@ class PromptTuning(PromptLearning):
 
     @classmethod
     def from_adapter_config(cls, config: dict, where) -> "PromptTuning":
-        n = cls.check_peft_config(config, where)
+        n = cls.virtual_tokens_in(config, where)
         init = str(config.get("prompt_tuning_init") or "RANDOM").upper()
         if init.lower() not in INITS:
             raise TwintuneError(f"adapter {where} sets prompt_tuning_init={init!r}, which twintune's prompt tuning "
@@ -261,7 +225,7 @@ class PTuning(PromptLearning):
 
     @classmethod
     def from_adapter_config(cls, config: dict, where) -> "PTuning":
-        n = cls.check_peft_config(config, where)
+        n = cls.virtual_tokens_in(config, where)
         encoder = str(config.get("encoder_reparameterization_type") or "MLP")
         if encoder.lower() not in ENCODERS:
             raise TwintuneError(f"adapter {where} sets encoder_reparameterization_type={encoder!r}, which twintune's "
