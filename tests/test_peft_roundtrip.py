@@ -241,8 +241,8 @@ def test_corrupt_safetensors_is_refused(good, tiny_spec, corrupt):
 
 @pytest.mark.parametrize("changes, match", [
     ({"peft_type": None}, r"names no peft_type in adapter_config\.json"),
-    ({"peft_type": "LOHA"}, r"PEFT 'LOHA' adapter; twintune loads PEFT adapters of type IA3, LORA, P_TUNING, "
-                            r"PREFIX_TUNING, PROMPT_TUNING"),
+    ({"peft_type": "LOHA"}, r"PEFT 'LOHA' adapter; twintune loads PEFT adapters of type IA3, LORA, PREFIX_TUNING, "
+                            r"PROMPT_TUNING, P_TUNING"),
     ({"use_dora": "yes"}, r"use_dora='yes'; it must be true or false"),
     ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern=\{'q_proj': 0\}; it must map layer names to positive numbers"),
     ({"alpha_pattern": ["v_proj"]}, r"alpha_pattern=\['v_proj'\]"),
