@@ -23,6 +23,9 @@ METHODS = {
     "lora": ["method.r=4"],
     "ia3": ["method={name: ia3}", 'prompt.template="Review: {text}\\nMood:"'],
     "bitfit": ["method={name: bitfit}"],
+    # slot methods: virtual keys and values (saved as their projected form), a module after each sublayer
+    "prefix": ["method={name: prefix, n: 4, projection: true, encoder_hidden_size: 16}"],
+    "adapter": ["method={name: adapter, style: houlsby}"],
 }
 TEXTS = ["Operating profit rose to EUR 13.1 mn .", "The company reported a loss .", "Sales were flat ."]
 
@@ -103,11 +106,14 @@ def test_adapters_switch_on_one_base_without_reading_it_again(runs, monkeypatch)
     monkeypatch.setattr(api, "backend_class", lambda *a: pytest.fail("a backend was built again"))
     model.add_adapter("ia3", dirs["ia3"])
     model.add_adapter("bitfit", dirs["bitfit"])
-    assert model.adapters == ["default", "ia3", "bitfit"] and model.active == "default"
+    model.add_adapter("prefix", dirs["prefix"])
+    model.add_adapter("adapter", dirs["adapter"])
+    assert model.adapters == ["default", "ia3", "bitfit", "prefix", "adapter"] and model.active == "default"
 
     first = {}
-    for name, run in [("ia3", "ia3"), ("bitfit", "bitfit"), (None, None), ("default", "lora"), ("bitfit", "bitfit"),
-                      ("ia3", "ia3"), (None, None), ("default", "lora"), ("ia3", "ia3")]:
+    for name, run in [("ia3", "ia3"), ("bitfit", "bitfit"), (None, None), ("prefix", "prefix"), ("default", "lora"),
+                      ("adapter", "adapter"), ("bitfit", "bitfit"), ("prefix", "prefix"), ("ia3", "ia3"),
+                      (None, None), ("adapter", "adapter"), ("default", "lora"), ("ia3", "ia3")]:
         model.set_adapter(name)
         assert model.active == name
         got = model.logits(_ids())
