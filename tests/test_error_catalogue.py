@@ -145,7 +145,7 @@ CASES = [
          match="reduction_factor=128 leaves no bottleneck for this model's hidden size 64"),
     case("train", DEMO, "--set", "method={name: adapter, reduction_factor: 0}", match="'method.reduction_factor' must be positive"),
     case("train", DEMO, "--backend", "mlx", "--set", "model={root}/llama", "--set", "method={name: adapter}",
-         match="slots that only twintune's GPT-Neo blocks have"),
+         match="method adapter fills the blocks' attn_adapter and mlp_adapter, slots that only twintune's GPT-Neo has"),
     case("train", DEMO, "--set", "method={name: prompt, init: zeros}",
          match="'method.init' must be random, sample_vocab or text, got 'zeros'"),
     case("train", DEMO, "--set", "method={name: prompt, init: text}", match="with init: text needs init_text"),
@@ -154,7 +154,7 @@ CASES = [
          match="is 20 tokens with its prompt, and method prompt's 500 virtual tokens make 520, past the model's 512 "
                "positions"),
     case("train", DEMO, "--backend", "mlx", "--set", "model={root}/llama", "--set", "method={name: ptuning}",
-         match="method ptuning needs twintune's GPT-Neo, the model with the transformer.prompt slot"),
+         match="method ptuning fills transformer.prompt, slots that only twintune's GPT-Neo has"),
     case("train", DEMO, "--set", "method={name: prefix, n: 500, projection: true}", "--set", "data.synthetic_size=60",
          match="method prefix's 500 virtual tokens make 520, past the model's 512 positions"),
     case("train", DEMO, "--set", "method={name: prefix, n: 512}",
@@ -163,7 +163,7 @@ CASES = [
     case("train", DEMO, "--set", "method={name: prefix, projection: true, encoder_hidden_size: -8}",
          match="'method.encoder_hidden_size' must be positive (or 0: the model's hidden size), got -8"),
     case("train", DEMO, "--backend", "mlx", "--set", "model={root}/llama", "--set", "method={name: prefix}",
-         match="method prefix needs twintune's GPT-Neo, the model with the transformer.prefix slot"),
+         match="method prefix fills transformer.prefix, slots that only twintune's GPT-Neo has"),
     case("train", DEMO, "--set", "method={name: loreft, layers: [1, 7]}",
          match="method.layers names block 7, but this model has 4 blocks (0-3)"),
     case("train", DEMO, "--set", "method={name: loreft, positions: last2}",
@@ -172,7 +172,7 @@ CASES = [
          match="fewer than the 80 that method loreft's positions f40+l40 intervene on"),
     case("train", DEMO, "--set", "method={name: loreft, r: 65}", match="LoReFT rank r=65 is larger than the model's width 64"),
     case("train", DEMO, "--backend", "mlx", "--set", "model={root}/llama", "--set", "method={name: loreft}",
-         match="method loreft intervenes on GPT-Neo blocks' outputs"),
+         match="method loreft fills the blocks' intervention, slots that only twintune's GPT-Neo has"),
 ]
 
 

@@ -185,5 +185,5 @@ def test_a_peft_prefix_adapter_that_twintune_cannot_express_is_refused(peft_adap
 
 def test_models_without_twintunes_gpt_neo_are_refused():
     spec = MLXLMSpec(vocab_size=300, layers=(("model.layers.0.self_attn.q_proj", (32, 32)),))
-    with pytest.raises(TwintuneError, match="method prefix needs twintune's GPT-Neo"):
+    with pytest.raises(TwintuneError, match="method prefix fills transformer.prefix, slots that only twintune's GPT-Neo has"):
         Prefix().plan(BaseModel(spec, {}), seed=0)

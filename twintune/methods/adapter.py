@@ -58,8 +58,7 @@ import numpy as np
 
 from twintune.errors import TwintuneError
 from twintune.keys import check
-from twintune.methods.base import INSERT, BaseModel, Method, Plan, Surgery
-from twintune.models import GPTNeoSpec
+from twintune.methods.base import INSERT, BaseModel, Method, Plan, Surgery, chosen_blocks, gpt_neo_slots
 
 # style -> (the slots its adapters fill in each block, whether they read the residual stream
 # (pfeiffer: s + x) rather than the sublayer's output s, its non-linearity)
@@ -119,26 +118,16 @@ class BottleneckAdapter(Method):
                                 f"least 1).")
         return size
 
-    def blocks(self, spec: GPTNeoSpec) -> list[int]:
-        missing = sorted(set(self.layers) - set(range(spec.num_layers)))
-        if missing:
-            raise TwintuneError(f"method.layers names block {missing[0]}, but this model has blocks "
-                                f"0-{spec.num_layers - 1}.")
-        return sorted(set(self.layers)) or list(range(spec.num_layers))
-
     def plan(self, base: BaseModel, seed: int) -> Plan:
-        if not isinstance(base.spec, GPTNeoSpec):
-            raise TwintuneError("method adapter puts its modules in slots that only twintune's GPT-Neo blocks have, "
-                                "and this model is an mlx-lm family; use a method that wraps linear layers (lora, "
-                                "dora, ia3) instead.")
-        hidden = base.spec.hidden_size
+        spec = gpt_neo_slots(self.name, base.spec, "the blocks' attn_adapter and mlp_adapter")
+        hidden = spec.hidden_size
         bottleneck = self.bottleneck(hidden)
         slots, reads_stream, _ = STYLES[self.style]
         options = {"non_linearity": self.activation, "dropout": self.dropout, "reads_stream": reads_stream}
         rng = np.random.default_rng(seed)
         bound = 1.0 / math.sqrt(hidden)  # kaiming-uniform with a=sqrt(5), as AdapterHub's mam_adapter init
         surgeries = []
-        for block in self.blocks(base.spec):
+        for block in chosen_blocks(self.layers, spec.num_layers):
             for slot in slots:
                 target = f"transformer.h.{block}.{slot}"
                 values = {

@@ -125,6 +125,26 @@ def select_layers(linear_layers: Mapping[str, tuple[int, int]], targets, what: s
     return chosen
 
 
+def gpt_neo_slots(method: str, spec, slots: str):
+    """`spec` if it is twintune's GPT-Neo, the model whose `slots` (named for the sentence) a method
+    fills; any other model is refused."""
+    from twintune.models import GPTNeoSpec
+
+    if not isinstance(spec, GPTNeoSpec):
+        raise TwintuneError(f"method {method} fills {slots}, slots that only twintune's GPT-Neo has; this model is not "
+                            "a GPT-Neo, so choose a method that wraps linear layers (lora, dora, ia3).")
+    return spec
+
+
+def chosen_blocks(layers, num_layers: int) -> list[int]:
+    """The blocks a method's `layers` key names, sorted (none named: every block); one past the model is refused."""
+    past = sorted(i for i in layers if i >= num_layers)
+    if past:
+        raise TwintuneError(f"method.layers names block {past[0]}, but this model has {num_layers} blocks "
+                            f"(0-{num_layers - 1}).")
+    return sorted(set(layers)) if layers else list(range(num_layers))
+
+
 def block_index(name: str) -> int | None:
     """The block a parameter or layer belongs to (`transformer.h.3.mlp.c_fc` -> 3), or None."""
     found = re.search(r"\.(?:h|layers)\.(\d+)\.", name)

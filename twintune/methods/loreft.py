@@ -49,8 +49,7 @@ import numpy as np
 
 from twintune.errors import TwintuneError
 from twintune.keys import check
-from twintune.methods.base import INSERT, BaseModel, Method, Plan, Surgery
-from twintune.models import GPTNeoSpec
+from twintune.methods.base import INSERT, BaseModel, Method, Plan, Surgery, chosen_blocks, gpt_neo_slots
 
 _POSITIONS = re.compile(r"f(\d+)\+l(\d+)|f(\d+)|l(\d+)")
 
@@ -131,17 +130,11 @@ class LoReFT(Method):
         return not self.share_weights and first > 0 and last > 0
 
     def blocks(self, spec) -> list[int]:
-        if not isinstance(spec, GPTNeoSpec):
-            raise TwintuneError("method loreft intervenes on GPT-Neo blocks' outputs, which twintune's own GPT-Neo "
-                                "provides; this model is not a GPT-Neo.")
-        past = sorted(i for i in self.layers if i >= spec.num_layers)
-        if past:
-            raise TwintuneError(f"method.layers names block {past[0]}, but this model has {spec.num_layers} blocks "
-                                f"(0-{spec.num_layers - 1}).")
+        spec = gpt_neo_slots(self.name, spec, "the blocks' intervention")
         if self.r > spec.hidden_size:
             raise TwintuneError(f"LoReFT rank r={self.r} is larger than the model's width {spec.hidden_size} (R needs "
                                 "r orthonormal rows of that length).")
-        return sorted(set(self.layers)) if self.layers else list(range(spec.num_layers))
+        return chosen_blocks(self.layers, spec.num_layers)
 
     def plan(self, base: BaseModel, seed: int) -> Plan:
         """R drawn orthonormal (torch's orthogonal_), W and b as torch's Linear(d, r) initialises them, as in pyreft."""

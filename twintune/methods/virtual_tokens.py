@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from twintune.errors import TwintuneError
-from twintune.methods.base import BaseModel, Method
+from twintune.methods.base import BaseModel, Method, gpt_neo_slots
 from twintune.models import GPTNeoSpec
 
 
@@ -24,9 +24,7 @@ class VirtualTokens(Method):
     def gpt_neo(self, base: BaseModel) -> GPTNeoSpec:
         """The base's GPT-Neo spec, refusing other models (only twintune's GPT-Neo has the slot) and
         an `n` that leaves no position for text."""
-        if not isinstance(base.spec, GPTNeoSpec):
-            raise TwintuneError(f"method {self.name} needs twintune's GPT-Neo, the model with the {self.slot} slot; "
-                                "this model is not a GPT-Neo, so choose another method (lora, dora, ia3, ...).")
+        gpt_neo_slots(self.name, base.spec, self.slot)
         if self.n >= base.spec.max_positions:
             raise TwintuneError(f"method {self.name}'s n={self.n} virtual tokens leave no room for text in the "
                                 f"model's {base.spec.max_positions} positions.")
