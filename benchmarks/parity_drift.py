@@ -23,9 +23,18 @@ ways, and both must hold (judged against each yardstick):
     same's ("never" counts as one step past the run).
 
 Float32 drift is chaotic: one run is one sample, and its final figures move by several times from
-seed to seed (benchmarks/README.md). With --seeds the four runs are repeated for each seed and the
-standard is judged on the medians over the seeds (the ratio cross/same of each seed's median
-difference, the first step past 1e-3 of each pair); every seed's predictions must agree.
+seed to seed (benchmarks/README.md). So the standard is judged over seeds (by default 0,1,2,3:
+each seed repeats the four runs), on each yardstick whose drift is not exactly zero:
+  - the median over seeds of each seed's ratio cross / same (median difference, last 50 steps) <= 2;
+  - the median over seeds of the first step past 1e-3: cross no earlier than half of same's;
+  - final predictions: cross-backend pairs differ in no more validation examples, summed over the
+    seeds, than the same-backend pairs do. float32 predictions on examples near a decision
+    boundary flip with rounding; a framework that flips k of them against itself cannot be asked
+    to flip none against another framework.
+A yardstick that is exactly zero at every seed (torch's thread count on the tiny model) is
+reported, not judged: no other rounding, however small, could be "no larger" than none.
+docs/architecture.md ("The float32 standard") says why the standard is judged this way.
+With a single --seeds value, that seed's verdicts are printed alone (the rules above, one sample).
 
 Then, unless --skip-float64 (on the first seed), the same demo in float64 on MLX and torch: per-step losses within
 1e-8 relative, and each final trainable array within 1e-8 of its largest value.
@@ -207,29 +216,38 @@ def print_table(pairs: dict[str, dict], checks: dict[str, dict]) -> None:
 
 
 def over_seeds(per_seed: dict[int, dict[str, dict]], steps: int) -> dict[str, dict]:
-    """The standard judged on the medians over seeds, against each yardstick (see the module docstring)."""
+    """The standard judged over seeds, against each yardstick (see the module docstring)."""
     median_key = f"median_last_{TAIL}"
     cross = [pairs["cross-backend"] for pairs in per_seed.values()]
     first = lambda pair: pair["first_step_past_1e-3"] or steps + 1  # noqa: E731 - "never": one step past the run
     verdicts = {}
     for yardstick in YARDSTICKS:
         same = [pairs[yardstick] for pairs in per_seed.values()]
-        ratios = [c[median_key] / s[median_key] for c, s in zip(cross, same) if s[median_key] > 0]
-        ratio = statistics.median(ratios) if len(ratios) == len(same) else None  # None: the yardstick is 0
+        if all(s[median_key] == 0 and s["predictions_differing"] == 0 for s in same):
+            verdicts[yardstick] = {"checks": {}, "ratios": [], "median_ratio": None, "pass": None,
+                                   "note": "not judged: the yardstick is exactly zero at every seed"}
+            continue
+        ratios = [c[median_key] / s[median_key] if s[median_key] else float("inf") for c, s in zip(cross, same)]
+        ratio = statistics.median(ratios)
+        cross_differing = sum(c["predictions_differing"] for c in cross)
+        same_differing = sum(s["predictions_differing"] for s in same)
         checks = {
-            "median over seeds of (cross / same median difference) <= 2": ratio is not None and ratio <= 2,
+            "median over seeds of (cross / same median difference) <= 2": ratio <= 2,
             "median over seeds of the first step past 1e-3: cross >= same / 2":
                 statistics.median(map(first, cross)) >= statistics.median(map(first, same)) / 2,
-            "final validation predictions agree (cross), every seed": all(c["predictions_agree"] for c in cross),
+            f"differing final predictions over the seeds: cross {cross_differing} <= same {same_differing}":
+                cross_differing <= same_differing,
         }
-        verdicts[yardstick] = {"checks": checks, "ratios": ratios, "median_ratio": ratio, "pass": all(checks.values())}
+        verdicts[yardstick] = {"checks": checks, "ratios": ratios, "median_ratio": ratio,
+                               "cross_differing": cross_differing, "same_differing": same_differing,
+                               "pass": all(checks.values())}
     return verdicts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=225, help="optimizer steps (the demo's 225 by default)")
-    parser.add_argument("--seeds", default="0", help="comma-separated recipe seeds, e.g. 0,1,2,3")
+    parser.add_argument("--seeds", default="0,1,2,3", help="comma-separated recipe seeds (the standard is judged over them)")
     parser.add_argument("--skip-float64", action="store_true", help="only the float32 drift")
     parser.add_argument("--child", default=None)
     parser.add_argument("--threads", type=int, default=0)
@@ -267,10 +285,12 @@ def main() -> None:
         print_table(pairs, checks[seed])
     seeds_verdict = over_seeds(per_seed_pairs, args.steps) if len(seeds) > 1 else None
     for yardstick, check in (seeds_verdict or {}).items():
-        ratios = ", ".join(f"{r:.2f}" for r in check["ratios"]) or "none"
+        if check["pass"] is None:
+            print(f"over seeds {args.seeds}, against {yardstick}: {check['note']}")
+            continue
+        ratios = ", ".join(f"{r:.2f}" for r in check["ratios"])
         print(f"over seeds {args.seeds}, against {yardstick}: {'PASS' if check['pass'] else 'FAIL'}; "
-              f"cross/same ratios {ratios}; median " + (f"{check['median_ratio']:.2f}" if check["median_ratio"]
-                                                          is not None else "undefined (the yardstick is 0)"))
+              f"cross/same ratios {ratios}; median {check['median_ratio']:.2f}")
         for text, ok in check["checks"].items():
             print(f"  {'PASS' if ok else 'FAIL'}  {text}")
     if float64:
@@ -289,9 +309,11 @@ def main() -> None:
                                   "verdicts": checks, "verdicts_over_seeds": seeds_verdict, "float64": float64})
     summary = {"first_step_past_1e-3": {name: pair["first_step_past_1e-3"] for name, pair in first.items()},
                "cross_predictions_agree": all(p["cross-backend"]["predictions_agree"] for p in per_seed_pairs.values()),
-               "standard_pass": {name: check["pass"] for name, check in checks[seeds[0]].items()}}
+               f"seed_{seeds[0]}_pass": {name: check["pass"] for name, check in checks[seeds[0]].items()}}
     if seeds_verdict:
         summary["standard_pass_over_seeds"] = {name: check["pass"] for name, check in seeds_verdict.items()}
+        judged = [check["pass"] for check in seeds_verdict.values() if check["pass"] is not None]
+        summary["standard_pass"] = bool(judged) and all(judged)
         summary["median_ratio_over_seeds"] = {name: check["median_ratio"] for name, check in seeds_verdict.items()}
     if float64:
         summary.update(float64_pass=float64["pass"], float64_max_loss_rel=float64["max_loss_relative_difference"],

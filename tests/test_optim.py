@@ -48,7 +48,11 @@ def test_torch_in_place_adamw_gives_the_shared_formulas_bits():
         p, g, m, v = (torch.from_numpy(rng.normal(size=(37, 19))).to(dtype) for _ in range(4))
         v = v.abs()
         kw = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-        expected = adamw_update(p.clone(), g.clone(), m.clone(), v.clone(), 3, 2e-3, sqrt=torch.sqrt, **kw)
-        adamw_update_(p, g, m, v, 3, 2e-3, **kw)
-        for got, want in zip((p, m, v), expected):
-            assert torch.equal(got, want)
+        for factor in (1.0, 0.37):  # the clipping factor, applied to the gradient in place first
+            expected = adamw_update(p.clone(), g * factor, m.clone(), v.clone(), 3, 2e-3, sqrt=torch.sqrt, **kw)
+            for chunk in (100, 37 * 19, 2**20):  # chunks that split rows, the whole array, and more
+                got = [t.clone() for t in (p, g, m, v)]
+                adamw_update_(*got, 3, 2e-3, grad_factor=factor, chunk=chunk, **kw)
+                for value, want in zip((got[0], got[2], got[3]), expected):
+                    assert torch.equal(value, want), (factor, chunk)
+                assert torch.equal(got[1], g * factor)
