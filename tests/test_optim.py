@@ -56,3 +56,22 @@ def test_torch_in_place_adamw_gives_the_shared_formulas_bits():
                 for value, want in zip((got[0], got[2], got[3]), expected):
                     assert torch.equal(value, want), (factor, chunk)
                 assert torch.equal(got[1], g * factor)
+
+
+def test_torch_in_place_adamw_takes_strided_arrays():
+    """A gradient can come strided (LoReFT's rotation is used transposed); so can a parameter."""
+    from twintune.backends.torch.backend import adamw_update_
+
+    rng = np.random.default_rng(4)
+    p, g, m, v = (torch.from_numpy(rng.normal(size=(19, 37)).astype(np.float32)) for _ in range(4))
+    v = v.abs()
+    kw = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    expected = adamw_update(p.clone(), g * 0.5, m.clone(), v.clone(), 3, 2e-3, sqrt=torch.sqrt, **kw)
+    got = [p.clone(), g.T.contiguous().T, m.clone(), v.clone()]  # the gradient strided
+    adamw_update_(*got, 3, 2e-3, grad_factor=0.5, chunk=100, **kw)
+    for value, want in zip((got[0], got[2], got[3]), expected):
+        assert torch.equal(value, want)
+    got = [t.T.contiguous().T for t in (p, g, m, v)]  # every array strided: the whole arrays at once
+    adamw_update_(*got, 3, 2e-3, grad_factor=0.5, chunk=100, **kw)
+    for value, want in zip((got[0], got[2], got[3]), expected):
+        assert torch.equal(value, want)

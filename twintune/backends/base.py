@@ -84,13 +84,12 @@ def adamw_update(p, g, m, v, step: int, lr: float, betas, eps: float, weight_dec
     (mlx.optimizers.AdamW defaults differ: no bias correction, weight decay 0.01.)
     """
     b1, b2 = betas
-    p = p * (1.0 - lr * weight_decay)
+    if weight_decay:  # a product with 1.0 changes no bit: skipped, a pass over every value fewer
+        p = p * (1.0 - lr * weight_decay)
     m = b1 * m + (1.0 - b1) * g
     v = b2 * v + (1.0 - b2) * (g * g)
-    bias1 = 1.0 - b1**step
-    bias2 = 1.0 - b2**step
-    denom = sqrt(v) / (bias2**0.5) + eps
-    p = p - (lr / bias1) * (m / denom)
+    denom = sqrt(v) / ((1.0 - b2**step) ** 0.5) + eps
+    p = p - (lr / (1.0 - b1**step)) * (m / denom)
     return p, m, v
 
 

@@ -92,12 +92,16 @@ def adamw_update_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Te
     b1, b2 = betas
     bias2_root = (1.0 - b2**step) ** 0.5
     step_size = lr / (1.0 - b1**step)
-    flat = [t.view(-1) for t in (p, g, m, v)]
-    size = flat[0].numel() if p.device.type == "cuda" else chunk  # a GPU's allocator caches: one pass
-    scratch, denom = _adamw_scratch(min(size, flat[0].numel()), p.dtype, p.device)
-    for start in range(0, flat[0].numel(), size):
-        p_, g_, m_, v_ = (t[start:start + size] for t in flat)
-        tmp, den = scratch[:p_.numel()], denom[:p_.numel()]
+    g = g.contiguous()  # a gradient may come strided (a transposed use); the others are laid out as p
+    if p.device.type == "cuda" or not all(t.is_contiguous() for t in (p, m, v)):
+        chunks = [((p, g, m, v), (torch.empty_like(p), torch.empty_like(p)))]  # a GPU's allocator caches
+    else:
+        flat = [t.view(-1) for t in (p, g, m, v)]
+        scratch, denom = _adamw_scratch(min(chunk, p.numel()), p.dtype, p.device)
+        chunks = [([t[start:start + chunk] for t in flat], (scratch[:min(chunk, p.numel() - start)],
+                                                           denom[:min(chunk, p.numel() - start)]))
+                  for start in range(0, p.numel(), chunk)]
+    for (p_, g_, m_, v_), (tmp, den) in chunks:
         if grad_factor != 1.0:
             g_.mul_(grad_factor)
         if weight_decay:  # a product with 1.0 changes no bit: skipped, a pass over every value fewer
