@@ -231,11 +231,11 @@ class MLXBackend:
                     p, g, self.m[name], self.v[name], self.step, lr * self.lr_scales.get(name, 1.0), self.betas,
                     self.eps, self.weight_decay, mx.sqrt)
             updated.append((name, p))
-        # The model lets go of the old values before the update runs, so MLX can write the new ones
-        # into their buffers instead of allocating a second copy of every trainable array.
-        del p, g
+        # The model and these names let go of the old values before the update runs, so MLX can write
+        # the new ones into their buffers instead of allocating a second copy of every trainable array.
+        p = g = None
         self.model.update(tree_unflatten(updated))
-        del updated
+        updated = None
         mx.eval(self.model.trainable_parameters(), self.m, self.v)
         return norm
 

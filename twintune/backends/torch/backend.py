@@ -28,6 +28,19 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+LARGE_GRADIENTS_BYTES = 256 * 2**20
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): nothing to tune
+        return None
+
+
 def _return_freed_memory_to_the_os(trim: bool = False) -> None:
     """Give freed CPU memory of 1 MB and more back to the OS at once (glibc only); `trim` also
     releases what is already free (after loading a checkpoint, say).
@@ -40,19 +53,13 @@ def _return_freed_memory_to_the_os(trim: bool = False) -> None:
     the peak from 5648 to 3656 MB. The price is a page fault per fresh tensor: no difference we
     could measure on short sentences; a 128 KB threshold ran 40% slower.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl): nothing to tune
+    libc = _glibc()
+    if libc is None:
         return
     libc.mallopt(M_MMAP_THRESHOLD, 2**20)
+    libc.mallopt(M_TRIM_THRESHOLD, 128 * 2**10)  # glibc's default, in case a full fine-tuning run raised it
     if trim:
         libc.malloc_trim(0)
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-LARGE_GRADIENTS_BYTES = 256 * 2**20
 
 
 def _keep_freed_memory_for_gradients() -> None:
@@ -62,13 +69,11 @@ def _keep_freed_memory_for_gradients() -> None:
     Full fine-tuning allocates every gradient afresh each step; at a 1 MB threshold each of those
     blocks is a new mapping whose every 4 KB page faults in (a fresh 154 MB buffer took 65 ms to
     zero where a reused one took 8). The step shapes repeat, so freed blocks are found again: at
-    125M, full fine-tuning ran 12% faster with the same peak RSS (benchmarks/README.md).
+    125M, full fine-tuning ran 12% faster; the peak RSS rose 1% at batch 8 and 20% at batch 16 x 64
+    (2245 to 2693 MB, still 0.59x transformers'; benchmarks/README.md).
     """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return
     libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
     libc.mallopt(M_TRIM_THRESHOLD, 2**30)
@@ -92,24 +97,26 @@ def adamw_update_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Te
     b1, b2 = betas
     bias2_root = (1.0 - b2**step) ** 0.5
     step_size = lr / (1.0 - b1**step)
-    g = g.contiguous()  # a gradient may come strided (a transposed use); the others are laid out as p
-    if p.device.type == "cuda" or not all(t.is_contiguous() for t in (p, m, v)):
-        chunks = [((p, g, m, v), (torch.empty_like(p), torch.empty_like(p)))]  # a GPU's allocator caches
-    else:
-        flat = [t.view(-1) for t in (p, g, m, v)]
-        scratch, denom = _adamw_scratch(min(chunk, p.numel()), p.dtype, p.device)
-        chunks = [([t[start:start + chunk] for t in flat], (scratch[:min(chunk, p.numel() - start)],
-                                                           denom[:min(chunk, p.numel() - start)]))
-                  for start in range(0, p.numel(), chunk)]
-    for (p_, g_, m_, v_), (tmp, den) in chunks:
+
+    def update(p, g, m, v, tmp, den):
         if grad_factor != 1.0:
-            g_.mul_(grad_factor)
+            g.mul_(grad_factor)
         if weight_decay:  # a product with 1.0 changes no bit: skipped, a pass over every value fewer
-            p_.mul_(1.0 - lr * weight_decay)
-        m_.mul_(b1).add_(torch.mul(g_, 1.0 - b1, out=tmp))
-        v_.mul_(b2).add_(torch.mul(g_, g_, out=tmp).mul_(1.0 - b2))
-        torch.sqrt(v_, out=den).div_(bias2_root).add_(eps)
-        p_.sub_(torch.div(m_, den, out=tmp).mul_(step_size))
+            p.mul_(1.0 - lr * weight_decay)
+        m.mul_(b1).add_(torch.mul(g, 1.0 - b1, out=tmp))
+        v.mul_(b2).add_(torch.mul(g, g, out=tmp).mul_(1.0 - b2))
+        torch.sqrt(v, out=den).div_(bias2_root).add_(eps)
+        p.sub_(torch.div(m, den, out=tmp).mul_(step_size))
+
+    g = g.contiguous()  # a gradient may come strided (a transposed use); m and v are laid out as p
+    if p.device.type == "cuda" or not all(t.is_contiguous() for t in (p, m, v)):
+        update(p, g, m, v, torch.empty_like(p), torch.empty_like(p))  # a GPU's allocator caches its blocks
+        return
+    flat = [t.view(-1) for t in (p, g, m, v)]
+    scratch = _adamw_scratch(min(chunk, p.numel()), p.dtype, p.device)
+    for start in range(0, p.numel(), chunk):
+        piece = [t[start:start + chunk] for t in flat]
+        update(*piece, *(buffer[:piece[0].numel()] for buffer in scratch))
 
 
 _SCRATCH: dict = {}
