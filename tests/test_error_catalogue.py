@@ -59,6 +59,7 @@ def world(tmp_path_factory):
         (ckpt / "trainable.safetensors").write_bytes(b"\x00" * 10)
 
     (root / "empty.csv").write_text("text,label\n")
+    (root / "unlabelled.json").write_text('[{"text": "Sales rose ."}, {"text": "Costs fell ."}]')
     (root / "bullish.csv").write_text("text,label\n" + "Sales rose .,bullish\n" * 40)
     (root / "blank.csv").write_text("text,label\n" + " ,positive\n,negative\n" * 30)
     (root / "notes.txt").write_text("not a recipe")
@@ -90,6 +91,9 @@ CASES = [
     case("train", DEMO, "--set", "data.source={root}/bullish.csv", match="'bullish'"),
     case("train", DEMO, "--set", "data.source={root}/blank.csv", match="blank.csv"),
     case("train", DEMO, "--set", "data.source={root}/missing.csv", match="missing.csv"),
+    case("train", DEMO, "--set", "data.source={root}/unlabelled.json", match="has no column 'label'; its columns are text"),
+    case("train", DEMO, "--set", "data.source=hf:takala/financial_phrasebank", "--set", "data.split=train",
+         match="cannot be loaded from the Hugging Face hub", env={"HF_HUB_OFFLINE": "1"}),
     case("train", DEMO, "--set", "data.max_length=12", match="longer than data.max_length=12"),
     case("train", DEMO, "--set", "train.lr=1e30", "--set", "train.max_grad_norm=0", match="training loss became"),
     case("train", DEMO, "--out", "{root}/blocker/run", match="not writable"),

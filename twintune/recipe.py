@@ -23,8 +23,10 @@ DEFAULT_LABELS = {"negative": " negative", "neutral": " neutral", "positive": " 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | financial_phrasebank | a .txt/.csv/.jsonl path
-    subset: str = "sentences_allagree"
+    source: str = "synthetic"  # synthetic | financial_phrasebank | hf:ORG/NAME | a .txt/.csv/.jsonl/.json/.parquet path
+    subset: str = "sentences_allagree"  # financial_phrasebank's
+    split: str = "train"  # hf:ORG/NAME's split (twintune makes its own validation and test splits from it)
+    config: str = ""  # hf:ORG/NAME's configuration, if it has several
     synthetic_size: int = 1500
     text_column: str = "text"
     label_column: str = "label"

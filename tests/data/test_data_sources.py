@@ -62,6 +62,63 @@ def test_jsonl_round_trip_with_string_and_integer_labels(tmp_path):
     ]
 
 
+# --- through `datasets`: hf:ORG/NAME, parquet, JSON ----------------------------------------------
+
+LABELS = ("negative", "neutral", "positive")
+
+
+def test_parquet_with_a_class_label_column_gives_its_names(tmp_path):
+    import datasets
+
+    # the ClassLabel's order differs from the recipe's: its names decide, not its integers
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "sentiment": datasets.ClassLabel(names=["positive", "Negative", "neutral"])})
+    table = datasets.Dataset.from_dict({"sentence": ["Profit rose .", "Debt rose .", "A note ."],
+                                        "sentiment": [0, 1, 2]}, features=features)
+    path = str(tmp_path / "data.parquet")
+    table.to_parquet(path)
+    assert load_examples(path, text_column="sentence", label_column="sentiment", labels=LABELS) == [
+        Example("Profit rose .", "positive"), Example("Debt rose .", "negative"), Example("A note .", "neutral")]
+
+
+def test_datasets_reads_csv_and_jsonl_as_the_built_in_readers_do(tmp_path):
+    csv_path = _write(tmp_path / "data.csv", 'text,label\n"Sales rose , a lot .",positive\nCosts rose .,negative\n'
+                                             "A note .,neutral\n")
+    rows = [{"text": "Profit rose .", "label": 2}, {"text": "Debt rose .", "label": 0}, {"text": "Caf\u00e9 .", "label": 1}]
+    jsonl_path = _write(tmp_path / "data.jsonl", "\n".join(json.dumps(row) for row in rows) + "\n")
+    for path in (csv_path, jsonl_path):
+        built_in = load_examples(path, labels=LABELS)
+        assert sources.load_with_datasets(path, "text", "label", LABELS) == built_in
+        assert len(built_in) == 3
+
+
+def test_a_json_array_file_is_read_through_datasets(tmp_path):
+    rows = [{"body": "Profit rose .", "tone": "positive"}, {"body": "Debt rose .", "tone": "negative"}]
+    path = _write(tmp_path / "data.json", json.dumps(rows))
+    assert load_examples(path, text_column="body", label_column="tone", labels=LABELS) == [
+        Example("Profit rose .", "positive"), Example("Debt rose .", "negative")]
+
+
+def test_datasets_sources_refuse_a_missing_column_and_an_unknown_label(tmp_path):
+    import datasets
+
+    path = str(tmp_path / "data.parquet")
+    datasets.Dataset.from_dict({"text": ["Sales rose ."], "polarity": ["bullish"]}).to_parquet(path)
+    with pytest.raises(TwintuneError, match=r"has no column 'label'; its columns are text, polarity"):
+        load_examples(path, labels=LABELS)
+    with pytest.raises(TwintuneError, match=r"unknown label 'bullish'; allowed labels are negative, neutral, positive"):
+        load_examples(path, label_column="polarity", labels=LABELS)
+
+
+def test_an_unreachable_hub_data_set_is_one_sentence(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(TwintuneError, match=r"data set 'hf:takala/financial_phrasebank' \(split 'train'\) cannot be "
+                                            r"loaded from the Hugging Face hub: .*"):
+        load_examples("hf:takala/financial_phrasebank", labels=LABELS)
+
+
 def test_synthetic_source():
     examples = load_examples("synthetic", synthetic_size=30, seed=1)
     assert len(examples) == 30
@@ -85,9 +142,14 @@ def test_missing_file(tmp_path):
 
 
 def test_unknown_extension(tmp_path):
-    path = _write(tmp_path / "data.parquet", "x")
+    path = _write(tmp_path / "data.xlsx", "x")
     message = _error(path)
-    assert "data.parquet" in message and "unsupported" in message
+    assert "data.xlsx" in message and "unsupported" in message
+
+
+def test_a_corrupt_parquet_file_is_one_sentence(tmp_path):
+    path = _write(tmp_path / "data.parquet", "x")
+    assert _error(path).startswith(f"{path} cannot be read as parquet: ")  # then pyarrow's own first line
 
 
 def test_unknown_source_name():
@@ -244,3 +306,22 @@ def test_naive_bayes_unigram_learns_keywords():
     train = [Example("bad awful", "negative"), Example("good great", "positive")] * 5
     test = [Example("awful day", "negative"), Example("great day", "positive")]
     assert naive_bayes_unigram_accuracy(train, test) == 1.0
+
+
+def test_a_recipe_reads_a_parquet_source_as_it_reads_the_same_csv(tmp_path):
+    """The recipe's data.source reaches `datasets`; the splits equal those of the built-in CSV reader."""
+    import datasets
+
+    from twintune.recipe import load_recipe
+    from twintune.train.loop import prepare
+
+    examples = load_examples("synthetic", synthetic_size=60, seed=3)
+    table = {"text": [e.text for e in examples], "label": [e.label for e in examples]}
+    datasets.Dataset.from_dict(table).to_parquet(str(tmp_path / "data.parquet"))
+    datasets.Dataset.from_dict(table).to_csv(str(tmp_path / "data.csv"), index=False)
+    splits = {}
+    for name in ("data.parquet", "data.csv"):
+        run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml", [f"data.source={tmp_path / name}"]), "torch")
+        splits[name] = {split: [e.ids.tolist() for e in encoded] for split, encoded in run.splits.items()}
+    assert splits["data.parquet"] == splits["data.csv"]
+    assert sum(len(v) for v in splits["data.csv"].values()) == 60

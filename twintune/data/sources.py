@@ -1,5 +1,6 @@
 """Where labelled sentences come from: the built-in synthetic set, financial_phrasebank on the
-Hugging Face hub, or a local file (the original ``sentence@label`` text, CSV or JSONL).
+Hugging Face hub, a local file (the original ``sentence@label`` text, CSV or JSONL), or anything
+`datasets.load_dataset` reads: ``hf:ORG/NAME`` on the hub and local parquet or JSON files.
 
 Everything here is plain Python + numpy; a data set is a list of :class:`Example`.
 """
@@ -28,7 +29,11 @@ FINANCIAL_PHRASEBANK_SUBSETS = {
     "sentences_50agree": "Sentences_50Agree.txt",
 }
 DEFAULT_LABELS = ("negative", "neutral", "positive")
-LOCAL_EXTENSIONS = (".txt", ".csv", ".jsonl")
+BUILT_IN_EXTENSIONS = (".txt", ".csv", ".jsonl")
+# extension -> the `datasets` builder that reads it (csv and jsonl have built-in readers as well)
+DATASETS_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+LOCAL_EXTENSIONS = (".txt", ".csv", ".jsonl", ".parquet", ".json")
+HUB_PREFIX = "hf:"
 
 
 def load_examples(
@@ -40,13 +45,18 @@ def load_examples(
     labels: tuple[str, ...] = DEFAULT_LABELS,
     synthetic_size: int = 1500,
     seed: int = 0,
+    split: str = "train",
+    config: str = "",
 ) -> list[Example]:
     """Load labelled sentences from ``source``.
 
     ``source`` is ``"synthetic"`` (the built-in offline set), ``"financial_phrasebank"`` (the hub
-    data set, subset ``subset``) or a path to a ``.txt`` (``sentence@label`` lines, latin-1),
-    ``.csv`` (header row) or ``.jsonl`` file. Integer labels index into ``labels``
-    (financial_phrasebank's order: 0=negative, 1=neutral, 2=positive).
+    data set, subset ``subset``), ``"hf:ORG/NAME"`` (a hub data set through `datasets`, its
+    ``split`` and ``config``) or a path to a ``.txt`` (``sentence@label`` lines, latin-1),
+    ``.csv`` (header row), ``.jsonl``, ``.json`` or ``.parquet`` file (the last two through
+    `datasets`). Integer labels index into ``labels`` (financial_phrasebank's order:
+    0=negative, 1=neutral, 2=positive), unless the column is a `datasets` ``ClassLabel``: then
+    its names are the labels.
 
     Example:
         >>> examples = load_examples("synthetic", synthetic_size=30, seed=1)
@@ -58,20 +68,24 @@ def load_examples(
         return synthetic_financial_sentiment(n=synthetic_size, seed=seed)
     if source == "financial_phrasebank":
         return _load_financial_phrasebank(subset, labels)
+    if source.startswith(HUB_PREFIX):
+        return load_with_datasets(source, text_column, label_column, labels, split=split, config=config)
 
     extension = os.path.splitext(source)[1].lower()
     if not os.path.exists(source):
         if extension in LOCAL_EXTENSIONS or os.sep in source:
             raise TwintuneError(f"data file '{source}' does not exist.")
         raise TwintuneError(
-            f"unknown data source '{source}'; use 'synthetic', 'financial_phrasebank' "
-            "or a path to a .txt, .csv or .jsonl file."
+            f"unknown data source '{source}'; use 'synthetic', 'financial_phrasebank', 'hf:ORG/NAME' "
+            "or a path to a .txt, .csv, .jsonl, .json or .parquet file."
         )
     if not os.path.isfile(source) or extension not in LOCAL_EXTENSIONS:
         raise TwintuneError(
             f"data file '{source}' has an unsupported type; use a .txt (sentence@label), "
-            ".csv or .jsonl file."
+            ".csv, .jsonl, .json or .parquet file."
         )
+    if extension not in BUILT_IN_EXTENSIONS:
+        return load_with_datasets(source, text_column, label_column, labels)
     if extension == ".txt":
         with open(source, encoding="latin-1") as handle:
             examples = _parse_phrasebank_lines(handle, source, labels)
@@ -119,6 +133,62 @@ def _load_financial_phrasebank(subset: str, labels: tuple[str, ...]) -> list[Exa
         ) from None
     examples = _parse_phrasebank_lines(io.StringIO(text), name, labels)
     return _non_empty(examples, name)
+
+
+def load_with_datasets(
+    source: str,
+    text_column: str,
+    label_column: str,
+    labels: tuple[str, ...],
+    *,
+    split: str = "train",
+    config: str = "",
+) -> list[Example]:
+    """Labelled sentences through `datasets.load_dataset`: ``hf:ORG/NAME`` (its ``split`` and
+    ``config``; no loading scripts, no remote code) or a local .parquet, .json, .jsonl or .csv file.
+    A ``ClassLabel`` column's integer values become its names; other labels are read as by the
+    built-in readers (names, or integers indexing ``labels``).
+
+    Example:
+        >>> import pandas, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "two.parquet")
+        >>> pandas.DataFrame({"text": ["Sales rose .", "Costs fell ."], "label": [2, 0]}).to_parquet(path)
+        >>> [e.label for e in load_with_datasets(path, "text", "label", ("negative", "neutral", "positive"))]
+        ['positive', 'negative']
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors come back as one sentence below
+    if source.startswith(HUB_PREFIX):
+        name, where = source[len(HUB_PREFIX):], f"data set '{source}' (split '{split}')"
+        try:
+            table = datasets.load_dataset(name, config or None, split=split)
+        except Exception as error:  # noqa: BLE001 - offline, unknown name or split, a script: one sentence
+            raise TwintuneError(f"{where} cannot be loaded from the Hugging Face hub: "
+                                f"{_first_line(error)}") from None
+    else:
+        builder, where = DATASETS_BUILDERS[os.path.splitext(source)[1].lower()], source
+        try:
+            table = datasets.load_dataset(builder, data_files=source, split="train")
+        except Exception as error:  # noqa: BLE001 - a file its reader cannot parse
+            raise TwintuneError(f"{where} cannot be read as {builder}: {_first_line(error)}") from None
+    for column in (text_column, label_column):
+        if column not in table.column_names:
+            raise TwintuneError(f"{where} has no column '{column}'; its columns are "
+                                f"{', '.join(table.column_names) or '(none)'}.")
+    feature = table.features[label_column]
+    names = feature.names if isinstance(feature, datasets.ClassLabel) else None
+    examples = [
+        _example(text, names[raw] if names is not None and raw is not None else raw, labels, where, row)
+        for row, (text, raw) in enumerate(zip(table[text_column], table[label_column]), start=1)
+    ]
+    return _non_empty(examples, where)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__).rstrip(".") + "."
 
 
 def _parse_phrasebank_lines(

@@ -125,7 +125,8 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
     splits, order, total_steps = {}, None, 0
     if with_data:
         examples = load_examples(d.source, subset=d.subset, text_column=d.text_column, label_column=d.label_column,
-                                 labels=labels, synthetic_size=d.synthetic_size, seed=recipe.seed)
+                                 labels=labels, synthetic_size=d.synthetic_size, seed=recipe.seed, split=d.split,
+                                 config=d.config)
         split = stratified_split(examples, {"validation": d.validation_fraction, "test": d.test_fraction}, recipe.seed)
         splits = {k: encoder.encode_all(v, k) for k, v in split.items()}
         if not splits["validation"]:
