@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--split", default="validation", help="validation (default), test or train")
     evaluation.add_argument("--backend", default=None, help="auto (default: the recipe's), mlx or torch")
     evaluation.add_argument("--json", action="store_true", help="print the report as JSON")
+    evaluation.add_argument("--shots", type=int, default=None,
+                            help="K training sentences of each class before every sentence (0: zero-shot)")
 
     prediction = verbs.add_parser("predict", help="label and probabilities for texts, from a run directory")
     prediction.add_argument("target", help="a run directory from `twintune train`")
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "eval":
             from twintune.train.runs import evaluate_target, format_report
 
-            report = evaluate_target(args.target, args.split, args.backend)
+            report = evaluate_target(args.target, args.split, args.backend, shots=args.shots)
             print(json.dumps(report, indent=2) if args.json else format_report(report))
         elif args.verb == "predict":
             from twintune.train.runs import predict_texts

@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from twintune.backends import backend_class, resolve_backend_name
 from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder, eval_batches
+from twintune.data.examples import Example
+from twintune.data.shots import draw_shots, with_shots
 from twintune.data.sources import load_examples, stratified_split
 from twintune.dropout import dropout_key
 from twintune.errors import TwintuneError
@@ -47,6 +49,7 @@ class Run:
     total_steps: int
     model_dir: Path
     loss_scaler: LossScaler | None = None  # float16 only
+    examples: dict[str, list[Example]] = field(default_factory=dict)  # the splits' sentences (few-shot prompts)
 
 
 def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) -> Run:
@@ -122,7 +125,7 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
     encoder = Encoder(tokenizer, prompt, max_length=min(d.max_length, max_positions), method=recipe.method,
                       context=max_positions)
     t = recipe.train
-    splits, order, total_steps = {}, None, 0
+    split, splits, order, total_steps = {}, {}, None, 0
     if with_data:
         examples = load_examples(d.source, subset=d.subset, text_column=d.text_column, label_column=d.label_column,
                                  labels=labels, synthetic_size=d.synthetic_size, seed=recipe.seed, split=d.split,
@@ -146,7 +149,7 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
     scaler = LossScaler() if recipe.dtype == "float16" else None
     # The run does not keep the base's numpy weights: the backend holds the model now.
     return Run(recipe, engine, base.spec, recipe.method, plan.released(), encoder, splits, order, total_steps,
-               Path(model_dir), scaler)
+               Path(model_dir), scaler, split)
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -196,6 +199,39 @@ def evaluate(run: Run, split: str = "validation") -> dict:
     encoded = run.splits[split]
     if not encoded:
         raise TwintuneError(f"the {split} split is empty.")
+    return _report(run, encoded)
+
+
+def evaluate_with_shots(run: Run, split: str, shots: int) -> dict:
+    """`evaluate` with `shots` training sentences of each class before every sentence (in-context
+    learning: data/shots.py), drawn with the recipe's seed. Where they do not fit the model's
+    context with the split's longest sentence, as many as fit, with a note; none fitting is an error.
+
+    Example:
+        >>> evaluate_with_shots(prepare(load_recipe("recipes/demo-financial-sentiment.yaml")), "test", 2)["shots"]
+        2
+    """
+    if shots < 0:
+        raise TwintuneError(f"--shots must be 0 or more, got {shots}.")
+    encoder, context = run.encoder, run.encoder.context
+    for used in range(shots, 0, -1):
+        drawn = draw_shots(run.examples["train"], used, encoder.prompt.labels, run.recipe.seed)
+        shot_encoder = Encoder(encoder.tokenizer, with_shots(encoder.prompt, drawn), max_length=context,
+                               method=run.method, context=context)
+        try:
+            encoded = shot_encoder.encode_all(run.examples[split], split)
+        except TwintuneError:  # too long for the context: one shot of each class fewer
+            continue
+        note = None if used == shots else (f"{shots} shots of each class do not fit the model's {context} positions "
+                                           f"with the {split} split's longest sentence; {used} do")
+        return {**_report(run, encoded), "shots": used, "shots_asked": shots, "shots_note": note}
+    if shots == 0:
+        return {**evaluate(run, split), "shots": 0, "shots_asked": 0, "shots_note": None}
+    raise TwintuneError(f"not even one shot of each class fits the model's {context} positions with the {split} "
+                        "split's longest sentence; use --shots 0 or shorter sentences.")
+
+
+def _report(run: Run, encoded: list[Encoded]) -> dict:
     predictions, _ = predict(run, encoded)
     labels = np.array([e.label for e in encoded])
     report = classification_report(labels, predictions, run.encoder.prompt.labels)

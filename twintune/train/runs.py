@@ -20,7 +20,7 @@ from twintune.formats.checkpoint import load_checkpoint, load_config
 from twintune.formats.merge import write_checkpoint
 from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.recipe import load_recipe
-from twintune.train.loop import Run, base_model, evaluate, predict, prepare
+from twintune.train.loop import Run, base_model, evaluate, evaluate_with_shots, predict, prepare
 
 
 def open_run(target: str | Path, backend: str | None = None, with_data: bool = True) -> Run:
@@ -58,18 +58,23 @@ def check_adapter_fits(method, state: dict[str, np.ndarray], run: Run, where: Pa
                             "(different target modules, rank or blocks).")
 
 
-def evaluate_target(target: str | Path, split: str = "validation", backend: str | None = None) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix on a split.
+def evaluate_target(target: str | Path, split: str = "validation", backend: str | None = None,
+                    shots: int | None = None) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix on a split; with
+    `shots`, that many training sentences of each class go before every sentence (a recipe's
+    untrained start with shots=0 is the zero-shot baseline).
 
     Example:
         >>> evaluate_target("runs/demo", "test")["macro_f1"]
+        >>> evaluate_target("recipes/demo-financial-sentiment.yaml", "test", shots=4)["shots"]
+        4
     """
     if split not in ("train", "validation", "test"):
         raise TwintuneError(f"split must be train, validation or test, got {split!r}.")
     run = open_run(target, backend)
     if not run.splits.get(split):
         raise TwintuneError(f"the {split} split is empty; set data.{split}_fraction in the recipe.")
-    report = evaluate(run, split)
+    report = evaluate(run, split) if shots is None else evaluate_with_shots(run, split, shots)
     report.pop("predictions")
     report.update(split=split, examples=len(run.splits[split]), backend=run.backend.name)
     return report
@@ -178,7 +183,8 @@ def format_report(report: dict) -> str:
     """A readable table of an evaluation report."""
     labels = report["labels"]
     width = max(len(label) for label in labels) + 2
-    lines = [f"{report['split']} split, {report['examples']} examples ({report['backend']}): "
+    shots = f", {report['shots']} shots of each class" if report.get("shots") is not None else ""
+    lines = [f"{report['split']} split, {report['examples']} examples ({report['backend']}{shots}): "
              f"accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}", "",
              f"{'':{width}}precision  recall     f1"]
     for label in labels:
@@ -187,4 +193,6 @@ def format_report(report: dict) -> str:
     lines += ["", "confusion (rows: true, columns: predicted)", f"{'':{width}}" + "".join(f"{l:>{width}}" for l in labels)]
     for label, row in zip(labels, report["confusion"]):
         lines.append(f"{label:{width}}" + "".join(f"{n:>{width}}" for n in row))
+    if report.get("shots_note"):
+        lines += ["", f"note: {report['shots_note']}."]
     return "\n".join(lines)
