@@ -79,6 +79,23 @@ class Batch:
         rows, width = self.input_ids.shape
         return (self.answer_positions - np.arange(rows, dtype=np.int32) * width + 1).astype(np.int32)
 
+    def pooling_weights(self, pooling: str) -> np.ndarray:
+        """(B, T) float32 weights that pool each row's hidden states into one feature vector over its
+        prompt (the label word never counts): `last`, the answer position only (the last prompt token,
+        where the verbalizer reads; GPT-Neo has no pad token, so it is the last real one, as
+        transformers' GPTNeoForSequenceClassification takes it); `mean`, every prompt token alike."""
+        rows, width = self.input_ids.shape
+        lengths = self.prompt_lengths
+        weights = np.zeros((rows, width), np.float32)
+        if pooling == "last":
+            weights[np.arange(rows), lengths - 1] = 1.0
+        elif pooling == "mean":
+            weights[np.arange(width)[None, :] < lengths[:, None]] = 1.0
+            weights /= lengths[:, None]
+        else:
+            raise TwintuneError(f"pooling must be last or mean, got {pooling!r}.")
+        return weights
+
 
 class Encoder:
     """Tokenizes examples for one prompt and tokenizer; checks the verbalizer is usable."""

@@ -247,6 +247,12 @@ class MLXBackend:
         logprobs = logits - logsumexp(logits)
         return np.array(logprobs[:, mx.array(label_token_ids)])
 
+    def features(self, batch: Batch, pooling: str) -> np.ndarray:
+        self.model.eval()
+        hidden = self.model(mx.array(batch.input_ids), mx.array(batch.prompt_lengths)).astype(self.precise)
+        weights = mx.array(batch.pooling_weights(pooling), dtype=self.precise)
+        return np.array(mx.einsum("bt,btd->bd", weights, hidden))
+
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         self.model.eval()
         return np.array(self.model.logits(self.model(mx.array(input_ids))).astype(self.precise))

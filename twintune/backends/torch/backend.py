@@ -236,6 +236,13 @@ class TorchBackend:
         return torch.log_softmax(logits, dim=-1)[:, self._tensor(label_token_ids)].cpu().numpy()
 
     @torch.no_grad()
+    def features(self, batch: Batch, pooling: str) -> np.ndarray:
+        self.model.eval()
+        hidden = self.model(self._tensor(batch.input_ids), self._tensor(batch.prompt_lengths)).to(self.precise)
+        weights = torch.from_numpy(batch.pooling_weights(pooling)).to(device=self.device, dtype=self.precise)
+        return torch.einsum("bt,btd->bd", weights, hidden).cpu().numpy()
+
+    @torch.no_grad()
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         self.model.eval()
         return self.model.logits(self.model(self._tensor(input_ids))).to(self.precise).cpu().numpy()
