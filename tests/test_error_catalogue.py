@@ -5,6 +5,7 @@ directory and a file that must survive untouched.
 """
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -52,6 +53,21 @@ def world(tmp_path_factory):
 
     # a tiny llama (an mlx-lm family): a base whose layers IA3's GPT-Neo defaults do not name
     write_tiny_llama(root / "llama", vocab_size=300, tokenizer=False)
+
+    # a run with a linear head, then one whose recipe's labels were reordered since; a features run
+    subprocess.run([sys.executable, "-m", "twintune", "train", DEMO, "--backend", "torch", "--out",
+                    str(root / "head-run"), "--set", "task.head=linear", *QUICK], check=True, capture_output=True)
+    relabelled = root / "relabelled-head-run"
+    shutil.copytree(root / "head-run", relabelled)
+    recipe = json.loads((relabelled / "recipe.json").read_text())
+    recipe["prompt"]["labels"] = dict(reversed(list(recipe["prompt"]["labels"].items())))
+    (relabelled / "recipe.json").write_text(json.dumps(recipe))
+    broken_head = root / "broken-head-run"
+    shutil.copytree(root / "head-run", broken_head)
+    (broken_head / "adapter" / "head_config.json").write_text("{not json")
+    subprocess.run([sys.executable, "-m", "twintune", "train", DEMO, "--backend", "torch", "--out",
+                    str(root / "features-run"), "--set", "method={name: none}", "--set", "task.name=features",
+                    *QUICK], check=True, capture_output=True, env={**os.environ, "TWINTUNE_CACHE": str(root / "cache")})
 
     corrupt_ckpt = root / "corrupt-ckpt-run"
     shutil.copytree(run, corrupt_ckpt)
@@ -179,6 +195,21 @@ CASES = [
     case("train", DEMO, "--set", "method={name: loreft, r: 65}", match="LoReFT rank r=65 is larger than the model's width 64"),
     case("train", DEMO, "--backend", "mlx", "--set", "model={root}/llama", "--set", "method={name: loreft}",
          match="method loreft fills the blocks' intervention, slots that only twintune's GPT-Neo has"),
+    # tasks: classification heads and features
+    case("train", DEMO, "--set", "task.name=feature", match="'task.name' names no task: 'feature'; did you mean 'features'?"),
+    case("train", DEMO, "--set", "task.head=softmax", match="'task.head' must be verbalizer or linear, got 'softmax'"),
+    case("train", DEMO, "--set", "task.pooling=mean", match="'task.pooling' belongs to task features, not to classification"),
+    case("train", DEMO, "--set", "method={name: none}", match="method none trains nothing with the verbalizer"),
+    case("train", DEMO, "--set", "task.name=features", match="task features trains no method"),
+    case("train", DEMO, "--set", "method={name: none}", "--set", "task={name: features, layer: 9}",
+         match="'task.layer' must be between -5 and 4 for this model of 4 blocks"),
+    case("eval", "{root}/relabelled-head-run", match="was trained on labels ['negative', 'neutral', 'positive'], but "
+                                                     "the labels now given (prompt.labels) are ['positive', 'neutral', 'negative']"),
+    case("predict", "{root}/broken-head-run", "Sales fell .", match="is not a head configuration"),
+    case("eval", "{root}/head-run", "--shots", "2", match="this run classifies with a linear head, which reads no label words"),
+    case("merge", "{root}/features-run", "--out", "{root}/features-merged", match="a features run cannot be merged"),
+    case("train", DEMO, "--set", "method={name: none}", "--set", "task.name=features", "--resume", "{root}/features-run",
+         match="a features run has no checkpoints to resume"),
 ]
 
 
@@ -206,3 +237,19 @@ def test_bad_input_gets_one_line_and_a_nonzero_exit(world, argv, match, env):
 
 def test_the_catalogue_is_at_least_25_cases():
     assert len(CASES) >= 25
+
+
+def test_a_corrupt_feature_cache_file_is_one_warning_line_and_is_recomputed(world, tmp_path):
+    cache = world / "cache"
+    for path in (cache / "features").iterdir():
+        path.write_bytes(b"\x00" * 12)
+    result = subprocess.run([sys.executable, "-m", "twintune", "train", DEMO, "--backend", "torch", "--out",
+                             str(tmp_path / "again"), "--set", "method={name: none}", "--set", "task.name=features",
+                             *QUICK], capture_output=True, text=True, env={**os.environ, "TWINTUNE_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and all(line.startswith("twintune: warning: the cached features ") for line in lines), lines
+    assert all("are unreadable" in line and line.endswith("computing them again.") for line in lines)
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    first = json.loads((world / "features-run" / "summary.json").read_text())
+    assert again["val_accuracy"] == first["val_accuracy"]

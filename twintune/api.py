@@ -34,6 +34,7 @@ from twintune.formats.checkpoint import load_checkpoint, load_config, load_token
 from twintune.methods import BaseModel, Method, Plan
 from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.recipe import DTYPES, PromptConfig, Recipe, load_recipe
+from twintune.tasks import HEAD, check_head_labels, head_surgery, read_head_labels, with_head
 from twintune.train.loop import backend_cannot_run, base_model, evaluate, predict, prepare, train
 
 __all__ = ["load_checkpoint", "load_recipe", "prepare", "train", "evaluate", "predict", "load", "Model", "Adapter"]
@@ -163,7 +164,9 @@ class Model:
 
     def logits(self, input_ids) -> np.ndarray:
         """Next-token logits (batch, tokens, vocabulary) for token ids (batch, tokens) or one row
-        (tokens,): float32, float64 on a float64 base.
+        (tokens,): float32, float64 on a float64 base. With an adapter that has a classification head
+        active: its class scores at every position (batch, tokens, labels), as transformers'
+        GPTNeoForSequenceClassification computes before it picks the last token.
 
         Example:
             >>> model.logits([[464, 3139, 373]]).shape
@@ -179,7 +182,8 @@ class Model:
 
     def predict(self, texts: Sequence[str] | str, batch_size: int = 32) -> list[dict]:
         """Label and class probabilities for each text, in order: the softmax over the label words'
-        first-token scores after the prompt (the active adapter's prompt, see `prompt`).
+        first-token scores after the prompt (the active adapter's prompt, see `prompt`), or with a
+        classification head, over its class scores at the prompt's last token.
 
         Example:
             >>> model.predict(["Operating profit rose to EUR 13.1 mn ."])
@@ -188,9 +192,9 @@ class Model:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise TwintuneError("give at least one text to predict.")
-        method = self._adapters[self.active].method if self.active is not None else None
-        encoder = Encoder(self.tokenizer, self.prompt, self.max_length, method=method,
-                          context=self.base.spec.max_positions)
+        active = self._adapters.get(self.active)
+        encoder = Encoder(self.tokenizer, self.prompt, self.max_length, method=active and active.method,
+                          context=self.base.spec.max_positions, head=bool(active and HEAD in active.state))
         labels = encoder.prompt.labels
         encoded = [encoder.encode(text, labels[0], f" (text {i + 1})") for i, text in enumerate(texts)]
         scores = np.zeros((len(encoded), len(labels)), np.float32)
@@ -212,6 +216,14 @@ class Model:
             raise TwintuneError(f"the adapter in {adapter_dir} is a {method.name} adapter, but the run's recipe "
                                 f"trains method {recipe.method.name}.")
         plan = method.plan(self.base, seed=0)
+        head = state.get(HEAD)
+        if head is not None:  # the head's own labels, unless the caller named them
+            saved = read_head_labels(adapter_dir)
+            if saved is not None and "labels" not in prompt and recipe is None:
+                prompt = {**prompt, "labels": {label: f" {label}" for label in saved}}
+            prompt_now = make_prompt(prompt, recipe)
+            check_head_labels(head, saved, prompt_now.labels, adapter_dir)
+            plan = with_head(plan, head_surgery(head.shape[0], self.base.spec.hidden_size, seed=0))
         check_fits(plan, state, adapter_dir)
         return Adapter(method, plan, state, make_prompt(prompt, recipe), adapter_dir)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
-from twintune.errors import TwintuneError
+from twintune.errors import TwintuneError, TwintuneWarning
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         $ twintune estimate recipes/gpt-neo-1.3b-financial-sentiment-qlora.yaml
     """
     args = build_parser().parse_args(argv)
+    show_warning = warnings.showwarning
+
+    def one_line(message, category, *rest, **options):  # ours as one line; other packages' as they print them
+        if issubclass(category, TwintuneWarning):
+            print(f"twintune: warning: {message}", file=sys.stderr)
+        else:
+            show_warning(message, category, *rest, **options)
+
+    warnings.showwarning = one_line
     try:
         if args.verb == "train":
             from twintune.recipe import load_recipe
@@ -82,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = train(recipe, backend=args.backend, out_dir=args.out, progress=not args.no_progress,
                             resume=args.resume)
             shown = {k: summary[k] for k in ("backend", "method", "steps", "final_train_loss", "val_accuracy",
-                                             "val_macro_f1", "train_seconds", "peak_memory_mb", "out_dir")}
+                                             "val_macro_f1", "train_seconds", "peak_memory_mb", "out_dir") if k in summary}
             print(json.dumps(shown, indent=2))
         elif args.verb == "eval":
             from twintune.train.runs import evaluate_target, format_report

@@ -9,3 +9,8 @@ class TwintuneError(Exception):
     Example:
         >>> raise TwintuneError("recipe key 'method.rank' is unknown; did you mean 'method.r'?")
     """
+
+
+class TwintuneWarning(UserWarning):
+    """Something the user should know that does not stop the work (a cache file recomputed, say);
+    the CLI prints it as one line, `twintune: warning: ...`."""

@@ -17,6 +17,7 @@ from twintune.errors import TwintuneError
 from twintune.keys import build, check
 from twintune.methods import LoRA, Method, method_from_dict
 from twintune.quant import Quantization
+from twintune.tasks import Classification, Features, Task, task_from_dict
 
 DEFAULT_LABELS = {"negative": " negative", "neutral": " neutral", "positive": " positive"}
 
@@ -86,6 +87,7 @@ class Recipe:
     dtype: str = "float32"  # the frozen model's; trainable values and optimizer state: float32 (float64 in float64)
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    task: Task = field(default_factory=Classification)  # task: {name: classification | features, its keys}
     method: Method = field(default_factory=LoRA)  # method: {name: lora | dora | ia3 | ..., its keys}
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -103,7 +105,7 @@ class Recipe:
     def to_dict(self) -> dict:
         """Plain values (JSON-ready): what recipe.json holds and what a resume compares."""
         def plain(value):
-            if isinstance(value, Method):
+            if isinstance(value, (Method, Task)):
                 return value.to_dict()
             return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -135,7 +137,9 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 
 def recipe_from_dict(raw: dict) -> Recipe:
     """A validated recipe from plain values (a YAML file's, or a run's recipe.json)."""
-    recipe = build(Recipe, raw, "", {Method: method_from_dict})
+    if isinstance(raw, dict) and task_from_dict(raw.get("task")).name == "features" and "method" not in raw:
+        raw = {**raw, "method": {"name": "none"}}  # the features task trains no method
+    recipe = build(Recipe, raw, "", {Method: method_from_dict, Task: task_from_dict})
     validate(recipe)
     return recipe
 
@@ -174,6 +178,14 @@ def validate(r: Recipe) -> None:
     _check(d.validation_fraction + d.test_fraction < 1, "data.validation_fraction + data.test_fraction must leave examples to train on.")
     _check(d.max_length >= 2, f"recipe key 'data.max_length' must be at least 2, got {d.max_length}.")
     _check(len(r.prompt.labels) >= 2, "recipe key 'prompt.labels' must name at least two labels.")
+    if isinstance(r.task, Features):
+        _check(r.method.name == "none", f"task features trains no method (the model stays frozen; a classifier is "
+                                        f"fitted on its features), but the recipe names method {r.method.name}; "
+                                        "remove the method section or set method.name to none.")
+    elif r.method.name == "none":
+        _check(r.task.linear_head, "method none trains nothing with the verbalizer: set task.head to linear to train "
+                                   "a classification head alone, use task features, or evaluate the untrained "
+                                   "model with `twintune eval RECIPE --shots K`.")
     q = r.quantize
     _check(q.type in ("none", "nf4", "affine"), f"recipe key 'quantize.type' must be none, nf4 or affine, got {q.type!r}.")
     _check(q.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096),

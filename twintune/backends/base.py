@@ -69,9 +69,10 @@ class Backend(Protocol):
     def label_logprobs(self, batch: Batch, label_token_ids: np.ndarray) -> np.ndarray:
         """(B, K) log-softmax scores at the answer positions, for the K label tokens (no dropout)."""
 
-    def features(self, batch: Batch, pooling: str) -> np.ndarray:
+    def features(self, batch: Batch, pooling: str, layer: int | None = None) -> np.ndarray:
         """(B, d) the final hidden states (after ln_f) pooled over each row's prompt (Batch.pooling_weights),
-        float32 (float64 in a float64 run), no dropout: a frozen model's sentence features."""
+        float32 (float64 in a float64 run), no dropout: a frozen model's sentence features. `layer` <
+        the number of blocks: the hidden states after that many blocks (transformers' hidden_states[layer])."""
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """(B, T, V) full logits, float32 (float64 in a float64 run), for tests and generation."""

@@ -2,7 +2,8 @@
 
 Each example becomes `prompt + label word` token ids. The loss is taken only on the label
 word's tokens; prediction compares the scores of each label word's first token at the
-answer position. Batches are right-padded to their own longest sequence (dynamic padding),
+answer position. With a linear classification head (twintune/tasks.py) an example is its prompt
+alone, and the one target is the class itself, scored at the last prompt token. Batches are right-padded to their own longest sequence (dynamic padding),
 so padding is never attended to (attention is causal) and never counted.
 """
 
@@ -48,9 +49,10 @@ class Prompt:
 class Encoded:
     """One tokenized example."""
 
-    ids: np.ndarray  # prompt then label word, int32
+    ids: np.ndarray  # prompt then label word (with a head: the prompt alone), int32
     prompt_len: int
     label: int
+    class_target: bool = False  # a head's example: the target is the class index, not label-word tokens
 
 
 @dataclass
@@ -101,15 +103,21 @@ class Encoder:
     """Tokenizes examples for one prompt and tokenizer; checks the verbalizer is usable."""
 
     def __init__(self, tokenizer, prompt: Prompt, max_length: int, pad_id: int = 0, method=None,
-                 context: int | None = None):
+                 context: int | None = None, head: bool = False):
         """`method` (a twintune Method) may put virtual tokens before each example, which with it
-        must fit the model's `context` positions, and may need prompts of some length."""
+        must fit the model's `context` positions, and may need prompts of some length. With `head`
+        (a linear classification head), examples are prompts alone and the label words are unused."""
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.max_length = max_length
         self.pad_id = pad_id
         self.method = method
         self.context = context
+        self.head = head
+        if head:  # the head's rows are the classes: "label ids" are the class indices
+            self.label_ids = [[k] for k in range(len(prompt.labels))]
+            self.first_label_ids = np.arange(len(prompt.labels), dtype=np.int32)
+            return
         self.label_ids = [tokenizer.encode(w, add_special_tokens=False).ids for w in prompt.label_words.values()]
         for word, ids in zip(prompt.label_words.values(), self.label_ids):
             if not ids:
@@ -125,12 +133,14 @@ class Encoder:
             raise TwintuneError(f"label {label!r}{where} is not one of the recipe's labels {self.prompt.labels}.")
         k = self.prompt.labels.index(label)
         prompt_ids = self.tokenizer.encode(self.prompt.render(text), add_special_tokens=False).ids
-        ids = prompt_ids + self.label_ids[k]
+        if not prompt_ids:
+            raise TwintuneError(f"example{where} encodes to no tokens with its prompt; give it some text.")
+        ids = prompt_ids if self.head else prompt_ids + self.label_ids[k]
         if len(ids) > self.max_length:
             raise TwintuneError(f"example{where} is {len(ids)} tokens with its prompt, longer than "
                                 f"data.max_length={self.max_length}; raise it (up to the model's context) or shorten the text.")
         self.check_method_fits(len(ids), len(prompt_ids), where)
-        return Encoded(np.array(ids, np.int32), len(prompt_ids), k)
+        return Encoded(np.array(ids, np.int32), len(prompt_ids), k, class_target=self.head)
 
     def check_method_fits(self, length: int, prompt_length: int, where: str) -> None:
         if self.method is None:
@@ -158,7 +168,7 @@ def make_batch(encoded: list[Encoded], pad_id: int = 0) -> Batch:
         input_ids[row, : len(e.ids)] = e.ids
         start = row * width + e.prompt_len - 1  # logits at position t predict token t + 1
         answers.append(start)
-        for j, token in enumerate(e.ids[e.prompt_len:]):
+        for j, token in enumerate([e.label] if e.class_target else e.ids[e.prompt_len:]):
             target_positions.append(start + j)
             targets.append(token)
     return Batch(

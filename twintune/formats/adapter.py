@@ -21,14 +21,16 @@ from twintune.formats.checkpoint import read_torch_bin
 from twintune.formats.safetensors_io import read_safetensors, write_atomically, write_safetensors
 from twintune.methods import METHODS, BaseModel, Method, method_from_dict
 from twintune.models import GPTNeoSpec
+from twintune.tasks import HEAD, HEAD_FILE_NAMES, head_file_name, split_head, write_head_config
 
 PEFT_PREFIX = "base_model.model."
 
 
 def save_adapter(directory: str | Path, method: Method, state: dict[str, np.ndarray], base_model: str,
-                 model_dir: str | Path | None = None) -> Path:
+                 model_dir: str | Path | None = None, labels: list[str] | None = None) -> Path:
     """Write a method's trained values in its layout (a "checkpoint" layout needs the base's `model_dir`
-    for config.json and the tokenizer).
+    for config.json and the tokenizer). A classification head in `state` (tasks.HEAD) is saved with
+    them, under PEFT's SEQ_CLS name in a PEFT layout, and `labels` name its rows (head_config.json).
 
     Example:
         >>> save_adapter("runs/demo/adapter", run.method, run.backend.trainable_state(), "EleutherAI/gpt-neo-1.3B")
@@ -36,17 +38,26 @@ def save_adapter(directory: str | Path, method: Method, state: dict[str, np.ndar
     """
     directory = Path(directory)
     prefix = PEFT_PREFIX if method.layout == "peft" else ""
+    state, head = split_head(state)
     state = method.saved_values(state)
+    if head is not None and labels is None:
+        raise ValueError("a classification head is saved with the labels its rows score")
     if method.layout == "checkpoint":
         from twintune.formats.merge import write_checkpoint
 
-        write_checkpoint(directory, model_dir, state)
-        name = "model.safetensors"
+        write_checkpoint(directory, model_dir, state if head is None else {**state, HEAD: head}, labels=labels)
     else:
-        name = "adapter_model.safetensors"
-        write_safetensors(directory / name, {method.file_names.get(k, prefix + k): v for k, v in state.items()},
-                          metadata={"format": "pt"})
-    write_json(directory / "adapter_config.json", method.adapter_config(base_model))
+        tensors = {method.file_names.get(k, prefix + k): v for k, v in state.items()}
+        if head is not None:
+            tensors[head_file_name(method.layout, prompt_learning=bool(method.file_names))] = head
+        directory.mkdir(parents=True, exist_ok=True)
+        write_safetensors(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+    config = method.adapter_config(base_model)
+    if head is not None:
+        write_head_config(directory, labels)
+        if method.layout == "peft":  # PEFT's own SEQ_CLS adapter: the head is its `score` module to save
+            config.update(task_type="SEQ_CLS", modules_to_save=["score"])
+    write_json(directory / "adapter_config.json", config)
     return directory
 
 
@@ -83,6 +94,7 @@ def method_of_adapter(config: dict, where: Path) -> Method:
             raise TwintuneError(f"adapter {where} was saved by method {name!r}, which this twintune does not have.")
         keys = {k: v for k, v in config.items() if k not in ("twintune_method", "name", "base_model_name_or_path")}
         return method_from_dict({"name": name, **keys}, where=f"{where / 'adapter_config.json'}: method")
+    config = _without_head(config)
     peft_type = config.get("peft_type")
     if peft_type is None:
         raise TwintuneError(f"adapter {where} names no peft_type in adapter_config.json; twintune loads PEFT "
@@ -92,6 +104,14 @@ def method_of_adapter(config: dict, where: Path) -> Method:
             return cls.from_adapter_config(config, where)
     raise TwintuneError(f"adapter {where} is a PEFT {peft_type!r} adapter; twintune loads PEFT adapters of type "
                         f"{', '.join(_peft_types())}.")
+
+
+def _without_head(config: dict) -> dict:
+    """A PEFT SEQ_CLS adapter's config as its method reads it: the `score` module it saves (PEFT lists
+    `classifier` too, for other models) is the classification head, which load_adapter reads apart."""
+    if config.get("task_type") == "SEQ_CLS" and set(config.get("modules_to_save") or ()) <= {"score", "classifier"}:
+        return {**config, "task_type": "CAUSAL_LM", "modules_to_save": None}
+    return config
 
 
 def _peft_types() -> list[str]:
@@ -140,6 +160,9 @@ def load_adapter(directory: str | Path, spec: GPTNeoSpec) -> tuple[Method, dict[
     layers = spec.linear_layers()
     state: dict[str, np.ndarray] = {}
     for name, array in _read_adapter_weights(directory, method).items():
+        if name in HEAD_FILE_NAMES:
+            state[HEAD] = _checked_head(name, array, spec)
+            continue
         ours = from_file.get(name) or our_name(name)
         if method.layout == "checkpoint":
             ours = ours if ours.startswith("transformer.") else f"transformer.{ours}"
@@ -167,7 +190,19 @@ def load_adapter(directory: str | Path, spec: GPTNeoSpec) -> tuple[Method, dict[
                                 "does not match this base model.")
         # float64 (a float64 run's adapter) stays float64; half precision is widened to float32
         state[ours] = np.ascontiguousarray(array, dtype=np.float64 if array.dtype == np.float64 else np.float32)
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and k != HEAD]
     if missing:
         raise TwintuneError(method.missing_message(missing, state))
     return method, state
+
+
+def _checked_head(name: str, array: np.ndarray, spec: GPTNeoSpec) -> np.ndarray:
+    """A saved classification head: (labels, the model's width), floating point."""
+    if not np.issubdtype(array.dtype, np.floating):
+        raise TwintuneError(f"adapter tensor {name!r} (the classification head) has dtype {array.dtype}; it must be "
+                            "floating point.")
+    if array.ndim != 2 or array.shape[1] != spec.hidden_size or array.shape[0] < 2:
+        raise TwintuneError(f"adapter tensor {name!r} (the classification head) has shape {tuple(array.shape)}, but "
+                            f"this model's head must be (labels, {spec.hidden_size}) with at least two labels; the "
+                            "adapter does not match this base model.")
+    return np.ascontiguousarray(array, dtype=np.float64 if array.dtype == np.float64 else np.float32)

@@ -17,9 +17,13 @@ from twintune.formats.safetensors_io import write_safetensors
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 
 
-def write_checkpoint(out: str | Path, model_dir: str | Path, weights: dict[str, np.ndarray]) -> Path:
+def write_checkpoint(out: str | Path, model_dir: str | Path, weights: dict[str, np.ndarray],
+                     labels: list[str] | None = None) -> Path:
     """Write `weights` as a checkpoint `GPTNeoForCausalLM.from_pretrained(out)` loads, with the base's
-    config.json and tokenizer from `model_dir`. `out` must be new or empty.
+    config.json and tokenizer from `model_dir`. `out` must be new or empty. With `labels` (the weights
+    hold a classification head, `score.weight`) it is a `GPTNeoForSequenceClassification` checkpoint:
+    its config names the labels and takes the end-of-text token as padding, so transformers pools the
+    last real token, as twintune's head does.
 
     Example:
         >>> write_checkpoint("models/demo-merged", model_dir, method.merge(base, state))
@@ -27,10 +31,15 @@ def write_checkpoint(out: str | Path, model_dir: str | Path, weights: dict[str, 
     """
     out, model_dir = Path(out), Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
+    config["architectures"] = ["GPTNeoForCausalLM"]
+    if labels is not None:
+        config.update(architectures=["GPTNeoForSequenceClassification"], problem_type="single_label_classification",
+                      id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+                      pad_token_id=config["eos_token_id"] if config.get("pad_token_id") is None else config["pad_token_id"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        (tmp / "config.json").write_text(json.dumps(dict(config, architectures=["GPTNeoForCausalLM"]), indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_safetensors(tmp / "model.safetensors", weights, metadata={"format": "pt"})
         for name in TOKENIZER_FILES:
             if (model_dir / name).exists():

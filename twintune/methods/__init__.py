@@ -23,13 +23,14 @@ from twintune.methods.adapter import BottleneckAdapter
 from twintune.methods.prompt import PTuning, PromptTuning
 from twintune.methods.prefix import Prefix
 from twintune.methods.loreft import LoReFT
+from twintune.methods.none import NoMethod
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
-    LoRA, DoRA, IA3, BitFit, LastBlocks, Full, BottleneckAdapter, PromptTuning, PTuning, Prefix, LoReFT,
+    LoRA, DoRA, IA3, BitFit, LastBlocks, Full, BottleneckAdapter, PromptTuning, PTuning, Prefix, LoReFT, NoMethod,
 )}
 
 __all__ = ["METHODS", "BaseModel", "Method", "Plan", "Surgery", "INSERT", "UNFREEZE", "WRAP", "LoRA", "DoRA", "IA3", "BitFit",
-           "LastBlocks", "Full", "BottleneckAdapter", "PromptTuning", "PTuning", "Prefix", "LoReFT",
+           "LastBlocks", "Full", "BottleneckAdapter", "PromptTuning", "PTuning", "Prefix", "LoReFT", "NoMethod",
            "adapted_layers", "method_from_dict", "method_keys"]
 
 

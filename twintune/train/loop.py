@@ -27,6 +27,8 @@ from twintune.methods import BaseModel, Method, Plan
 from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.quant import SUPPORTED, quantize_linear_layers
 from twintune.recipe import Recipe
+from twintune.tasks import Features, head_surgery, with_head
+from twintune.train.features import compute_features, split_features, train_features
 from twintune.train.checkpoints import find_checkpoint, load_checkpoint_state, save_checkpoint
 from twintune.train.loss_scale import LossScaler
 from twintune.train.metrics import classification_report
@@ -50,6 +52,7 @@ class Run:
     model_dir: Path
     loss_scaler: LossScaler | None = None  # float16 only
     examples: dict[str, list[Example]] = field(default_factory=dict)  # the splits' sentences (few-shot prompts)
+    classifier: object | None = None  # the features task's (train/features.py FeatureClassifier), once fitted
 
 
 def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) -> Run:
@@ -75,7 +78,7 @@ def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) 
     weights = gpt_neo_weights(spec, checkpoint.weights)
     tokenizer = load_tokenizer(checkpoint.directory)
     base = base_model(recipe, spec, weights, tokenizer)
-    plan = recipe.method.plan(base, recipe.seed)  # before the model is built: a refused method costs nothing
+    plan = run_plan(recipe, base)  # before the model is built: a refused method costs nothing
     engine = cls(spec, base.weights, quantized=base.quantized, dtype=recipe.dtype)
     return _finish(recipe, engine, base, plan, tokenizer, spec.max_positions, checkpoint.directory, with_data)
 
@@ -88,6 +91,14 @@ def base_model(recipe: Recipe, spec: GPTNeoSpec, weights: dict[str, np.ndarray],
     if quantization and quantization.kind == "nf4":
         quantized = quantize_linear_layers(weights, list(spec.linear_layers()), quantization)
     return BaseModel(spec, weights, quantized, quantization, recipe.dtype, tokenizer)
+
+
+def run_plan(recipe: Recipe, base: BaseModel) -> Plan:
+    """The recipe's method planned on the base, with the task's linear head when it has one."""
+    plan = recipe.method.plan(base, recipe.seed)
+    if recipe.task.linear_head:
+        plan = with_head(plan, head_surgery(len(recipe.prompt.labels), base.spec.hidden_size, recipe.seed))
+    return plan
 
 
 def backend_cannot_run(recipe: Recipe, backend: str) -> str | None:
@@ -111,7 +122,7 @@ def _prepare_mlx_lm_model(recipe: Recipe, model_type: str, name: str, cls, with_
     directory = resolve_model_dir(recipe.model)
     engine = cls.from_mlx_lm(directory, dtype=recipe.dtype)
     base = BaseModel(engine.spec, engine.base_weights(), {}, recipe.quantization(), recipe.dtype)
-    plan = recipe.method.plan(base, recipe.seed)
+    plan = run_plan(recipe, base)
     return _finish(recipe, engine, base, plan, load_tokenizer(directory), engine.spec.max_positions, directory,
                    with_data)
 
@@ -123,7 +134,7 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
     labels = tuple(recipe.prompt.labels)
     prompt = Prompt(recipe.prompt.template, recipe.prompt.labels)
     encoder = Encoder(tokenizer, prompt, max_length=min(d.max_length, max_positions), method=recipe.method,
-                      context=max_positions)
+                      context=max_positions, head=recipe.task.linear_head)
     t = recipe.train
     split, splits, order, total_steps = {}, {}, None, 0
     if with_data:
@@ -182,8 +193,14 @@ def train_step(run: Run, step: int) -> dict:
     return record
 
 
-def predict(run: Run, encoded: list[Encoded]) -> tuple[np.ndarray, np.ndarray]:
-    """Class predictions and label-word log-probabilities (N, K) for encoded examples, in their order."""
+def predict(run: Run, encoded: list[Encoded], features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Class predictions and label-word log-probabilities (N, K) for encoded examples, in their order
+    (a features run: its classifier's log-probabilities, on `features` when given)."""
+    if run.classifier is not None:
+        if features is None:
+            features = compute_features(run, encoded, run.classifier.pooling, run.classifier.layer)
+        scores = run.classifier.log_probabilities(features)
+        return scores.argmax(axis=1), scores
     scores = np.zeros((len(encoded), len(run.encoder.first_label_ids)), np.float32)
     for batch in eval_batches(encoded, run.recipe.train.eval_batch_size):
         scores[batch.example_index] = run.backend.label_logprobs(batch, run.encoder.first_label_ids)
@@ -199,6 +216,8 @@ def evaluate(run: Run, split: str = "validation") -> dict:
     encoded = run.splits[split]
     if not encoded:
         raise TwintuneError(f"the {split} split is empty.")
+    if run.classifier is not None:  # a features run reads the split's cached features
+        return _report(run, encoded, split_features(run, split, run.classifier.pooling, run.classifier.layer))
     return _report(run, encoded)
 
 
@@ -213,6 +232,12 @@ def evaluate_with_shots(run: Run, split: str, shots: int) -> dict:
     """
     if shots < 0:
         raise TwintuneError(f"--shots must be 0 or more, got {shots}.")
+    if run.classifier is not None:
+        raise TwintuneError("--shots puts labelled sentences with their label words before each sentence, but this "
+                            "is a features run, whose classifier reads no label words; evaluate it without --shots.")
+    if run.encoder.head:
+        raise TwintuneError("--shots puts labelled sentences with their label words before each sentence, but this "
+                            "run classifies with a linear head, which reads no label words; evaluate it without --shots.")
     encoder, context = run.encoder, run.encoder.context
     for used in range(shots, 0, -1):
         drawn = draw_shots(run.examples["train"], used, encoder.prompt.labels, run.recipe.seed)
@@ -231,8 +256,8 @@ def evaluate_with_shots(run: Run, split: str, shots: int) -> dict:
                         "split's longest sentence; use --shots 0 or shorter sentences.")
 
 
-def _report(run: Run, encoded: list[Encoded]) -> dict:
-    predictions, _ = predict(run, encoded)
+def _report(run: Run, encoded: list[Encoded], features: np.ndarray | None = None) -> dict:
+    predictions, _ = predict(run, encoded, features)
     labels = np.array([e.label for e in encoded])
     report = classification_report(labels, predictions, run.encoder.prompt.labels)
     report["predictions"] = predictions.tolist()
@@ -256,6 +281,8 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     """
     name = resolve_backend_name(backend or recipe.backend)
     resumed = None
+    if resume is not None and isinstance(recipe.task, Features):
+        raise TwintuneError("a features run has no checkpoints to resume (its features are cached: train it again).")
     if resume is not None:
         found = find_checkpoint(resume)
         resumed = load_checkpoint_state(found)
@@ -266,6 +293,8 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         out = Path(out_dir) if out_dir else default_out_dir(recipe, name)
     _check_writable(out)
     run = prepare(recipe, name)
+    if isinstance(recipe.task, Features):
+        return _train_features(run, out)
     t = recipe.train
     history = {"log": [], "real_tokens": 0, "train_seconds": 0.0, "best": None, "backends": []}
     first_step, best_state = 0, None
@@ -327,13 +356,15 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         bar.close()
 
     trained = run.backend.trainable_state()
-    save_adapter(out / "adapter", run.method, trained, recipe.model, run.model_dir)
+    save_adapter(out / "adapter", run.method, trained, recipe.model, run.model_dir,
+                 labels=list(recipe.prompt.labels) if recipe.task.linear_head else None)
     losses = [line["loss"] for line in history["log"] if "loss" in line]
     evals = [line for line in history["log"] if "val_accuracy" in line]
     seconds = history["train_seconds"]
     summary = {
         "backend": name,
         "method": run.method.name,
+        "task": recipe.task.to_dict(),
         "model": recipe.model,
         "recipe": recipe.name,
         "seed": recipe.seed,
@@ -362,6 +393,17 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     return summary
 
 
+def _train_features(run: Run, out: Path) -> dict:
+    """The features task's run directory: recipe.json, classifier/, summary.json (train/features.py)."""
+    write_json(out / "recipe.json", run.recipe.to_dict())
+    result = train_features(run, out)
+    summary = {"backend": run.backend.name, "method": run.method.name, "task": run.recipe.task.to_dict(),
+               "model": run.recipe.model, "recipe": run.recipe.name, "seed": run.recipe.seed, "steps": 0, **result,
+               "peak_memory_mb": run.backend.peak_memory_mb(), "out_dir": str(out)}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
 def _log(log, history: dict, line: dict) -> None:
     history["log"].append(line)
     log.write(json.dumps(line) + "\n")
@@ -378,7 +420,11 @@ def _check_backend_can_resume(recipe: Recipe, backend: str, history: dict, check
 
 
 def _check_same_recipe(saved: dict, current: dict, checkpoint: Path) -> None:
-    """A resumed run must be the same run: only the progress bar may differ."""
+    """A resumed run must be the same run: only the progress bar may differ. The saved recipe is read
+    again first, so keys added since it was written (at their defaults) are no difference."""
+    from twintune.recipe import recipe_from_dict
+
+    saved = recipe_from_dict(saved).to_dict()
     differences = [key for key in sorted(set(_flatten(saved)) | set(_flatten(current)))
                    if _flatten(saved).get(key) != _flatten(current).get(key)]
     if differences:

@@ -20,6 +20,8 @@ from twintune.formats.checkpoint import load_checkpoint, load_config
 from twintune.formats.merge import write_checkpoint
 from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.recipe import load_recipe
+from twintune.train.features import load_classifier
+from twintune.tasks import Features, HEAD, check_head_labels, read_head_labels, split_head
 from twintune.train.loop import Run, base_model, evaluate, evaluate_with_shots, predict, prepare
 
 
@@ -41,6 +43,9 @@ def open_run(target: str | Path, backend: str | None = None, with_data: bool = T
     # the adapter holds the saved form of the method's values (P-tuning: its encoder's output)
     recipe = dataclasses.replace(recipe, method=recipe.method.saved_method())
     run = prepare(recipe, backend, with_data)
+    if isinstance(recipe.task, Features):
+        run.classifier = load_classifier(path / "classifier", run.encoder.prompt.labels, run.spec.hidden_size)
+        return run
     method, state = load_adapter(path / "adapter", run.spec)
     check_adapter_fits(method, state, run, path / "adapter")
     run.backend.set_trainable_state(state)
@@ -48,14 +53,26 @@ def open_run(target: str | Path, backend: str | None = None, with_data: bool = T
 
 
 def check_adapter_fits(method, state: dict[str, np.ndarray], run: Run, where: Path) -> None:
-    """An adapter loads into a run only if it is the run's method with the same trainable values."""
+    """An adapter loads into a run only if it is the run's method with the same trainable values, and
+    its classification head (if any) scores the run's labels."""
     if method.name != run.method.name:
         raise TwintuneError(f"the adapter in {where} is a {method.name} adapter, but the run's recipe trains "
                             f"method {run.method.name}.")
+    check_head_fits(state, run.recipe.task.linear_head, run.encoder.prompt.labels, where)
     expected = run.backend.trainable_state()
     if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
         raise TwintuneError(f"the adapter in {where} does not fit the run's recipe "
                             "(different target modules, rank or blocks).")
+
+
+def check_head_fits(state: dict[str, np.ndarray], wants_head: bool, labels, where: Path) -> None:
+    """A saved head goes with a recipe that classifies with one, over the labels it was trained on."""
+    if (HEAD in state) != wants_head:
+        has = "has a classification head" if HEAD in state else "has no classification head"
+        raise TwintuneError(f"the adapter in {where} {has}, but the recipe's task.head is "
+                            f"{'linear' if wants_head else 'verbalizer'}; use the recipe it was trained with.")
+    if wants_head:
+        check_head_labels(state[HEAD], read_head_labels(where), labels, where)
 
 
 def evaluate_target(target: str | Path, split: str = "validation", backend: str | None = None,
@@ -123,6 +140,9 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     """
     run_dir, out = run_and_new_output(run_dir, out_dir)
     recipe = load_recipe(run_dir / "recipe.json")
+    if isinstance(recipe.task, Features):
+        raise TwintuneError("a features run cannot be merged: its classifier reads pooled features (numpy), not a "
+                            "layer of the model; its result is classifier/ in the run directory.")
     quantization = recipe.quantization()
     if quantization and quantization.kind == "affine":
         raise TwintuneError("merging a run trained on MLX's affine-quantized base is not supported; "
@@ -138,8 +158,13 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     if method.name != recipe.method.saved_method().name:
         raise TwintuneError(f"the adapter in {run_dir / 'adapter'} is a {method.name} adapter, but the run's recipe "
                             f"trains method {recipe.method.name}.")
+    check_head_fits(adapter, recipe.task.linear_head, recipe.prompt.labels, run_dir / "adapter")
+    adapter, head = split_head(adapter)
     # the recipe's method merges (or says why it cannot): a saved form (P-tuning's prompt) is not the method trained
-    return write_checkpoint(out, checkpoint.directory, recipe.method.merge(base, adapter))
+    merged = recipe.method.merge(base, adapter)
+    if head is None:
+        return write_checkpoint(out, checkpoint.directory, merged)
+    return write_checkpoint(out, checkpoint.directory, {**merged, HEAD: head}, labels=list(recipe.prompt.labels))
 
 
 def export_run_adapter(run_dir: str | Path, fmt: str, out_dir: str | Path) -> Path:

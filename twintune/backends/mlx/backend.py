@@ -247,9 +247,9 @@ class MLXBackend:
         logprobs = logits - logsumexp(logits)
         return np.array(logprobs[:, mx.array(label_token_ids)])
 
-    def features(self, batch: Batch, pooling: str) -> np.ndarray:
+    def features(self, batch: Batch, pooling: str, layer: int | None = None) -> np.ndarray:
         self.model.eval()
-        hidden = self.model(mx.array(batch.input_ids), mx.array(batch.prompt_lengths)).astype(self.precise)
+        hidden = self.model(mx.array(batch.input_ids), mx.array(batch.prompt_lengths), layer).astype(self.precise)
         weights = mx.array(batch.pooling_weights(pooling), dtype=self.precise)
         return np.array(mx.einsum("bt,btd->bd", weights, hidden))
 

@@ -187,7 +187,10 @@ class GPTNeoModel(nn.Module):
         self.prompt = self.prefix = None
         self.checkpoint_blocks = False
 
-    def __call__(self, input_ids: mx.array, prompt_lengths: mx.array | None = None) -> mx.array:
+    def __call__(self, input_ids: mx.array, prompt_lengths: mx.array | None = None,
+                 layer: int | None = None) -> mx.array:
+        """The final hidden states (after ln_f); with `layer` < the number of blocks, the hidden states after
+        that many blocks (transformers' hidden_states[layer]; 0: the embeddings), unnormed."""
         B, T = input_ids.shape
         x = self.wte(input_ids)
         if self.prompt is not None:
@@ -196,7 +199,9 @@ class GPTNeoModel(nn.Module):
         prefixes = self.prefix() if self.prefix is not None else [None] * len(self.h)
         past = 0 if self.prefix is None else prefixes[0][0].shape[1]
         x = x + self.wpe(mx.arange(past, past + x.shape[1]))
-        for block, prefix in zip(self.h, prefixes):
+        for i, (block, prefix) in enumerate(zip(self.h, prefixes)):
+            if i == layer:
+                return x[:, x.shape[1] - T:]
             x = run_block(block, x, prefix, prompt_lengths, self.checkpoint_blocks)
         return self.ln_f(x[:, x.shape[1] - T:])
 
@@ -220,17 +225,25 @@ def run_block(block: nn.Module, x: mx.array, prefix, prompt_lengths, checkpoint:
 
 
 class GPTNeoForCausalLM(nn.Module):
-    """`model(ids)` gives the final hidden states; `model.logits(h)` projects only the rows asked for."""
+    """`model(ids)` gives the final hidden states; `model.logits(h)` projects only the rows asked for.
+    The empty `score` slot takes a classification head (twintune/tasks.py): `logits` then gives class scores."""
 
     def __init__(self, spec: GPTNeoSpec):
         super().__init__()
         self.spec = spec
         self.transformer = GPTNeoModel(spec)
+        self.score = None
 
-    def __call__(self, input_ids: mx.array, prompt_lengths: mx.array | None = None) -> mx.array:
+    def __call__(self, input_ids: mx.array, prompt_lengths: mx.array | None = None,
+                 layer: int | None = None) -> mx.array:
         """Final hidden states (B, T, d); `prompt_lengths` (B,) are the rows' prompt tokens, for
-        methods that act on prompt positions (none given: each whole row is its prompt)."""
-        return self.transformer(input_ids, prompt_lengths)
+        methods that act on prompt positions (none given: each whole row is its prompt); `layer`: the
+        hidden states after that many blocks instead (GPTNeoModel.__call__)."""
+        return self.transformer(input_ids, prompt_lengths, layer)
 
     def logits(self, hidden: mx.array) -> mx.array:
+        """The output layer on the rows given: vocabulary scores (lm_head, tied to the token embedding),
+        or with a head in the `score` slot, class scores."""
+        if self.score is not None:
+            return self.score(hidden)
         return self.transformer.wte.as_linear(hidden)

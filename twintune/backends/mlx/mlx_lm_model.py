@@ -41,11 +41,18 @@ class MLXLMModel(nn.Module):
         args = getattr(inner, "args", None)
         # positions the model was built for (learned position tables); None: rotary, no fixed limit
         self.max_positions = getattr(args, "max_position_embeddings", None) or getattr(args, "n_positions", None)
+        self.score = None  # the slot of a classification head (twintune/tasks.py)
 
-    def __call__(self, input_ids: mx.array, prompt_lengths: mx.array | None = None) -> mx.array:
+    def __call__(self, input_ids: mx.array, prompt_lengths: mx.array | None = None,
+                 layer: int | None = None) -> mx.array:
+        if layer is not None:
+            raise TwintuneError(f"features from an inner layer (task.layer) need a GPT-Neo model; this {self.model_type!r} "
+                                "model gives its final hidden states only (task.layer -1).")
         return self.model(input_ids)  # no method on these models acts on prompt positions
 
     def logits(self, hidden: mx.array) -> mx.array:
+        if self.score is not None:  # a classification head: class scores
+            return self.score(hidden)
         if "lm_head" in self:
             return self.lm_head(hidden)
         embedding = getattr(self.model, "embed_tokens", None) or getattr(self.model, "wte", None)

@@ -23,13 +23,13 @@ from twintune.methods import INSERT, UNFREEZE, WRAP, BaseModel, Plan, Surgery
 def get_submodule(model: nn.Module, name: str) -> nn.Module:
     """The module at a dotted path such as 'transformer.h.0.mlp.c_fc' (torch's get_submodule)."""
     node = model
-    for part in name.split("."):
+    for part in name.split(".") if name else ():
         node = node[int(part)] if isinstance(node, list) else getattr(node, part)
     return node
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, attr = name.rsplit(".", 1)
+    parent_name, _, attr = name.rpartition(".")
     setattr(get_submodule(model, parent_name), attr, module)
 
 
@@ -68,7 +68,7 @@ def wrap(model: nn.Module, surgery: Surgery, values: dict[str, mx.array]) -> Non
 
 def insert(model: nn.Module, surgery: Surgery, values: dict[str, mx.array]) -> None:
     """Fill the empty slot `surgery.target` with the surgery's module, given its initial values."""
-    parent_name, attr = surgery.target.rsplit(".", 1)
+    parent_name, _, attr = surgery.target.rpartition(".")  # "score": the model itself
     parent = get_submodule(model, parent_name)
     if not hasattr(parent, attr) or parent.get(attr) is not None:
         raise TwintuneError(f"this model has no free slot {surgery.target!r} for method {surgery.module}'s module "

@@ -236,9 +236,9 @@ class TorchBackend:
         return torch.log_softmax(logits, dim=-1)[:, self._tensor(label_token_ids)].cpu().numpy()
 
     @torch.no_grad()
-    def features(self, batch: Batch, pooling: str) -> np.ndarray:
+    def features(self, batch: Batch, pooling: str, layer: int | None = None) -> np.ndarray:
         self.model.eval()
-        hidden = self.model(self._tensor(batch.input_ids), self._tensor(batch.prompt_lengths)).to(self.precise)
+        hidden = self.model(self._tensor(batch.input_ids), self._tensor(batch.prompt_lengths), layer).to(self.precise)
         weights = torch.from_numpy(batch.pooling_weights(pooling)).to(device=self.device, dtype=self.precise)
         return torch.einsum("bt,btd->bd", weights, hidden).cpu().numpy()
 

@@ -158,7 +158,10 @@ class GPTNeoModel(nn.Module):
         self.prompt = self.prefix = None
         self.checkpoint_blocks = False
 
-    def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None = None,
+                layer: int | None = None) -> torch.Tensor:
+        """The final hidden states (after ln_f); with `layer` < the number of blocks, the hidden states after
+        that many blocks (transformers' hidden_states[layer]; 0: the embeddings), unnormed."""
         # No attention mask: padding is on the right, and causal attention never looks right.
         B, T = input_ids.shape
         x = self.wte(input_ids)
@@ -168,7 +171,9 @@ class GPTNeoModel(nn.Module):
         prefixes = self.prefix() if self.prefix is not None else [None] * len(self.h)
         past = 0 if self.prefix is None else prefixes[0][0].shape[1]
         x = x + self.wpe(torch.arange(past, past + x.shape[1], device=input_ids.device))
-        for block, prefix in zip(self.h, prefixes):
+        for i, (block, prefix) in enumerate(zip(self.h, prefixes)):
+            if i == layer:
+                return x[:, x.shape[1] - T:]
             x = run_block(block, x, prefix, prompt_lengths, self.checkpoint_blocks)
         return self.ln_f(x[:, x.shape[1] - T:])
 
@@ -187,7 +192,8 @@ class GPTNeoForCausalLM(nn.Module):
     """`model(ids)` gives the final hidden states; `model.logits(h)` projects only the rows asked for.
 
     `weights` are the checkpoint's numpy arrays by Hugging Face name; `quantized` the NF4 layers
-    (by layer name), which become bitsandbytes' or our NF4 layers (backends/torch/nf4.py)."""
+    (by layer name), which become bitsandbytes' or our NF4 layers (backends/torch/nf4.py). The empty
+    `score` slot takes a classification head (twintune/tasks.py): `logits` then gives class scores."""
 
     def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray], quantized: dict[str, NF4Tensor] | None = None,
                  dtype: torch.dtype = torch.float32):
@@ -211,16 +217,23 @@ class GPTNeoForCausalLM(nn.Module):
         missing = [m for m in missing if m.rsplit(".", 1)[0] not in quantized]
         if unexpected or missing:
             raise RuntimeError(f"weights do not fit GPT-Neo: missing {missing}, unexpected {unexpected}")
+        self.score = None
         self.eval()  # GPT-Neo has no dropout of its own; only adapters' dropout is trained with
 
     def checkpoint_blocks(self) -> None:
         """Keep only each block's input for the backward and run the block again there (run_block)."""
         self.transformer.checkpoint_blocks = True
 
-    def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None = None,
+                layer: int | None = None) -> torch.Tensor:
         """Final hidden states (B, T, d); `prompt_lengths` (B,) are the rows' prompt tokens, for
-        methods that act on prompt positions (none given: each whole row is its prompt)."""
-        return self.transformer(input_ids, prompt_lengths)
+        methods that act on prompt positions (none given: each whole row is its prompt); `layer`: the
+        hidden states after that many blocks instead (GPTNeoModel.forward)."""
+        return self.transformer(input_ids, prompt_lengths, layer)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.transformer.wte.weight)  # lm_head tied to the token embedding
+        """The output layer on the rows given: vocabulary scores (lm_head, tied to the token embedding),
+        or with a head in the `score` slot, class scores."""
+        if self.score is not None:
+            return self.score(hidden)
+        return F.linear(hidden, self.transformer.wte.weight)

@@ -39,7 +39,7 @@ def apply_plan(model: nn.Module, plan: Plan, dtype: np.dtype, device: torch.devi
 
 def wrap(model: nn.Module, surgery: Surgery, values: dict[str, torch.Tensor]) -> None:
     """Put the surgery's layer module around the linear layer and give it its initial values."""
-    parent_name, attr = surgery.target.rsplit(".", 1)
+    parent_name, _, attr = surgery.target.rpartition(".")  # "score": the model itself
     parent = model.get_submodule(parent_name)
     base_layer = getattr(parent, attr)
     prefix = surgery.target + "."
@@ -53,7 +53,7 @@ def wrap(model: nn.Module, surgery: Surgery, values: dict[str, torch.Tensor]) ->
 
 def insert(model: nn.Module, surgery: Surgery, values: dict[str, torch.Tensor]) -> None:
     """Fill the empty slot `surgery.target` with the surgery's module, given its initial values."""
-    parent_name, attr = surgery.target.rsplit(".", 1)
+    parent_name, _, attr = surgery.target.rpartition(".")  # "score": the model itself
     parent = model.get_submodule(parent_name)
     if not hasattr(parent, attr) or getattr(parent, attr) is not None:
         raise TwintuneError(f"this model has no free slot {surgery.target!r} for method {surgery.module}'s module "
@@ -87,13 +87,13 @@ def undo_plan(model: nn.Module, plan: Plan, base: BaseModel) -> None:
     """
     for surgery in reversed(plan.surgeries):
         if surgery.kind == WRAP:
-            parent_name, attr = surgery.target.rsplit(".", 1)
+            parent_name, _, attr = surgery.target.rpartition(".")  # "score": the model itself
             parent = model.get_submodule(parent_name)
             setattr(parent, attr, getattr(parent, attr).base_layer)
         elif surgery.kind == UNFREEZE:
             refreeze(model, surgery.target, base)
         elif surgery.kind == INSERT:
-            parent_name, attr = surgery.target.rsplit(".", 1)
+            parent_name, _, attr = surgery.target.rpartition(".")  # "score": the model itself
             setattr(model.get_submodule(parent_name), attr, None)
         else:
             raise ValueError(f"surgery kind {surgery.kind!r} is not built on the torch backend")

@@ -7,9 +7,10 @@ from twintune.backends.torch.methods.adapter import Bottleneck
 from twintune.backends.torch.methods.prompt import PromptEmbedding, PromptEncoder
 from twintune.backends.torch.methods.prefix import PrefixEncoder
 from twintune.backends.torch.methods.loreft import LoReFTIntervention
+from twintune.backends.torch.methods.head import LinearHead
 
 LAYERS = {
     "lora": LoRALinear, "dora": DoRALinear, "ia3": IA3Linear,
     "bottleneck": Bottleneck, "prompt_embedding": PromptEmbedding, "prompt_encoder": PromptEncoder,
-    "prefix": PrefixEncoder, "loreft": LoReFTIntervention,
+    "prefix": PrefixEncoder, "loreft": LoReFTIntervention, "linear_head": LinearHead,
 }

@@ -1,0 +1,21 @@
+"""The linear classification head for torch: the module of the model's `score` slot (mirrors
+backends/mlx/methods/head.py). transformers' GPTNeoForSequenceClassification's `score`: no bias."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class LinearHead(nn.Module):
+    """Class scores (..., labels) from hidden states, in the trainable dtype (a bfloat16 model's
+    hidden states are widened first, as the vocabulary logits are)."""
+
+    def __init__(self, values: dict[str, torch.Tensor], options: dict, stream: int = 0):
+        super().__init__()
+        weight = values["weight"]
+        self.weight = nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.to(self.weight.dtype), self.weight)
