@@ -110,6 +110,7 @@ CASES = [
     case("train", DEMO, "--set", "data.source={root}/unlabelled.json", match="has no column 'label'; its columns are text"),
     case("eval", DEMO, "--shots", "401", match="--shots 401 asks for 401 examples of each class"),
     case("eval", DEMO, "--shots", "-1", match="--shots must be 0 or more"),
+    case("eval", DEMO, "--retrieve", match="--retrieve chooses the --shots sentences; give --shots K as well"),
     case("train", DEMO, "--set", "data.source=hf:takala/financial_phrasebank", "--set", "data.split=train",
          match="cannot be loaded from the Hugging Face hub", env={"HF_HUB_OFFLINE": "1"}),
     case("train", DEMO, "--set", "data.max_length=12", match="longer than data.max_length=12"),

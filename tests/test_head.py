@@ -232,3 +232,28 @@ def test_a_peft_seq_cls_adapter_loads_with_its_head_and_gives_peft_scores(backen
     np.testing.assert_allclose(ours, reference, atol=2e-5)
     with pytest.raises(TwintuneError, match="scores 3 labels, but 2"):
         load("builtin:tiny-gpt-neo", adapter=adapter, backend=backend, labels=["down", "up"])
+
+
+# ---- every method with a head --------------------------------------------------------------------
+
+EVERY_METHOD = [
+    {"name": "dora", "r": 4}, {"name": "ia3"}, {"name": "bitfit"}, {"name": "last_blocks", "n": 1}, {"name": "full"},
+    {"name": "adapter", "style": "pfeiffer"}, {"name": "prompt", "n": 4, "init": "sample_vocab"},
+    {"name": "ptuning", "n": 4, "encoder": "mlp", "encoder_hidden_size": 16},
+    {"name": "prefix", "n": 4, "projection": True, "encoder_hidden_size": 16}, {"name": "loreft", "r": 2},
+]
+
+
+@pytest.mark.parametrize("method", EVERY_METHOD, ids=lambda m: m["name"])
+def test_every_method_trains_with_a_head_alike_on_both_backends_and_reopens_on_the_other(method, tmp_path):
+    recipe = _recipe(method, data={"synthetic_size": 90}, train_keys={"max_steps": 3, "lr": 1e-2, "warmup_steps": 0})
+    summaries = {b: train(recipe, b, tmp_path / b, progress=False) for b in BACKENDS}
+    losses = {b: np.array(s["train_losses"]) for b, s in summaries.items()}
+    assert np.abs(losses["mlx"] - losses["torch"]).max() / losses["torch"].max() < 1e-4
+    assert summaries["torch"]["trainable_params"] == prepare(
+        recipe_from_dict({**DEMO, "method": method}), "torch").plan.trainable_parameters() + 3 * 64
+    # each backend's saved run (adapter + head) gives the other the same validation predictions
+    for saved, other in (("torch", "mlx"), ("mlx", "torch")):
+        report = evaluate_target(tmp_path / saved, "validation", other)
+        assert report["accuracy"] == summaries[saved]["val_accuracy"]
+        assert report["confusion"] == summaries[saved]["val_confusion"]

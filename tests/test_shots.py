@@ -79,3 +79,53 @@ def test_not_even_one_shot_fitting_is_one_sentence(tmp_path):
                                             r"validation split's longest sentence; use --shots 0"):
         evaluate_with_shots(run, "validation", 2)
     assert evaluate_with_shots(run, "validation", 0)["shots"] == 0
+
+
+# --- retrieved shots: the k of each class nearest to each sentence -----------------------------------
+
+def test_the_index_gives_the_nearest_of_each_class_least_similar_first():
+    import numpy as np
+
+    from twintune.data.examples import Example
+    from twintune.data.shots import ShotIndex
+
+    train = [Example(f"s{i}", label) for i, label in enumerate(["neg", "pos", "neg", "pos", "neg"])]
+    features = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [-1.0, 0.1], [2.0, 0.2]])
+    index = ShotIndex(train, features, ["neg", "pos"])
+    query = np.array([3.0, 1.0])  # cosine: s0 0.949, s1 0.316, s2 0.894, s3 -0.918, s4 0.975
+    assert [e.text for e in index.nearest(query, 1)] == ["s1", "s4"]
+    assert [e.text for e in index.nearest(query, 2)] == ["s3", "s1", "s0", "s4"]
+    assert [e.text for e in index.nearest(query, 1, exclude=4)] == ["s1", "s0"]  # never itself
+    with pytest.raises(TwintuneError, match="--shots 3 asks for 3 examples of each class, but the training split "
+                                            "has only 2 of class 'pos'"):
+        index.nearest(query, 3)
+
+
+def test_retrieved_shots_give_the_same_predictions_on_both_backends_beside_random_shots(runs, tmp_path, monkeypatch):
+    from twintune.train import features as F
+
+    monkeypatch.setenv(F.CACHE_ENV, str(tmp_path))
+    reports = {backend: evaluate_with_shots(run, "validation", 1, retrieve=True) for backend, run in runs.items()}
+    assert reports["mlx"]["predictions"] == reports["torch"]["predictions"]
+    random = evaluate_with_shots(runs["torch"], "validation", 1)
+    for report in reports.values():
+        assert report["retrieved"] and report["shots"] == 1
+        assert report["random_shots"]["accuracy"] == random["accuracy"]
+        assert report["random_shots"]["predictions"] == random["predictions"]
+    assert reports["torch"]["predictions"] != random["predictions"]  # other demonstrations, other answers
+
+
+def test_retrieved_shots_report_as_eval_does(tmp_path, monkeypatch):
+    from twintune.train import features as F
+    from twintune.train.runs import format_report
+
+    monkeypatch.setenv(F.CACHE_ENV, str(tmp_path))
+    report = evaluate_target(DEMO, "test", "torch", shots=1, retrieve=True)
+    plain = evaluate_target(DEMO, "test", "torch")
+    assert set(plain) <= set(report) and "predictions" not in report["random_shots"]
+    text = format_report(report)
+    assert "1 shots of each class, retrieved by similarity" in text and "random shots (1 of each class" in text
+    with pytest.raises(TwintuneError, match="--retrieve chooses the --shots sentences; give --shots K"):
+        evaluate_target(DEMO, "test", "torch", retrieve=True)
+    with pytest.raises(TwintuneError, match="give --shots 1 or more"):
+        evaluate_target(DEMO, "test", "torch", shots=0, retrieve=True)

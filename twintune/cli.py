@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--json", action="store_true", help="print the report as JSON")
     evaluation.add_argument("--shots", type=int, default=None,
                             help="K training sentences of each class before every sentence (0: zero-shot)")
+    evaluation.add_argument("--retrieve", action="store_true",
+                            help="with --shots: the K of each class nearest to each sentence (by the model's own "
+                                 "features), reported beside random shots")
 
     prediction = verbs.add_parser("predict", help="label and probabilities for texts, from a run directory")
     prediction.add_argument("target", help="a run directory from `twintune train`")
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "eval":
             from twintune.train.runs import evaluate_target, format_report
 
-            report = evaluate_target(args.target, args.split, args.backend, shots=args.shots)
+            report = evaluate_target(args.target, args.split, args.backend, shots=args.shots, retrieve=args.retrieve)
             print(json.dumps(report, indent=2) if args.json else format_report(report))
         elif args.verb == "predict":
             from twintune.train.runs import predict_texts

@@ -76,10 +76,11 @@ def check_head_fits(state: dict[str, np.ndarray], wants_head: bool, labels, wher
 
 
 def evaluate_target(target: str | Path, split: str = "validation", backend: str | None = None,
-                    shots: int | None = None) -> dict:
+                    shots: int | None = None, retrieve: bool = False) -> dict:
     """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix on a split; with
     `shots`, that many training sentences of each class go before every sentence (a recipe's
-    untrained start with shots=0 is the zero-shot baseline).
+    untrained start with shots=0 is the zero-shot baseline); with `retrieve`, the ones nearest to
+    each sentence (the report then has the random shots' accuracy too, under "random_shots").
 
     Example:
         >>> evaluate_target("runs/demo", "test")["macro_f1"]
@@ -88,11 +89,15 @@ def evaluate_target(target: str | Path, split: str = "validation", backend: str 
     """
     if split not in ("train", "validation", "test"):
         raise TwintuneError(f"split must be train, validation or test, got {split!r}.")
+    if retrieve and shots is None:
+        raise TwintuneError("--retrieve chooses the --shots sentences; give --shots K as well.")
     run = open_run(target, backend)
     if not run.splits.get(split):
         raise TwintuneError(f"the {split} split is empty; set data.{split}_fraction in the recipe.")
-    report = evaluate(run, split) if shots is None else evaluate_with_shots(run, split, shots)
+    report = evaluate(run, split) if shots is None else evaluate_with_shots(run, split, shots, retrieve)
     report.pop("predictions")
+    if "random_shots" in report:
+        report["random_shots"].pop("predictions")
     report.update(split=split, examples=len(run.splits[split]), backend=run.backend.name)
     return report
 
@@ -209,6 +214,7 @@ def format_report(report: dict) -> str:
     labels = report["labels"]
     width = max(len(label) for label in labels) + 2
     shots = f", {report['shots']} shots of each class" if report.get("shots") is not None else ""
+    shots += ", retrieved by similarity" if report.get("retrieved") else ""
     lines = [f"{report['split']} split, {report['examples']} examples ({report['backend']}{shots}): "
              f"accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}", "",
              f"{'':{width}}precision  recall     f1"]
@@ -218,6 +224,10 @@ def format_report(report: dict) -> str:
     lines += ["", "confusion (rows: true, columns: predicted)", f"{'':{width}}" + "".join(f"{l:>{width}}" for l in labels)]
     for label, row in zip(labels, report["confusion"]):
         lines.append(f"{label:{width}}" + "".join(f"{n:>{width}}" for n in row))
+    if report.get("random_shots"):
+        random = report["random_shots"]
+        lines += ["", f"random shots ({random['shots']} of each class, drawn with the seed): accuracy "
+                      f"{random['accuracy']:.4f}, macro-F1 {random['macro_f1']:.4f}"]
     if report.get("shots_note"):
         lines += ["", f"note: {report['shots_note']}."]
     return "\n".join(lines)
