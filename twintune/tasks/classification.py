@@ -1,26 +1,15 @@
-"""What a run learns to do: a recipe's `task:` section, and the linear classification head.
-
-- `classification` (the default) trains the recipe's method to classify sentences. `head:
-  verbalizer` (the default) scores the label words at the answer position with the model's own
-  output layer; `head: linear` puts a new (labels x width) layer, `score`, on the hidden state of
-  the last real token, as transformers' GPTNeoForSequenceClassification does (GPT-Neo has no pad
-  token: the last prompt token, where the verbalizer reads too). The head trains beside any
-  method: `method: none` trains the head alone ("fine-tuning I"), `full` or `last_blocks` with it
-  is "fine-tuning II".
-- `features` trains no method: the frozen model's pooled hidden states (`pooling` last or mean,
-  at `layer`, counted as transformers' hidden_states: 0 the embeddings, i the output of block i,
-  -1 the final normed states) are computed once per split, cached, and a logistic regression is
-  fitted on them (train/features.py).
+"""Classification: the recipe's method learns to classify sentences, scored by label words (the
+verbalizer, the default) or by a linear head on the last prompt token (`head: linear`).
 
 The head is one more INSERT surgery (methods/base.py), into the model's `score` slot; both
 backends' `logits(h)` then give class scores instead of vocabulary scores, so the training step,
-evaluation and prediction are the verbalizer's, with the classes in place of the label words.
+evaluation and prediction are the verbalizer's with the classes in place of the label words
+(data/batching.py: an example is its prompt alone, its one target the class). It is transformers'
+GPTNeoForSequenceClassification's `score` (no bias) and PEFT's SEQ_CLS `modules_to_save` entry.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,31 +18,15 @@ from typing import ClassVar, Mapping, Sequence
 import numpy as np
 
 from twintune.errors import TwintuneError
-from twintune.keys import build, check
+from twintune.keys import check
 from twintune.methods.base import INSERT, Plan, Surgery
+from twintune.tasks.task import Task
 
 HEAD = "score.weight"  # transformers' GPTNeoForSequenceClassification and PEFT's SEQ_CLS name
 HEAD_SLOT = "score"
 HEAD_CONFIG = "head_config.json"  # beside a saved adapter: the labels its head's rows are
 HEAD_INIT_STD = 0.02  # transformers' initializer_range for GPT-Neo: score ~ N(0, 0.02)
 HEAD_STREAM = 0x4EAD  # the head's initial values are drawn from (seed, HEAD_STREAM): not the method's draws
-
-
-class Task:
-    """A recipe's `task:` section: a dataclass whose fields are its keys (with defaults)."""
-
-    name: ClassVar[str]
-    description: ClassVar[str]
-
-    def validate(self) -> None:
-        """Range checks on the keys (types are checked when the recipe is read)."""
-
-    @property
-    def linear_head(self) -> bool:
-        return False
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
 
 
 @dataclass(frozen=True)
@@ -74,66 +47,6 @@ class Classification(Task):
         return self.head == "linear"
 
 
-@dataclass(frozen=True)
-class Features(Task):
-    """A logistic regression on the frozen model's pooled hidden states (cached per split)."""
-
-    pooling: str = "last"
-    layer: int = -1
-    l2: float = 1e-3
-
-    name: ClassVar[str] = "features"
-    description: ClassVar[str] = "logistic regression on the frozen model's pooled hidden states"
-
-    def validate(self) -> None:
-        check(self.pooling in ("last", "mean"), f"recipe key 'task.pooling' must be last or mean, got {self.pooling!r}.")
-        check(self.l2 >= 0, f"recipe key 'task.l2' must be >= 0, got {self.l2}.")
-
-    def check_layer(self, num_layers: int) -> int:
-        """The hidden-state index `layer` names for a model of `num_layers` blocks (0..num_layers)."""
-        index = self.layer + num_layers + 1 if self.layer < 0 else self.layer
-        check(0 <= index <= num_layers,
-              f"recipe key 'task.layer' must be between {-num_layers - 1} and {num_layers} for this model of "
-              f"{num_layers} blocks (0: the embeddings, i: block i's output, -1: the final states), got {self.layer}.")
-        return index
-
-
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Classification, Features)}
-
-
-def task_from_dict(raw, where: str = "task") -> Task:
-    """The task a recipe's `task:` section names (a bare name is allowed), its keys checked.
-
-    Example:
-        >>> task_from_dict({"name": "classification", "head": "linear"}).linear_head
-        True
-    """
-    if raw is None:
-        raw = {}
-    if isinstance(raw, str):
-        raw = {"name": raw}
-    if not isinstance(raw, dict):
-        raise TwintuneError(f"recipe key {where!r} must be a mapping such as {{name: classification, head: linear}}, "
-                            f"got {raw!r}.")
-    raw = dict(raw)
-    name = raw.pop("name", "classification")
-    if name not in TASKS:
-        close = difflib.get_close_matches(str(name), TASKS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise TwintuneError(f"recipe key '{where}.name' names no task: {name!r}{hint} (tasks: {', '.join(TASKS)}).")
-    cls = TASKS[name]
-    own = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        owners = [n for n, other in TASKS.items() if n != name and key in [f.name for f in dataclasses.fields(other)]]
-        if key not in own and owners:
-            raise TwintuneError(f"recipe key '{where}.{key}' belongs to task {owners[0]}, not to {name}; "
-                                f"{name}'s keys are: {', '.join(own)}.")
-    task = build(cls, raw, f"{where}.")
-    task.validate()
-    return task
-
-
-# --- the linear head -----------------------------------------------------------------------------
 
 def head_surgery(num_labels: int, hidden_size: int, seed: int) -> Surgery:
     """The head as a surgery: (num_labels, hidden_size) values ~ N(0, 0.02) drawn from the seed, in

@@ -1,0 +1,72 @@
+"""What a run learns to do: a recipe's `task:` section, and the linear classification head.
+
+- `classification` (the default) trains the recipe's method to classify sentences. `head:
+  verbalizer` (the default) scores the label words at the answer position with the model's own
+  output layer; `head: linear` puts a new (labels x width) layer, `score`, on the hidden state of
+  the last real token, as transformers' GPTNeoForSequenceClassification does (GPT-Neo has no pad
+  token: the last prompt token, where the verbalizer reads too). The head trains beside any
+  method: `method: none` trains the head alone ("fine-tuning I"), `full` or `last_blocks` with it
+  is "fine-tuning II".
+- `features` trains no method: the frozen model's pooled hidden states (`pooling` last or mean,
+  at `layer`, counted as transformers' hidden_states: 0 the embeddings, i the output of block i,
+  -1 the final normed states) are computed once per split, cached, and a logistic regression is
+  fitted on them (train/features.py).
+
+The head is one more INSERT surgery (methods/base.py), into the model's `score` slot; both
+backends' `logits(h)` then give class scores instead of vocabulary scores, so the training step,
+evaluation and prediction are the verbalizer's, with the classes in place of the label words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from twintune.errors import TwintuneError
+from twintune.keys import build
+from twintune.tasks.classification import (
+    HEAD, HEAD_CONFIG, HEAD_FILE_NAMES, Classification, check_head_labels, head_file_name, head_surgery,
+    read_head_labels, split_head, with_head, write_head_config,
+)
+from twintune.tasks.features import Features
+from twintune.tasks.task import Task
+
+__all__ = ["TASKS", "Task", "Classification", "Features", "task_from_dict", "HEAD", "HEAD_CONFIG", "HEAD_FILE_NAMES",
+           "check_head_labels", "head_file_name", "head_surgery", "read_head_labels", "split_head", "with_head",
+           "write_head_config"]
+
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Classification, Features)}
+
+
+def task_from_dict(raw, where: str = "task") -> Task:
+    """The task a recipe's `task:` section names (a bare name is allowed), its keys checked.
+
+    Example:
+        >>> task_from_dict({"name": "classification", "head": "linear"}).linear_head
+        True
+    """
+    if raw is None:
+        raw = {}
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        raise TwintuneError(f"recipe key {where!r} must be a mapping such as {{name: classification, head: linear}}, "
+                            f"got {raw!r}.")
+    raw = dict(raw)
+    name = raw.pop("name", "classification")
+    if name not in TASKS:
+        close = difflib.get_close_matches(str(name), TASKS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise TwintuneError(f"recipe key '{where}.name' names no task: {name!r}{hint} (tasks: {', '.join(TASKS)}).")
+    cls = TASKS[name]
+    own = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        owners = [n for n, other in TASKS.items() if n != name and key in [f.name for f in dataclasses.fields(other)]]
+        if key not in own and owners:
+            raise TwintuneError(f"recipe key '{where}.{key}' belongs to task {owners[0]}, not to {name}; "
+                                f"{name}'s keys are: {', '.join(own)}.")
+    task = build(cls, raw, f"{where}.")
+    task.validate()
+    return task
+
+
