@@ -257,3 +257,11 @@ def test_every_method_trains_with_a_head_alike_on_both_backends_and_reopens_on_t
         report = evaluate_target(tmp_path / saved, "validation", other)
         assert report["accuracy"] == summaries[saved]["val_accuracy"]
         assert report["confusion"] == summaries[saved]["val_confusion"]
+
+
+def test_the_memory_estimate_counts_the_head():
+    from twintune.memory import estimate_recipe
+
+    _, with_head = estimate_recipe("recipes/demo-financial-sentiment.yaml", ["task.head=linear"])
+    _, without = estimate_recipe("recipes/demo-financial-sentiment.yaml")
+    assert "(37,056 trainable)" in with_head and "(36,864 trainable)" in without  # + 3 labels x 64

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from twintune.methods import BaseModel, LoRA, Method
 from twintune.methods.base import block_index
+from twintune.tasks import HEAD
 from twintune.models import GPTNeoSpec
 from twintune.quant import Quantization
 
@@ -56,12 +57,13 @@ class MemoryEstimate:
 
 def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization | None, batch_size: int,
                     sequence_length: int, backend: str = "torch", optimizer: str = "adamw",
-                    gradient_checkpointing: bool = False, dtype: str = "float32") -> MemoryEstimate:
+                    gradient_checkpointing: bool = False, dtype: str = "float32", head_labels: int = 0) -> MemoryEstimate:
     """Estimated bytes of one training step of `method` on `spec`, for batches of batch_size x sequence_length.
 
     `dtype` is the frozen model's (the recipe's `dtype`): its weights and most activations take
     that many bytes; the attention, the adapters' inputs and everything trainable stay float32
-    (float64 in a float64 run).
+    (float64 in a float64 run). `head_labels` > 0: a linear classification head of that many labels
+    trains too (task head linear).
 
     Example:
         >>> spec = GPTNeoSpec.from_config(load_checkpoint("builtin:tiny-gpt-neo").config)
@@ -71,6 +73,8 @@ def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization
     d, f, layers = spec.hidden_size, spec.intermediate_size, spec.num_layers
     linear = spec.linear_layers()
     trainable_shapes = method.shapes(BaseModel(spec, {}, quantization=quantization, dtype=dtype))
+    if head_labels:
+        trainable_shapes = {**trainable_shapes, HEAD: (head_labels, spec.hidden_size)}
 
     shapes = spec.weight_shapes()
     float_weights = sum(_size(shape) for name, shape in shapes.items()
@@ -192,7 +196,8 @@ def estimate_recipe(path: str, overrides: list[str] = (), tokens: int | None = N
         raise TwintuneError(f"--tokens must be at least 1, not {length}.")
     backend = resolve_backend_name(recipe.backend if backend in (None, "auto") else backend)
     estimate = estimate_memory(spec, recipe.method_spec(), recipe.quantization(), recipe.train.batch_size, length,
-                               backend, gradient_checkpointing=recipe.train.gradient_checkpointing, dtype=recipe.dtype)
+                               backend, gradient_checkpointing=recipe.train.gradient_checkpointing, dtype=recipe.dtype,
+                               head_labels=len(recipe.prompt.labels) if recipe.task.linear_head else 0)
     quant = recipe.quantize.type if recipe.quantize.type != "none" else recipe.dtype
     note = (f"{recipe.name}: GPT-Neo {spec.num_layers} layers x {spec.hidden_size}, {quant} base, method {recipe.method.name} "
             f"({estimate.trainable_parameters:,} trainable), {backend} backend, batch {recipe.train.batch_size} x {length} tokens, AdamW; "
