@@ -199,6 +199,10 @@ def test_a_features_run_with_a_damaged_classifier_or_other_labels_is_one_sentenc
     (out / "recipe.json").write_text(json.dumps(recipe))
     with pytest.raises(TwintuneError, match="was trained on labels"):
         predict_texts(out, ["Sales fell ."], "torch")
+    from twintune.api import load
+
+    with pytest.raises(TwintuneError, match="is a features run: it holds a classifier on frozen features"):
+        load(None, out, backend="torch")
     (out / "classifier" / F.CLASSIFIER_FILE).write_bytes(b"\x00" * 10)
     with pytest.raises(TwintuneError, match="cannot be read"):
         predict_texts(out, ["Sales fell ."], "torch")

@@ -235,7 +235,11 @@ def locate_adapter(directory: str | Path) -> tuple[Path, Recipe | None]:
     a run directory holds recipe.json and adapter/; a run's adapter/ has recipe.json beside it."""
     path = Path(directory)
     if (path / "recipe.json").is_file():
-        return path / "adapter", load_recipe(path / "recipe.json")
+        recipe = load_recipe(path / "recipe.json")
+        if recipe.task.name == "features":
+            raise TwintuneError(f"{path} is a features run: it holds a classifier on frozen features, not an adapter; "
+                                "use twintune eval / predict on it (twintune.train.runs.open_run from Python).")
+        return path / "adapter", recipe
     if (path / "adapter_config.json").is_file() and (path.parent / "recipe.json").is_file():
         return path, load_recipe(path.parent / "recipe.json")
     return path, None
