@@ -79,6 +79,7 @@ def world(tmp_path_factory):
     (root / "bullish.csv").write_text("text,label\n" + "Sales rose .,bullish\n" * 40)
     (root / "blank.csv").write_text("text,label\n" + " ,positive\n,negative\n" * 30)
     (root / "notes.txt").write_text("not a recipe")
+    (root / "blank-docs.txt").write_text("Sales rose .\n   \nCosts fell .\n")
     (root / "bad.yaml").write_text("train: {lr: [1, 2\n")
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "no-text.yaml").write_text('prompt: {template: "Sentiment:"}\n')
@@ -196,7 +197,11 @@ CASES = [
     case("train", DEMO, "--set", "method={name: loreft, r: 65}", match="LoReFT rank r=65 is larger than the model's width 64"),
     case("train", DEMO, "--backend", "mlx", "--set", "model={root}/llama", "--set", "method={name: loreft}",
          match="method loreft fills the blocks' intervention, slots that only twintune's GPT-Neo has"),
-    # tasks: classification heads and features
+    # tasks: causal LM, classification heads and features
+    case("train", DEMO, "--set", "task=causal_lm", "--set", "data.source={root}/blank-docs.txt",
+         match="blank-docs.txt document 2 is empty"),
+    case("train", DEMO, "--set", "task=causal_lm", "--set", "train.early_stopping_patience=2", "--set", "train.eval_every=5",
+         match="'train.early_stopping_metric' must be val_loss or val_perplexity for task causal_lm"),
     case("train", DEMO, "--set", "task.name=feature", match="'task.name' names no task: 'feature'; did you mean 'features'?"),
     case("train", DEMO, "--set", "task.head=softmax", match="'task.head' must be verbalizer or linear, got 'softmax'"),
     case("train", DEMO, "--set", "task.pooling=mean", match="'task.pooling' belongs to task features, not to classification"),

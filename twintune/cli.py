@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = train(recipe, backend=args.backend, out_dir=args.out, progress=not args.no_progress,
                             resume=args.resume)
             shown = {k: summary[k] for k in ("backend", "method", "steps", "final_train_loss", "val_accuracy",
-                                             "val_macro_f1", "train_seconds", "peak_memory_mb", "out_dir") if k in summary}
+                                             "val_macro_f1", "val_loss", "val_perplexity", "train_seconds",
+                                             "peak_memory_mb", "out_dir") if k in summary}
             print(json.dumps(shown, indent=2))
         elif args.verb == "eval":
             from twintune.train.runs import evaluate_target, format_report

@@ -66,6 +66,10 @@ class Backend(Protocol):
         apply AdamW, clear gradients; return the norm before clipping. A non-finite norm skips
         the update (the gradients are cleared, the step count stays) and is returned as is."""
 
+    def target_loss(self, batch: Batch) -> float:
+        """The summed cross-entropy of the batch's targets, as forward_backward's loss but with no
+        dropout and no gradient (a causal-LM evaluation)."""
+
     def label_logprobs(self, batch: Batch, label_token_ids: np.ndarray) -> np.ndarray:
         """(B, K) log-softmax scores at the answer positions, for the K label tokens (no dropout)."""
 

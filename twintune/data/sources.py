@@ -158,6 +158,22 @@ def load_with_datasets(
     """
     import datasets
 
+    table = load_table(source, [text_column, label_column], split, config)
+    where = f"data set '{source}' (split '{split}')" if source.startswith(HUB_PREFIX) else source
+    feature = table.features[label_column]
+    names = feature.names if isinstance(feature, datasets.ClassLabel) else None
+    examples = [
+        _example(text, names[raw] if names is not None and raw is not None else raw, labels, where, row)
+        for row, (text, raw) in enumerate(zip(table[text_column], table[label_column]), start=1)
+    ]
+    return _non_empty(examples, where)
+
+
+def load_table(source: str, columns: list[str], split: str = "train", config: str = ""):
+    """A `datasets` table of ``hf:ORG/NAME`` (its ``split`` and ``config``; no loading scripts, no
+    remote code) or of a local .parquet, .json, .jsonl or .csv file, with the ``columns`` checked."""
+    import datasets
+
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors come back as one sentence below
     if source.startswith(HUB_PREFIX):
@@ -168,22 +184,18 @@ def load_with_datasets(
             raise TwintuneError(f"{where} cannot be loaded from the Hugging Face hub: "
                                 f"{_first_line(error)}") from None
     else:
+        if not os.path.exists(source):
+            raise TwintuneError(f"data file {source} does not exist.")
         builder, where = DATASETS_BUILDERS[os.path.splitext(source)[1].lower()], source
         try:
             table = datasets.load_dataset(builder, data_files=source, split="train")
         except Exception as error:  # noqa: BLE001 - a file its reader cannot parse
             raise TwintuneError(f"{where} cannot be read as {builder}: {_first_line(error)}") from None
-    for column in (text_column, label_column):
+    for column in columns:
         if column not in table.column_names:
             raise TwintuneError(f"{where} has no column '{column}'; its columns are "
                                 f"{', '.join(table.column_names) or '(none)'}.")
-    feature = table.features[label_column]
-    names = feature.names if isinstance(feature, datasets.ClassLabel) else None
-    examples = [
-        _example(text, names[raw] if names is not None and raw is not None else raw, labels, where, row)
-        for row, (text, raw) in enumerate(zip(table[text_column], table[label_column]), start=1)
-    ]
-    return _non_empty(examples, where)
+    return table
 
 
 def _first_line(error: Exception) -> str:

@@ -7,6 +7,8 @@
   token: the last prompt token, where the verbalizer reads too). The head trains beside any
   method: `method: none` trains the head alone ("fine-tuning I"), `full` or `last_blocks` with it
   is "fine-tuning II".
+- `causal_lm` trains the method on next-token prediction over unlabelled documents, packed into
+  rows (tasks/causal_lm.py), scored by perplexity.
 - `features` trains no method: the frozen model's pooled hidden states (`pooling` last or mean,
   at `layer`, counted as transformers' hidden_states: 0 the embeddings, i the output of block i,
   -1 the final normed states) are computed once per split, cached, and a logistic regression is
@@ -28,14 +30,15 @@ from twintune.tasks.classification import (
     HEAD, HEAD_CONFIG, HEAD_FILE_NAMES, Classification, check_head_labels, head_file_name, head_surgery,
     read_head_labels, split_head, with_head, write_head_config,
 )
+from twintune.tasks.causal_lm import CausalLM
 from twintune.tasks.features import Features
 from twintune.tasks.task import Task
 
-__all__ = ["TASKS", "Task", "Classification", "Features", "task_from_dict", "HEAD", "HEAD_CONFIG", "HEAD_FILE_NAMES",
+__all__ = ["TASKS", "Task", "Classification", "Features", "CausalLM", "task_from_dict", "HEAD", "HEAD_CONFIG", "HEAD_FILE_NAMES",
            "check_head_labels", "head_file_name", "head_surgery", "read_head_labels", "split_head", "with_head",
            "write_head_config"]
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Classification, Features)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Classification, Features, CausalLM)}
 
 
 def task_from_dict(raw, where: str = "task") -> Task:

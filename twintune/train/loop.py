@@ -27,7 +27,8 @@ from twintune.methods import BaseModel, Method, Plan
 from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.quant import SUPPORTED, quantize_linear_layers
 from twintune.recipe import Recipe
-from twintune.tasks import Features, head_surgery, with_head
+from twintune.data.documents import load_documents, lm_rows, one_per_row, pack
+from twintune.tasks import CausalLM, Features, head_surgery, with_head
 from twintune.train.features import compute_features, split_features, train_features
 from twintune.train.checkpoints import find_checkpoint, load_checkpoint_state, save_checkpoint
 from twintune.train.loss_scale import LossScaler
@@ -137,7 +138,12 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
                       context=max_positions, head=recipe.task.linear_head)
     t = recipe.train
     split, splits, order, total_steps = {}, {}, None, 0
-    if with_data:
+    if with_data and isinstance(recipe.task, CausalLM):
+        length = min(d.max_length, max_positions - recipe.method.virtual_tokens)
+        splits = lm_splits(recipe, tokenizer, length)
+        order = TrainOrder(splits["train"], t.batch_size, t.grad_accum, recipe.seed, group_by_length=t.group_by_length)
+        total_steps = t.max_steps or max(1, math.ceil(t.epochs * order.steps_per_epoch))
+    elif with_data:
         examples = load_examples(d.source, subset=d.subset, text_column=d.text_column, label_column=d.label_column,
                                  labels=labels, synthetic_size=d.synthetic_size, seed=recipe.seed, split=d.split,
                                  config=d.config)
@@ -161,6 +167,37 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
     # The run does not keep the base's numpy weights: the backend holds the model now.
     return Run(recipe, engine, base.spec, recipe.method, plan.released(), encoder, splits, order, total_steps,
                Path(model_dir), scaler, split)
+
+
+def lm_splits(recipe: Recipe, tokenizer, length: int) -> dict[str, list[Encoded]]:
+    """The causal-LM task's rows: documents shuffled by the seed into train, validation and test
+    (data.validation_fraction, data.test_fraction), each split tokenized and packed (or one per row)."""
+    d = recipe.data
+    documents = load_documents(d.source, text_column=d.text_column, synthetic_size=d.synthetic_size,
+                               seed=recipe.seed, split=d.split, config=d.config)
+    order = np.random.default_rng([recipe.seed, SPLIT_STREAM]).permutation(len(documents))
+    n_validation = max(1, round(d.validation_fraction * len(documents)))
+    n_test = round(d.test_fraction * len(documents))
+    if len(documents) - n_validation - n_test < 1:
+        raise TwintuneError(f"{d.source} has {len(documents)} documents: too few to leave any for training after the "
+                            "validation and test splits.")
+    parts = {"validation": order[:n_validation], "test": order[n_validation:n_validation + n_test],
+             "train": order[n_validation + n_test:]}
+    eos = lm_eos_id(tokenizer)
+    rows = pack if recipe.task.packing else one_per_row
+    return {split: lm_rows(rows([tokenizer.encode(documents[i], add_special_tokens=False).ids for i in sorted(idx)],
+                                length, eos)) for split, idx in parts.items()}
+
+
+SPLIT_STREAM = 2**31 - 7  # default_rng([seed, SPLIT_STREAM]) shuffles the causal-LM documents into splits
+
+
+def lm_eos_id(tokenizer) -> int:
+    """The end-of-text token between packed documents."""
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    if eos is None:
+        raise TwintuneError("the tokenizer has no <|endoftext|> token to put between documents (task causal_lm).")
+    return eos
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -216,6 +253,8 @@ def evaluate(run: Run, split: str = "validation") -> dict:
     encoded = run.splits[split]
     if not encoded:
         raise TwintuneError(f"the {split} split is empty.")
+    if isinstance(run.recipe.task, CausalLM):
+        return perplexity_report(run, encoded)
     if run.classifier is not None:  # a features run reads the split's cached features
         return _report(run, encoded, split_features(run, split, run.classifier.pooling, run.classifier.layer))
     return _report(run, encoded)
@@ -235,6 +274,9 @@ def evaluate_with_shots(run: Run, split: str, shots: int, retrieve: bool = False
     """
     if shots < 0:
         raise TwintuneError(f"--shots must be 0 or more, got {shots}.")
+    if isinstance(run.recipe.task, CausalLM):
+        raise TwintuneError("--shots puts labelled sentences before each sentence; a causal-LM run has no labels "
+                            "(evaluate its perplexity without --shots).")
     if run.classifier is not None:
         raise TwintuneError("--shots puts labelled sentences with their label words before each sentence, but this "
                             "is a features run, whose classifier reads no label words; evaluate it without --shots.")
@@ -279,6 +321,23 @@ def _shots_report(run: Run, split: str, shots: int, choose) -> dict:
         return {**_report(run, encoded), "shots": used, "shots_asked": shots, "shots_note": note}
     raise TwintuneError(f"not even one shot of each class fits the model's {context} positions with the {split} "
                         "split's longest sentence; use --shots 0 or shorter sentences.")
+
+
+def perplexity_report(run: Run, encoded: list[Encoded]) -> dict:
+    """The mean cross-entropy per target token and its exponential, the perplexity."""
+    total, tokens = 0.0, 0
+    for batch in eval_batches(encoded, run.recipe.train.eval_batch_size):
+        total += run.backend.target_loss(batch)
+        tokens += batch.n_targets
+    return {"loss": total / tokens, "perplexity": math.exp(total / tokens), "tokens": tokens}
+
+
+def validation_metrics(run: Run) -> dict:
+    """What a run logs at each evaluation: accuracy and macro-F1, or a causal LM's loss and perplexity."""
+    report = evaluate(run)
+    if "perplexity" in report:
+        return {"val_loss": report["loss"], "val_perplexity": report["perplexity"]}
+    return {"val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
 
 
 def _report(run: Run, encoded: list[Encoded], features: np.ndarray | None = None) -> dict:
@@ -350,11 +409,10 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
             history["real_tokens"] += record["tokens"]
             _log(log, history, record)
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < run.total_steps:
-                report = evaluate(run)
-                _log(log, history, {"step": step + 1, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]})
+                _log(log, history, {"step": step + 1, **validation_metrics(run)})
                 if t.early_stopping_patience:
                     value = history["log"][-1][t.early_stopping_metric]
-                    if history["best"] is None or value > history["best"]["value"]:
+                    if history["best"] is None or better(t.early_stopping_metric, value, history["best"]["value"]):
                         history["best"] = {"step": step + 1, "value": value}
                         best_state = run.backend.trainable_state()
                     evals_since_best = (step + 1 - history["best"]["step"]) // t.eval_every
@@ -375,8 +433,10 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         if best_state is not None:  # early stopping: the best evaluation's adapter is the result
             run.backend.set_trainable_state(best_state)
         report = evaluate(run)
+        final = {"val_loss": report["loss"], "val_perplexity": report["perplexity"]} if "perplexity" in report else \
+            {"val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
         final_step = history["best"]["step"] if best_state is not None else last_step
-        _log(log, history, {"step": final_step, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]})
+        _log(log, history, {"step": final_step, **final})
     if bar:
         bar.close()
 
@@ -384,7 +444,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     save_adapter(out / "adapter", run.method, trained, recipe.model, run.model_dir,
                  labels=list(recipe.prompt.labels) if recipe.task.linear_head else None)
     losses = [line["loss"] for line in history["log"] if "loss" in line]
-    evals = [line for line in history["log"] if "val_accuracy" in line]
+    evals = [line for line in history["log"] if set(line) & {"val_accuracy", "val_perplexity"}]
     seconds = history["train_seconds"]
     summary = {
         "backend": name,
@@ -402,11 +462,9 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         "trainable_params": int(sum(v.size for v in trained.values())),
         "final_train_loss": losses[-1],
         "train_losses": losses,
-        "val_accuracy": report["accuracy"],
-        "val_macro_f1": report["macro_f1"],
-        "val_per_class": report["per_class"],
-        "val_confusion": report["confusion"],
-        "labels": report["labels"],
+        **final,
+        **({} if "perplexity" in report else {"val_per_class": report["per_class"], "val_confusion": report["confusion"],
+                                             "labels": report["labels"]}),
         "evals": evals,
         "train_seconds": seconds,
         "real_tokens_per_second": history["real_tokens"] / seconds if seconds > 0 else 0.0,
@@ -427,6 +485,11 @@ def _train_features(run: Run, out: Path) -> dict:
                "peak_memory_mb": run.backend.peak_memory_mb(), "out_dir": str(out)}
     write_json(out / "summary.json", summary)
     return summary
+
+
+def better(metric: str, value: float, best: float) -> bool:
+    """Whether an evaluation improves on the best: accuracy and F1 up, loss and perplexity down."""
+    return value < best if metric in ("val_loss", "val_perplexity") else value > best
 
 
 def _log(log, history: dict, line: dict) -> None:

@@ -21,7 +21,7 @@ from twintune.formats.merge import write_checkpoint
 from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.recipe import load_recipe
 from twintune.train.features import load_classifier
-from twintune.tasks import Features, HEAD, check_head_labels, read_head_labels, split_head
+from twintune.tasks import CausalLM, Features, HEAD, check_head_labels, read_head_labels, split_head
 from twintune.train.loop import Run, base_model, evaluate, evaluate_with_shots, predict, prepare
 
 
@@ -95,7 +95,7 @@ def evaluate_target(target: str | Path, split: str = "validation", backend: str 
     if not run.splits.get(split):
         raise TwintuneError(f"the {split} split is empty; set data.{split}_fraction in the recipe.")
     report = evaluate(run, split) if shots is None else evaluate_with_shots(run, split, shots, retrieve)
-    report.pop("predictions")
+    report.pop("predictions", None)
     if "random_shots" in report:
         report["random_shots"].pop("predictions")
     report.update(split=split, examples=len(run.splits[split]), backend=run.backend.name)
@@ -113,6 +113,9 @@ def predict_texts(target: str | Path, texts: list[str], backend: str | None = No
     if not texts:
         raise TwintuneError("give at least one non-empty text to predict.")
     run = open_run(target, backend, with_data=False)
+    if isinstance(run.recipe.task, CausalLM):
+        raise TwintuneError(f"{target} is a causal-LM run: it predicts next tokens, not labels; evaluate its "
+                            "perplexity with twintune eval, or merge it and use the result as a recipe's model.")
     labels = run.encoder.prompt.labels
     encoded = [run.encoder.encode(text, labels[0], f" (text {i + 1})") for i, text in enumerate(texts)]
     predicted, scores = predict(run, encoded)
@@ -211,6 +214,9 @@ def _export_mlx_lm(run_dir: Path, out: Path) -> Path:
 
 def format_report(report: dict) -> str:
     """A readable table of an evaluation report."""
+    if "perplexity" in report:  # a causal LM's
+        return (f"{report['split']} split, {report['examples']} rows, {report['tokens']} target tokens "
+                f"({report['backend']}): loss {report['loss']:.4f}, perplexity {report['perplexity']:.3f}")
     labels = report["labels"]
     width = max(len(label) for label in labels) + 2
     shots = f", {report['shots']} shots of each class" if report.get("shots") is not None else ""

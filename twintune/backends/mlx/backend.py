@@ -239,6 +239,12 @@ class MLXBackend:
         mx.eval(self.model.trainable_parameters(), self.m, self.v)
         return norm
 
+    def target_loss(self, batch: Batch) -> float:
+        self.model.eval()
+        _, loss = self._loss(mx.array(batch.input_ids), mx.array(batch.prompt_lengths), mx.array(batch.target_positions),
+                             mx.array(batch.targets), 1.0, mx.array(0, dtype=mx.uint32))
+        return loss.item()
+
     def label_logprobs(self, batch: Batch, label_token_ids: np.ndarray) -> np.ndarray:
         self.model.eval()
         logits = self.model.logits(self._hidden_rows(mx.array(batch.input_ids), mx.array(batch.prompt_lengths),

@@ -230,6 +230,12 @@ class TorchBackend:
         return norm
 
     @torch.no_grad()
+    def target_loss(self, batch: Batch) -> float:
+        self.model.eval()
+        logits = self.model.logits(self._hidden_rows(batch, batch.target_positions)).to(self.precise)
+        return F.cross_entropy(logits, self._tensor(batch.targets), reduction="sum").item()
+
+    @torch.no_grad()
     def label_logprobs(self, batch: Batch, label_token_ids: np.ndarray) -> np.ndarray:
         self.model.eval()
         logits = self.model.logits(self._hidden_rows(batch, batch.answer_positions)).to(self.precise)
