@@ -75,7 +75,7 @@ def test_a_causal_lm_run_lowers_its_validation_perplexity_and_reports_it(tmp_pat
     assert [e["step"] for e in summary["evals"]] == [20, 40] and "val_accuracy" not in summary
     report = evaluate_target(tmp_path / "run", "test", "mlx")
     assert report["perplexity"] > 1 and format_report(report).startswith("test split, ")
-    with pytest.raises(TwintuneError, match="is a causal-LM run: it predicts next tokens, not labels"):
+    with pytest.raises(TwintuneError, match="is a causal_lm run: it predicts next tokens, not labels"):
         from twintune.train.runs import predict_texts
 
         predict_texts(tmp_path / "run", ["Sales rose ."], "torch")

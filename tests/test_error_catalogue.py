@@ -80,6 +80,9 @@ def world(tmp_path_factory):
     (root / "blank.csv").write_text("text,label\n" + " ,positive\n,negative\n" * 30)
     (root / "notes.txt").write_text("not a recipe")
     (root / "blank-docs.txt").write_text("Sales rose .\n   \nCosts fell .\n")
+    (root / "no-completion.jsonl").write_text('{"prompt": "Q: 1+1?"}\n')
+    (root / "robot.jsonl").write_text('{"messages": [{"role": "robot", "content": "Hi"}, '
+                                      '{"role": "assistant", "content": "Hello"}]}\n')
     (root / "bad.yaml").write_text("train: {lr: [1, 2\n")
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "no-text.yaml").write_text('prompt: {template: "Sentiment:"}\n')
@@ -200,6 +203,12 @@ CASES = [
     # tasks: causal LM, classification heads and features
     case("train", DEMO, "--set", "task=causal_lm", "--set", "data.source={root}/blank-docs.txt",
          match="blank-docs.txt document 2 is empty"),
+    case("train", DEMO, "--set", "task=instruction", "--set", "data.source={root}/no-completion.jsonl",
+         match="no-completion.jsonl line 1 has no completion: no field 'completion' (task.completion)"),
+    case("train", DEMO, "--set", "task=instruction", "--set", "data.source={root}/robot.jsonl",
+         match="robot.jsonl line 1: message 1 has role 'robot'; roles are system, user, assistant"),
+    case("train", DEMO, "--set", "task={name: instruction, template: 'Answer:'}",
+         match="task.template 'Answer:' names no field"),
     case("train", DEMO, "--set", "task=causal_lm", "--set", "train.early_stopping_patience=2", "--set", "train.eval_every=5",
          match="'train.early_stopping_metric' must be val_loss or val_perplexity for task causal_lm"),
     case("train", DEMO, "--set", "task.name=feature", match="'task.name' names no task: 'feature'; did you mean 'features'?"),

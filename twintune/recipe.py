@@ -17,7 +17,7 @@ from twintune.errors import TwintuneError
 from twintune.keys import build, check
 from twintune.methods import LoRA, Method, method_from_dict
 from twintune.quant import Quantization
-from twintune.tasks import CausalLM, Classification, Features, Task, task_from_dict
+from twintune.tasks import Classification, Features, Task, task_from_dict
 
 DEFAULT_LABELS = {"negative": " negative", "neutral": " neutral", "positive": " positive"}
 
@@ -209,7 +209,7 @@ def validate(r: Recipe) -> None:
     _check(t.save_every >= 0, f"recipe key 'train.save_every' must be >= 0, got {t.save_every}.")
     _check(t.keep_last >= 1, f"recipe key 'train.keep_last' must be at least 1, got {t.keep_last}.")
     _check(t.early_stopping_patience >= 0, f"recipe key 'train.early_stopping_patience' must be >= 0, got {t.early_stopping_patience}.")
-    metrics = ("val_loss", "val_perplexity") if isinstance(r.task, CausalLM) else ("val_accuracy", "val_macro_f1")
+    metrics = ("val_loss", "val_perplexity") if r.task.generative else ("val_accuracy", "val_macro_f1")
     _check(t.early_stopping_metric in metrics or not t.early_stopping_patience,
            f"recipe key 'train.early_stopping_metric' must be {' or '.join(metrics)} for task {r.task.name}, "
            f"got {t.early_stopping_metric!r}.")

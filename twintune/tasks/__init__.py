@@ -9,6 +9,8 @@
   is "fine-tuning II".
 - `causal_lm` trains the method on next-token prediction over unlabelled documents, packed into
   rows (tasks/causal_lm.py), scored by perplexity.
+- `instruction` trains it on prompt/completion (or chat) pairs, the loss on the completion
+  (tasks/instruction.py).
 - `features` trains no method: the frozen model's pooled hidden states (`pooling` last or mean,
   at `layer`, counted as transformers' hidden_states: 0 the embeddings, i the output of block i,
   -1 the final normed states) are computed once per split, cached, and a logistic regression is
@@ -32,13 +34,14 @@ from twintune.tasks.classification import (
 )
 from twintune.tasks.causal_lm import CausalLM
 from twintune.tasks.features import Features
+from twintune.tasks.instruction import Instruction
 from twintune.tasks.task import Task
 
-__all__ = ["TASKS", "Task", "Classification", "Features", "CausalLM", "task_from_dict", "HEAD", "HEAD_CONFIG", "HEAD_FILE_NAMES",
+__all__ = ["TASKS", "Task", "Classification", "Features", "CausalLM", "Instruction", "task_from_dict", "HEAD", "HEAD_CONFIG", "HEAD_FILE_NAMES",
            "check_head_labels", "head_file_name", "head_surgery", "read_head_labels", "split_head", "with_head",
            "write_head_config"]
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Classification, Features, CausalLM)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Classification, Features, CausalLM, Instruction)}
 
 
 def task_from_dict(raw, where: str = "task") -> Task:

@@ -22,3 +22,7 @@ class CausalLM(Task):
 
     name: ClassVar[str] = "causal_lm"
     description: ClassVar[str] = "next-token training on unlabelled text, packed; scored by perplexity"
+
+    @property
+    def generative(self) -> bool:
+        return True

@@ -19,6 +19,11 @@ class Task:
     def linear_head(self) -> bool:
         return False
 
+    @property
+    def generative(self) -> bool:
+        """Trained on next tokens (causal LM, instruction) and scored by loss and perplexity."""
+        return False
+
     def to_dict(self) -> dict:
         return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
 

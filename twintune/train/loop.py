@@ -28,6 +28,7 @@ from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.quant import SUPPORTED, quantize_linear_layers
 from twintune.recipe import Recipe
 from twintune.data.documents import load_documents, lm_rows, one_per_row, pack
+from twintune.data.instructions import load_pairs
 from twintune.tasks import CausalLM, Features, head_surgery, with_head
 from twintune.train.features import compute_features, split_features, train_features
 from twintune.train.checkpoints import find_checkpoint, load_checkpoint_state, save_checkpoint
@@ -138,9 +139,9 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
                       context=max_positions, head=recipe.task.linear_head)
     t = recipe.train
     split, splits, order, total_steps = {}, {}, None, 0
-    if with_data and isinstance(recipe.task, CausalLM):
+    if with_data and recipe.task.generative:
         length = min(d.max_length, max_positions - recipe.method.virtual_tokens)
-        splits = lm_splits(recipe, tokenizer, length)
+        splits = (lm_splits if isinstance(recipe.task, CausalLM) else instruction_splits)(recipe, tokenizer, length)
         order = TrainOrder(splits["train"], t.batch_size, t.grad_accum, recipe.seed, group_by_length=t.group_by_length)
         total_steps = t.max_steps or max(1, math.ceil(t.epochs * order.steps_per_epoch))
     elif with_data:
@@ -175,21 +176,59 @@ def lm_splits(recipe: Recipe, tokenizer, length: int) -> dict[str, list[Encoded]
     d = recipe.data
     documents = load_documents(d.source, text_column=d.text_column, synthetic_size=d.synthetic_size,
                                seed=recipe.seed, split=d.split, config=d.config)
-    order = np.random.default_rng([recipe.seed, SPLIT_STREAM]).permutation(len(documents))
-    n_validation = max(1, round(d.validation_fraction * len(documents)))
-    n_test = round(d.test_fraction * len(documents))
-    if len(documents) - n_validation - n_test < 1:
-        raise TwintuneError(f"{d.source} has {len(documents)} documents: too few to leave any for training after the "
-                            "validation and test splits.")
-    parts = {"validation": order[:n_validation], "test": order[n_validation:n_validation + n_test],
-             "train": order[n_validation + n_test:]}
     eos = lm_eos_id(tokenizer)
     rows = pack if recipe.task.packing else one_per_row
-    return {split: lm_rows(rows([tokenizer.encode(documents[i], add_special_tokens=False).ids for i in sorted(idx)],
-                                length, eos)) for split, idx in parts.items()}
+    return {split: lm_rows(rows([tokenizer.encode(documents[i], add_special_tokens=False).ids for i in idx],
+                                length, eos)) for split, idx in random_splits(len(documents), recipe, "documents").items()}
 
 
-SPLIT_STREAM = 2**31 - 7  # default_rng([seed, SPLIT_STREAM]) shuffles the causal-LM documents into splits
+def instruction_splits(recipe: Recipe, tokenizer, length: int) -> dict[str, list[Encoded]]:
+    """The instruction task's examples: prompt + completion + end-of-text each, the targets the
+    completion and end-of-text (`mask_prompt`) or every token after the first; split by the seed."""
+    d, task = recipe.data, recipe.task
+    if d.source == "synthetic":
+        pairs = synthetic_instructions(d.synthetic_size, recipe.seed)
+    elif d.source.endswith(".jsonl"):
+        pairs = load_pairs(d.source, task.template, task.completion)
+    else:
+        raise TwintuneError(f"task instruction reads JSONL rows (prompt/completion, fields of task.template, or chat "
+                            f"messages) or source synthetic; data.source {d.source!r} is neither.")
+    eos = lm_eos_id(tokenizer)
+    encoded = []
+    for i, (prompt, completion) in enumerate(pairs):
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+        ids = prompt_ids + tokenizer.encode(completion, add_special_tokens=False).ids + [eos]
+        if len(ids) > length:
+            raise TwintuneError(f"example #{i + 1} of {d.source} is {len(ids)} tokens with its prompt and completion, "
+                                f"longer than data.max_length={length}; raise it (up to the model's context) or shorten it.")
+        encoded.append(Encoded(np.array(ids, np.int32), max(len(prompt_ids), 1) if task.mask_prompt else 1, 0))
+    return {split: [encoded[i] for i in idx] for split, idx in random_splits(len(encoded), recipe, "examples").items()}
+
+
+def synthetic_instructions(n: int, seed: int) -> list[tuple[str, str]]:
+    """The offline instruction set: each synthetic sentence with the instruction to name its sentiment."""
+    return [(SYNTHETIC_INSTRUCTION.format(text=e.text), " " + e.label) for e in load_examples("synthetic", synthetic_size=n,
+                                                                                             seed=seed)]
+
+
+SYNTHETIC_INSTRUCTION = ("Instruction: Is the sentiment of this sentence negative, neutral or positive?\n"
+                         "Input: {text}\nOutput:")
+SPLIT_STREAM = 2**31 - 7  # default_rng([seed, SPLIT_STREAM]) shuffles generative tasks' rows into splits
+
+
+def random_splits(n: int, recipe: Recipe, what: str) -> dict[str, np.ndarray]:
+    """Indices of n items shuffled by the seed into validation (at least one), test and train, each
+    in the items' own order (data.validation_fraction, data.test_fraction)."""
+    d = recipe.data
+    order = np.random.default_rng([recipe.seed, SPLIT_STREAM]).permutation(n)
+    n_validation = max(1, round(d.validation_fraction * n))
+    n_test = round(d.test_fraction * n)
+    if n - n_validation - n_test < 1:
+        raise TwintuneError(f"{d.source} has {n} {what}: too few to leave any for training after the validation and "
+                            "test splits.")
+    parts = {"validation": order[:n_validation], "test": order[n_validation:n_validation + n_test],
+             "train": order[n_validation + n_test:]}
+    return {split: np.sort(idx) for split, idx in parts.items()}
 
 
 def lm_eos_id(tokenizer) -> int:
@@ -253,7 +292,7 @@ def evaluate(run: Run, split: str = "validation") -> dict:
     encoded = run.splits[split]
     if not encoded:
         raise TwintuneError(f"the {split} split is empty.")
-    if isinstance(run.recipe.task, CausalLM):
+    if run.recipe.task.generative:
         return perplexity_report(run, encoded)
     if run.classifier is not None:  # a features run reads the split's cached features
         return _report(run, encoded, split_features(run, split, run.classifier.pooling, run.classifier.layer))
@@ -274,9 +313,9 @@ def evaluate_with_shots(run: Run, split: str, shots: int, retrieve: bool = False
     """
     if shots < 0:
         raise TwintuneError(f"--shots must be 0 or more, got {shots}.")
-    if isinstance(run.recipe.task, CausalLM):
-        raise TwintuneError("--shots puts labelled sentences before each sentence; a causal-LM run has no labels "
-                            "(evaluate its perplexity without --shots).")
+    if run.recipe.task.generative:
+        raise TwintuneError(f"--shots puts labelled sentences before each sentence; a {run.recipe.task.name} run has "
+                            "no labels (evaluate its perplexity without --shots).")
     if run.classifier is not None:
         raise TwintuneError("--shots puts labelled sentences with their label words before each sentence, but this "
                             "is a features run, whose classifier reads no label words; evaluate it without --shots.")

@@ -21,7 +21,7 @@ from twintune.formats.merge import write_checkpoint
 from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.recipe import load_recipe
 from twintune.train.features import load_classifier
-from twintune.tasks import CausalLM, Features, HEAD, check_head_labels, read_head_labels, split_head
+from twintune.tasks import Features, HEAD, check_head_labels, read_head_labels, split_head
 from twintune.train.loop import Run, base_model, evaluate, evaluate_with_shots, predict, prepare
 
 
@@ -113,9 +113,9 @@ def predict_texts(target: str | Path, texts: list[str], backend: str | None = No
     if not texts:
         raise TwintuneError("give at least one non-empty text to predict.")
     run = open_run(target, backend, with_data=False)
-    if isinstance(run.recipe.task, CausalLM):
-        raise TwintuneError(f"{target} is a causal-LM run: it predicts next tokens, not labels; evaluate its "
-                            "perplexity with twintune eval, or merge it and use the result as a recipe's model.")
+    if run.recipe.task.generative:
+        raise TwintuneError(f"{target} is a {run.recipe.task.name} run: it predicts next tokens, not labels; evaluate "
+                            "its perplexity with twintune eval, or merge it and use the result as a recipe's model.")
     labels = run.encoder.prompt.labels
     encoded = [run.encoder.encode(text, labels[0], f" (text {i + 1})") for i, text in enumerate(texts)]
     predicted, scores = predict(run, encoded)
