@@ -17,8 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from twintune.data.batching import Encoded
@@ -67,20 +65,12 @@ def _read_lines(path: str) -> list[str]:
 
 
 def _read_jsonl(path: str, text_column: str) -> list[str]:
+    from twintune.data.sources import json_lines, open_text
+
     documents = []
-    try:
-        handle = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise TwintuneError(f"data file {path} does not exist.") from None
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TwintuneError(f"{path} line {number} is not valid JSON ({error.msg}).") from None
-            if not isinstance(row, dict) or text_column not in row:
+    with open_text(path) as handle:
+        for number, row in json_lines(handle, path):
+            if text_column not in row:
                 raise TwintuneError(f"{path} line {number} has no key '{text_column}' (data.text_column).")
             documents.append(_document(row[text_column], path, number, text_column))
     return documents

@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import string
 
 from twintune.errors import TwintuneError
@@ -25,23 +24,13 @@ ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 def load_pairs(path: str, template: str, completion: str) -> list[tuple[str, str]]:
     """(prompt, completion) pairs from a JSONL file; a row missing a field is refused with its line."""
+    from twintune.data.sources import json_lines, open_text
+
     fields = template_fields(template)
     pairs = []
-    try:
-        handle = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise TwintuneError(f"data file {path} does not exist.") from None
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    with open_text(path) as handle:
+        for number, row in json_lines(handle, path):
             where = f"{path} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TwintuneError(f"{where} is not valid JSON ({error.msg}).") from None
-            if not isinstance(row, dict):
-                raise TwintuneError(f"{where} is not a JSON object.")
             pairs.append(chat_pair(row["messages"], where) if "messages" in row else
                          template_pair(row, template, fields, completion, where))
     if not pairs:

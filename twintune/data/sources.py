@@ -241,7 +241,18 @@ def _parse_jsonl(
     handle, name: str, text_column: str, label_column: str, labels: tuple[str, ...]
 ) -> list[Example]:
     examples = []
-    for number, line in enumerate(handle, start=1):
+    for number, row in json_lines(handle, name):
+        for column in (text_column, label_column):
+            if column not in row:
+                raise TwintuneError(f"{name} line {number} has no key '{column}'.")
+        examples.append(_example(row[text_column], row[label_column], labels, name, number))
+    return examples
+
+
+def json_lines(lines: Iterable[str], name: str) -> Iterable[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON
+    object is refused with its number."""
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -250,11 +261,15 @@ def _parse_jsonl(
             raise TwintuneError(f"{name} line {number} is not valid JSON ({error.msg}).") from None
         if not isinstance(row, dict):
             raise TwintuneError(f"{name} line {number} is not a JSON object.")
-        for column in (text_column, label_column):
-            if column not in row:
-                raise TwintuneError(f"{name} line {number} has no key '{column}'.")
-        examples.append(_example(row[text_column], row[label_column], labels, name, number))
-    return examples
+        yield number, row
+
+
+def open_text(path: str):
+    """A UTF-8 text file opened for reading, or the sentence that it does not exist."""
+    try:
+        return open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise TwintuneError(f"data file {path} does not exist.") from None
 
 
 def _example(text, raw_label, labels: tuple[str, ...], name: str, number: int) -> Example:
