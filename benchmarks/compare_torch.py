@@ -1,7 +1,7 @@
 """The torch backend against Hugging Face transformers + PEFT on one epoch of the task, same run.
 
     python -m benchmarks.compare_torch [--method lora|dora|ia3|bitfit|last_blocks|full|prompt|ptuning|prefix
-                                        |adapter|loreft] [--quick]
+                                        |adapter|loreft] [--head] [--quick]
         [--shape 125m|1.3b|tiny] [--examples N] [--repeats R] [--compile] [--kinds K,...] [--no-save]
 
 Three ways to train the same method (AdamW lr 2e-4, batch 8; --method, default lora) on the same
@@ -35,13 +35,24 @@ same settings on both sides (METHODS below):
   lora_equal (adapter, loreft) twintune's LoRA on q_proj + v_proj with as many trainable
              parameters as the method, as near as a rank allows: what the same budget costs with LoRA
 
+With --head (issue 14's head task) the method trains with a linear classification head instead of
+the label words: twintune's recipe gets `task: {name: classification, head: linear}` (a 3 x hidden
+`score` on the last prompt token), and the reference is transformers' GPTNeoForSequenceClassification
+(num_labels 3, pad_token_id = eos, so it pools the last real token) with the method's PEFT config
+for task_type SEQ_CLS (which trains `score` beside it: modules_to_save) or, for bitfit, last_blocks
+and full, `score` trainable beside the same parameters. Both sides see the prompt alone (no label
+word) and take the cross-entropy of the 3 class scores. Not for the virtual-token methods (PEFT's
+SEQ_CLS model feeds them embeddings, so it cannot find the last real token), nor adapter/loreft;
+the trainer kind is not built for it (default kinds: twintune, fair_loop).
+
 Each runs in its own process (its own peak memory), on a random-weight GPT-Neo of the given
 shape with the built-in tokenizer. Tokens/s counts real (non-padding) tokens. Every ratio is
 ours / theirs; the targets (against fair_loop: tokens/s >= 1.5x, >= 2x for DoRA; peak RSS <= 0.8x)
 are printed PASS/FAIL; for prompt, ptuning and prefix: tokens/s >= 1.2x, peak RSS <= 1.0x; adapter
 and loreft have no target, their ratio to lora_equal is printed); the last line is one JSON object
 with the ratios. Results go to
-results/compare_torch_<shape>[_<method>][_quick][_compile].json (lora keeps the old name).
+results/compare_torch_<shape>[_<method>][_quick][_compile].json (lora keeps the old name), with --head
+results/compare_torch_<shape>_<method>_head[_quick][_compile].json.
 """
 
 from __future__ import annotations
@@ -80,6 +91,8 @@ KINDS = ("twintune", "fair_loop", "trainer", "lora_equal")
 WITHOUT_PEFT = ("adapter", "loreft")  # compared with twintune's LoRA of the same size (lora_equal)
 SPEED_TARGET = {"dora": 2.0, "prompt": 1.2, "ptuning": 1.2, "prefix": 1.2}  # tokens/s vs the reference's; else 1.5
 MEMORY_TARGET = {"prompt": 1.0, "ptuning": 1.0, "prefix": 1.0}  # peak RSS vs the reference's; else 0.8
+WITH_HEAD = ("lora", "dora", "ia3", "bitfit", "last_blocks", "full")  # the methods --head takes
+HEAD_TASK = 'task={"name": "classification", "head": "linear"}'
 
 
 def model_dir(shape: str) -> Path:
@@ -125,7 +138,8 @@ def _zeros(spec) -> dict:
     return {name: np.broadcast_to(np.zeros((), np.float32), shape) for name, shape in spec.weight_shapes().items()}
 
 
-def recipe(shape: str, examples: int, compile: bool = False, method: str = "lora", equal_lora: bool = False):
+def recipe(shape: str, examples: int, compile: bool = False, method: str = "lora", equal_lora: bool = False,
+           head: bool = False):
     from twintune.recipe import load_recipe
 
     # train on `examples` sentences: the validation/test fractions take the rest of a larger set
@@ -134,10 +148,11 @@ def recipe(shape: str, examples: int, compile: bool = False, method: str = "lora
         f"model={model_dir(shape)}", f"data.synthetic_size={max(30, total)}", "train.epochs=1",
         f"train.batch_size={LORA['batch']}", f"train.lr={LORA['lr']}", "train.warmup_steps=0",
         equal_lora_override(shape, method) if equal_lora else method_override(method),
-        "train.schedule=constant", "train.max_grad_norm=0", "train.group_by_length=true", f"train.compile={compile}"])
+        "train.schedule=constant", "train.max_grad_norm=0", "train.group_by_length=true", f"train.compile={compile}",
+        *([HEAD_TASK] if head else [])])
 
 
-def child(kind: str, shape: str, examples: int, repeats: int, method: str = "lora") -> dict:
+def child(kind: str, shape: str, examples: int, repeats: int, method: str = "lora", head: bool = False) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -146,7 +161,7 @@ def child(kind: str, shape: str, examples: int, repeats: int, method: str = "lor
     from twintune.data.batching import TrainOrder
 
     run = prepare(recipe(shape, examples, compile=kind == "twintune_compiled", method=method,
-                         equal_lora=kind == "lora_equal"), "torch")
+                         equal_lora=kind == "lora_equal", head=head), "torch")
     encoded = run.splits["train"]
     # the references get plain dynamic padding (a random order); length grouping is ours
     plain = TrainOrder(encoded, LORA["batch"], 1, run.recipe.seed)
@@ -159,7 +174,7 @@ def child(kind: str, shape: str, examples: int, repeats: int, method: str = "lor
                 train_step(run, step)
         trainable = run.plan.trainable_parameters()
     else:
-        epoch, trainable = _hf_epoch(kind, shape, encoded, batches, method)
+        epoch, trainable = _hf_epoch(kind, shape, encoded, batches, method, head)
     start = time.perf_counter()
     epoch()  # warm-up epoch: allocator, kernels and caches settle (and compiling, if any)
     warmup_seconds = time.perf_counter() - start
@@ -177,7 +192,7 @@ def child(kind: str, shape: str, examples: int, repeats: int, method: str = "lor
     flops = method_training_flops(run.plan, spec.linear_layers(), spec.hidden_size, spec.num_layers, spec.vocab_size,
                                   [len(e.ids) for e in encoded], sum(len(e.ids) - e.prompt_len for e in encoded))
     peak_gflops = gemm_peak_gflops("torch")
-    return {"kind": kind, "method": method, "trainable_parameters": trainable, "shape": shape,
+    return {"kind": kind, "method": method, "head": head, "trainable_parameters": trainable, "shape": shape,
             "examples": len(encoded), "steps": len(batches),
             "real_tokens": real_tokens, "epoch_seconds": seconds, "epoch_times": times,
             "warmup_epoch_seconds": warmup_seconds,
@@ -187,26 +202,35 @@ def child(kind: str, shape: str, examples: int, repeats: int, method: str = "lor
             "gemm_peak_gflops": peak_gflops, "mfu": flops / seconds / 1e9 / peak_gflops}
 
 
-def _reference_model(shape: str, method: str):
+def _reference_model(shape: str, method: str, head: bool = False):
     """transformers' GPT-Neo with `method` as its users would set it up: PEFT's LoRA, DoRA, IA3, prompt
     tuning, P-tuning or prefix tuning, or (PEFT has no BitFit, last-blocks or full method)
-    requires_grad on the same parameters."""
-    from transformers import GPTNeoForCausalLM
+    requires_grad on the same parameters. With `head`: GPTNeoForSequenceClassification (3 labels,
+    the eos id as pad id) and PEFT's SEQ_CLS task, which trains `score` too."""
+    if head:
+        from transformers import AutoConfig, GPTNeoForSequenceClassification
 
-    model = GPTNeoForCausalLM.from_pretrained(model_dir(shape))
+        config = AutoConfig.from_pretrained(model_dir(shape))
+        model = GPTNeoForSequenceClassification.from_pretrained(model_dir(shape), num_labels=3,
+                                                                pad_token_id=config.eos_token_id)
+    else:
+        from transformers import GPTNeoForCausalLM
+
+        model = GPTNeoForCausalLM.from_pretrained(model_dir(shape))
+    task_type = "SEQ_CLS" if head else "CAUSAL_LM"
     keys = METHODS[method]
     if method in ("lora", "dora"):
         from peft import LoraConfig, get_peft_model
 
         return get_peft_model(model, LoraConfig(r=keys["r"], lora_alpha=keys["alpha"], lora_dropout=0.0,
                                                 target_modules=list(keys["target_modules"]),
-                                                use_dora=method == "dora", task_type="CAUSAL_LM"))
+                                                use_dora=method == "dora", task_type=task_type))
     if method == "ia3":
         from peft import IA3Config, get_peft_model
 
         return get_peft_model(model, IA3Config(target_modules=list(keys["target_modules"]),
                                                feedforward_modules=list(keys["feedforward_modules"]),
-                                               task_type="CAUSAL_LM"))
+                                               task_type=task_type))
     if method in ("prompt", "ptuning", "prefix"):
         import peft
 
@@ -221,14 +245,14 @@ def _reference_model(shape: str, method: str):
         "full": lambda name: True,
     }[method]
     for name, parameter in model.named_parameters():  # the tied wte / lm_head weight is listed once
-        parameter.requires_grad_(trains(name))
+        parameter.requires_grad_(trains(name) or name == "score.weight")
     return model
 
 
-def _hf_epoch(kind: str, shape: str, encoded, batches, method: str = "lora"):
+def _hf_epoch(kind: str, shape: str, encoded, batches, method: str = "lora", head: bool = False):
     import torch
 
-    model = _reference_model(shape, method)
+    model = _reference_model(shape, method, head)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def example(e, width):
@@ -260,6 +284,8 @@ def _hf_epoch(kind: str, shape: str, encoded, batches, method: str = "lora"):
         """A dynamically padded Batch as transformers takes it: mask, and -100 except the label tokens."""
         ids = torch.from_numpy(batch.input_ids.astype(np.int64))
         mask = (torch.arange(ids.shape[1])[None, :] < torch.from_numpy(batch.lengths)[:, None]).long()
+        if head:  # the prompt alone; the model pools its last non-pad token's 3 scores
+            return {"input_ids": ids, "attention_mask": mask, "labels": torch.from_numpy(batch.labels.astype(np.int64))}
         labels = torch.full_like(ids, -100)
         labels.view(-1)[torch.from_numpy(batch.target_positions.astype(np.int64)) + 1] = torch.from_numpy(
             batch.targets.astype(np.int64))  # transformers shifts labels itself
@@ -277,6 +303,9 @@ def _hf_epoch(kind: str, shape: str, encoded, batches, method: str = "lora"):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="lora", choices=list(METHODS), help="the method both sides train")
+    parser.add_argument("--head", action="store_true",
+                        help="with a linear classification head (task head linear; GPTNeoForSequenceClassification + "
+                             "PEFT SEQ_CLS): " + ", ".join(WITH_HEAD))
     parser.add_argument("--quick", action="store_true", help="125m shape, 40 examples, 3 repeats: under 5 minutes")
     parser.add_argument("--shape", default="125m")
     parser.add_argument("--examples", type=int, default=512)
@@ -291,11 +320,16 @@ def main() -> None:
     if args.quick:
         args.shape, args.examples, args.repeats = "125m", 40, 3
     if args.child:
-        print(json.dumps(child(args.child, args.shape, args.examples, args.repeats, args.method)))
+        print(json.dumps(child(args.child, args.shape, args.examples, args.repeats, args.method, args.head)))
         return
+    if args.head and args.method not in WITH_HEAD:
+        parser.error(f"--head: method {args.method} has no head reference; choose from {', '.join(WITH_HEAD)}")
+    if args.head and "trainer" in (args.kinds or ""):
+        parser.error("--head: the trainer kind is not built for the head task; use --kinds twintune,fair_loop")
 
     model_dir(args.shape)
-    default = "twintune,lora_equal" if args.method in WITHOUT_PEFT else "twintune,fair_loop,trainer"
+    default = "twintune,lora_equal" if args.method in WITHOUT_PEFT else \
+        "twintune,fair_loop" if args.head else "twintune,fair_loop,trainer"
     kinds = [k for k in (args.kinds or default).split(",") if k] + (["twintune_compiled"] if args.compile else [])
     unknown = sorted(set(kinds) - set(KINDS) - {"twintune_compiled"})
     if unknown or "twintune" not in kinds:
@@ -305,7 +339,8 @@ def main() -> None:
         rows[kind] = run_child("benchmarks.compare_torch", ["--child", kind, "--shape", args.shape,
                                                             "--examples", str(args.examples),
                                                             "--repeats", str(args.repeats),
-                                                            "--method", args.method], mlx=False)
+                                                            "--method", args.method,
+                                                            *(["--head"] if args.head else [])], mlx=False)
         print(json.dumps(rows[kind]), flush=True)
     ours = rows["twintune"]
     ratios = {}
@@ -323,7 +358,8 @@ def main() -> None:
     if args.compile:
         ratios["compiled_epoch_time_ratio_vs_eager"] = rows["twintune_compiled"]["epoch_seconds"] / ours["epoch_seconds"]
     ratios = {k: round(v, 3) for k, v in ratios.items()}
-    print(f"GPT-Neo {args.shape} shape, method {args.method} ({ours['trainable_parameters']:,} trainable), "
+    print(f"GPT-Neo {args.shape} shape, method {args.method}{' + linear head' if args.head else ''} "
+          f"({ours['trainable_parameters']:,} trainable), "
           f"{ours['examples']} examples ({ours['real_tokens']} real tokens), "
           f"batch {LORA['batch']}, median of {args.repeats} epochs after one warm-up")
     print_epoch_table(rows, "peak_rss_mb", "peak RSS MB")
@@ -336,10 +372,12 @@ def main() -> None:
             "tokens_per_s_ratio_vs_fair_loop": (">=", SPEED_TARGET.get(args.method, 1.5)),
             "peak_memory_ratio": ("<=", MEMORY_TARGET.get(args.method, 0.8))})
     method = "" if args.method == "lora" else f"_{args.method}"  # lora keeps the old name
+    method = f"_{args.method}_head" if args.head else method  # a head's file always names its method
     suffix = method + ("_quick" if args.quick else "") + ("_compile" if args.compile else "")
     if not args.no_save:
-        path = write_result(f"compare_torch_{args.shape}{suffix}", {"method": args.method, "rows": rows,
-                                                                     "ratios": ratios, "targets": targets})
+        path = write_result(f"compare_torch_{args.shape}{suffix}", {"method": args.method, "head": args.head,
+                                                                     "rows": rows, "ratios": ratios,
+                                                                     "targets": targets})
         print(f"wrote {path}")
     print(json.dumps(ratios))
 
