@@ -106,17 +106,23 @@ class LogisticRegression:
     @classmethod
     def fit(cls, features: np.ndarray, labels: np.ndarray, classes: int | None = None, l2: float = 1e-3,
             steps: int = 500, lr: float = 0.5) -> "LogisticRegression":
+        from threadpoolctl import threadpool_limits
+
         x = features.astype(np.float64)
         mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-8
         x = (x - mean) / scale
         k = classes or int(labels.max()) + 1
         onehot = np.eye(k)[labels]
         weight, bias = np.zeros((x.shape[1], k)), np.zeros(k)
-        for _ in range(steps):
-            probabilities = _softmax(x @ weight + bias)
-            error = (probabilities - onehot) / len(x)
-            weight -= lr * (x.T @ error + l2 * weight)
-            bias -= lr * error.sum(axis=0)
+        # One BLAS thread: the products are skinny ((N, d) by (d, K)), and threads that wait for a busy
+        # core made the fit 3-8 s instead of 0.2-1.3 s (benchmarks/README.md, "Classification head and
+        # features"); the sums then also do not depend on the machine's thread count.
+        with threadpool_limits(limits=1, user_api="blas"):
+            for _ in range(steps):
+                probabilities = _softmax(x @ weight + bias)
+                error = (probabilities - onehot) / len(x)
+                weight -= lr * (x.T @ error + l2 * weight)
+                bias -= lr * error.sum(axis=0)
         return cls(mean, scale, weight, bias)
 
     def scores(self, features: np.ndarray) -> np.ndarray:
