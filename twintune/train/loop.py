@@ -371,9 +371,8 @@ def perplexity_report(run: Run, encoded: list[Encoded]) -> dict:
     return {"loss": total / tokens, "perplexity": math.exp(total / tokens), "tokens": tokens}
 
 
-def validation_metrics(run: Run) -> dict:
-    """What a run logs at each evaluation: accuracy and macro-F1, or a causal LM's loss and perplexity."""
-    report = evaluate(run)
+def logged_metrics(report: dict) -> dict:
+    """What a run logs of an evaluation: accuracy and macro-F1, or a generative task's loss and perplexity."""
     if "perplexity" in report:
         return {"val_loss": report["loss"], "val_perplexity": report["perplexity"]}
     return {"val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
@@ -448,7 +447,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
             history["real_tokens"] += record["tokens"]
             _log(log, history, record)
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < run.total_steps:
-                _log(log, history, {"step": step + 1, **validation_metrics(run)})
+                _log(log, history, {"step": step + 1, **logged_metrics(evaluate(run))})
                 if t.early_stopping_patience:
                     value = history["log"][-1][t.early_stopping_metric]
                     if history["best"] is None or better(t.early_stopping_metric, value, history["best"]["value"]):
@@ -472,8 +471,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         if best_state is not None:  # early stopping: the best evaluation's adapter is the result
             run.backend.set_trainable_state(best_state)
         report = evaluate(run)
-        final = {"val_loss": report["loss"], "val_perplexity": report["perplexity"]} if "perplexity" in report else \
-            {"val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
+        final = logged_metrics(report)
         final_step = history["best"]["step"] if best_state is not None else last_step
         _log(log, history, {"step": final_step, **final})
     if bar:
