@@ -102,3 +102,34 @@ def one_per_row(documents: list[list[int]], length: int, eos: int) -> list[np.nd
 def lm_rows(rows: list[np.ndarray]) -> list[Encoded]:
     """Rows as the batcher takes them: the first token is the "prompt", every later one a target."""
     return [Encoded(row, 1, 0) for row in rows]
+
+
+SPLIT_STREAM = 2**31 - 7  # default_rng([seed, SPLIT_STREAM]) shuffles generative tasks' rows into splits
+
+
+def random_splits(n: int, validation_fraction: float, test_fraction: float, seed: int, source: str,
+                  what: str) -> dict[str, np.ndarray]:
+    """Indices of n items shuffled by the seed into validation (at least one), test and train, each
+    in the items' own order.
+
+    Example:
+        >>> {k: v.tolist() for k, v in random_splits(5, 0.2, 0.2, 0, "docs.txt", "documents").items()}
+        {'validation': [...], 'test': [...], 'train': [...]}
+    """
+    order = np.random.default_rng([seed, SPLIT_STREAM]).permutation(n)
+    n_validation = max(1, round(validation_fraction * n))
+    n_test = round(test_fraction * n)
+    if n - n_validation - n_test < 1:
+        raise TwintuneError(f"{source} has {n} {what}: too few to leave any for training after the validation and "
+                            "test splits.")
+    parts = {"validation": order[:n_validation], "test": order[n_validation:n_validation + n_test],
+             "train": order[n_validation + n_test:]}
+    return {split: np.sort(idx) for split, idx in parts.items()}
+
+
+def eos_id(tokenizer) -> int:
+    """The end-of-text token between packed documents and after a completion."""
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    if eos is None:
+        raise TwintuneError("the tokenizer has no <|endoftext|> token to end documents and completions with.")
+    return eos

@@ -82,3 +82,15 @@ def chat_pair(messages, where: str) -> tuple[str, str]:
         raise TwintuneError(f"{where}: the last message must be the assistant's, with text: it is the completion.")
     prompt = "\n".join(f"{ROLES[role]}: {content}" for role, content in lines[:-1])
     return (prompt + "\n" if prompt else "") + "Assistant:", " " + lines[-1][1].lstrip()
+
+
+SYNTHETIC_INSTRUCTION = ("Instruction: Is the sentiment of this sentence negative, neutral or positive?\n"
+                         "Input: {text}\nOutput:")
+
+
+def synthetic_instructions(n: int, seed: int) -> list[tuple[str, str]]:
+    """The offline instruction set: each synthetic sentence with the instruction to name its sentiment."""
+    from twintune.data.sources import load_examples
+
+    return [(SYNTHETIC_INSTRUCTION.format(text=e.text), " " + e.label)
+            for e in load_examples("synthetic", synthetic_size=n, seed=seed)]

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from twintune.data.batching import Encoded
+from twintune.data.documents import eos_id, lm_rows, load_documents, one_per_row, pack, random_splits
 from twintune.tasks.task import Task
 
 
@@ -26,3 +28,14 @@ class CausalLM(Task):
     @property
     def generative(self) -> bool:
         return True
+
+    def splits(self, data, seed: int, tokenizer, length: int) -> dict[str, list[Encoded]]:
+        """Documents shuffled by the seed into train, validation and test, each split tokenized and
+        packed (or one per row)."""
+        documents = load_documents(data.source, text_column=data.text_column, synthetic_size=data.synthetic_size,
+                                   seed=seed, split=data.split, config=data.config)
+        parts = random_splits(len(documents), data.validation_fraction, data.test_fraction, seed, data.source,
+                              "documents")
+        rows = pack if self.packing else one_per_row
+        return {split: lm_rows(rows([tokenizer.encode(documents[i], add_special_tokens=False).ids for i in idx],
+                                    length, eos_id(tokenizer))) for split, idx in parts.items()}

@@ -21,8 +21,14 @@ class Task:
 
     @property
     def generative(self) -> bool:
-        """Trained on next tokens (causal LM, instruction) and scored by loss and perplexity."""
+        """Trained on next tokens (causal LM, instruction) and scored by loss and perplexity; such a task
+        makes its own splits (`splits`)."""
         return False
+
+    def splits(self, data, seed: int, tokenizer, length: int) -> dict:
+        """A generative task's train, validation and test rows (lists of data.batching.Encoded) from the
+        recipe's `data` section, at most `length` tokens each."""
+        raise NotImplementedError
 
     def to_dict(self) -> dict:
         return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}

@@ -27,9 +27,7 @@ from twintune.methods import BaseModel, Method, Plan
 from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.quant import SUPPORTED, quantize_linear_layers
 from twintune.recipe import Recipe
-from twintune.data.documents import load_documents, lm_rows, one_per_row, pack
-from twintune.data.instructions import load_pairs
-from twintune.tasks import CausalLM, Features, head_surgery, with_head
+from twintune.tasks import Features, head_surgery, with_head
 from twintune.train.features import compute_features, split_features, train_features
 from twintune.train.checkpoints import find_checkpoint, load_checkpoint_state, save_checkpoint
 from twintune.train.loss_scale import LossScaler
@@ -141,7 +139,7 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
     split, splits, order, total_steps = {}, {}, None, 0
     if with_data and recipe.task.generative:
         length = min(d.max_length, max_positions - recipe.method.virtual_tokens)
-        splits = (lm_splits if isinstance(recipe.task, CausalLM) else instruction_splits)(recipe, tokenizer, length)
+        splits = recipe.task.splits(recipe.data, recipe.seed, tokenizer, length)
         order = TrainOrder(splits["train"], t.batch_size, t.grad_accum, recipe.seed, group_by_length=t.group_by_length)
         total_steps = t.max_steps or max(1, math.ceil(t.epochs * order.steps_per_epoch))
     elif with_data:
@@ -168,75 +166,6 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
     # The run does not keep the base's numpy weights: the backend holds the model now.
     return Run(recipe, engine, base.spec, recipe.method, plan.released(), encoder, splits, order, total_steps,
                Path(model_dir), scaler, split)
-
-
-def lm_splits(recipe: Recipe, tokenizer, length: int) -> dict[str, list[Encoded]]:
-    """The causal-LM task's rows: documents shuffled by the seed into train, validation and test
-    (data.validation_fraction, data.test_fraction), each split tokenized and packed (or one per row)."""
-    d = recipe.data
-    documents = load_documents(d.source, text_column=d.text_column, synthetic_size=d.synthetic_size,
-                               seed=recipe.seed, split=d.split, config=d.config)
-    eos = lm_eos_id(tokenizer)
-    rows = pack if recipe.task.packing else one_per_row
-    return {split: lm_rows(rows([tokenizer.encode(documents[i], add_special_tokens=False).ids for i in idx],
-                                length, eos)) for split, idx in random_splits(len(documents), recipe, "documents").items()}
-
-
-def instruction_splits(recipe: Recipe, tokenizer, length: int) -> dict[str, list[Encoded]]:
-    """The instruction task's examples: prompt + completion + end-of-text each, the targets the
-    completion and end-of-text (`mask_prompt`) or every token after the first; split by the seed."""
-    d, task = recipe.data, recipe.task
-    if d.source == "synthetic":
-        pairs = synthetic_instructions(d.synthetic_size, recipe.seed)
-    elif d.source.endswith(".jsonl"):
-        pairs = load_pairs(d.source, task.template, task.completion)
-    else:
-        raise TwintuneError(f"task instruction reads JSONL rows (prompt/completion, fields of task.template, or chat "
-                            f"messages) or source synthetic; data.source {d.source!r} is neither.")
-    eos = lm_eos_id(tokenizer)
-    encoded = []
-    for i, (prompt, completion) in enumerate(pairs):
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-        ids = prompt_ids + tokenizer.encode(completion, add_special_tokens=False).ids + [eos]
-        if len(ids) > length:
-            raise TwintuneError(f"example #{i + 1} of {d.source} is {len(ids)} tokens with its prompt and completion, "
-                                f"longer than data.max_length={length}; raise it (up to the model's context) or shorten it.")
-        encoded.append(Encoded(np.array(ids, np.int32), max(len(prompt_ids), 1) if task.mask_prompt else 1, 0))
-    return {split: [encoded[i] for i in idx] for split, idx in random_splits(len(encoded), recipe, "examples").items()}
-
-
-def synthetic_instructions(n: int, seed: int) -> list[tuple[str, str]]:
-    """The offline instruction set: each synthetic sentence with the instruction to name its sentiment."""
-    return [(SYNTHETIC_INSTRUCTION.format(text=e.text), " " + e.label) for e in load_examples("synthetic", synthetic_size=n,
-                                                                                             seed=seed)]
-
-
-SYNTHETIC_INSTRUCTION = ("Instruction: Is the sentiment of this sentence negative, neutral or positive?\n"
-                         "Input: {text}\nOutput:")
-SPLIT_STREAM = 2**31 - 7  # default_rng([seed, SPLIT_STREAM]) shuffles generative tasks' rows into splits
-
-
-def random_splits(n: int, recipe: Recipe, what: str) -> dict[str, np.ndarray]:
-    """Indices of n items shuffled by the seed into validation (at least one), test and train, each
-    in the items' own order (data.validation_fraction, data.test_fraction)."""
-    d = recipe.data
-    order = np.random.default_rng([recipe.seed, SPLIT_STREAM]).permutation(n)
-    n_validation = max(1, round(d.validation_fraction * n))
-    n_test = round(d.test_fraction * n)
-    if n - n_validation - n_test < 1:
-        raise TwintuneError(f"{d.source} has {n} {what}: too few to leave any for training after the validation and "
-                            "test splits.")
-    parts = {"validation": order[:n_validation], "test": order[n_validation:n_validation + n_test],
-             "train": order[n_validation + n_test:]}
-    return {split: np.sort(idx) for split, idx in parts.items()}
-
-
-def lm_eos_id(tokenizer) -> int:
-    """The end-of-text token between packed documents."""
-    eos = tokenizer.token_to_id("<|endoftext|>")
-    if eos is None:
-        raise TwintuneError("the tokenizer has no <|endoftext|> token to put between documents (task causal_lm).")
-    return eos
 
 
 def train_step(run: Run, step: int) -> dict:
