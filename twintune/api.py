@@ -12,9 +12,15 @@ Use trained adapters (any method; twintune's or PEFT's), several on one loaded b
     'positive'
     >>> model.add_adapter("bitfit", "runs/demo-bitfit")
     >>> model.set_adapter("bitfit")          # the base is not read again
-    >>> model.logits([[464, 3139, 373]]).shape
+    >>> model.logits([[833, 375, 420]]).shape
     (1, 3, 1024)
     >>> model.set_adapter(None)               # the base model itself
+
+Generate text (greedy: the same tokens on both backends; any method, prompt and prefix methods too):
+    >>> from twintune.api import generate
+    >>> generate("runs/demo-causal-lm", "Operating profit", max_tokens=8).finish_reason
+    'max_tokens'
+    >>> model.generate("Net sales", max_tokens=4, temperature=0.8, top_p=0.9, seed=1).text
 """
 
 from __future__ import annotations
@@ -28,16 +34,19 @@ import numpy as np
 
 from twintune.backends import backend_class, resolve_backend_name
 from twintune.data.batching import Encoder, Prompt, eval_batches
+from twintune.data.documents import eos_id
 from twintune.errors import TwintuneError
 from twintune.formats.adapter import load_adapter
 from twintune.formats.checkpoint import load_checkpoint, load_config, load_tokenizer, resolve_model_dir
+from twintune.generation import Generation, generate_text
 from twintune.methods import BaseModel, Method, Plan
 from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.recipe import DTYPES, PromptConfig, Recipe, load_recipe
 from twintune.tasks import HEAD, check_head_labels, head_surgery, read_head_labels, with_head
 from twintune.train.loop import backend_cannot_run, base_model, evaluate, predict, prepare, train
 
-__all__ = ["load_checkpoint", "load_recipe", "prepare", "train", "evaluate", "predict", "load", "Model", "Adapter"]
+__all__ = ["load_checkpoint", "load_recipe", "prepare", "train", "evaluate", "predict", "load", "generate", "Model",
+           "Adapter", "Generation"]
 
 Labels = Mapping[str, str] | Sequence[str]
 
@@ -96,7 +105,7 @@ class Model:
         >>> model.add_adapter("ia3", "runs/ia3")
         >>> model.set_adapter("ia3"); model.active
         'ia3'
-        >>> model.logits(np.array([[464, 3139]])).shape   # (batch, tokens, vocabulary)
+        >>> model.logits(np.array([[833, 375]])).shape   # (batch, tokens, vocabulary)
         (1, 2, 1024)
     """
 
@@ -169,7 +178,7 @@ class Model:
         GPTNeoForSequenceClassification computes before it picks the last token.
 
         Example:
-            >>> model.logits([[464, 3139, 373]]).shape
+            >>> model.logits([[833, 375, 420]]).shape
             (1, 3, 1024)
         """
         ids = np.asarray(input_ids)
@@ -178,6 +187,10 @@ class Model:
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise TwintuneError(f"input_ids must be integer token ids of shape (batch, tokens), got {ids.dtype} "
                                 f"of shape {ids.shape}.")
+        vocabulary = self.base.spec.vocab_size
+        if ids.size and (ids.min() < 0 or ids.max() >= vocabulary):
+            raise TwintuneError(f"input_ids must be token ids from 0 to {vocabulary - 1} (the model's vocabulary), "
+                                f"got ids from {ids.min()} to {ids.max()}.")
         return self.backend.logits(ids.astype(np.int32))
 
     def predict(self, texts: Sequence[str] | str, batch_size: int = 32) -> list[dict]:
@@ -205,6 +218,26 @@ class Model:
         return [{"text": text, "label": labels[k], "probabilities": dict(zip(labels, map(float, p)))}
                 for text, k, p in zip(texts, scores.argmax(axis=1), probabilities)]
 
+    def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0) -> Generation:
+        """The text the model (with the active adapter) writes after `prompt`: greedy at temperature 0,
+        otherwise sampled (top-p, seeded); it stops at end-of-text, after `max_tokens` or at the
+        context's end (`finish_reason`). A key/value cache runs each new token alone.
+
+        Example:
+            >>> out = model.generate("Operating profit", max_tokens=5)
+            >>> out.finish_reason, len(out.token_ids) <= 5
+            ('max_tokens', True)
+        """
+        active = self._adapters.get(self.active)
+        if active is not None and HEAD in active.state:
+            raise TwintuneError(f"adapter {self.active!r} has a classification head: it scores classes, not next "
+                                "tokens; generate with the base model (set_adapter(None)) or a run without a head.")
+        return generate_text(self.backend, self.tokenizer, prompt, context=self.base.spec.max_positions,
+                             virtual_tokens=active.method.virtual_tokens if active else 0,
+                             eos_id=eos_id(self.tokenizer), max_tokens=max_tokens, temperature=temperature,
+                             top_p=top_p, seed=seed)
+
     def _read(self, directory: Path, prompt: dict) -> Adapter:
         """An adapter read, checked against this base, and planned (the plan's initial values are
         overwritten by the trained ones, so its seed does not matter)."""
@@ -226,6 +259,20 @@ class Model:
             plan = with_head(plan, head_surgery(head.shape[0], self.base.spec.hidden_size, seed=0))
         check_fits(plan, state, adapter_dir)
         return Adapter(method, plan, state, make_prompt(prompt, recipe), adapter_dir)
+
+
+def generate(target: str | Path, prompt: str, backend: str = "auto", max_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0) -> Generation:
+    """Load `target` — a run directory (its base with its trained adapter) or a model (a directory,
+    "builtin:tiny-gpt-neo" or a hub id) — and continue `prompt` (Model.generate).
+
+    Example:
+        >>> generate("builtin:tiny-gpt-neo", "Net sales rose", max_tokens=6, backend="torch").prompt_tokens
+        3
+    """
+    is_run = Path(target).is_dir() and (Path(target) / "recipe.json").exists()
+    model = load(None, adapter=target, backend=backend) if is_run else load(str(target), backend=backend)
+    return model.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -40,6 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     prediction.add_argument("texts", nargs="+", help="one or more sentences")
     prediction.add_argument("--backend", default=None, help="auto (default: the recipe's), mlx or torch")
 
+    generating = verbs.add_parser("generate", help="continue a prompt with a run's model (or a base model)")
+    generating.add_argument("target", help="a run directory from `twintune train`, or a model (directory, "
+                                           "builtin:tiny-gpt-neo, hub id)")
+    generating.add_argument("prompt", help="the text to continue")
+    generating.add_argument("--max-tokens", type=int, default=64, help="at most this many new tokens (default 64)")
+    generating.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
+    generating.add_argument("--top-p", type=float, default=1.0, help="sample from the most likely tokens whose "
+                                                                      "probability reaches this (default 1: all)")
+    generating.add_argument("--seed", type=int, default=0, help="the sampling seed (default 0)")
+    generating.add_argument("--backend", default="auto", help="auto (default), mlx or torch")
+
     merging = verbs.add_parser("merge", help="fold a run's trained values into the base; write a Hugging Face checkpoint")
     merging.add_argument("target", help="a run directory from `twintune train`")
     merging.add_argument("--out", required=True, help="directory to write (must be new or empty)")
@@ -73,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         $ twintune train recipes/demo-financial-sentiment.yaml --backend mlx --out runs/demo
         $ twintune eval runs/demo --split test
         $ twintune predict runs/demo "Operating profit rose to EUR 13.1 mn ."
+        $ twintune generate runs/demo "Operating profit" --max-tokens 20
         $ twintune merge runs/demo --out models/demo-merged
         $ twintune estimate recipes/gpt-neo-1.3b-financial-sentiment-qlora.yaml
     """
@@ -109,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
             for row in predict_texts(args.target, args.texts, args.backend):
                 scores = "  ".join(f"{label} {p:.3f}" for label, p in row["probabilities"].items())
                 print(f"{row['label']:<10} [{scores}]  {row['text']}")
+        elif args.verb == "generate":
+            from twintune.api import generate
+
+            out = generate(args.target, args.prompt, backend=args.backend, max_tokens=args.max_tokens,
+                           temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+            print(args.prompt + out.text)
+            print(f"[{len(out.token_ids)} tokens, stopped: {out.finish_reason}, "
+                  f"{len(out.token_ids) / max(out.seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
         elif args.verb == "merge":
             from twintune.train.runs import merge_run
 

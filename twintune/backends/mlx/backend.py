@@ -259,9 +259,21 @@ class MLXBackend:
         weights = mx.array(batch.pooling_weights(pooling), dtype=self.precise)
         return np.array(mx.einsum("bt,btd->bd", weights, hidden))
 
-    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+    def logits(self, input_ids: np.ndarray, prompt_lengths: np.ndarray | None = None) -> np.ndarray:
         self.model.eval()
-        return np.array(self.model.logits(self.model(mx.array(input_ids))).astype(self.precise))
+        lengths = None if prompt_lengths is None else mx.array(prompt_lengths)
+        return np.array(self.model.logits(self.model(mx.array(input_ids), lengths)).astype(self.precise))
+
+    def make_cache(self) -> list:
+        """An empty key/value cache for next_token_logits."""
+        return self.model.make_cache()
+
+    def next_token_logits(self, input_ids: np.ndarray, cache: list) -> np.ndarray:
+        """The vocabulary scores (vocabulary,) after the last of `input_ids` (1, tokens), which continue
+        the positions `cache` holds and are added to it."""
+        self.model.eval()
+        hidden = self.model(mx.array(input_ids), cache=cache)
+        return np.array(self.model.logits(hidden[0, -1]).astype(self.precise))
 
     def peak_memory_mb(self) -> float:
         peak = mx.get_peak_memory()

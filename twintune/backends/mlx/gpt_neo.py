@@ -97,19 +97,20 @@ class GPTNeoSelfAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.out_proj = nn.Linear(d, d, bias=True)
 
-    def __call__(self, x: mx.array, prefix: tuple[mx.array, mx.array] | None = None) -> mx.array:
+    def __call__(self, x: mx.array, prefix: tuple[mx.array, mx.array] | None = None,
+                 cache: "KVCache | None" = None) -> mx.array:
         B, T, D = x.shape
         heads = lambda t: t.reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)
         # In bfloat16/float16 the attention itself runs in float32, as transformers' GPT-Neo does:
         # unscaled scores overflow float16 and lose whole units in bfloat16 (float64 stays float64).
         precise = mx.float64 if x.dtype == mx.float64 else mx.float32
         q, k, v = (heads(proj(x)).astype(precise) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        past = 0
         if prefix is not None:  # prefix tuning: (heads, n, head_dim) keys and values before the text's
-            past = prefix[0].shape[1]
             k, v = (mx.concatenate([mx.broadcast_to(p.astype(precise), (B, *p.shape)), t], axis=2)
                     for p, t in zip(prefix, (k, v)))
-        out = attention(q, k, v, self.mask(T, past)).astype(x.dtype)
+        if cache is not None:  # generation: the keys and values of every earlier position, then these
+            k, v = cache.update(k, v)
+        out = attention(q, k, v, self.mask(T, k.shape[2] - T)).astype(x.dtype)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, D))
 
     def mask(self, T: int, past: int = 0):
@@ -130,8 +131,9 @@ class GPTNeoAttention(nn.Module):
         super().__init__()
         self.attention = GPTNeoSelfAttention(spec, attention_type)
 
-    def __call__(self, x: mx.array, prefix: tuple[mx.array, mx.array] | None = None) -> mx.array:
-        return self.attention(x, prefix)
+    def __call__(self, x: mx.array, prefix: tuple[mx.array, mx.array] | None = None,
+                 cache: "KVCache | None" = None) -> mx.array:
+        return self.attention(x, prefix, cache)
 
 
 class GPTNeoMLP(nn.Module):
@@ -148,7 +150,8 @@ class GPTNeoBlock(nn.Module):
     """Pre-norm attention and MLP on the residual stream, with three empty slots a method may fill:
     `attn_adapter` and `mlp_adapter` take (sublayer output, residual stream) and return the new
     residual stream (bottleneck adapters; empty: their sum), and `intervention` takes the block's
-    output and the rows' prompt lengths (LoReFT)."""
+    output and the rows' prompt lengths (LoReFT). While generating (a `cache` that already holds the
+    prompt) the intervention rests: it acts on prompt positions only, as pyreft generates."""
 
     def __init__(self, spec: GPTNeoSpec, attention_type: str):
         super().__init__()
@@ -158,14 +161,36 @@ class GPTNeoBlock(nn.Module):
         self.mlp = GPTNeoMLP(spec)
         self.attn_adapter = self.mlp_adapter = self.intervention = None
 
-    def __call__(self, x: mx.array, prefix=None, prompt_lengths: mx.array | None = None) -> mx.array:
-        x = add_residual(self.attn_adapter, self.attn(self.ln_1(x), prefix), x)
+    def __call__(self, x: mx.array, prefix=None, prompt_lengths: mx.array | None = None,
+                 cache: "KVCache | None" = None) -> mx.array:
+        generating = cache is not None and cache.offset > 0
+        x = add_residual(self.attn_adapter, self.attn(self.ln_1(x), prefix, cache), x)
         x = add_residual(self.mlp_adapter, self.mlp(self.ln_2(x)), x)
-        return x if self.intervention is None else self.intervention(x, prompt_lengths)
+        return x if self.intervention is None or generating else self.intervention(x, prompt_lengths)
 
 
 def add_residual(adapter, output: mx.array, residual: mx.array) -> mx.array:
     return residual + output if adapter is None else adapter(output, residual)
+
+
+class KVCache:
+    """One block's keys and values of every position so far, (B, heads, positions, head_dim): generation
+    runs each new token alone and attends to these instead of running the earlier tokens again.
+    Prefix tuning's keys and values enter it with the prompt, so they count as its first positions."""
+
+    def __init__(self):
+        self.keys = self.values = None
+
+    @property
+    def offset(self) -> int:
+        """The positions held: where the next token sits."""
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is not None:
+            keys, values = mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
+        self.keys, self.values = keys, values
+        return keys, values
 
 
 class GPTNeoModel(nn.Module):
@@ -188,32 +213,39 @@ class GPTNeoModel(nn.Module):
         self.checkpoint_blocks = False
 
     def __call__(self, input_ids: mx.array, prompt_lengths: mx.array | None = None,
-                 layer: int | None = None) -> mx.array:
+                 layer: int | None = None, cache: list[KVCache] | None = None) -> mx.array:
         """The final hidden states (after ln_f); with `layer` < the number of blocks, the hidden states after
-        that many blocks (transformers' hidden_states[layer]; 0: the embeddings), unnormed."""
+        that many blocks (transformers' hidden_states[layer]; 0: the embeddings), unnormed. With `cache`
+        (one KVCache per block, filled as it goes) the ids continue the positions the cache holds; the
+        virtual tokens and prefixes enter with the first call only."""
         B, T = input_ids.shape
+        first = cache is None or cache[0].offset == 0
         x = self.wte(input_ids)
-        if self.prompt is not None:
+        if self.prompt is not None and first:
             virtual = self.prompt().astype(x.dtype)
             x = mx.concatenate([mx.broadcast_to(virtual, (B, *virtual.shape)), x], axis=1)
-        prefixes = self.prefix() if self.prefix is not None else [None] * len(self.h)
-        past = 0 if self.prefix is None else prefixes[0][0].shape[1]
+        prefixes = self.prefix() if self.prefix is not None and first else [None] * len(self.h)
+        past = 0 if prefixes[0] is None else prefixes[0][0].shape[1]
+        if not first:
+            past = cache[0].offset
         x = x + self.wpe(mx.arange(past, past + x.shape[1]))
         for i, (block, prefix) in enumerate(zip(self.h, prefixes)):
             if i == layer:
                 return x[:, x.shape[1] - T:]
-            x = run_block(block, x, prefix, prompt_lengths, self.checkpoint_blocks)
+            x = run_block(block, x, prefix, prompt_lengths, self.checkpoint_blocks,
+                          None if cache is None else cache[i])
         return self.ln_f(x[:, x.shape[1] - T:])
 
 
-def run_block(block: nn.Module, x: mx.array, prefix, prompt_lengths, checkpoint: bool) -> mx.array:
+def run_block(block: nn.Module, x: mx.array, prefix, prompt_lengths, checkpoint: bool,
+              cache: KVCache | None = None) -> mx.array:
     """One block. With `checkpoint`, only the block's input is kept for the backward, which runs
     the block again (mx.checkpoint); the recompute re-enters the micro-batch's dropout key, and the
     shared generator's masks depend on nothing else, so the gradients are those of the plain path.
     Trainable parameters (and the prefix, computed outside the block) go in as arguments so their
     gradients flow through."""
     if not checkpoint or not block.training:
-        return block(x, prefix, prompt_lengths)
+        return block(x, prefix, prompt_lengths, cache)
     key = current_dropout_key()
 
     def run(parameters, x, *prefix):
@@ -235,11 +267,15 @@ class GPTNeoForCausalLM(nn.Module):
         self.score = None
 
     def __call__(self, input_ids: mx.array, prompt_lengths: mx.array | None = None,
-                 layer: int | None = None) -> mx.array:
+                 layer: int | None = None, cache: list[KVCache] | None = None) -> mx.array:
         """Final hidden states (B, T, d); `prompt_lengths` (B,) are the rows' prompt tokens, for
         methods that act on prompt positions (none given: each whole row is its prompt); `layer`: the
-        hidden states after that many blocks instead (GPTNeoModel.__call__)."""
-        return self.transformer(input_ids, prompt_lengths, layer)
+        hidden states after that many blocks instead; `cache`: make_cache()'s, to generate (GPTNeoModel.__call__)."""
+        return self.transformer(input_ids, prompt_lengths, layer, cache)
+
+    def make_cache(self) -> list[KVCache]:
+        """An empty key/value cache, one per block, for generation."""
+        return [KVCache() for _ in self.transformer.h]
 
     def logits(self, hidden: mx.array) -> mx.array:
         """The output layer on the rows given: vocabulary scores (lm_head, tied to the token embedding),

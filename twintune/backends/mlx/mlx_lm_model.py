@@ -42,13 +42,20 @@ class MLXLMModel(nn.Module):
         # positions the model was built for (learned position tables); None: rotary, no fixed limit
         self.max_positions = getattr(args, "max_position_embeddings", None) or getattr(args, "n_positions", None)
         self.score = None  # the slot of a classification head (twintune/tasks.py)
+        self._cache_maker = getattr(inner, "make_cache", None)  # models with sliding windows make their own
 
     def __call__(self, input_ids: mx.array, prompt_lengths: mx.array | None = None,
-                 layer: int | None = None) -> mx.array:
+                 layer: int | None = None, cache: list | None = None) -> mx.array:
         if layer is not None:
             raise TwintuneError(f"features from an inner layer (task.layer) need a GPT-Neo model; this {self.model_type!r} "
                                 "model gives its final hidden states only (task.layer -1).")
-        return self.model(input_ids)  # no method on these models acts on prompt positions
+        return self.model(input_ids, cache=cache)  # no method on these models acts on prompt positions
+
+    def make_cache(self) -> list:
+        """mlx-lm's own key/value caches for the model, one per layer, for generation."""
+        from mlx_lm.models.cache import KVCache
+
+        return self._cache_maker() if self._cache_maker is not None else [KVCache() for _ in self.model.layers]
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.score is not None:  # a classification head: class scores

@@ -249,9 +249,22 @@ class TorchBackend:
         return torch.einsum("bt,btd->bd", weights, hidden).cpu().numpy()
 
     @torch.no_grad()
-    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+    def logits(self, input_ids: np.ndarray, prompt_lengths: np.ndarray | None = None) -> np.ndarray:
         self.model.eval()
-        return self.model.logits(self.model(self._tensor(input_ids))).to(self.precise).cpu().numpy()
+        lengths = None if prompt_lengths is None else self._tensor(prompt_lengths)
+        return self.model.logits(self.model(self._tensor(input_ids), lengths)).to(self.precise).cpu().numpy()
+
+    def make_cache(self) -> list:
+        """An empty key/value cache for next_token_logits."""
+        return self.model.make_cache()
+
+    @torch.no_grad()
+    def next_token_logits(self, input_ids: np.ndarray, cache: list) -> np.ndarray:
+        """The vocabulary scores (vocabulary,) after the last of `input_ids` (1, tokens), which continue
+        the positions `cache` holds and are added to it."""
+        self.model.eval()
+        hidden = self.model(self._tensor(input_ids), cache=cache)
+        return self.model.logits(hidden[0, -1]).to(self.precise).cpu().numpy()
 
     def peak_memory_mb(self) -> float:
         if self.device.type == "cuda":

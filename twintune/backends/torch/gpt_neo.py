@@ -68,18 +68,19 @@ class GPTNeoSelfAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.out_proj = nn.Linear(d, d, bias=True)
 
-    def forward(self, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: "KVCache | None" = None) -> torch.Tensor:
         B, T, D = x.shape
         heads = lambda t: t.reshape(B, T, self.num_heads, -1).transpose(1, 2)  # noqa: E731
         # In bfloat16/float16 the attention itself runs in float32, as transformers' GPT-Neo does:
         # unscaled scores overflow float16 and lose whole units in bfloat16 (float64 stays float64).
         precise = torch.float64 if x.dtype == torch.float64 else torch.float32
         q, k, v = (heads(proj(x)).to(precise) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        past = 0
         if prefix is not None:  # prefix tuning: (heads, n, head_dim) keys and values before the text's
-            past = prefix[0].shape[1]
             k, v = (torch.cat([p.to(precise).expand(B, *p.shape), t], dim=2) for p, t in zip(prefix, (k, v)))
-        out = attention(q, k, v, self.mask(T, past, x.device)).to(x.dtype)
+        if cache is not None:  # generation: the keys and values of every earlier position, then these
+            k, v = cache.update(k, v)
+        out = attention(q, k, v, self.mask(T, k.shape[2] - T, x.device)).to(x.dtype)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
 
     def mask(self, T: int, past: int, device: torch.device) -> str | torch.Tensor:
@@ -101,8 +102,9 @@ class GPTNeoAttention(nn.Module):
         super().__init__()
         self.attention = GPTNeoSelfAttention(spec, attention_type)
 
-    def forward(self, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        return self.attention(x, prefix)
+    def forward(self, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: "KVCache | None" = None) -> torch.Tensor:
+        return self.attention(x, prefix, cache)
 
 
 class GPTNeoMLP(nn.Module):
@@ -119,7 +121,8 @@ class GPTNeoBlock(nn.Module):
     """Pre-norm attention and MLP on the residual stream, with three empty slots a method may fill:
     `attn_adapter` and `mlp_adapter` take (sublayer output, residual stream) and return the new
     residual stream (bottleneck adapters; empty: their sum), and `intervention` takes the block's
-    output and the rows' prompt lengths (LoReFT)."""
+    output and the rows' prompt lengths (LoReFT). While generating (a `cache` that already holds the
+    prompt) the intervention rests: it acts on prompt positions only, as pyreft generates."""
 
     def __init__(self, spec: GPTNeoSpec, attention_type: str):
         super().__init__()
@@ -129,14 +132,36 @@ class GPTNeoBlock(nn.Module):
         self.mlp = GPTNeoMLP(spec)
         self.attn_adapter = self.mlp_adapter = self.intervention = None
 
-    def forward(self, x: torch.Tensor, prefix=None, prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        x = add_residual(self.attn_adapter, self.attn(self.ln_1(x), prefix), x)
+    def forward(self, x: torch.Tensor, prefix=None, prompt_lengths: torch.Tensor | None = None,
+                cache: "KVCache | None" = None) -> torch.Tensor:
+        generating = cache is not None and cache.offset > 0
+        x = add_residual(self.attn_adapter, self.attn(self.ln_1(x), prefix, cache), x)
         x = add_residual(self.mlp_adapter, self.mlp(self.ln_2(x)), x)
-        return x if self.intervention is None else self.intervention(x, prompt_lengths)
+        return x if self.intervention is None or generating else self.intervention(x, prompt_lengths)
 
 
 def add_residual(adapter, output: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return residual + output if adapter is None else adapter(output, residual)
+
+
+class KVCache:
+    """One block's keys and values of every position so far, (B, heads, positions, head_dim): generation
+    runs each new token alone and attends to these instead of running the earlier tokens again.
+    Prefix tuning's keys and values enter it with the prompt, so they count as its first positions."""
+
+    def __init__(self):
+        self.keys = self.values = None
+
+    @property
+    def offset(self) -> int:
+        """The positions held: where the next token sits."""
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is not None:
+            keys, values = torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
+        self.keys, self.values = keys, values
+        return keys, values
 
 
 class GPTNeoModel(nn.Module):
@@ -159,32 +184,39 @@ class GPTNeoModel(nn.Module):
         self.checkpoint_blocks = False
 
     def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None = None,
-                layer: int | None = None) -> torch.Tensor:
+                layer: int | None = None, cache: list[KVCache] | None = None) -> torch.Tensor:
         """The final hidden states (after ln_f); with `layer` < the number of blocks, the hidden states after
-        that many blocks (transformers' hidden_states[layer]; 0: the embeddings), unnormed."""
+        that many blocks (transformers' hidden_states[layer]; 0: the embeddings), unnormed. With `cache`
+        (one KVCache per block, filled as it goes) the ids continue the positions the cache holds; the
+        virtual tokens and prefixes enter with the first call only."""
         # No attention mask: padding is on the right, and causal attention never looks right.
         B, T = input_ids.shape
+        first = cache is None or cache[0].offset == 0
         x = self.wte(input_ids)
-        if self.prompt is not None:
+        if self.prompt is not None and first:
             virtual = self.prompt().to(x.dtype)
             x = torch.cat([virtual.expand(B, *virtual.shape), x], dim=1)
-        prefixes = self.prefix() if self.prefix is not None else [None] * len(self.h)
-        past = 0 if self.prefix is None else prefixes[0][0].shape[1]
+        prefixes = self.prefix() if self.prefix is not None and first else [None] * len(self.h)
+        past = 0 if prefixes[0] is None else prefixes[0][0].shape[1]
+        if not first:
+            past = cache[0].offset
         x = x + self.wpe(torch.arange(past, past + x.shape[1], device=input_ids.device))
         for i, (block, prefix) in enumerate(zip(self.h, prefixes)):
             if i == layer:
                 return x[:, x.shape[1] - T:]
-            x = run_block(block, x, prefix, prompt_lengths, self.checkpoint_blocks)
+            x = run_block(block, x, prefix, prompt_lengths, self.checkpoint_blocks,
+                          None if cache is None else cache[i])
         return self.ln_f(x[:, x.shape[1] - T:])
 
 
-def run_block(block: nn.Module, x: torch.Tensor, prefix, prompt_lengths, checkpoint_block: bool) -> torch.Tensor:
+def run_block(block: nn.Module, x: torch.Tensor, prefix, prompt_lengths, checkpoint_block: bool,
+              cache: KVCache | None = None) -> torch.Tensor:
     """One block. With `checkpoint_block`, only the block's input is kept for the backward, which runs
     the block again (torch.utils.checkpoint, non-reentrant). The recompute draws the same dropout
     masks: they depend only on the micro-batch's key, and the backend runs the backward inside the
     same `dropout_masks(key)` as the forward (MLX's run_block re-enters the key itself instead)."""
     if not checkpoint_block or not block.training:
-        return block(x, prefix, prompt_lengths)
+        return block(x, prefix, prompt_lengths, cache)
     return checkpoint(block, x, prefix, prompt_lengths, use_reentrant=False)
 
 
@@ -225,11 +257,15 @@ class GPTNeoForCausalLM(nn.Module):
         self.transformer.checkpoint_blocks = True
 
     def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None = None,
-                layer: int | None = None) -> torch.Tensor:
+                layer: int | None = None, cache: list[KVCache] | None = None) -> torch.Tensor:
         """Final hidden states (B, T, d); `prompt_lengths` (B,) are the rows' prompt tokens, for
         methods that act on prompt positions (none given: each whole row is its prompt); `layer`: the
-        hidden states after that many blocks instead (GPTNeoModel.forward)."""
-        return self.transformer(input_ids, prompt_lengths, layer)
+        hidden states after that many blocks instead; `cache`: make_cache()'s, to generate (GPTNeoModel.forward)."""
+        return self.transformer(input_ids, prompt_lengths, layer, cache)
+
+    def make_cache(self) -> list[KVCache]:
+        """An empty key/value cache, one per block, for generation."""
+        return [KVCache() for _ in self.transformer.h]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output layer on the rows given: vocabulary scores (lm_head, tied to the token embedding),

@@ -1,0 +1,106 @@
+"""Text generation, the same on both backends: the decoding loop lives here, in numpy; a backend
+only gives the next token's scores (`next_token_logits`), extending its key/value cache.
+
+The prompt runs once and each new token alone after it (the cache holds every earlier position's
+keys and values): no quadratic re-run of the prefix. Greedy decoding (temperature 0) takes the
+highest score; sampling divides the scores by the temperature, keeps the smallest set of most
+likely tokens whose probability reaches `top_p`, and draws from them with numpy's generator
+seeded by `seed` — so both backends draw the same uniform numbers and choose the same tokens
+wherever their probabilities agree. Decoding stops at the end-of-text token (not included in
+the text), after `max_tokens`, or when the model's context is full.
+
+Prompt and prefix methods work as in training: the virtual tokens (or prefix keys and values)
+come first and enter the cache with the prompt; LoReFT edits the prompt's positions and not
+the generated ones, as pyreft does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from twintune.errors import TwintuneError
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What `generate` gives: the new text, its token ids, why it stopped ("eos", "max_tokens" or
+    "context"), the prompt's token count and the seconds the decoding took."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    seconds: float
+
+
+def check_settings(max_tokens: int, temperature: float, top_p: float) -> None:
+    """One sentence for a setting generation cannot use."""
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise TwintuneError(f"max_tokens must be a whole number of at least 1 (the tokens to generate), got {max_tokens!r}.")
+    if not isinstance(temperature, (int, float)) or not np.isfinite(temperature) or temperature < 0:
+        raise TwintuneError(f"temperature must be a number of at least 0 (0: greedy), got {temperature!r}.")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise TwintuneError(f"top_p must be a number above 0 and at most 1 (1: no cut), got {top_p!r}.")
+
+
+def choose_token(scores: np.ndarray, rng: np.random.Generator, temperature: float, top_p: float) -> int:
+    """The next token from one position's vocabulary scores: the best (temperature 0), or a draw.
+
+    Example:
+        >>> choose_token(np.array([0.1, 2.0, -1.0]), np.random.default_rng(0), 0.0, 1.0)
+        1
+    """
+    if temperature == 0:
+        return int(np.argmax(scores))
+    scaled = scores.astype(np.float64) / temperature
+    probabilities = np.exp(scaled - scaled.max())
+    probabilities /= probabilities.sum()
+    order = np.argsort(-probabilities, kind="stable")
+    ranked = probabilities[order]
+    keep = np.cumsum(ranked) - ranked < top_p  # the tokens before which the mass is still short of top_p
+    kept = ranked[keep] / ranked[keep].sum()
+    index = int(np.searchsorted(np.cumsum(kept), rng.random(), side="right"))
+    return int(order[min(index, len(kept) - 1)])
+
+
+def generate_ids(backend, prompt_ids: list[int], *, context: int, virtual_tokens: int, eos_id: int,
+                 max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0) -> tuple[list[int], str]:
+    """New token ids after `prompt_ids` and why decoding stopped; `context` is the model's positions,
+    of which `virtual_tokens` go to a prompt or prefix method."""
+    check_settings(max_tokens, temperature, top_p)
+    used = virtual_tokens + len(prompt_ids)
+    if used > context:
+        raise TwintuneError(f"the prompt is {len(prompt_ids)} tokens" + (f" after {virtual_tokens} virtual tokens"
+                            if virtual_tokens else "") + f", but the model reads at most {context} positions; "
+                            "shorten it.")
+    cache = backend.make_cache()
+    scores = backend.next_token_logits(np.array([prompt_ids], np.int32), cache)
+    rng = np.random.default_rng(seed)
+    new: list[int] = []
+    while True:
+        token = choose_token(scores, rng, temperature, top_p)
+        if token == eos_id:
+            return new, "eos"
+        new.append(token)
+        if len(new) == max_tokens:
+            return new, "max_tokens"
+        if used + len(new) >= context:  # the token just chosen has no position left to be read at
+            return new, "context"
+        scores = backend.next_token_logits(np.array([[token]], np.int32), cache)
+
+
+def generate_text(backend, tokenizer, prompt: str, *, context: int, virtual_tokens: int, eos_id: int,
+                  max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Generation:
+    """`prompt` tokenized, continued (generate_ids) and the new tokens decoded. An empty prompt
+    starts from the end-of-text token, as GPT-Neo's begin-of-text."""
+    if not isinstance(prompt, str):
+        raise TwintuneError(f"the prompt must be a string, got {type(prompt).__name__}.")
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [eos_id]
+    start = time.perf_counter()
+    ids, reason = generate_ids(backend, prompt_ids, context=context, virtual_tokens=virtual_tokens, eos_id=eos_id,
+                               max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    return Generation(tokenizer.decode(ids), ids, reason, len(prompt_ids), time.perf_counter() - start)
