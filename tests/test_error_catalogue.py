@@ -225,6 +225,14 @@ CASES = [
     case("merge", "{root}/features-run", "--out", "{root}/features-merged", match="a features run cannot be merged"),
     case("train", DEMO, "--set", "method={name: none}", "--set", "task.name=features", "--resume", "{root}/features-run",
          match="a features run has no checkpoints to resume"),
+    # generation
+    case("generate", "{root}/run", "Sales rose", "--max-tokens", "0", match="max_tokens must be a whole number of at least 1"),
+    case("generate", "{root}/run", "Sales rose", "--top-p", "1.5", match="top_p must be a number above 0 and at most 1"),
+    case("generate", "{root}/run", "Sales rose", "--temperature", "-0.5", match="temperature must be a number of at least 0"),
+    case("generate", "{root}/run", "profit rose " * 300,
+         match="the prompt is 603 tokens, but the model reads at most 512 positions; shorten it"),
+    case("generate", "{root}/head-run", "Sales rose", match="has a classification head: it scores classes, not next tokens"),
+    case("generate", "{root}/features-run", "Sales rose", match="is a features run: it holds a classifier on frozen features"),
 ]
 
 

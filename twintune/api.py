@@ -231,8 +231,9 @@ class Model:
         """
         active = self._adapters.get(self.active)
         if active is not None and HEAD in active.state:
-            raise TwintuneError(f"adapter {self.active!r} has a classification head: it scores classes, not next "
-                                "tokens; generate with the base model (set_adapter(None)) or a run without a head.")
+            raise TwintuneError(f"adapter {self.active!r} ({active.directory}) has a classification head: it scores "
+                                "classes, not next tokens; generate with a run trained without a head, or with the base "
+                                "model.")
         return generate_text(self.backend, self.tokenizer, prompt, context=self.base.spec.max_positions,
                              virtual_tokens=active.method.virtual_tokens if active else 0,
                              eos_id=eos_id(self.tokenizer), max_tokens=max_tokens, temperature=temperature,
