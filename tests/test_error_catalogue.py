@@ -225,6 +225,9 @@ CASES = [
     case("merge", "{root}/features-run", "--out", "{root}/features-merged", match="a features run cannot be merged"),
     case("train", DEMO, "--set", "method={name: none}", "--set", "task.name=features", "--resume", "{root}/features-run",
          match="a features run has no checkpoints to resume"),
+    case("train", DEMO, "--set", "task=instruction", "--set",
+         "data.mixture=[{source: a.jsonl, weight: 0}, {source: b.txt, task: causal_lm, weight: 0}]",
+         match="data.mixture has no positive weight: give at least one source a weight above 0"),
     # generation
     case("generate", "{root}/run", "Sales rose", "--max-tokens", "0", match="max_tokens must be a whole number of at least 1"),
     case("generate", "{root}/run", "Sales rose", "--top-p", "1.5", match="top_p must be a number above 0 and at most 1"),

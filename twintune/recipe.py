@@ -23,6 +23,17 @@ DEFAULT_LABELS = {"negative": " negative", "neutral": " neutral", "positive": " 
 
 
 @dataclass
+class MixtureSource:
+    """One source of `data.mixture`: sampled with probability weight / the weights' sum."""
+
+    source: str = ""  # as data.source: a .jsonl / .txt / datasets source, or synthetic
+    weight: float = 1.0
+    task: str = ""  # causal_lm | instruction ("": the recipe's task, with its keys)
+    template: str = ""  # instruction: this source's template ("": the task's)
+    name: str = ""  # in per-source metrics ("": the file's stem)
+
+
+@dataclass
 class DataConfig:
     source: str = "synthetic"  # synthetic | financial_phrasebank | hf:ORG/NAME | a .txt/.csv/.jsonl/.json/.parquet path
     subset: str = "sentences_allagree"  # financial_phrasebank's
@@ -34,6 +45,7 @@ class DataConfig:
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     max_length: int = 256  # tokens, prompt and label word included
+    mixture: list[MixtureSource] = field(default_factory=list)  # several sources by weight (generative tasks)
 
 
 @dataclass
@@ -164,6 +176,29 @@ def apply_override(raw: dict, item: str) -> None:
 _check = check
 
 
+def validate_mixture(r: Recipe) -> None:
+    """A mixture mixes generative tasks, each source named once, with some positive weight."""
+    from twintune.data.mixture import source_name
+
+    _check(r.task.generative, f"data.mixture mixes generative tasks (causal_lm, instruction); task {r.task.name} "
+                              "trains on one data.source.")
+    names = []
+    for i, part in enumerate(r.data.mixture):
+        where = f"data.mixture[{i}]"
+        _check(bool(part.source), f"recipe key '{where}.source' is missing: name the source's file or dataset.")
+        _check(part.weight >= 0, f"recipe key '{where}.weight' must be >= 0, got {part.weight}.")
+        task = part.task or r.task.name
+        _check(task in ("causal_lm", "instruction"),
+               f"recipe key '{where}.task' must be causal_lm or instruction, got {part.task!r}.")
+        _check(not part.template or task == "instruction",
+               f"recipe key '{where}.template' belongs to instruction sources; this source's task is {task}.")
+        names.append(part.name or source_name(part.source))
+    _check(sum(part.weight for part in r.data.mixture) > 0,
+           "data.mixture has no positive weight: give at least one source a weight above 0.")
+    for name in names:
+        _check(names.count(name) == 1, f"data.mixture names {name!r} twice; give the sources distinct `name`s.")
+
+
 def validate(r: Recipe) -> None:
     """Range checks that types alone cannot express."""
     from twintune.backends import BACKENDS
@@ -178,6 +213,8 @@ def validate(r: Recipe) -> None:
     _check(d.validation_fraction + d.test_fraction < 1, "data.validation_fraction + data.test_fraction must leave examples to train on.")
     _check(d.max_length >= 2, f"recipe key 'data.max_length' must be at least 2, got {d.max_length}.")
     _check(len(r.prompt.labels) >= 2, "recipe key 'prompt.labels' must name at least two labels.")
+    if d.mixture:
+        validate_mixture(r)
     if isinstance(r.task, Features):
         _check(r.method.name == "none", f"task features trains no method (the model stays frozen; a classifier is "
                                         f"fitted on its features), but the recipe names method {r.method.name}; "

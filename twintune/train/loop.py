@@ -16,6 +16,7 @@ import numpy as np
 
 from twintune.backends import backend_class, resolve_backend_name
 from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder, eval_batches
+from twintune.data.mixture import MixtureOrder, mixture_splits
 from twintune.data.examples import Example
 from twintune.data.shots import ShotIndex, draw_shots, with_shots
 from twintune.data.sources import load_examples, stratified_split
@@ -47,12 +48,13 @@ class Run:
     plan: Plan  # released: an unfrozen parameter's start is not kept (Plan.released)
     encoder: Encoder
     splits: dict[str, list[Encoded]]
-    order: TrainOrder | None
+    order: TrainOrder | MixtureOrder | None
     total_steps: int
     model_dir: Path
     loss_scaler: LossScaler | None = None  # float16 only
     examples: dict[str, list[Example]] = field(default_factory=dict)  # the splits' sentences (few-shot prompts)
     classifier: object | None = None  # the features task's (train/features.py FeatureClassifier), once fitted
+    sources: dict[str, dict[str, list[Encoded]]] = field(default_factory=dict)  # a mixture's splits, by source
 
 
 def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) -> Run:
@@ -136,8 +138,15 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
     encoder = Encoder(tokenizer, prompt, max_length=min(d.max_length, max_positions), method=recipe.method,
                       context=max_positions, head=recipe.task.linear_head)
     t = recipe.train
-    split, splits, order, total_steps = {}, {}, None, 0
-    if with_data and recipe.task.generative:
+    split, splits, order, total_steps, sources = {}, {}, None, 0, {}
+    if with_data and d.mixture:
+        length = min(d.max_length, max_positions - recipe.method.virtual_tokens)
+        sources = mixture_splits(recipe, tokenizer, length)
+        splits = {name: [e for parts in sources.values() for e in parts[name]] for name in ("train", "validation", "test")}
+        order = MixtureOrder([parts["train"] for parts in sources.values()], [part.weight for part in d.mixture],
+                             t.batch_size, t.grad_accum, recipe.seed)
+        total_steps = t.max_steps or max(1, math.ceil(t.epochs * order.steps_per_epoch))
+    elif with_data and recipe.task.generative:
         length = min(d.max_length, max_positions - recipe.method.virtual_tokens)
         splits = recipe.task.splits(recipe.data, recipe.seed, tokenizer, length)
         order = TrainOrder(splits["train"], t.batch_size, t.grad_accum, recipe.seed, group_by_length=t.group_by_length)
@@ -165,7 +174,7 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
     scaler = LossScaler() if recipe.dtype == "float16" else None
     # The run does not keep the base's numpy weights: the backend holds the model now.
     return Run(recipe, engine, base.spec, recipe.method, plan.released(), encoder, splits, order, total_steps,
-               Path(model_dir), scaler, split)
+               Path(model_dir), scaler, split, sources=sources)
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -222,7 +231,11 @@ def evaluate(run: Run, split: str = "validation") -> dict:
     if not encoded:
         raise TwintuneError(f"the {split} split is empty.")
     if run.recipe.task.generative:
-        return perplexity_report(run, encoded)
+        report = perplexity_report(run, encoded)
+        if run.sources:  # a mixture: each source's own figures beside the whole's
+            report["sources"] = {name: perplexity_report(run, parts[split]) for name, parts in run.sources.items()
+                                 if parts[split]}
+        return report
     if run.classifier is not None:  # a features run reads the split's cached features
         return _report(run, encoded, split_features(run, split, run.classifier.pooling, run.classifier.layer))
     return _report(run, encoded)
@@ -303,7 +316,9 @@ def perplexity_report(run: Run, encoded: list[Encoded]) -> dict:
 def logged_metrics(report: dict) -> dict:
     """What a run logs of an evaluation: accuracy and macro-F1, or a generative task's loss and perplexity."""
     if "perplexity" in report:
-        return {"val_loss": report["loss"], "val_perplexity": report["perplexity"]}
+        per_source = {f"val_{key}/{name}": figures[key] for name, figures in report.get("sources", {}).items()
+                      for key in ("loss", "perplexity")}
+        return {"val_loss": report["loss"], "val_perplexity": report["perplexity"], **per_source}
     return {"val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
 
 

@@ -214,9 +214,11 @@ def _export_mlx_lm(run_dir: Path, out: Path) -> Path:
 
 def format_report(report: dict) -> str:
     """A readable table of an evaluation report."""
-    if "perplexity" in report:  # a causal LM's
-        return (f"{report['split']} split, {report['examples']} rows, {report['tokens']} target tokens "
-                f"({report['backend']}): loss {report['loss']:.4f}, perplexity {report['perplexity']:.3f}")
+    if "perplexity" in report:  # a generative task's, with a mixture's sources one per line
+        return "\n".join([f"{report['split']} split, {report['examples']} rows, {report['tokens']} target tokens "
+                          f"({report['backend']}): loss {report['loss']:.4f}, perplexity {report['perplexity']:.3f}"] +
+                         [f"  {name}: {figures['tokens']} target tokens, loss {figures['loss']:.4f}, "
+                          f"perplexity {figures['perplexity']:.3f}" for name, figures in report.get("sources", {}).items()])
     labels = report["labels"]
     width = max(len(label) for label in labels) + 2
     shots = f", {report['shots']} shots of each class" if report.get("shots") is not None else ""
