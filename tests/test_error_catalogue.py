@@ -228,6 +228,9 @@ CASES = [
     case("train", DEMO, "--set", "task=instruction", "--set",
          "data.mixture=[{source: a.jsonl, weight: 0}, {source: b.txt, task: causal_lm, weight: 0}]",
          match="data.mixture has no positive weight: give at least one source a weight above 0"),
+    case("train", DEMO, "--set", "train.replay.fraction=0.2", match="train.replay needs a source of general text"),
+    case("train", DEMO, "--set", "task.head=linear", "--set", "train.forgetting_eval=synthetic",
+         match="train.forgetting_eval scores general text with the model's vocabulary"),
     # generation
     case("generate", "{root}/run", "Sales rose", "--max-tokens", "0", match="max_tokens must be a whole number of at least 1"),
     case("generate", "{root}/run", "Sales rose", "--top-p", "1.5", match="top_p must be a number above 0 and at most 1"),

@@ -67,6 +67,12 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
+class ReplayConfig:
+    source: str = ""  # general text: a .txt / .jsonl / datasets source, or synthetic
+    fraction: float = 0.0  # of each step's examples; 0: no replay
+
+
+@dataclass
 class TrainConfig:
     epochs: float = 1.0
     max_steps: int = 0  # > 0 overrides epochs
@@ -88,6 +94,8 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept
     early_stopping_patience: int = 0  # evaluations without improvement before stopping (0: off)
     early_stopping_metric: str = "val_accuracy"  # val_accuracy | val_macro_f1 (task causal_lm: val_loss | val_perplexity)
+    forgetting_eval: str = ""  # general text whose perplexity the summary reports before and after training
+    replay: ReplayConfig = field(default_factory=ReplayConfig)  # general text replayed in every step
 
 
 @dataclass
@@ -250,5 +258,16 @@ def validate(r: Recipe) -> None:
     _check(t.early_stopping_metric in metrics or not t.early_stopping_patience,
            f"recipe key 'train.early_stopping_metric' must be {' or '.join(metrics)} for task {r.task.name}, "
            f"got {t.early_stopping_metric!r}.")
+    _check(0 <= t.replay.fraction < 1, f"recipe key 'train.replay.fraction' must be at least 0 and below 1 (the share "
+                                       f"of each step's examples), got {t.replay.fraction}.")
+    _check(not t.replay.fraction or t.replay.source, "train.replay needs a source of general text (train.replay.source: "
+                                                     "a .txt, .jsonl or datasets source, or synthetic).")
+    for key, used in (("train.replay", t.replay.fraction > 0), ("train.forgetting_eval", bool(t.forgetting_eval))):
+        _check(not used or not r.task.linear_head and not isinstance(r.task, Features),
+               f"{key} scores general text with the model's vocabulary, which task {r.task.name} "
+               f"{'replaces with a classification head' if r.task.linear_head else 'does not train'}.")
+    _check(not (t.replay.fraction and t.replay.source == t.forgetting_eval != "synthetic"),
+           f"train.forgetting_eval measures forgetting on held-out text, but {t.forgetting_eval} is also "
+           "train.replay.source, which training reads; name another source for one of them.")
     _check(not t.early_stopping_patience or t.eval_every > 0,
            "train.early_stopping_patience needs train.eval_every > 0 (it counts evaluations).")

@@ -66,6 +66,7 @@ class Batch:
     labels: np.ndarray  # (B,) int32 class index
     lengths: np.ndarray  # (B,) real tokens per row
     example_index: np.ndarray | None = None  # (B,) rows' places in the split, for evaluation
+    replay: bool = False  # rows of general text replayed beside the task's (train/guards.py)
 
     @property
     def n_targets(self) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 from twintune.backends import backend_class, resolve_backend_name
 from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder, eval_batches
 from twintune.data.mixture import MixtureOrder, mixture_splits
+from twintune.train.guards import REPLAY, ReplayOrder, forgetting_summary, general_rows, loss_weights, perplexity_of
 from twintune.data.examples import Example
 from twintune.data.shots import ShotIndex, draw_shots, with_shots
 from twintune.data.sources import load_examples, stratified_split
@@ -48,13 +49,14 @@ class Run:
     plan: Plan  # released: an unfrozen parameter's start is not kept (Plan.released)
     encoder: Encoder
     splits: dict[str, list[Encoded]]
-    order: TrainOrder | MixtureOrder | None
+    order: TrainOrder | MixtureOrder | ReplayOrder | None
     total_steps: int
     model_dir: Path
     loss_scaler: LossScaler | None = None  # float16 only
     examples: dict[str, list[Example]] = field(default_factory=dict)  # the splits' sentences (few-shot prompts)
     classifier: object | None = None  # the features task's (train/features.py FeatureClassifier), once fitted
     sources: dict[str, dict[str, list[Encoded]]] = field(default_factory=dict)  # a mixture's splits, by source
+    general: list[Encoded] = field(default_factory=list)  # train.forgetting_eval's text, as causal-LM rows
 
 
 def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) -> Run:
@@ -162,6 +164,15 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
         order = TrainOrder(splits["train"], t.batch_size, t.grad_accum, recipe.seed, group_by_length=t.group_by_length)
         total_steps = t.max_steps or max(1, math.ceil(t.epochs * order.steps_per_epoch))
 
+    general = []
+    if with_data:
+        length = min(d.max_length, max_positions - recipe.method.virtual_tokens)
+        if t.replay.fraction > 0:
+            order = ReplayOrder(order, general_rows(t.replay.source, tokenizer, length, REPLAY), t.replay.fraction,
+                                recipe.seed)
+        if t.forgetting_eval:
+            general = general_rows(t.forgetting_eval, tokenizer, length)
+
     quantization = recipe.quantization()
     if quantization and quantization.kind == "affine":
         engine.quantize_affine(quantization.bits, quantization.group_size)
@@ -174,7 +185,7 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
     scaler = LossScaler() if recipe.dtype == "float16" else None
     # The run does not keep the base's numpy weights: the backend holds the model now.
     return Run(recipe, engine, base.spec, recipe.method, plan.released(), encoder, splits, order, total_steps,
-               Path(model_dir), scaler, split, sources=sources)
+               Path(model_dir), scaler, split, sources=sources, general=general)
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -185,11 +196,10 @@ def train_step(run: Run, step: int) -> dict:
     """
     t = run.recipe.train
     batches = run.order.step_batches(step)
-    n_targets = sum(b.n_targets for b in batches)
     scale = run.loss_scaler.scale if run.loss_scaler else 1.0
-    loss_sum = sum(run.backend.forward_backward(b, scale / n_targets, dropout_key(run.recipe.seed, step, i))
-                   for i, b in enumerate(batches))
-    loss = loss_sum / n_targets
+    sums = [run.backend.forward_backward(b, scale * weight, dropout_key(run.recipe.seed, step, i))
+            for i, (b, weight) in enumerate(zip(batches, loss_weights(batches, t.replay.fraction)))]
+    loss = sum(s for s, b in zip(sums, batches) if not b.replay) / sum(b.n_targets for b in batches if not b.replay)
     if not math.isfinite(loss):
         raise TwintuneError(f"the training loss became {loss} at step {step + 1}; lower train.lr "
                             "or set train.max_grad_norm (the last saved adapter, if any, is kept).")
@@ -201,6 +211,8 @@ def train_step(run: Run, step: int) -> dict:
                             "dtype=float32 (the last saved adapter, if any, is kept).")
     record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm if finite else None,
               "tokens": sum(b.n_real_tokens for b in batches)}
+    if batches[-1].replay:  # the general text's mean loss per token, beside the task's
+        record["replay_loss"] = sums[-1] / batches[-1].n_targets
     if run.loss_scaler:
         run.loss_scaler.update(finite)
         record["skipped"] = not finite
@@ -375,6 +387,8 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     segments = history.setdefault("backends", [])
     segments.append({"backend": name, "first_step": first_step + 1, "last_step": first_step})
     write_json(out / "recipe.json", recipe.to_dict())
+    if t.forgetting_eval and "forgetting_before" not in history:  # measured once, before the first step
+        history["forgetting_before"] = perplexity_of(run, run.general)
 
     bar = _progress(run.total_steps, progress, first_step)
     started = time.perf_counter()
@@ -447,6 +461,8 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         **({} if "perplexity" in report else {"val_per_class": report["per_class"], "val_confusion": report["confusion"],
                                              "labels": report["labels"]}),
         "evals": evals,
+        **({"forgetting": forgetting_summary(t.forgetting_eval, history["forgetting_before"],
+                                             perplexity_of(run, run.general))} if t.forgetting_eval else {}),
         "train_seconds": seconds,
         "real_tokens_per_second": history["real_tokens"] / seconds if seconds > 0 else 0.0,
         "peak_memory_mb": run.backend.peak_memory_mb(),

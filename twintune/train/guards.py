@@ -1,0 +1,98 @@
+"""Guards against forgetting, measured: the perplexity of held-out general text before and after
+training (`train.forgetting_eval`), and replay of general text in every step (`train.replay`).
+
+General text is a causal-LM source (a .txt with one document per line, JSONL `text`, a `datasets`
+source, or `synthetic`: the synthetic generator's sentences from a stream of their own, like the
+text the built-in model was pre-trained on), one document per row followed by end-of-text (cut into
+rows of `data.max_length` if longer): the perplexity of each document on its own, as a model reads a
+text from its start, not of documents packed behind others.
+
+Replay: each step's task examples are joined by round(B * f / (1 - f)) rows of general text (B the
+step's task examples, f `train.replay.fraction`), so that f of the step's examples are general
+text; the step's loss is (1 - f) * the task's mean loss per target token + f * the general text's
+mean loss per token, each averaged over its own tokens (a 40-token text row would otherwise
+outweigh a one-token label word forty times). Which rows a step replays depends on (seed, step)
+alone: resume stays exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from twintune.data.batching import Batch, Encoded, make_batch
+from twintune.data.documents import eos_id, lm_rows, load_documents, one_per_row
+from twintune.errors import TwintuneError
+
+GENERAL_SEED = 50_000  # `synthetic` general text: a stream apart from the task's, the corpus's and the pre-training's
+FORGETTING, REPLAY = 0, 1  # synthetic general text: the held-out text and the replayed text are separate streams
+GENERAL_SYNTHETIC_DOCUMENTS = 400
+REPLAY_STREAM = 0x5250  # "RP": the replay rows' permutations, apart from the task's order
+
+
+def general_rows(source: str, tokenizer, length: int, stream: int = FORGETTING) -> list[Encoded]:
+    """General text as packed causal-LM rows (`synthetic`: the stream's own sentences, so that replayed
+    text is never the held-out text)."""
+    if source == "synthetic":
+        from twintune.data.synthetic import synthetic_financial_sentiment
+
+        documents = [e.text for e in synthetic_financial_sentiment(n=GENERAL_SYNTHETIC_DOCUMENTS,
+                                                                    seed=GENERAL_SEED + stream)]
+    else:
+        documents = load_documents(source)
+    ids = [tokenizer.encode(text, add_special_tokens=False).ids for text in documents]
+    rows = lm_rows(one_per_row(ids, length, eos_id(tokenizer)))
+    if not rows:
+        raise TwintuneError(f"the general text {source} gives no rows of two tokens or more.")
+    return rows
+
+
+class ReplayOrder:
+    """A task's TrainOrder (or MixtureOrder) with rows of general text added to every step: its
+    micro-batches, then one micro-batch of replay rows (`replay` set on it)."""
+
+    def __init__(self, task_order, rows: list[Encoded], fraction: float, seed: int, pad_id: int = 0):
+        self.task_order = task_order
+        self.rows = rows
+        self.fraction = fraction
+        self.steps_per_epoch = task_order.steps_per_epoch
+        self.rows_per_step = max(1, round(task_order.examples_per_step * fraction / (1 - fraction)))
+        self.seed = seed
+        self.pad_id = pad_id
+
+    def replay_batch(self, step: int) -> Batch:
+        """The general-text rows of `step`: the next ones of the rows' seeded permutations."""
+        chosen = []
+        for position in range(step * self.rows_per_step, (step + 1) * self.rows_per_step):
+            epoch, within = divmod(position, len(self.rows))
+            order = np.random.default_rng([self.seed, REPLAY_STREAM, epoch]).permutation(len(self.rows))
+            chosen.append(self.rows[order[within]])
+        return dataclasses.replace(make_batch(chosen, self.pad_id), replay=True)
+
+    def step_batches(self, step: int) -> list[Batch]:
+        return [*self.task_order.step_batches(step), self.replay_batch(step)]
+
+
+def loss_weights(batches: list[Batch], fraction: float) -> list[float]:
+    """Each micro-batch's factor on its summed loss: 1 / the task's targets, or with replay
+    (1 - f) / the task's targets and f / the replay rows' targets."""
+    task = sum(b.n_targets for b in batches if not b.replay)
+    replay = sum(b.n_targets for b in batches if b.replay)
+    if not replay:
+        return [1.0 / task] * len(batches)
+    return [fraction / replay if b.replay else (1 - fraction) / task for b in batches]
+
+
+def perplexity_of(run, rows: list[Encoded]) -> float:
+    """The model's perplexity on rows (every target token alike)."""
+    from twintune.train.loop import perplexity_report
+
+    return perplexity_report(run, rows)["perplexity"]
+
+
+def forgetting_summary(source: str, before: float, after: float) -> dict:
+    """What summary.json says of forgetting: the general text's perplexity before and after, and the change."""
+    return {"source": source, "perplexity_before": before, "perplexity_after": after,
+            "change": after - before, "relative_change": after / before - 1 if math.isfinite(before) else None}
