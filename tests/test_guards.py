@@ -98,3 +98,49 @@ def test_on_the_demo_replay_keeps_the_general_texts_perplexity_near_where_it_was
 def test_bad_guard_settings_are_one_sentence(overrides, match):
     with pytest.raises(TwintuneError, match=match.replace("(", r"\(").replace(")", r"\)")):
         load_recipe(DEMO, overrides)
+
+
+EWC = "train.ewc={source: synthetic, weight: 50.0, samples: 4}"
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_ewc_penalty_and_its_gradient_are_the_formulas_on_the_fisher_of_the_general_text(backend):
+    from twintune.train.guards import EWC as STREAM
+    from twintune.train.guards import fisher_diagonal, general_rows
+
+    run = prepare(_small(EWC, "method={name: lora, r: 2, target_modules: [q_proj]}"), backend)
+    anchor = run.backend.trainable_state()
+    rows = general_rows("synthetic", run.encoder.tokenizer, 128, STREAM)[:4]
+    squares = []
+    for row in rows:  # each row's gradient on its own, by the backend, squared and averaged here
+        batch = make_batch([row])
+        run.backend.forward_backward(batch, 1.0 / batch.n_targets)
+        squares.append({k: g * g for k, g in run.backend.take_gradients().items()})
+    fisher = {k: np.mean([s[k] for s in squares], axis=0) for k in anchor}
+    assert all(np.allclose(fisher[k], v, rtol=1e-5, atol=0) for k, v in fisher_diagonal(run.backend, rows).items())
+    assert any(v.max() > 0 for v in fisher.values())
+    moved = {k: v + np.random.default_rng(1).normal(0, 0.05, v.shape).astype(v.dtype) for k, v in anchor.items()}
+    run.backend.set_trainable_state(moved)
+    run.backend.set_penalty(fisher, anchor, 50.0)
+    expected = 50.0 * sum(float((fisher[k] * (moved[k] - anchor[k]) ** 2).sum()) for k in anchor)
+    assert run.backend.penalty() == pytest.approx(expected, rel=1e-5)
+    run.backend.add_penalty_gradients(2.0)  # with a loss scale of 2, as float16 training scales the gradients
+    gradients = run.backend.take_gradients()
+    for k in anchor:
+        np.testing.assert_allclose(gradients[k], 2.0 * 2 * 50.0 * fisher[k] * (moved[k] - anchor[k]), rtol=1e-5, atol=1e-12)
+
+
+def test_ewc_trains_the_same_on_both_backends_and_holds_the_values_nearer_their_start():
+    losses, drift = {}, {}
+    for backend in ("mlx", "torch"):
+        run = prepare(_small(EWC, "train.lr=1e-2"), backend)
+        start = run.backend.trainable_state()
+        losses[backend] = np.array([[r["loss"], r["ewc_penalty"]] for r in (train_step(run, s) for s in range(6))])
+        drift[backend] = sum(float(((v - start[k]) ** 2).sum()) for k, v in run.backend.trainable_state().items())
+    assert losses["torch"][0, 1] == 0 and losses["torch"][-1, 1] > 0  # no penalty at the start, then a pull
+    assert np.abs(losses["mlx"] - losses["torch"]).max() < 1e-4 * np.abs(losses["torch"]).max()
+    plain = prepare(_small("train.lr=1e-2"), "torch")
+    start = plain.backend.trainable_state()
+    for s in range(6):
+        train_step(plain, s)
+    assert drift["torch"] < sum(float(((v - start[k]) ** 2).sum()) for k, v in plain.backend.trainable_state().items())

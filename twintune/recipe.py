@@ -73,6 +73,13 @@ class ReplayConfig:
 
 
 @dataclass
+class EWCConfig:
+    source: str = ""  # general text the Fisher information is estimated on, or synthetic
+    weight: float = 0.0  # lambda; 0: no EWC
+    samples: int = 32  # rows of the source the Fisher averages over
+
+
+@dataclass
 class TrainConfig:
     epochs: float = 1.0
     max_steps: int = 0  # > 0 overrides epochs
@@ -96,6 +103,7 @@ class TrainConfig:
     early_stopping_metric: str = "val_accuracy"  # val_accuracy | val_macro_f1 (task causal_lm: val_loss | val_perplexity)
     forgetting_eval: str = ""  # general text whose perplexity the summary reports before and after training
     replay: ReplayConfig = field(default_factory=ReplayConfig)  # general text replayed in every step
+    ewc: EWCConfig = field(default_factory=EWCConfig)  # a pull of the trainable values back to their start
 
 
 @dataclass
@@ -262,7 +270,13 @@ def validate(r: Recipe) -> None:
                                        f"of each step's examples), got {t.replay.fraction}.")
     _check(not t.replay.fraction or t.replay.source, "train.replay needs a source of general text (train.replay.source: "
                                                      "a .txt, .jsonl or datasets source, or synthetic).")
-    for key, used in (("train.replay", t.replay.fraction > 0), ("train.forgetting_eval", bool(t.forgetting_eval))):
+    _check(t.ewc.weight >= 0, f"recipe key 'train.ewc.weight' must be >= 0, got {t.ewc.weight}.")
+    _check(t.ewc.samples >= 1, f"recipe key 'train.ewc.samples' must be at least 1, got {t.ewc.samples}.")
+    _check(not t.ewc.weight or t.ewc.source, "train.ewc needs a source of general text to estimate the Fisher "
+                                             "information on (train.ewc.source: a .txt, .jsonl or datasets source, "
+                                             "or synthetic).")
+    for key, used in (("train.replay", t.replay.fraction > 0), ("train.forgetting_eval", bool(t.forgetting_eval)),
+                      ("train.ewc", t.ewc.weight > 0)):
         _check(not used or not r.task.linear_head and not isinstance(r.task, Features),
                f"{key} scores general text with the model's vocabulary, which task {r.task.name} "
                f"{'replaces with a classification head' if r.task.linear_head else 'does not train'}.")

@@ -1,5 +1,6 @@
 """Guards against forgetting, measured: the perplexity of held-out general text before and after
-training (`train.forgetting_eval`), and replay of general text in every step (`train.replay`).
+training (`train.forgetting_eval`), replay of general text in every step (`train.replay`), and
+EWC's pull of the trainable values back to their start (`train.ewc`).
 
 General text is a causal-LM source (a .txt with one document per line, JSONL `text`, a `datasets`
 source, or `synthetic`: the synthetic generator's sentences from a stream of their own, like the
@@ -13,6 +14,14 @@ text; the step's loss is (1 - f) * the task's mean loss per target token + f * t
 mean loss per token, each averaged over its own tokens (a 40-token text row would otherwise
 outweigh a one-token label word forty times). Which rows a step replays depends on (seed, step)
 alone: resume stays exact.
+
+EWC (Kirkpatrick et al., 2017): before training, the diagonal of the empirical Fisher information
+on `samples` rows of general text, F = the mean over rows of the squared gradient of each row's mean
+loss per token, at the start's values theta0; every step then adds weight * sum(F * (theta -
+theta0)^2) to the loss (its gradient, 2 * weight * F * (theta - theta0), to the gradients). It acts
+on the trainable values themselves: for LoRA, A and B (whose start is B = 0), not the merged update
+B @ A; for full fine-tuning, the weights. Both are recomputed on resume (the start's values and the
+general text are the same), so a checkpoint need not hold them.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from twintune.data.documents import eos_id, lm_rows, load_documents, one_per_row
 from twintune.errors import TwintuneError
 
 GENERAL_SEED = 50_000  # `synthetic` general text: a stream apart from the task's, the corpus's and the pre-training's
-FORGETTING, REPLAY = 0, 1  # synthetic general text: the held-out text and the replayed text are separate streams
+FORGETTING, REPLAY, EWC = 0, 1, 2  # synthetic general text: held-out, replayed and Fisher text are separate streams
 GENERAL_SYNTHETIC_DOCUMENTS = 400
 REPLAY_STREAM = 0x5250  # "RP": the replay rows' permutations, apart from the task's order
 
@@ -83,6 +92,17 @@ def loss_weights(batches: list[Batch], fraction: float) -> list[float]:
     if not replay:
         return [1.0 / task] * len(batches)
     return [fraction / replay if b.replay else (1 - fraction) / task for b in batches]
+
+
+def fisher_diagonal(backend, rows: list[Encoded]) -> dict[str, np.ndarray]:
+    """The mean over rows of the squared gradient of each row's mean loss per token (empirical Fisher)."""
+    fisher = None
+    for row in rows:
+        batch = make_batch([row])
+        backend.forward_backward(batch, 1.0 / batch.n_targets)
+        squares = {k: g * g for k, g in backend.take_gradients().items()}
+        fisher = squares if fisher is None else {k: fisher[k] + squares[k] for k in fisher}
+    return {k: v / len(rows) for k, v in fisher.items()}
 
 
 def perplexity_of(run, rows: list[Encoded]) -> float:

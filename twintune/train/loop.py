@@ -17,7 +17,9 @@ import numpy as np
 from twintune.backends import backend_class, resolve_backend_name
 from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder, eval_batches
 from twintune.data.mixture import MixtureOrder, mixture_splits
-from twintune.train.guards import REPLAY, ReplayOrder, forgetting_summary, general_rows, loss_weights, perplexity_of
+from twintune.train.guards import (
+    EWC, REPLAY, ReplayOrder, fisher_diagonal, forgetting_summary, general_rows, loss_weights, perplexity_of,
+)
 from twintune.data.examples import Example
 from twintune.data.shots import ShotIndex, draw_shots, with_shots
 from twintune.data.sources import load_examples, stratified_split
@@ -182,6 +184,9 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
     if t.compile:
         engine.enable_compile()
     engine.set_optimizer(tuple(t.betas), t.eps, t.weight_decay)
+    if with_data and t.ewc.weight > 0:  # at the start's values, before any step (or resumed state)
+        rows = general_rows(t.ewc.source, tokenizer, min(d.max_length, max_positions - recipe.method.virtual_tokens), EWC)
+        engine.set_penalty(fisher_diagonal(engine, rows[: t.ewc.samples]), engine.trainable_state(), t.ewc.weight)
     scaler = LossScaler() if recipe.dtype == "float16" else None
     # The run does not keep the base's numpy weights: the backend holds the model now.
     return Run(recipe, engine, base.spec, recipe.method, plan.released(), encoder, splits, order, total_steps,
@@ -203,6 +208,10 @@ def train_step(run: Run, step: int) -> dict:
     if not math.isfinite(loss):
         raise TwintuneError(f"the training loss became {loss} at step {step + 1}; lower train.lr "
                             "or set train.max_grad_norm (the last saved adapter, if any, is kept).")
+    penalty = None
+    if t.ewc.weight > 0:  # its value before the step, and its gradient added to the step's
+        penalty = run.backend.penalty()
+        run.backend.add_penalty_gradients(scale)
     lr = learning_rate(step, t.lr, run.total_steps, t.warmup_steps, t.schedule)
     grad_norm = run.backend.optimizer_step(lr, t.max_grad_norm, grad_scale=scale)
     finite = math.isfinite(grad_norm)
@@ -213,6 +222,8 @@ def train_step(run: Run, step: int) -> dict:
               "tokens": sum(b.n_real_tokens for b in batches)}
     if batches[-1].replay:  # the general text's mean loss per token, beside the task's
         record["replay_loss"] = sums[-1] / batches[-1].n_targets
+    if penalty is not None:
+        record["ewc_penalty"] = penalty
     if run.loss_scaler:
         run.loss_scaler.update(finite)
         record["skipped"] = not finite

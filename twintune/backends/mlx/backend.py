@@ -239,6 +239,32 @@ class MLXBackend:
         mx.eval(self.model.trainable_parameters(), self.m, self.v)
         return norm
 
+    def take_gradients(self) -> dict[str, np.ndarray]:
+        """The gradients accumulated since the last step, by name, then cleared."""
+        taken = {k: np.array(g) for k, g in tree_flatten(self.grads)}
+        self.grads = None
+        return taken
+
+    def set_penalty(self, fisher: dict[str, np.ndarray], anchor: dict[str, np.ndarray], weight: float) -> None:
+        """EWC's weight * sum(F * (value - anchor)^2) over the trainable values (train/guards.py)."""
+        self.penalty_terms = {k: (mx.array(fisher[k], dtype=self.precise), mx.array(anchor[k], dtype=self.precise))
+                              for k in fisher}
+        self.penalty_weight = weight
+
+    def penalty(self) -> float:
+        params = dict(tree_flatten(self.model.trainable_parameters()))
+        return self.penalty_weight * sum((F * (params[k] - a) ** 2).sum().item() for k, (F, a) in self.penalty_terms.items())
+
+    def add_penalty_gradients(self, grad_scale: float = 1.0) -> None:
+        """Add the penalty's gradient, 2 * weight * F * (value - anchor), times the loss scale, to the gradients."""
+        params = dict(tree_flatten(self.model.trainable_parameters()))
+        grads = dict(tree_flatten(self.grads)) if self.grads is not None else {}
+        for name, (fisher, anchor) in self.penalty_terms.items():
+            extra = (2 * self.penalty_weight * grad_scale) * fisher * (params[name] - anchor)
+            grads[name] = extra if name not in grads else grads[name] + extra
+        self.grads = tree_unflatten(list(grads.items()))
+        mx.eval(self.grads)
+
     def target_loss(self, batch: Batch) -> float:
         self.model.eval()
         _, loss = self._loss(mx.array(batch.input_ids), mx.array(batch.prompt_lengths), mx.array(batch.target_positions),

@@ -229,6 +229,37 @@ class TorchBackend:
             p.grad = None
         return norm
 
+    def take_gradients(self) -> dict[str, np.ndarray]:
+        """The gradients accumulated since the last step, by name (zero where none flowed), then cleared."""
+        taken = {}
+        for name, p in self._trainable().items():
+            taken[name] = p.grad.cpu().numpy().copy() if p.grad is not None else \
+                np.zeros(tuple(p.shape), np.float64 if self.precise == torch.float64 else np.float32)
+            p.grad = None
+        return taken
+
+    def set_penalty(self, fisher: dict[str, np.ndarray], anchor: dict[str, np.ndarray], weight: float) -> None:
+        """EWC's weight * sum(F * (value - anchor)^2) over the trainable values (train/guards.py)."""
+        self.penalty_terms = {k: (self._values(fisher[k]), self._values(anchor[k])) for k in fisher}
+        self.penalty_weight = weight
+
+    def _values(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.precise)
+
+    @torch.no_grad()
+    def penalty(self) -> float:
+        params = self._trainable()
+        return self.penalty_weight * sum(float((F_ * (params[k] - a) ** 2).sum()) for k, (F_, a) in self.penalty_terms.items())
+
+    @torch.no_grad()
+    def add_penalty_gradients(self, grad_scale: float = 1.0) -> None:
+        """Add the penalty's gradient, 2 * weight * F * (value - anchor), times the loss scale, to the gradients."""
+        params = self._trainable()
+        for name, (fisher, anchor) in self.penalty_terms.items():
+            p = params[name]
+            extra = (2 * self.penalty_weight * grad_scale) * fisher * (p - anchor)
+            p.grad = extra if p.grad is None else p.grad + extra
+
     @torch.no_grad()
     def target_loss(self, batch: Batch) -> float:
         self.model.eval()
