@@ -104,10 +104,10 @@ def test_a_corrupt_cache_file_is_recomputed_with_a_warning(runs, tmp_path, monke
 
 
 def test_a_classifier_on_frozen_features_beats_chance_on_the_demo(runs, tmp_path, monkeypatch):
-    """The tiny model is pre-trained only briefly (300 steps of next-token prediction on synthetic
-    sentences, no labels): its mean-pooled final hidden states read much like a bag of words to a
-    linear classifier. Measured: 0.70 validation accuracy (last-token pooling: 0.56); 0.6 is the
-    bar, chance is 0.33."""
+    """The tiny model is pre-trained on next-token prediction only (3000 steps on synthetic sentences,
+    no labels): its mean-pooled final hidden states read much like a bag of words to a linear
+    classifier. Measured: 0.71 validation accuracy (last-token pooling: 0.59); 0.6 is the bar,
+    chance is 0.33."""
     from twintune.train import features as F
 
     monkeypatch.setenv(F.CACHE_ENV, str(tmp_path))
@@ -165,7 +165,7 @@ def test_the_features_task_fits_caches_and_reopens_the_same_on_both_backends(tmp
     first = train(recipe, "torch", tmp_path / "first", progress=False)
     assert first["features_cached"] == {"train": False, "validation": False}
     assert first["method"] == "none" and first["steps"] == 0 and first["layer"] == 4
-    assert first["val_accuracy"] >= 0.6  # 0.70 measured, as the classifier test above
+    assert first["val_accuracy"] >= 0.6  # 0.71 measured, as the classifier test above
     assert first["trainable_params"] == 64 * 3 + 3
     assert sorted(p.name for p in (tmp_path / "first" / "classifier").iterdir()) == sorted([F.CLASSIFIER_CONFIG, F.CLASSIFIER_FILE])
 

@@ -2,7 +2,7 @@
 
 `write_tiny_model` writes random weights in the Hugging Face layout (config.json,
 model.safetensors, tokenizer.json), read back through the same loading code as a real checkpoint.
-The built-in `builtin:tiny-gpt-neo` is the same architecture briefly pre-trained on the synthetic
+The built-in `builtin:tiny-gpt-neo` is the same architecture pre-trained (3000 steps) on the synthetic
 corpus (tools/pretrain_tiny_model.py) and shipped in twintune/assets/.
 """
 
