@@ -269,3 +269,28 @@ def print_epoch_table(rows: dict[str, dict], memory_key: str, memory_header: str
         print(f"{kind:18s} {row['epoch_seconds']:9.2f} {row['warmup_epoch_seconds']:10.2f} "
               f"{row['real_tokens_per_s']:11.1f} {row[memory_key]:12.1f} "
               f"{row['achieved_gflops']:8.1f} {row['gemm_peak_gflops']:10.1f} {row['mfu']:6.3f}")
+
+
+INSTRUCTION_TEMPLATE = "Instruction: Finish the sentence.\nInput: {start}\nOutput:"
+
+
+def instruction_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """n (prompt, completion) pairs for the instruction-task benchmarks: each synthetic sentence cut in
+    two, its first half in the instruction, its second half the completion — completions of 8-20
+    tokens, so every completion position needs the whole vocabulary (unlike a label word)."""
+    from twintune.data.synthetic import synthetic_financial_sentiment
+
+    pairs = []
+    for example in synthetic_financial_sentiment(n=n, seed=seed):
+        words = example.text.split()
+        cut = len(words) // 2
+        pairs.append((INSTRUCTION_TEMPLATE.format(start=" ".join(words[:cut])), " " + " ".join(words[cut:])))
+    return pairs
+
+
+def write_instruction_jsonl(path: Path, n: int, seed: int = 0) -> Path:
+    """instruction_pairs as prompt/completion JSONL (the format twintune's instruction task and mlx-lm read)."""
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in instruction_pairs(n, seed)))
+    return path

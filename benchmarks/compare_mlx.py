@@ -1,8 +1,8 @@
 """The MLX backend against mlx-lm's own training (LoRA, DoRA or full), on the same mlx-lm model and data, same run.
 
-    python -m benchmarks.compare_mlx [--method lora|dora|full] [--quick] [--shape small|base|tiny]
-                                     [--examples N] [--repeats R] [--dtype float32|bfloat16|float16]
-                                     [--compile] [--no-save]
+    python -m benchmarks.compare_mlx [--method lora|dora|full] [--task classification|instruction] [--quick]
+                                     [--shape small|base|tiny] [--examples N] [--repeats R]
+                                     [--dtype float32|bfloat16|float16] [--compile] [--no-save]
 
 Both train the same method (AdamW lr 2e-4, batch 8) on the same tokenized financial-sentiment
 examples, loss on the label-word token only, on the same random-weight mlx-lm llama model (same
@@ -22,6 +22,13 @@ seed, so the same weights), held in --dtype by both (the adapters in float32 by 
              batches padded to their longest row, logits only at the label positions
   twintune_compiled  (with --compile) the same with its step compiled (train.compile: mx.compile)
 
+With --task instruction (issue 15) the examples are instruction pairs instead (benchmarks/common.py
+instruction_pairs: "Instruction: Finish the sentence. Input: <first half of a synthetic sentence>
+Output:" and its second half as the completion, then end-of-text), the loss on the completion and
+end-of-text on both sides (mlx-lm's `mask_prompt`: its (tokens, offset) rows; twintune's
+`task: instruction` encoding). Every completion token needs the full-vocabulary logits here, so
+the label-word advantage is gone; targets: tokens/s >= 1.3x, peak memory <= 0.8x.
+
 Each runs in its own process. Epoch times: mlx-lm's come from its own report callback, one
 report per epoch (steady state: the first epoch, with compilation, is dropped; so is ours).
 Tokens/s counts real (non-padding) tokens; peak memory is `mx.get_peak_memory()` over the run
@@ -38,15 +45,17 @@ import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 from benchmarks.common import (
     check_targets, gemm_peak_gflops, method_training_flops, peak_rss_mb, print_epoch_table, reset_peak_rss, run_child,
-    write_result,
+    write_instruction_jsonl, write_result,
 )
 
 LORA = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "lr": 2e-4, "batch": 8}
 METHODS = ("lora", "dora", "full")
 TARGETS = {"tokens_per_s_ratio_vs_mlx_lm": (">=", 1.5), "peak_memory_ratio_vs_mlx_lm": ("<=", 1.0)}
+INSTRUCTION_TARGETS = {"tokens_per_s_ratio_vs_mlx_lm": (">=", 1.3), "peak_memory_ratio_vs_mlx_lm": ("<=", 0.8)}
 SHAPES = {  # llama-family shapes; vocabulary 32000 as Llama 2 / Mistral
     "small": dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1376, num_attention_heads=8),
     "base": dict(hidden_size=1024, num_hidden_layers=16, intermediate_size=2816, num_attention_heads=16),
@@ -68,8 +77,11 @@ def mlx_lm_model(shape: str, dtype: str = "float32"):
     return model
 
 
-def train_examples(n: int):
-    """n tokenized training examples of the built-in synthetic set (prompt, then the label word)."""
+def train_examples(n: int, task: str = "classification"):
+    """n tokenized training examples of the built-in synthetic set (prompt, then the label word), or with
+    task "instruction" n instruction pairs (prompt, completion, end-of-text) as the instruction task encodes them."""
+    if task == "instruction":
+        return instruction_examples(n)
     from twintune.data.batching import Encoder, Prompt
     from twintune.data.sources import load_examples
     from twintune.formats.checkpoint import load_tokenizer
@@ -83,12 +95,26 @@ def train_examples(n: int):
     return encoder.encode_all(examples[:n])
 
 
-def child(kind: str, shape: str, examples: int, repeats: int, dtype: str, method: str = "lora") -> dict:
+def instruction_examples(n: int):
+    """instruction_pairs through twintune's instruction task (template "{prompt}", mask_prompt), all as training rows."""
+    from twintune.recipe import load_recipe
+    from twintune.formats.checkpoint import load_tokenizer
+    from twintune.formats.tiny_model import builtin_model_dir
+
+    folder = Path(tempfile.mkdtemp(prefix="instructions-"))
+    source = write_instruction_jsonl(folder / "pairs.jsonl", int(n / 0.8) + 3)  # the demo's 0.8 train share
+    recipe = load_recipe("recipes/demo-financial-sentiment.yaml", ["task=instruction", f"data.source={source}"])
+    tokenizer = load_tokenizer(builtin_model_dir("tiny-gpt-neo"))
+    return recipe.task.splits(recipe.data, recipe.seed, tokenizer, recipe.data.max_length)["train"][:n]
+
+
+def child(kind: str, shape: str, examples: int, repeats: int, dtype: str, method: str = "lora",
+          task: str = "classification") -> dict:
     import mlx.core as mx
 
     from twintune.backends.mlx.mlx_lm_model import MLXLMModel
 
-    encoded = train_examples(examples)
+    encoded = train_examples(examples, task)
     steps = len(encoded) // LORA["batch"]
     encoded = encoded[: steps * LORA["batch"]]  # mlx-lm drops a last partial batch: train on the same set
     real_tokens = sum(len(e.ids) for e in encoded)
@@ -115,7 +141,7 @@ def child(kind: str, shape: str, examples: int, repeats: int, dtype: str, method
                                   sum(len(e.ids) - e.prompt_len for e in encoded), output_weight="lm_head.weight")
     del fresh
     peak_gflops = gemm_peak_gflops("mlx", dtype=dtype)
-    return {"kind": kind, "method": method, "trainable_parameters": trainable, "shape": shape, "dtype": dtype,
+    return {"kind": kind, "method": method, "task": task, "trainable_parameters": trainable, "shape": shape, "dtype": dtype,
             "examples": len(encoded), "steps": steps, "real_tokens": real_tokens,
             "epoch_seconds": seconds, "epoch_times": times, "warmup_epoch_seconds": epoch_times[0],
             "real_tokens_per_s": real_tokens / seconds, "peak_memory_mb": peak_mb, "peak_rss_mb": rss_peak_mb,
@@ -203,6 +229,8 @@ def _mlx_lm_epochs(model, encoded, steps: int, epochs: int, dtype: str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="lora", choices=METHODS, help="the method both sides train")
+    parser.add_argument("--task", default="classification", choices=["classification", "instruction"],
+                        help="label words (default) or instruction pairs with multi-token completions")
     parser.add_argument("--quick", action="store_true", help="small shape, 64 examples, 3 repeats: under 5 minutes")
     parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
     parser.add_argument("--examples", type=int, default=256)
@@ -218,7 +246,7 @@ def main() -> None:
         parser.error("--method full trains the base's own parameters, which twintune keeps in float32: "
                      "use --dtype float32")
     if args.child:
-        print(json.dumps(child(args.child, args.shape, args.examples, args.repeats, args.dtype, args.method)))
+        print(json.dumps(child(args.child, args.shape, args.examples, args.repeats, args.dtype, args.method, args.task)))
         return
 
     rows = {}
@@ -226,7 +254,7 @@ def main() -> None:
         rows[kind] = run_child("benchmarks.compare_mlx", ["--child", kind, "--shape", args.shape,
                                                           "--examples", str(args.examples),
                                                           "--repeats", str(args.repeats), "--dtype", args.dtype,
-                                                          "--method", args.method])
+                                                          "--method", args.method, "--task", args.task])
         print(json.dumps(rows[kind]), flush=True)
     ours, theirs = rows["twintune"], rows["mlx_lm"]
     ratios = {
@@ -238,19 +266,20 @@ def main() -> None:
     if args.compile:
         ratios["compiled_epoch_time_ratio_vs_eager"] = rows["twintune_compiled"]["epoch_seconds"] / ours["epoch_seconds"]
     ratios = {k: round(v, 3) for k, v in ratios.items()}
-    print(f"mlx-lm llama {args.shape} shape (vocabulary 32000, {args.dtype}), method {args.method} "
+    print(f"mlx-lm llama {args.shape} shape (vocabulary 32000, {args.dtype}), task {args.task}, method {args.method} "
           f"({ours['trainable_parameters']:,} trainable), {ours['examples']} examples "
           f"({ours['real_tokens']} real tokens), batch {LORA['batch']}, median of {args.repeats} epochs after one warm-up")
     print_epoch_table(rows, "peak_memory_mb", "mx peak MB")
     counts = {kind: row["trainable_parameters"] for kind, row in rows.items()}
     if len(set(counts.values())) > 1:
         print(f"WARNING: the contenders train different numbers of parameters: {counts}")
-    targets = check_targets(ratios, TARGETS)
+    targets = check_targets(ratios, INSTRUCTION_TARGETS if args.task == "instruction" else TARGETS)
     suffix = ("" if args.method == "lora" else f"_{args.method}")  # lora keeps the old name
+    suffix += "_instruction" if args.task == "instruction" else ""
     suffix += ("_quick" if args.quick else "") + ("" if args.dtype == "float32" else f"_{args.dtype}")
     suffix += "_compile" if args.compile else ""
     if not args.no_save:
-        path = write_result(f"compare_mlx_{args.shape}{suffix}", {"method": args.method, "rows": rows,
+        path = write_result(f"compare_mlx_{args.shape}{suffix}", {"method": args.method, "task": args.task, "rows": rows,
                                                                    "ratios": ratios, "targets": targets})
         print(f"wrote {path}")
     print(json.dumps(ratios))

@@ -229,6 +229,9 @@ CASES = [
          "data.mixture=[{source: a.jsonl, weight: 0}, {source: b.txt, task: causal_lm, weight: 0}]",
          match="data.mixture has no positive weight: give at least one source a weight above 0"),
     case("train", DEMO, "--set", "train.replay.fraction=0.2", match="train.replay needs a source of general text"),
+    case("train", DEMO, "--set", "train.distill.weight=1.0", match="train.distill needs a source of general text"),
+    case("train", DEMO, "--set", "train.ewc={source: synthetic, weight: 10, samples: 0}",
+         match="'train.ewc.samples' must be at least 1"),
     case("train", DEMO, "--set", "task.head=linear", "--set", "train.forgetting_eval=synthetic",
          match="train.forgetting_eval scores general text with the model's vocabulary"),
     # generation

@@ -43,27 +43,32 @@ class MemoryEstimate:
     loading: int  # while the checkpoint is read: every float32 weight at once, before quantizing
     trainable_parameters: int
     tokens: int
+    guards: int = 0  # EWC's Fisher and start values; distillation's start values of unfrozen parameters
 
     @property
     def training_peak(self) -> int:
-        return self.frozen_weights + self.trainable + self.activations + self.transient
+        return self.frozen_weights + self.trainable + self.activations + self.transient + self.guards
 
     def rows(self) -> list[tuple[str, float]]:
         mb = 2**20
+        guards = [("guards (EWC's Fisher and start; distillation's frozen copy)", self.guards / mb)] if self.guards else []
         return [("frozen weights", self.frozen_weights / mb), ("trainable + optimizer", self.trainable / mb),
-                ("activations", self.activations / mb), ("transient", self.transient / mb),
+                ("activations", self.activations / mb), ("transient", self.transient / mb), *guards,
                 ("training peak", self.training_peak / mb), ("loading peak", self.loading / mb)]
 
 
 def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization | None, batch_size: int,
                     sequence_length: int, backend: str = "torch", optimizer: str = "adamw",
-                    gradient_checkpointing: bool = False, dtype: str = "float32", head_labels: int = 0) -> MemoryEstimate:
+                    gradient_checkpointing: bool = False, dtype: str = "float32", head_labels: int = 0,
+                    ewc: bool = False, distill: bool = False) -> MemoryEstimate:
     """Estimated bytes of one training step of `method` on `spec`, for batches of batch_size x sequence_length.
 
     `dtype` is the frozen model's (the recipe's `dtype`): its weights and most activations take
     that many bytes; the attention, the adapters' inputs and everything trainable stay float32
     (float64 in a float64 run). `head_labels` > 0: a linear classification head of that many labels
-    trains too (task head linear).
+    trains too (task head linear). `ewc`: the Fisher diagonal and start values of every trainable
+    value; `distill`: the start values of the parameters the method unfreezes, which the teacher (the
+    model with the method off) reads — for full fine-tuning a frozen copy of the model.
 
     Example:
         >>> spec = GPTNeoSpec.from_config(load_checkpoint("builtin:tiny-gpt-neo").config)
@@ -114,7 +119,10 @@ def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization
         transient += 2 * max(out_f * in_f for out_f, in_f in linear.values()) * e  # dequantized, fwd + bwd
     converted = as_built - float_weights * FLOAT32 if e == FLOAT32 else as_built  # float32 weights are used as read
     loading = sum(_size(shape) for shape in shapes.values()) * FLOAT32 + converted
-    return MemoryEstimate(frozen, trainable, activations, transient, loading, trainable_parameters, tokens)
+    guards = 2 * trainable_parameters * precise if ewc else 0
+    if distill:
+        guards += sum(_size(shape) for name, shape in trainable_shapes.items() if name in shapes) * precise
+    return MemoryEstimate(frozen, trainable, activations, transient, loading, trainable_parameters, tokens, guards)
 
 
 # Which input each linear layer reads (q, k and v read the same ln_1 output: kept once).
@@ -197,7 +205,8 @@ def estimate_recipe(path: str, overrides: list[str] = (), tokens: int | None = N
     backend = resolve_backend_name(recipe.backend if backend in (None, "auto") else backend)
     estimate = estimate_memory(spec, recipe.method_spec(), recipe.quantization(), recipe.train.batch_size, length,
                                backend, gradient_checkpointing=recipe.train.gradient_checkpointing, dtype=recipe.dtype,
-                               head_labels=len(recipe.prompt.labels) if recipe.task.linear_head else 0)
+                               head_labels=len(recipe.prompt.labels) if recipe.task.linear_head else 0,
+                               ewc=recipe.train.ewc.weight > 0, distill=recipe.train.distill.weight > 0)
     quant = recipe.quantize.type if recipe.quantize.type != "none" else recipe.dtype
     note = (f"{recipe.name}: GPT-Neo {spec.num_layers} layers x {spec.hidden_size}, {quant} base, method {recipe.method.name} "
             f"({estimate.trainable_parameters:,} trainable), {backend} backend, batch {recipe.train.batch_size} x {length} tokens, AdamW; "

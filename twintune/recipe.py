@@ -73,6 +73,14 @@ class ReplayConfig:
 
 
 @dataclass
+class DistillConfig:
+    source: str = ""  # general text the model is held to the base model's predictions on, or synthetic
+    weight: float = 0.0  # of the KL term; 0: no distillation
+    temperature: float = 1.0
+    rows: int = 4  # general-text rows per step
+
+
+@dataclass
 class EWCConfig:
     source: str = ""  # general text the Fisher information is estimated on, or synthetic
     weight: float = 0.0  # lambda; 0: no EWC
@@ -104,6 +112,7 @@ class TrainConfig:
     forgetting_eval: str = ""  # general text whose perplexity the summary reports before and after training
     replay: ReplayConfig = field(default_factory=ReplayConfig)  # general text replayed in every step
     ewc: EWCConfig = field(default_factory=EWCConfig)  # a pull of the trainable values back to their start
+    distill: DistillConfig = field(default_factory=DistillConfig)  # KL to the base model on general text
 
 
 @dataclass
@@ -275,8 +284,13 @@ def validate(r: Recipe) -> None:
     _check(not t.ewc.weight or t.ewc.source, "train.ewc needs a source of general text to estimate the Fisher "
                                              "information on (train.ewc.source: a .txt, .jsonl or datasets source, "
                                              "or synthetic).")
+    _check(t.distill.weight >= 0, f"recipe key 'train.distill.weight' must be >= 0, got {t.distill.weight}.")
+    _check(t.distill.temperature > 0, f"recipe key 'train.distill.temperature' must be positive, got {t.distill.temperature}.")
+    _check(t.distill.rows >= 1, f"recipe key 'train.distill.rows' must be at least 1, got {t.distill.rows}.")
+    _check(not t.distill.weight or t.distill.source, "train.distill needs a source of general text (train.distill.source: "
+                                                     "a .txt, .jsonl or datasets source, or synthetic).")
     for key, used in (("train.replay", t.replay.fraction > 0), ("train.forgetting_eval", bool(t.forgetting_eval)),
-                      ("train.ewc", t.ewc.weight > 0)):
+                      ("train.ewc", t.ewc.weight > 0), ("train.distill", t.distill.weight > 0)):
         _check(not used or not r.task.linear_head and not isinstance(r.task, Features),
                f"{key} scores general text with the model's vocabulary, which task {r.task.name} "
                f"{'replaces with a classification head' if r.task.linear_head else 'does not train'}.")

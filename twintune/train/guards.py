@@ -1,6 +1,7 @@
 """Guards against forgetting, measured: the perplexity of held-out general text before and after
-training (`train.forgetting_eval`), replay of general text in every step (`train.replay`), and
-EWC's pull of the trainable values back to their start (`train.ewc`).
+training (`train.forgetting_eval`), replay of general text in every step (`train.replay`),
+distillation to the base model on general text (`train.distill`), and EWC's pull of the trainable
+values back to their start (`train.ewc`).
 
 General text is a causal-LM source (a .txt with one document per line, JSONL `text`, a `datasets`
 source, or `synthetic`: the synthetic generator's sentences from a stream of their own, like the
@@ -14,6 +15,14 @@ text; the step's loss is (1 - f) * the task's mean loss per target token + f * t
 mean loss per token, each averaged over its own tokens (a 40-token text row would otherwise
 outweigh a one-token label word forty times). Which rows a step replays depends on (seed, step)
 alone: resume stays exact.
+
+Distillation: each step also takes `rows` rows of general text and adds weight * T^2 * the mean
+over their tokens of KL(base || model) at temperature T, the base being the same model with the
+method switched off (each backend's `base_view`: wrapped layers give way to their base layers,
+slots are emptied, unfrozen parameters take their start's values for the teacher's forward pass).
+No second copy of the weights is made, except for methods that train base parameters (BitFit, last
+blocks, full fine-tuning), whose start's values are kept: for full fine-tuning, a frozen copy of
+the model (`twintune estimate` counts it).
 
 EWC (Kirkpatrick et al., 2017): before training, the diagonal of the empirical Fisher information
 on `samples` rows of general text, F = the mean over rows of the squared gradient of each row's mean
@@ -36,9 +45,10 @@ from twintune.data.documents import eos_id, lm_rows, load_documents, one_per_row
 from twintune.errors import TwintuneError
 
 GENERAL_SEED = 50_000  # `synthetic` general text: a stream apart from the task's, the corpus's and the pre-training's
-FORGETTING, REPLAY, EWC = 0, 1, 2  # synthetic general text: held-out, replayed and Fisher text are separate streams
+FORGETTING, REPLAY, EWC, DISTILL = 0, 1, 2, 3  # synthetic general text: each use its own stream of sentences
 GENERAL_SYNTHETIC_DOCUMENTS = 400
 REPLAY_STREAM = 0x5250  # "RP": the replay rows' permutations, apart from the task's order
+DISTILL_STREAM = 0x4453  # "DS": the distillation rows' permutations
 
 
 def general_rows(source: str, tokenizer, length: int, stream: int = FORGETTING) -> list[Encoded]:
@@ -58,6 +68,15 @@ def general_rows(source: str, tokenizer, length: int, stream: int = FORGETTING) 
     return rows
 
 
+def general_batch(rows: list[Encoded], per_step: int, step: int, seed: int, stream: int, pad_id: int = 0) -> Batch:
+    """The general-text rows of `step`: the next `per_step` of the rows' seeded permutations, one per pass."""
+    chosen = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, within = divmod(position, len(rows))
+        chosen.append(rows[np.random.default_rng([seed, stream, epoch]).permutation(len(rows))[within]])
+    return make_batch(chosen, pad_id)
+
+
 class ReplayOrder:
     """A task's TrainOrder (or MixtureOrder) with rows of general text added to every step: its
     micro-batches, then one micro-batch of replay rows (`replay` set on it)."""
@@ -72,13 +91,9 @@ class ReplayOrder:
         self.pad_id = pad_id
 
     def replay_batch(self, step: int) -> Batch:
-        """The general-text rows of `step`: the next ones of the rows' seeded permutations."""
-        chosen = []
-        for position in range(step * self.rows_per_step, (step + 1) * self.rows_per_step):
-            epoch, within = divmod(position, len(self.rows))
-            order = np.random.default_rng([self.seed, REPLAY_STREAM, epoch]).permutation(len(self.rows))
-            chosen.append(self.rows[order[within]])
-        return dataclasses.replace(make_batch(chosen, self.pad_id), replay=True)
+        """The general-text rows of `step`, marked as replay."""
+        batch = general_batch(self.rows, self.rows_per_step, step, self.seed, REPLAY_STREAM, self.pad_id)
+        return dataclasses.replace(batch, replay=True)
 
     def step_batches(self, step: int) -> list[Batch]:
         return [*self.task_order.step_batches(step), self.replay_batch(step)]

@@ -18,7 +18,8 @@ from twintune.backends import backend_class, resolve_backend_name
 from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder, eval_batches
 from twintune.data.mixture import MixtureOrder, mixture_splits
 from twintune.train.guards import (
-    EWC, REPLAY, ReplayOrder, fisher_diagonal, forgetting_summary, general_rows, loss_weights, perplexity_of,
+    DISTILL, DISTILL_STREAM, EWC, REPLAY, ReplayOrder, fisher_diagonal, forgetting_summary, general_batch, general_rows,
+    loss_weights, perplexity_of,
 )
 from twintune.data.examples import Example
 from twintune.data.shots import ShotIndex, draw_shots, with_shots
@@ -59,6 +60,7 @@ class Run:
     classifier: object | None = None  # the features task's (train/features.py FeatureClassifier), once fitted
     sources: dict[str, dict[str, list[Encoded]]] = field(default_factory=dict)  # a mixture's splits, by source
     general: list[Encoded] = field(default_factory=list)  # train.forgetting_eval's text, as causal-LM rows
+    distill_rows: list[Encoded] = field(default_factory=list)  # train.distill's general text
 
 
 def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) -> Run:
@@ -166,7 +168,7 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
         order = TrainOrder(splits["train"], t.batch_size, t.grad_accum, recipe.seed, group_by_length=t.group_by_length)
         total_steps = t.max_steps or max(1, math.ceil(t.epochs * order.steps_per_epoch))
 
-    general = []
+    general, distill_rows = [], []
     if with_data:
         length = min(d.max_length, max_positions - recipe.method.virtual_tokens)
         if t.replay.fraction > 0:
@@ -174,6 +176,8 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
                                 recipe.seed)
         if t.forgetting_eval:
             general = general_rows(t.forgetting_eval, tokenizer, length)
+        if t.distill.weight > 0:
+            distill_rows = general_rows(t.distill.source, tokenizer, length, DISTILL)
 
     quantization = recipe.quantization()
     if quantization and quantization.kind == "affine":
@@ -184,13 +188,15 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
     if t.compile:
         engine.enable_compile()
     engine.set_optimizer(tuple(t.betas), t.eps, t.weight_decay)
+    if with_data and t.distill.weight > 0:  # the teacher: this model with the method off
+        engine.set_base_view(plan, engine.trainable_state())
     if with_data and t.ewc.weight > 0:  # at the start's values, before any step (or resumed state)
         rows = general_rows(t.ewc.source, tokenizer, min(d.max_length, max_positions - recipe.method.virtual_tokens), EWC)
         engine.set_penalty(fisher_diagonal(engine, rows[: t.ewc.samples]), engine.trainable_state(), t.ewc.weight)
     scaler = LossScaler() if recipe.dtype == "float16" else None
     # The run does not keep the base's numpy weights: the backend holds the model now.
     return Run(recipe, engine, base.spec, recipe.method, plan.released(), encoder, splits, order, total_steps,
-               Path(model_dir), scaler, split, sources=sources, general=general)
+               Path(model_dir), scaler, split, sources=sources, general=general, distill_rows=distill_rows)
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -208,6 +214,12 @@ def train_step(run: Run, step: int) -> dict:
     if not math.isfinite(loss):
         raise TwintuneError(f"the training loss became {loss} at step {step + 1}; lower train.lr "
                             "or set train.max_grad_norm (the last saved adapter, if any, is kept).")
+    divergence = None
+    if t.distill.weight > 0:  # weight * T^2 * the mean KL(base || model) per general-text token
+        batch = general_batch(run.distill_rows, t.distill.rows, step, run.recipe.seed, DISTILL_STREAM)
+        divergence = run.backend.distill_backward(batch, t.distill.temperature,
+                                                  scale * t.distill.weight / batch.n_targets,
+                                                  dropout_key(run.recipe.seed, step, len(batches))) / batch.n_targets
     penalty = None
     if t.ewc.weight > 0:  # its value before the step, and its gradient added to the step's
         penalty = run.backend.penalty()
@@ -224,6 +236,8 @@ def train_step(run: Run, step: int) -> dict:
         record["replay_loss"] = sums[-1] / batches[-1].n_targets
     if penalty is not None:
         record["ewc_penalty"] = penalty
+    if divergence is not None:
+        record["distill_kl"] = divergence
     if run.loss_scaler:
         run.loss_scaler.update(finite)
         record["skipped"] = not finite

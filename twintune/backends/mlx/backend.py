@@ -12,13 +12,13 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from twintune.backends.base import adamw_update, gradient_factor, trainable_dtype
-from twintune.backends.mlx.gpt_neo import GPTNeoForCausalLM, logsumexp
+from twintune.backends.mlx.gpt_neo import GPTNeoForCausalLM, exp, logsumexp
 from twintune.backends.mlx.nf4 import NF4Linear
-from twintune.backends.mlx.surgery import apply_plan, undo_plan, get_submodule, set_submodule
+from twintune.backends.mlx.surgery import apply_plan, base_view, undo_plan, get_submodule, set_submodule
 from twintune.data.batching import Batch
 from twintune.dropout import dropout_masks
 from twintune.errors import TwintuneError
-from twintune.methods import BaseModel, Plan
+from twintune.methods import UNFREEZE, BaseModel, Plan
 from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
 
@@ -129,6 +129,7 @@ class MLXBackend:
         self.lr_scales = {}
         self.step = 0
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
+        self._distill_and_grad = nn.value_and_grad(self.model, self._distill_loss)
 
     def quantize_affine(self, bits: int, group_size: int) -> None:
         """MLX's own affine quantization of every block linear layer (fast on Macs; MLX only)."""
@@ -238,6 +239,37 @@ class MLXBackend:
         updated = None
         mx.eval(self.model.trainable_parameters(), self.m, self.v)
         return norm
+
+    def set_base_view(self, plan: Plan, start: dict[str, np.ndarray]) -> None:
+        """What distill_backward's teacher switches off: the plan's surgeries, and the start's values of
+        the parameters it unfroze (a frozen copy of those: full fine-tuning's cost of distillation)."""
+        unfrozen = {s.target for s in plan.surgeries if s.kind == UNFREEZE}
+        params = dict(tree_flatten(self.model.parameters()))
+        self.view = (plan, {k: mx.array(v, dtype=params[k].dtype) for k, v in start.items() if k in unfrozen})
+
+    def _distill_loss(self, ids, lengths, positions, teacher, temperature, scale, key):
+        with dropout_masks(key):
+            logits = self.model.logits(self._hidden_rows(ids, lengths, positions)).astype(self.precise) / temperature
+        student = logits - logsumexp(logits)
+        divergence = (exp(teacher) * (teacher - student)).sum() * temperature**2
+        return divergence * scale, divergence
+
+    def distill_backward(self, batch: Batch, temperature: float, scale: float, dropout_key: int = 0) -> float:
+        """Backward of scale * T^2 * sum over the batch's targets of KL(base || model) at temperature T,
+        the base being this model with the method off (set_base_view); returns the sum."""
+        ids, lengths, positions = mx.array(batch.input_ids), mx.array(batch.prompt_lengths), mx.array(batch.target_positions)
+        self.model.eval()
+        with base_view(self.model, *self.view):
+            logits = self.model.logits(self._hidden_rows(ids, lengths, positions)).astype(self.precise) / temperature
+            teacher = logits - logsumexp(logits)
+            mx.eval(teacher)
+        self.model.train()
+        (_, divergence), grads = self._distill_and_grad(ids, lengths, positions, teacher, temperature,
+                                                        mx.array(scale, dtype=self.precise),
+                                                        mx.array(dropout_key, dtype=mx.uint32))
+        self.grads = grads if self.grads is None else tree_map(mx.add, self.grads, grads)
+        mx.eval(divergence, self.grads)
+        return divergence.item()
 
     def take_gradients(self) -> dict[str, np.ndarray]:
         """The gradients accumulated since the last step, by name, then cleared."""

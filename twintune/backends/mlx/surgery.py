@@ -9,6 +9,9 @@ on one loaded base). Nothing here knows a method by name.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -86,6 +89,32 @@ def unfreeze(model: nn.Module, name: str, value: mx.array) -> None:
     module = get_submodule(model, module_name)
     module[attr] = value
     module.unfreeze(recurse=False, keys=[attr])
+
+
+@contextmanager
+def base_view(model: nn.Module, plan: Plan, start: Mapping[str, mx.array]) -> Iterator[None]:
+    """The base model for the duration: wrapped layers give way to their base layers, filled slots are
+    empty, unfrozen parameters hold their start's values (`start`, which the caller keeps); all put
+    back after. Nothing is copied: distillation's teacher is the model itself with the method off."""
+    undo = []
+    for surgery in plan.surgeries:
+        if surgery.kind == UNFREEZE:
+            module_name, attr = surgery.target.rsplit(".", 1)
+            module = get_submodule(model, module_name)
+            undo.append((module, attr, module[attr]))
+            module[attr] = start[surgery.target]
+        else:  # WRAP, INSERT
+            module = get_submodule(model, surgery.target)
+            undo.append((model, surgery.target, module))
+            set_submodule(model, surgery.target, module.base_layer if surgery.kind == WRAP else None)
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(undo):
+            if owner is model:
+                set_submodule(model, name, value)
+            else:
+                owner[name] = value
 
 
 def undo_plan(model: nn.Module, plan: Plan, base: BaseModel) -> None:

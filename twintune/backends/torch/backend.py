@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from twintune.backends.base import gradient_factor, trainable_dtype
 from twintune.backends.torch.gpt_neo import GPTNeoForCausalLM
-from twintune.backends.torch.surgery import apply_plan, undo_plan
+from twintune.backends.torch.surgery import apply_plan, base_view, undo_plan
 from twintune.data.batching import Batch
 from twintune.dropout import dropout_masks
 from twintune.errors import TwintuneError
-from twintune.methods import BaseModel, Plan
+from twintune.methods import UNFREEZE, BaseModel, Plan
 from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
 
@@ -228,6 +228,31 @@ class TorchBackend:
                           self.betas, self.eps, self.weight_decay, grad_factor=factor)
             p.grad = None
         return norm
+
+    def set_base_view(self, plan: Plan, start: dict[str, np.ndarray]) -> None:
+        """What distill_backward's teacher switches off: the plan's surgeries, and the start's values of
+        the parameters it unfroze (a frozen copy of those: full fine-tuning's cost of distillation)."""
+        unfrozen = {s.target for s in plan.surgeries if s.kind == UNFREEZE}
+        self.view = (plan, {k: torch.from_numpy(np.array(v)).to(self.device, self.model_dtype(k)) for k, v in start.items()
+                            if k in unfrozen})
+
+    def model_dtype(self, name: str) -> torch.dtype:
+        return self.model.get_parameter(name).dtype
+
+    def distill_backward(self, batch: Batch, temperature: float, scale: float, dropout_key: int = 0) -> float:
+        """Backward of scale * T^2 * sum over the batch's targets of KL(base || model) at temperature T,
+        the base being this model with the method off (set_base_view); returns the sum."""
+        with torch.no_grad(), base_view(self.model, *self.view):
+            self.model.eval()
+            teacher = F.log_softmax(self.model.logits(self._hidden_rows(batch, batch.target_positions)).to(self.precise)
+                                    / temperature, dim=-1)
+        self.model.train()
+        with dropout_masks(torch.tensor(dropout_key, dtype=torch.int64, device=self.device)):
+            student = F.log_softmax(self.model.logits(self._hidden_rows(batch, batch.target_positions)).to(self.precise)
+                                    / temperature, dim=-1)
+            divergence = (teacher.exp() * (teacher - student)).sum() * temperature**2
+            (divergence * scale).backward()
+        return divergence.item()
 
     def take_gradients(self) -> dict[str, np.ndarray]:
         """The gradients accumulated since the last step, by name (zero where none flowed), then cleared."""

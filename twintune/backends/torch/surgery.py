@@ -9,6 +9,9 @@ adapters on one loaded base). Nothing here knows a method by name.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
 import numpy as np
 import torch
 from torch import nn
@@ -73,6 +76,30 @@ def unfreeze(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, attr = name.rsplit(".", 1)
     module = model.get_submodule(module_name)
     setattr(module, attr, nn.Parameter(value, requires_grad=True))
+
+
+@contextmanager
+def base_view(model: nn.Module, plan: Plan, start: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """The base model for the duration: wrapped layers give way to their base layers, filled slots are
+    empty, unfrozen parameters hold their start's values (`start`, which the caller keeps); all put
+    back after. Nothing is copied: distillation's teacher is the model itself with the method off."""
+    undo = []
+    for surgery in plan.surgeries:
+        parent_name, _, attr = surgery.target.rpartition(".")  # "score": the model itself
+        parent = model.get_submodule(parent_name)
+        if surgery.kind == UNFREEZE:
+            parameter = getattr(parent, attr)
+            undo.append((parameter, "data", parameter.data))
+            parameter.data = start[surgery.target]
+        else:  # WRAP, INSERT
+            module = getattr(parent, attr)
+            undo.append((parent, attr, module))
+            setattr(parent, attr, module.base_layer if surgery.kind == WRAP else None)
+    try:
+        yield
+    finally:
+        for owner, attr, value in reversed(undo):
+            setattr(owner, attr, value)
 
 
 def undo_plan(model: nn.Module, plan: Plan, base: BaseModel) -> None:
