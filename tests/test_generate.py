@@ -194,3 +194,17 @@ def test_generate_from_a_run_directory_and_from_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == "Operating profit" + out.text + "\n"
     assert "stopped:" in result.stderr
+
+
+@pytest.mark.parametrize("method", ["base", "prefix", "loreft"])
+def test_mlxs_pipelined_greedy_decoding_chooses_what_the_numpy_loop_chooses_and_stops_alike(method, runs):
+    from twintune.generation import sampled_tokens
+
+    run = runs(method, "mlx")
+    assert hasattr(run.backend, "greedy_tokens")  # MLX decodes greedily its own way
+    piped = list(run.backend.greedy_tokens(PROMPT, run.backend.make_cache(), NEW))
+    plain = list(sampled_tokens(run.backend, PROMPT, run.backend.make_cache(), NEW, np.random.default_rng(0), 0.0, 1.0))
+    assert piped == plain
+    stop = piped[2]  # as if the third token were end-of-text: both backends stop there, before it
+    for backend in BACKENDS:
+        assert greedy(runs(method, backend), eos_id=stop) == (piped[:piped.index(stop)], "eos")

@@ -7,7 +7,10 @@ highest score; sampling divides the scores by the temperature, keeps the smalles
 likely tokens whose probability reaches `top_p`, and draws from them with numpy's generator
 seeded by `seed` — so both backends draw the same uniform numbers and choose the same tokens
 wherever their probabilities agree. Decoding stops at the end-of-text token (not included in
-the text), after `max_tokens`, or when the model's context is full.
+the text), after `max_tokens`, or when prompt and continuation fill the model's context (as
+transformers' max_length counts). A backend may decode greedily its own way (`greedy_tokens`: MLX
+queues each forward pass before handing back the token before it, as mlx-lm does); it must choose
+the tokens `choose_token` would (the first highest score).
 
 Prompt and prefix methods work as in training: the virtual tokens (or prefix keys and values)
 come first and enter the cache with the prompt; LoReFT edits the prompt's positions and not
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -72,25 +76,35 @@ def generate_ids(backend, prompt_ids: list[int], *, context: int, virtual_tokens
     """New token ids after `prompt_ids` and why decoding stopped; `context` is the model's positions,
     of which `virtual_tokens` go to a prompt or prefix method."""
     check_settings(max_tokens, temperature, top_p)
-    used = virtual_tokens + len(prompt_ids)
-    if used > context:
+    room = context - virtual_tokens - len(prompt_ids)  # the prompt and its continuation fit the model's positions
+    if room < 1:
         raise TwintuneError(f"the prompt is {len(prompt_ids)} tokens" + (f" after {virtual_tokens} virtual tokens"
                             if virtual_tokens else "") + f", but the model reads at most {context} positions; "
                             "shorten it.")
+    budget = min(max_tokens, room)
     cache = backend.make_cache()
-    scores = backend.next_token_logits(np.array([prompt_ids], np.int32), cache)
-    rng = np.random.default_rng(seed)
+    if temperature == 0 and hasattr(backend, "greedy_tokens"):  # the backend's pipelined greedy decoding (MLX)
+        tokens = backend.greedy_tokens(prompt_ids, cache, budget)
+    else:
+        tokens = sampled_tokens(backend, prompt_ids, cache, budget, np.random.default_rng(seed), temperature, top_p)
     new: list[int] = []
-    while True:
-        token = choose_token(scores, rng, temperature, top_p)
+    for token in tokens:
         if token == eos_id:
             return new, "eos"
         new.append(token)
-        if len(new) == max_tokens:
-            return new, "max_tokens"
-        if used + len(new) >= context:  # the token just chosen has no position left to be read at
-            return new, "context"
-        scores = backend.next_token_logits(np.array([[token]], np.int32), cache)
+    return new, "max_tokens" if budget == max_tokens else "context"
+
+
+def sampled_tokens(backend, prompt_ids: list[int], cache, count: int, rng: np.random.Generator, temperature: float,
+                   top_p: float) -> Iterator[int]:
+    """Up to `count` tokens, each chosen from the scores after the last (choose_token), the prompt run once
+    and each token after it alone through the cache."""
+    scores = backend.next_token_logits(np.array([prompt_ids], np.int32), cache)
+    for i in range(count):
+        token = choose_token(scores, rng, temperature, top_p)
+        yield token
+        if i + 1 < count:
+            scores = backend.next_token_logits(np.array([[token]], np.int32), cache)
 
 
 def generate_text(backend, tokenizer, prompt: str, *, context: int, virtual_tokens: int, eos_id: int,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -325,6 +325,24 @@ class MLXBackend:
     def make_cache(self) -> list:
         """An empty key/value cache for next_token_logits."""
         return self.model.make_cache()
+
+    def greedy_tokens(self, prompt_ids: list[int], cache: list, count: int) -> Iterator[int]:
+        """Up to `count` greedy tokens after the prompt, each forward pass queued (mx.async_eval) before the
+        token before it is handed back, as mlx-lm's generate_step: Python's work overlaps the computation.
+        The first highest score, as numpy's argmax in twintune.generation.choose_token."""
+        self.model.eval()
+
+        def best_after(ids: mx.array) -> mx.array:
+            return mx.argmax(self.model.logits(self.model(ids, cache=cache)[0, -1]).astype(self.precise))
+
+        token = best_after(mx.array([prompt_ids], dtype=mx.int32))
+        mx.async_eval(token)
+        for i in range(count):
+            following = best_after(token.reshape(1, 1).astype(mx.int32)) if i + 1 < count else None
+            if following is not None:
+                mx.async_eval(following)
+            yield int(token.item())
+            token = following
 
     def next_token_logits(self, input_ids: np.ndarray, cache: list) -> np.ndarray:
         """The vocabulary scores (vocabulary,) after the last of `input_ids` (1, tokens), which continue
