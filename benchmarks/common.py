@@ -14,16 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from twintune.machine import cpu_info
+
 RESULTS = Path(__file__).parent / "results"
 # mlx[cpu] on Linux ships the reference BLAS (~4 GFLOP/s); Debian's OpenBLAS (apt install
 # libopenblas0-pthread) exports the same symbols at ~170 GFLOP/s here, so benchmarks preload it.
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
 OPENBLAS_MISSING = ("WARNING: Debian's OpenBLAS is not installed (apt-get install libopenblas0-pthread): "
                     "MLX runs on its slow reference BLAS; figures are not comparable")
-# The CPU flags that decide which kernels torch, MLX and bitsandbytes run (AVX-512 and AMX paths,
-# emulated or native bfloat16): a figure means little without them.
-KERNEL_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-                "amx_bf16", "amx_tile", "amx_int8")
 
 
 def fast_blas_env(preload: bool = True) -> dict[str, str]:
@@ -87,42 +85,6 @@ def median_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), times
-
-
-def cpu_info() -> dict:
-    """The CPU's model name, which of KERNEL_FLAGS it has, and a one-word kind for tables.
-
-    From /proc/cpuinfo (Linux), else `lscpu`; on neither (macOS) the flags list is empty."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = _lscpu()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "model name(s)") and value.strip():
-            model = value.strip()
-        elif key == "flags" and not flags:
-            flags = set(value.split())
-    present = [flag for flag in KERNEL_FLAGS if flag in flags]
-    return {"cpu_model": model, "cpu_flags": present, "cpu_kind": cpu_kind(present)}
-
-
-def cpu_kind(flags: list[str]) -> str:
-    """One word for the fastest float kernels the flags allow: avx512-bf16, avx512, avx2 or other."""
-    if "avx512_bf16" in flags:
-        return "avx512-bf16"
-    if "avx512f" in flags:
-        return "avx512"
-    return "avx2" if "avx2" in flags else "other"
-
-
-def _lscpu() -> str:
-    try:
-        return subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def machine_line() -> str:

@@ -89,6 +89,8 @@ def world(tmp_path_factory):
     (root / "blocker").write_text("a file where a directory is wanted")
     (root / "merged").mkdir()
     (root / "merged" / "keep.txt").write_text("already here")
+    (root / "comparison").mkdir()
+    (root / "comparison" / "compare.json").write_text("{}")  # a comparison already written there
     return root
 
 
@@ -242,6 +244,15 @@ CASES = [
          match="the prompt is 603 tokens, but the model reads at most 512 positions; shorten it"),
     case("generate", "{root}/head-run", "Sales rose", match="has a classification head: it scores classes, not next tokens"),
     case("generate", "{root}/features-run", "Sales rose", match="is a features run: it holds a classifier on frozen features"),
+    # compare (each refused before any row runs)
+    case("compare", DEMO, "--methods", "lora,bitfti", match="--methods: 'bitfti' is not a comparison entry; did you mean 'bitfit'?"),
+    case("compare", DEMO, "--methods", "lora,lora", match="--methods names an entry twice: lora"),
+    case("compare", DEMO, "--seeds", "0", match="--seeds must be 1 or more, got 0"),
+    case("compare", DEMO, "--shots", "0", match="--shots is the few-shot entry's sentences of each class: 1 or more"),
+    case("compare", DEMO, "--set", "lorra.r=16", match="'lorra' is neither a recipe section"),
+    case("compare", DEMO, "--methods", "lora", "--set", "dora.r=4", match="is for entry 'dora', which --methods does not run"),
+    case("compare", DEMO, "--set", "train.lr=fast", match="recipe key 'train.lr' must be a number, got 'fast'"),
+    case("compare", DEMO, "--out", "{root}/comparison", match="already holds a comparison; add --resume to finish it"),
 ]
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 from twintune.errors import TwintuneError, TwintuneWarning
 
@@ -69,6 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     estimating.add_argument("--backend", default=None, help="auto (default: the recipe's), mlx or torch")
     estimating.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
+    comparing = verbs.add_parser("compare", help="train every method on one recipe's data; a table and a plot")
+    comparing.add_argument("recipe", help="a YAML recipe: its data, prompt and training budget are shared by all")
+    comparing.add_argument("--methods", default=None,
+                           help="comma-separated entries (default: all of them): lora, dora, ia3, bitfit, adapter, "
+                                "adapter_pfeiffer, prompt, ptuning, prefix, loreft, last_blocks, full, head, features, "
+                                "zero-shot, few-shot")
+    comparing.add_argument("--backend", default=None, help="auto (default: the recipe's), mlx or torch")
+    comparing.add_argument("--seeds", type=int, default=1, help="seeds per entry (default 1): mean and std")
+    comparing.add_argument("--shots", type=int, default=4, help="the few-shot entry's sentences of each class (default 4)")
+    comparing.add_argument("--out", default=None, help="directory (default: runs/compare-NAME-BACKEND-TIME)")
+    comparing.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="a recipe value for every entry (train.epochs=2), or for one entry (lora.r=16, "
+                                "prompt.train.lr=0.1); repeatable")
+    comparing.add_argument("--resume", action="store_true", help="run only the rows --out does not hold finished")
+    comparing.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     verbs.add_parser("methods", help="every fine-tuning method with its recipe keys and defaults")
 
     tiny = verbs.add_parser("make-tiny-model", help="write a tiny random GPT-Neo + tokenizer (offline)")
@@ -87,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         $ twintune generate runs/demo "Operating profit" --max-tokens 20
         $ twintune merge runs/demo --out models/demo-merged
         $ twintune estimate recipes/gpt-neo-1.3b-financial-sentiment-qlora.yaml
+        $ twintune compare recipes/demo-financial-sentiment.yaml --methods lora,bitfit,zero-shot --seeds 3
     """
     args = build_parser().parse_args(argv)
     show_warning = warnings.showwarning
@@ -147,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(note)
                 for name, mb in rows:
                     print(f"  {name:22s} {mb:10.1f} MB")
+        elif args.verb == "compare":
+            from twintune.compare import DEFAULT_METHODS, compare
+
+            result = compare(args.recipe, args.methods or ",".join(DEFAULT_METHODS), args.backend, args.seeds, args.out,
+                             args.overrides, args.resume, args.shots, progress=not args.no_progress)
+            print((Path(result["out_dir"]) / "compare.md").read_text())
+            print(f"wrote {result['out_dir']}/compare.json, compare.md and compare.png")
         elif args.verb == "methods":
             from twintune.methods import describe_methods
 

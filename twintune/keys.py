@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 import typing
 
 from twintune.errors import TwintuneError
@@ -45,8 +46,16 @@ def convert(kind, value, key: str, converters: dict | None = None):
     if dataclasses.is_dataclass(kind):
         return build(kind, value or {}, key + ".", converters)
     origin = typing.get_origin(kind)
-    if origin is typing.Union:
-        for option in typing.get_args(kind):
+    if kind is type(None):
+        if value is not None:
+            raise TwintuneError(f"recipe key {key!r} must be null, got {value!r}.")
+        return None
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if type(None) in options and len(options) == 2:  # optional: null, or the other type's value
+            other = next(o for o in options if o is not type(None))
+            return None if value is None else convert(other, value, key, converters)
+        for option in options:
             try:
                 return convert(option, value, key, converters)
             except TwintuneError:

@@ -45,6 +45,7 @@ class DataConfig:
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     max_length: int = 256  # tokens, prompt and label word included
+    seed: int | None = None  # the data's own seed (synthetic sentences, splits); null: the recipe's seed
     mixture: list[MixtureSource] = field(default_factory=list)  # several sources by weight (generative tasks)
 
 
@@ -131,6 +132,12 @@ class Recipe:
 
     def method_spec(self) -> Method:
         return self.method
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data (the synthetic set and the splits): data.seed, else the recipe's seed.
+        `twintune compare` varies the recipe's seed over one fixed data set this way."""
+        return self.seed if self.data.seed is None else self.data.seed
 
     def quantization(self) -> Quantization | None:
         q = self.quantize
@@ -224,6 +231,15 @@ def validate_mixture(r: Recipe) -> None:
         _check(names.count(name) == 1, f"data.mixture names {name!r} twice; give the sources distinct `name`s.")
 
 
+def check_trains_something(r: Recipe) -> None:
+    """Training needs something to train. (Loading such a recipe is fine: `twintune eval` and
+    `twintune compare`'s prompting rows evaluate the untrained model with method none.)"""
+    if r.method.name == "none" and not isinstance(r.task, Features):
+        _check(r.task.linear_head, "method none trains nothing with the verbalizer: set task.head to linear to train "
+                                   "a classification head alone, use task features, or evaluate the untrained "
+                                   "model with `twintune eval RECIPE --shots K`.")
+
+
 def validate(r: Recipe) -> None:
     """Range checks that types alone cannot express."""
     from twintune.backends import BACKENDS
@@ -244,10 +260,6 @@ def validate(r: Recipe) -> None:
         _check(r.method.name == "none", f"task features trains no method (the model stays frozen; a classifier is "
                                         f"fitted on its features), but the recipe names method {r.method.name}; "
                                         "remove the method section or set method.name to none.")
-    elif r.method.name == "none":
-        _check(r.task.linear_head, "method none trains nothing with the verbalizer: set task.head to linear to train "
-                                   "a classification head alone, use task features, or evaluate the untrained "
-                                   "model with `twintune eval RECIPE --shots K`.")
     q = r.quantize
     _check(q.type in ("none", "nf4", "affine"), f"recipe key 'quantize.type' must be none, nf4 or affine, got {q.type!r}.")
     _check(q.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096),

@@ -102,5 +102,5 @@ def mixture_splits(recipe, tokenizer, length: int) -> dict[str, dict[str, list[E
             own["template"] = part.template
         task = task_from_dict(own, f"data.mixture[{i}].task")
         data = dataclasses.replace(recipe.data, source=part.source, mixture=[])
-        parts[part.name or source_name(part.source)] = task.splits(data, recipe.seed, tokenizer, length)
+        parts[part.name or source_name(part.source)] = task.splits(data, recipe.data_seed, tokenizer, length)
     return parts

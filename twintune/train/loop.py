@@ -31,7 +31,7 @@ from twintune.formats.checkpoint import load_checkpoint, load_config, load_token
 from twintune.methods import BaseModel, Method, Plan
 from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.quant import SUPPORTED, quantize_linear_layers
-from twintune.recipe import Recipe
+from twintune.recipe import Recipe, check_trains_something
 from twintune.tasks import Features, head_surgery, with_head
 from twintune.train.features import compute_features, split_features, train_features
 from twintune.train.checkpoints import find_checkpoint, load_checkpoint_state, save_checkpoint
@@ -154,14 +154,14 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
         total_steps = t.max_steps or max(1, math.ceil(t.epochs * order.steps_per_epoch))
     elif with_data and recipe.task.generative:
         length = min(d.max_length, max_positions - recipe.method.virtual_tokens)
-        splits = recipe.task.splits(recipe.data, recipe.seed, tokenizer, length)
+        splits = recipe.task.splits(recipe.data, recipe.data_seed, tokenizer, length)
         order = TrainOrder(splits["train"], t.batch_size, t.grad_accum, recipe.seed, group_by_length=t.group_by_length)
         total_steps = t.max_steps or max(1, math.ceil(t.epochs * order.steps_per_epoch))
     elif with_data:
         examples = load_examples(d.source, subset=d.subset, text_column=d.text_column, label_column=d.label_column,
-                                 labels=labels, synthetic_size=d.synthetic_size, seed=recipe.seed, split=d.split,
+                                 labels=labels, synthetic_size=d.synthetic_size, seed=recipe.data_seed, split=d.split,
                                  config=d.config)
-        split = stratified_split(examples, {"validation": d.validation_fraction, "test": d.test_fraction}, recipe.seed)
+        split = stratified_split(examples, {"validation": d.validation_fraction, "test": d.test_fraction}, recipe.data_seed)
         splits = {k: encoder.encode_all(v, k) for k, v in split.items()}
         if not splits["validation"]:
             raise TwintuneError("the validation split is empty; raise data.validation_fraction or add examples.")
@@ -382,6 +382,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         >>> summary = train(load_recipe("recipes/demo-financial-sentiment.yaml"), backend="torch", out_dir="runs/demo")
         >>> summary["val_accuracy"], summary["out_dir"]
     """
+    check_trains_something(recipe)
     name = resolve_backend_name(backend or recipe.backend)
     resumed = None
     if resume is not None and isinstance(recipe.task, Features):
