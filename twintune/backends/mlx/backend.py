@@ -192,8 +192,7 @@ class MLXBackend:
         self.step = int(state["step"].reshape(-1)[0])
 
     def _hidden_rows(self, input_ids: mx.array, prompt_lengths: mx.array, rows: mx.array) -> mx.array:
-        hidden = self.model(input_ids, prompt_lengths)
-        return hidden.reshape(-1, hidden.shape[-1])[rows]
+        return self.model(input_ids, prompt_lengths, rows=rows)
 
     def _loss(self, input_ids, prompt_lengths, positions, targets, scale, key):
         with dropout_masks(key):

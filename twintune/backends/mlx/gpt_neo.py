@@ -113,6 +113,28 @@ class GPTNeoSelfAttention(nn.Module):
         out = attention(q, k, v, self.mask(T, k.shape[2] - T)).astype(x.dtype)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, D))
 
+    def at_rows(self, x: mx.array, batch: mx.array, position: mx.array,
+                prefix: tuple[mx.array, mx.array] | None = None) -> mx.array:
+        """The output at (batch[n], position[n]) only, (N, D): keys and values of every position, queries
+        of the rows asked for (the last block of a loss that reads a few positions; GPTNeoModel)."""
+        B, T, D = x.shape
+        heads = lambda t: t.reshape(B, T, self.num_heads, -1).transpose(0, 2, 1, 3)
+        precise = mx.float64 if x.dtype == mx.float64 else mx.float32
+        k, v = (heads(proj(x)).astype(precise) for proj in (self.k_proj, self.v_proj))
+        past = 0
+        if prefix is not None:
+            k, v = (mx.concatenate([mx.broadcast_to(p.astype(precise), (B, *p.shape)), t], axis=2)
+                    for p, t in zip(prefix, (k, v)))
+            past = prefix[0].shape[1]
+        q = self.q_proj(x[batch, position]).reshape(-1, self.num_heads, 1, D // self.num_heads).astype(precise)
+        query = position[:, None] + past  # (N, 1): where each query sits among the keys
+        key = mx.arange(past + T)[None, :]
+        visible = key <= query
+        if self.window is not None:
+            visible = visible & (query - key < self.window)
+        out = attention(q, k[batch], v[batch], visible[:, None, None, :]).astype(x.dtype)
+        return self.out_proj(out.reshape(-1, D))
+
     def mask(self, T: int, past: int = 0):
         """"causal", or the boolean (T, past + T) mask: query i sits at position past + i and sees key j
         when j <= past + i and, in a local layer, past + i - j < window (prefix keys count as the
@@ -169,6 +191,15 @@ class GPTNeoBlock(nn.Module):
         return x if self.intervention is None or generating else self.intervention(x, prompt_lengths)
 
 
+    def at_rows(self, x: mx.array, batch: mx.array, position: mx.array, prefix=None) -> mx.array:
+        """The block's output at (batch[n], position[n]) only, (N, D); the rest of its positions serve
+        only as keys and values. Not for a block with an intervention (it acts on prompt positions)."""
+        residual = x[batch, position]
+        residual = add_residual(self.attn_adapter, self.attn.attention.at_rows(self.ln_1(x), batch, position, prefix),
+                                residual)
+        return add_residual(self.mlp_adapter, self.mlp(self.ln_2(residual)), residual)
+
+
 def add_residual(adapter, output: mx.array, residual: mx.array) -> mx.array:
     return residual + output if adapter is None else adapter(output, residual)
 
@@ -213,11 +244,15 @@ class GPTNeoModel(nn.Module):
         self.checkpoint_blocks = False
 
     def __call__(self, input_ids: mx.array, prompt_lengths: mx.array | None = None,
-                 layer: int | None = None, cache: list[KVCache] | None = None) -> mx.array:
+                 layer: int | None = None, cache: list[KVCache] | None = None,
+                 rows: mx.array | None = None) -> mx.array:
         """The final hidden states (after ln_f); with `layer` < the number of blocks, the hidden states after
         that many blocks (transformers' hidden_states[layer]; 0: the embeddings), unnormed. With `cache`
         (one KVCache per block, filled as it goes) the ids continue the positions the cache holds; the
-        virtual tokens and prefixes enter with the first call only."""
+        virtual tokens and prefixes enter with the first call only. With `rows` ((N,) flat indices into
+        the B x T text positions) only those rows' final hidden states, (N, d): the last block then runs
+        its queries, output projection and MLP on those rows alone (`at_rows`), the work a loss that
+        reads a few positions (label words, a head's last token) would otherwise throw away."""
         B, T = input_ids.shape
         first = cache is None or cache[0].offset == 0
         x = self.wte(input_ids)
@@ -229,12 +264,24 @@ class GPTNeoModel(nn.Module):
         if not first:
             past = cache[0].offset
         x = x + self.wpe(mx.arange(past, past + x.shape[1]))
+        last = len(self.h) - 1
         for i, (block, prefix) in enumerate(zip(self.h, prefixes)):
             if i == layer:
                 return x[:, x.shape[1] - T:]
+            if i == last and reads_few_rows(rows, B) and block.intervention is None and cache is None:
+                return self.ln_f(block.at_rows(x, rows // T, rows % T + x.shape[1] - T, prefix))
             x = run_block(block, x, prefix, prompt_lengths, self.checkpoint_blocks,
                           None if cache is None else cache[i])
-        return self.ln_f(x[:, x.shape[1] - T:])
+        hidden = self.ln_f(x[:, x.shape[1] - T:])
+        return hidden if rows is None else hidden.reshape(B * T, -1)[rows]
+
+
+def reads_few_rows(rows: mx.array | None, batch_size: int) -> bool:
+    """Whether the last block runs at the rows asked for only (`at_rows`): a loss that reads about one
+    position per sequence (a head's last token, the label words). Each such row gathers its
+    sequence's keys and values, so a loss that reads most positions (causal LM, instructions) runs
+    the block whole."""
+    return rows is not None and rows.shape[0] <= 2 * batch_size
 
 
 def run_block(block: nn.Module, x: mx.array, prefix, prompt_lengths, checkpoint: bool,
@@ -267,11 +314,13 @@ class GPTNeoForCausalLM(nn.Module):
         self.score = None
 
     def __call__(self, input_ids: mx.array, prompt_lengths: mx.array | None = None,
-                 layer: int | None = None, cache: list[KVCache] | None = None) -> mx.array:
+                 layer: int | None = None, cache: list[KVCache] | None = None,
+                 rows: mx.array | None = None) -> mx.array:
         """Final hidden states (B, T, d); `prompt_lengths` (B,) are the rows' prompt tokens, for
         methods that act on prompt positions (none given: each whole row is its prompt); `layer`: the
-        hidden states after that many blocks instead; `cache`: make_cache()'s, to generate (GPTNeoModel.__call__)."""
-        return self.transformer(input_ids, prompt_lengths, layer, cache)
+        hidden states after that many blocks instead; `cache`: make_cache()'s, to generate; `rows`: only
+        those flat positions', (N, d) (GPTNeoModel.__call__)."""
+        return self.transformer(input_ids, prompt_lengths, layer, cache, rows)
 
     def make_cache(self) -> list[KVCache]:
         """An empty key/value cache, one per block, for generation."""

@@ -45,11 +45,12 @@ class MLXLMModel(nn.Module):
         self._cache_maker = getattr(inner, "make_cache", None)  # models with sliding windows make their own
 
     def __call__(self, input_ids: mx.array, prompt_lengths: mx.array | None = None,
-                 layer: int | None = None, cache: list | None = None) -> mx.array:
+                 layer: int | None = None, cache: list | None = None, rows: mx.array | None = None) -> mx.array:
         if layer is not None:
             raise TwintuneError(f"features from an inner layer (task.layer) need a GPT-Neo model; this {self.model_type!r} "
                                 "model gives its final hidden states only (task.layer -1).")
-        return self.model(input_ids, cache=cache)  # no method on these models acts on prompt positions
+        hidden = self.model(input_ids, cache=cache)  # no method on these models acts on prompt positions
+        return hidden if rows is None else hidden.reshape(-1, hidden.shape[-1])[rows]
 
     def make_cache(self) -> list:
         """mlx-lm's own key/value caches for the model, one per layer, for generation."""

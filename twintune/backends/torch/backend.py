@@ -200,8 +200,7 @@ class TorchBackend:
         return torch.from_numpy(array).to(self.device, torch.long)
 
     def _hidden_rows(self, batch: Batch, rows: np.ndarray) -> torch.Tensor:
-        hidden = self.model(self._tensor(batch.input_ids), self._tensor(batch.prompt_lengths))
-        return hidden.reshape(-1, hidden.shape[-1])[self._tensor(rows)]
+        return self.model(self._tensor(batch.input_ids), self._tensor(batch.prompt_lengths), rows=self._tensor(rows))
 
     def forward_backward(self, batch: Batch, loss_scale: float, dropout_key: int = 0) -> float:
         self.model.train()

@@ -83,6 +83,27 @@ class GPTNeoSelfAttention(nn.Module):
         out = attention(q, k, v, self.mask(T, k.shape[2] - T, x.device)).to(x.dtype)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
 
+    def at_rows(self, x: torch.Tensor, batch: torch.Tensor, position: torch.Tensor,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The output at (batch[n], position[n]) only, (N, D): keys and values of every position, queries
+        of the rows asked for (the last block of a loss that reads a few positions; GPTNeoModel)."""
+        B, T, D = x.shape
+        heads = lambda t: t.reshape(B, T, self.num_heads, -1).transpose(1, 2)  # noqa: E731
+        precise = torch.float64 if x.dtype == torch.float64 else torch.float32
+        k, v = (heads(proj(x)).to(precise) for proj in (self.k_proj, self.v_proj))
+        past = 0
+        if prefix is not None:
+            k, v = (torch.cat([p.to(precise).expand(B, *p.shape), t], dim=2) for p, t in zip(prefix, (k, v)))
+            past = prefix[0].shape[1]
+        q = self.q_proj(x[batch, position]).reshape(-1, self.num_heads, 1, D // self.num_heads).to(precise)
+        query = position[:, None] + past  # (N, 1): where each query sits among the keys
+        key = torch.arange(past + T, device=x.device)[None, :]
+        visible = key <= query
+        if self.window is not None:
+            visible = visible & (query - key < self.window)
+        out = attention(q, k[batch], v[batch], visible[:, None, None, :]).to(x.dtype)
+        return self.out_proj(out.reshape(-1, D))
+
     def mask(self, T: int, past: int, device: torch.device) -> str | torch.Tensor:
         """"causal", or the boolean (T, past + T) mask: query i sits at position past + i and sees key j
         when j <= past + i and, in a local layer, past + i - j < window (prefix keys count as the
@@ -140,6 +161,15 @@ class GPTNeoBlock(nn.Module):
         return x if self.intervention is None or generating else self.intervention(x, prompt_lengths)
 
 
+    def at_rows(self, x: torch.Tensor, batch: torch.Tensor, position: torch.Tensor, prefix=None) -> torch.Tensor:
+        """The block's output at (batch[n], position[n]) only, (N, D); the rest of its positions serve
+        only as keys and values. Not for a block with an intervention (it acts on prompt positions)."""
+        residual = x[batch, position]
+        residual = add_residual(self.attn_adapter, self.attn.attention.at_rows(self.ln_1(x), batch, position, prefix),
+                                residual)
+        return add_residual(self.mlp_adapter, self.mlp(self.ln_2(residual)), residual)
+
+
 def add_residual(adapter, output: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return residual + output if adapter is None else adapter(output, residual)
 
@@ -184,11 +214,15 @@ class GPTNeoModel(nn.Module):
         self.checkpoint_blocks = False
 
     def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None = None,
-                layer: int | None = None, cache: list[KVCache] | None = None) -> torch.Tensor:
+                layer: int | None = None, cache: list[KVCache] | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """The final hidden states (after ln_f); with `layer` < the number of blocks, the hidden states after
         that many blocks (transformers' hidden_states[layer]; 0: the embeddings), unnormed. With `cache`
         (one KVCache per block, filled as it goes) the ids continue the positions the cache holds; the
-        virtual tokens and prefixes enter with the first call only."""
+        virtual tokens and prefixes enter with the first call only. With `rows` ((N,) flat indices into
+        the B x T text positions) only those rows' final hidden states, (N, d): the last block then runs
+        its queries, output projection and MLP on those rows alone (`at_rows`), the work a loss that
+        reads a few positions (label words, a head's last token) would otherwise throw away."""
         # No attention mask: padding is on the right, and causal attention never looks right.
         B, T = input_ids.shape
         first = cache is None or cache[0].offset == 0
@@ -201,12 +235,24 @@ class GPTNeoModel(nn.Module):
         if not first:
             past = cache[0].offset
         x = x + self.wpe(torch.arange(past, past + x.shape[1], device=input_ids.device))
+        last = len(self.h) - 1
         for i, (block, prefix) in enumerate(zip(self.h, prefixes)):
             if i == layer:
                 return x[:, x.shape[1] - T:]
+            if i == last and reads_few_rows(rows, B) and block.intervention is None and cache is None:
+                return self.ln_f(block.at_rows(x, rows // T, rows % T + x.shape[1] - T, prefix))
             x = run_block(block, x, prefix, prompt_lengths, self.checkpoint_blocks,
                           None if cache is None else cache[i])
-        return self.ln_f(x[:, x.shape[1] - T:])
+        hidden = self.ln_f(x[:, x.shape[1] - T:])
+        return hidden if rows is None else hidden.reshape(B * T, -1)[rows]
+
+
+def reads_few_rows(rows: torch.Tensor | None, batch_size: int) -> bool:
+    """Whether the last block runs at the rows asked for only (`at_rows`): a loss that reads about one
+    position per sequence (a head's last token, the label words). Each such row gathers its
+    sequence's keys and values, so a loss that reads most positions (causal LM, instructions) runs
+    the block whole."""
+    return rows is not None and rows.shape[0] <= 2 * batch_size
 
 
 def run_block(block: nn.Module, x: torch.Tensor, prefix, prompt_lengths, checkpoint_block: bool,
@@ -257,11 +303,13 @@ class GPTNeoForCausalLM(nn.Module):
         self.transformer.checkpoint_blocks = True
 
     def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None = None,
-                layer: int | None = None, cache: list[KVCache] | None = None) -> torch.Tensor:
+                layer: int | None = None, cache: list[KVCache] | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, d); `prompt_lengths` (B,) are the rows' prompt tokens, for
         methods that act on prompt positions (none given: each whole row is its prompt); `layer`: the
-        hidden states after that many blocks instead; `cache`: make_cache()'s, to generate (GPTNeoModel.forward)."""
-        return self.transformer(input_ids, prompt_lengths, layer, cache)
+        hidden states after that many blocks instead; `cache`: make_cache()'s, to generate; `rows`: only
+        those flat positions', (N, d) (GPTNeoModel.forward)."""
+        return self.transformer(input_ids, prompt_lengths, layer, cache, rows)
 
     def make_cache(self) -> list[KVCache]:
         """An empty key/value cache, one per block, for generation."""
