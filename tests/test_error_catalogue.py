@@ -244,6 +244,18 @@ CASES = [
          match="the prompt is 603 tokens, but the model reads at most 512 positions; shorten it"),
     case("generate", "{root}/head-run", "Sales rose", match="has a classification head: it scores classes, not next tokens"),
     case("generate", "{root}/features-run", "Sales rose", match="is a features run: it holds a classifier on frozen features"),
+    # several processes
+    case("train", DEMO, "--nproc", "0", match="--nproc must be 1 or more, got 0"),
+    case("train", DEMO, "--backend", "torch", "--set", "train.batch_size=8",
+         env={"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+         match="train.batch_size 8 (the global batch) does not divide among 3 processes"),
+    case("train", DEMO, "--backend", "mlx", env={"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                                  "MASTER_PORT": "1"},
+         match="this run uses the mlx backend, which runs on several processes through mlx.launch, but it was "
+               "started by torchrun"),
+    case("train", DEMO, "--backend", "torch", "--set", "task.name=features", "--set", "method={name: none}",
+         env={"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+         match="task features fits its classifier in one process"),
     # compare (each refused before any row runs)
     case("compare", DEMO, "--methods", "lora,bitfti", match="--methods: 'bitfti' is not a comparison entry; did you mean 'bitfit'?"),
     case("compare", DEMO, "--methods", "lora,lora", match="--methods names an entry twice: lora"),
@@ -252,6 +264,8 @@ CASES = [
     case("compare", DEMO, "--set", "lorra.r=16", match="'lorra' is neither a recipe section"),
     case("compare", DEMO, "--methods", "lora", "--set", "dora.r=4", match="is for entry 'dora', which --methods does not run"),
     case("compare", DEMO, "--set", "train.lr=fast", match="recipe key 'train.lr' must be a number, got 'fast'"),
+    case("compare", DEMO, "--methods", "bitfit,lora", "--set", "lora.r=abc",
+         match="recipe key 'method.r' must be a whole number, got 'abc'"),
     case("compare", DEMO, "--out", "{root}/comparison", match="already holds a comparison; add --resume to finish it"),
 ]
 

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--resume", default=None, metavar="DIR",
                        help="continue from a run directory's newest checkpoint (or from one checkpoint directory)")
+    train.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="train on N local processes through the backend's launcher (torchrun or mlx.launch); "
+                            "train.batch_size stays the global batch")
 
     evaluation = verbs.add_parser("eval", help="evaluate a run directory (or a recipe's untrained start) on a split")
     evaluation.add_argument("target", help="a run directory from `twintune train`, or a recipe file")
@@ -122,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
             from twintune.train.loop import train
 
             recipe = load_recipe(args.recipe, args.overrides)
+            if args.nproc is not None:
+                return _launch(recipe, args, argv if argv is not None else sys.argv[1:])
             summary = train(recipe, backend=args.backend, out_dir=args.out, progress=not args.no_progress,
                             resume=args.resume)
+            if summary.get("rank", 0) != 0:  # another process of a multi-process run: rank 0 reports
+                return 0
             shown = {k: summary[k] for k in ("backend", "method", "steps", "final_train_loss", "val_accuracy",
                                              "val_macro_f1", "val_loss", "val_perplexity", "train_seconds",
                                              "peak_memory_mb", "out_dir") if k in summary}
@@ -187,6 +194,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("twintune: interrupted; files already written are complete (they are written atomically).", file=sys.stderr)
         return 130
+
+
+def _launch(recipe, args, argv: list[str]) -> int:
+    """`twintune train --nproc N ...`: the same command on N processes, started by the backend's launcher."""
+    from twintune.backends import resolve_backend_name
+    from twintune.train.distributed import launch
+
+    backend = resolve_backend_name(args.backend or recipe.backend)
+    rest, skip = [], False
+    for arg in argv:  # the same arguments without --nproc
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    return launch(backend, args.nproc, rest)
 
 
 if __name__ == "__main__":

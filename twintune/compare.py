@@ -262,9 +262,12 @@ def compare(recipe_path: str, methods: str = ",".join(DEFAULT_METHODS), backend:
     out = Path(out_dir) if out_dir else Path("runs") / f"compare-{recipe.name}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (out / "compare.json").exists() and not resume:
         raise TwintuneError(f"{out} already holds a comparison; add --resume to finish it, or choose another --out.")
-    jobs = [(entry, recipe.seed + i) for entry in entries for i in range(seeds)]
+    jobs = [(entry, recipe.seed + i, entry_overrides(entry, recipe.data_seed, recipe.seed + i, list(overrides)))
+            for entry in entries for i in range(seeds)]
+    for entry, _, entry_keys in jobs[::seeds]:  # each entry's recipe checked before any row runs
+        load_recipe(recipe_path, entry_keys)
     rows, durations = [], []
-    for number, (entry, seed) in enumerate(jobs, 1):
+    for number, (entry, seed, entry_keys) in enumerate(jobs, 1):
         directory = out / "rows" / f"{entry.name}-seed{seed}"
         done = _finished_row(directory) if resume else None
         if done:
@@ -275,7 +278,7 @@ def compare(recipe_path: str, methods: str = ",".join(DEFAULT_METHODS), backend:
         started = time.perf_counter()
         rows.append(_run_row_process(directory, {
             "entry": entry.name, "family": entry.family, "seed": seed, "backend": name, "recipe": str(recipe_path),
-            "overrides": entry_overrides(entry, recipe.data_seed, seed, list(overrides)), "shots": entry.shots,
+            "overrides": entry_keys, "shots": entry.shots,
             "dir": str(directory), "progress": progress}))
         durations.append(time.perf_counter() - started)
         row = rows[-1]

@@ -66,6 +66,16 @@ class Backend(Protocol):
         apply AdamW, clear gradients; return the norm before clipping. A non-finite norm skips
         the update (the gradients are cleared, the step count stays) and is returned as is."""
 
+    def join(self, world) -> None:
+        """Join the processes a launcher started (train/distributed.py's World): torch's process group
+        (gloo on CPU, NCCL on CUDA), MLX's ring group. Afterwards sum_gradients and all_sum span them."""
+
+    def sum_gradients(self) -> None:
+        """Sum the accumulated gradients over the processes (once per step, before the optimizer step)."""
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        """The element-wise sum of `values` over the processes (float64 in, float64 out)."""
+
     def target_loss(self, batch: Batch) -> float:
         """The summed cross-entropy of the batch's targets, as forward_backward's loss but with no
         dropout and no gradient (a causal-LM evaluation)."""

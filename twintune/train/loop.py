@@ -7,6 +7,7 @@ initial adapter values, a learning rate per step.
 from __future__ import annotations
 
 import json
+import os
 import math
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.quant import SUPPORTED, quantize_linear_layers
 from twintune.recipe import Recipe, check_trains_something
 from twintune.tasks import Features, head_surgery, with_head
+from twintune.train.distributed import ALONE, World, check_world, launched_world, mine, share, share_bounds
 from twintune.train.features import compute_features, split_features, train_features
 from twintune.train.checkpoints import find_checkpoint, load_checkpoint_state, save_checkpoint
 from twintune.train.loss_scale import LossScaler
@@ -61,6 +63,7 @@ class Run:
     sources: dict[str, dict[str, list[Encoded]]] = field(default_factory=dict)  # a mixture's splits, by source
     general: list[Encoded] = field(default_factory=list)  # train.forgetting_eval's text, as causal-LM rows
     distill_rows: list[Encoded] = field(default_factory=list)  # train.distill's general text
+    world: World = ALONE  # the processes training together (train/distributed.py); joined by train()
 
 
 def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) -> Run:
@@ -206,10 +209,15 @@ def train_step(run: Run, step: int) -> dict:
     logged with "skipped": true, and still counts as a step of the schedule.
     """
     t = run.recipe.train
-    batches = run.order.step_batches(step)
+    batches = run.order.step_batches(step)  # the whole step's, on every process
     scale = run.loss_scaler.scale if run.loss_scaler else 1.0
-    sums = [run.backend.forward_backward(b, scale * weight, dropout_key(run.recipe.seed, step, i))
+    # Each process runs its share of every micro-batch; the weights are the whole step's (global) counts.
+    sums = [run.backend.forward_backward(part, scale * weight, dropout_key(run.recipe.seed, step, i))
+            if (part := share(b, run.world)) is not None else 0.0
             for i, (b, weight) in enumerate(zip(batches, loss_weights(batches, t.replay.fraction)))]
+    if run.world.size > 1:
+        sums = run.backend.all_sum(np.array(sums, np.float64)).tolist()
+        run.backend.sum_gradients()
     loss = sum(s for s, b in zip(sums, batches) if not b.replay) / sum(b.n_targets for b in batches if not b.replay)
     if not math.isfinite(loss):
         raise TwintuneError(f"the training loss became {loss} at step {step + 1}; lower train.lr "
@@ -232,6 +240,9 @@ def train_step(run: Run, step: int) -> dict:
                             "dtype=float32 (the last saved adapter, if any, is kept).")
     record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm if finite else None,
               "tokens": sum(b.n_real_tokens for b in batches)}
+    if run.world.size > 1:  # the examples each process took
+        record["rank_examples"] = np.sum([np.diff(share_bounds(b.input_ids.shape[0], run.world)) for b in batches],
+                                         axis=0).tolist()
     if batches[-1].replay:  # the general text's mean loss per token, beside the task's
         record["replay_loss"] = sums[-1] / batches[-1].n_targets
     if penalty is not None:
@@ -253,8 +264,10 @@ def predict(run: Run, encoded: list[Encoded], features: np.ndarray | None = None
         scores = run.classifier.log_probabilities(features)
         return scores.argmax(axis=1), scores
     scores = np.zeros((len(encoded), len(run.encoder.first_label_ids)), np.float32)
-    for batch in eval_batches(encoded, run.recipe.train.eval_batch_size):
+    for batch in mine(eval_batches(encoded, run.recipe.train.eval_batch_size), run.world):
         scores[batch.example_index] = run.backend.label_logprobs(batch, run.encoder.first_label_ids)
+    if run.world.size > 1:  # each process filled its batches' rows; the rest are zeros
+        scores = run.backend.all_sum(scores).astype(np.float32)
     return scores.argmax(axis=1), scores
 
 
@@ -344,9 +357,12 @@ def _shots_report(run: Run, split: str, shots: int, choose) -> dict:
 def perplexity_report(run: Run, encoded: list[Encoded]) -> dict:
     """The mean cross-entropy per target token and its exponential, the perplexity."""
     total, tokens = 0.0, 0
-    for batch in eval_batches(encoded, run.recipe.train.eval_batch_size):
+    for batch in mine(eval_batches(encoded, run.recipe.train.eval_batch_size), run.world):
         total += run.backend.target_loss(batch)
         tokens += batch.n_targets
+    if run.world.size > 1:
+        total, tokens = run.backend.all_sum(np.array([total, tokens], np.float64)).tolist()
+        tokens = round(tokens)
     return {"loss": total / tokens, "perplexity": math.exp(total / tokens), "tokens": tokens}
 
 
@@ -395,8 +411,14 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         out = Path(out_dir) if out_dir else found.parent.parent
     else:
         out = Path(out_dir) if out_dir else default_out_dir(recipe, name)
-    _check_writable(out)
+    world = launched_world()
+    check_world(world, name, recipe)
+    if world.writes:
+        _check_writable(out)
     run = prepare(recipe, name)
+    if world.size > 1:
+        run.backend.join(world)
+        run.world = world
     if isinstance(recipe.task, Features):
         return _train_features(run, out)
     t = recipe.train
@@ -411,18 +433,20 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
             run.loss_scaler = LossScaler(**history["loss_scale"])
     # Which backend ran which steps: a resumed run adds a segment, on whichever backend it runs.
     segments = history.setdefault("backends", [])
-    segments.append({"backend": name, "first_step": first_step + 1, "last_step": first_step})
-    write_json(out / "recipe.json", recipe.to_dict())
+    segments.append({"backend": name, "first_step": first_step + 1, "last_step": first_step,
+                     "processes": world.size})
+    if world.writes:
+        write_json(out / "recipe.json", recipe.to_dict())
     if t.forgetting_eval and "forgetting_before" not in history:  # measured once, before the first step
         history["forgetting_before"] = perplexity_of(run, run.general)
 
-    bar = _progress(run.total_steps, progress, first_step)
+    bar = _progress(run.total_steps, progress and world.writes, first_step)
     started = time.perf_counter()
     stopped_early = history.get("stopped_early", False)  # a resumed run that had already stopped early
     last_step = first_step
     # metrics.jsonl is rewritten from the history, so lines a killed run wrote after its last
     # checkpoint do not appear twice.
-    with open(out / "metrics.jsonl", "w") as log:
+    with open(out / "metrics.jsonl" if world.writes else os.devnull, "w") as log:
         for line in history["log"]:
             log.write(json.dumps(line) + "\n")
         for step in range(first_step, first_step if stopped_early else run.total_steps):
@@ -439,7 +463,8 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
                         best_state = run.backend.trainable_state()
                     evals_since_best = (step + 1 - history["best"]["step"]) // t.eval_every
                     stopped_early = history["stopped_early"] = evals_since_best >= t.early_stopping_patience
-            if t.save_every and ((step + 1) % t.save_every == 0 or step + 1 == run.total_steps or stopped_early):
+            if t.save_every and world.writes and ((step + 1) % t.save_every == 0 or step + 1 == run.total_steps
+                                                  or stopped_early):
                 history["train_seconds"] += time.perf_counter() - started
                 started = time.perf_counter()
                 if run.loss_scaler:
@@ -462,6 +487,8 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         bar.close()
 
     trained = run.backend.trainable_state()
+    if not world.writes:  # the same model on every process; rank 0 saves it
+        return {"backend": name, "rank": world.rank, "world_size": world.size, "out_dir": str(out)}
     save_adapter(out / "adapter", run.method, trained, recipe.model, run.model_dir,
                  labels=list(recipe.prompt.labels) if recipe.task.linear_head else None)
     losses = [line["loss"] for line in history["log"] if "loss" in line]
@@ -492,6 +519,8 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         "train_seconds": seconds,
         "real_tokens_per_second": history["real_tokens"] / seconds if seconds > 0 else 0.0,
         "peak_memory_mb": run.backend.peak_memory_mb(),
+        "world_size": world.size,
+        "engine": world.engine,
         "out_dir": str(out),
     }
     write_json(out / "summary.json", summary)

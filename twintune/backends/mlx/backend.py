@@ -239,6 +239,33 @@ class MLXBackend:
         mx.eval(self.model.trainable_parameters(), self.m, self.v)
         return norm
 
+    def join(self, world) -> None:
+        # strict: a launch without the launcher is an error here, not a silent group of one
+        try:
+            self.group = mx.distributed.init(strict=True, backend="ring")
+        except RuntimeError as error:
+            raise TwintuneError(f"mlx.launch announced process {world.rank} of {world.size}, but MLX's ring group "
+                                f"could not start ({str(error).splitlines()[0]}).") from None
+        if self.group.size() != world.size or self.group.rank() != world.rank:
+            raise TwintuneError(f"mlx.launch announced process {world.rank} of {world.size}, but the ring group "
+                                f"holds {self.group.size()}.")
+
+    def sum_gradients(self) -> None:
+        """One all_sum of every gradient, flattened into one array (one message round per step)."""
+        if self.grads is None:  # no rows of this step were this process's
+            self.grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
+        names, grads = zip(*tree_flatten(self.grads))
+        flat = mx.distributed.all_sum(mx.concatenate([g.reshape(-1) for g in grads]), group=self.group)
+        sizes = np.cumsum([g.size for g in grads])[:-1].tolist()
+        summed = [part.reshape(g.shape) for part, g in zip(mx.split(flat, sizes), grads)]
+        self.grads = tree_unflatten(list(zip(names, summed)))
+        mx.eval(self.grads)
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        # dtype given: mx.array makes float32 of a float64 numpy array by default
+        summed = mx.distributed.all_sum(mx.array(np.asarray(values), dtype=mx.float64), group=self.group)
+        return np.array(summed, np.float64)
+
     def set_base_view(self, plan: Plan, start: dict[str, np.ndarray]) -> None:
         """What distill_backward's teacher switches off: the plan's surgeries, and the start's values of
         the parameters it unfroze (a frozen copy of those: full fine-tuning's cost of distillation)."""

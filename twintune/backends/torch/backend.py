@@ -228,6 +228,46 @@ class TorchBackend:
             p.grad = None
         return norm
 
+    def join(self, world) -> None:
+        import datetime
+
+        import torch.distributed as dist
+
+        from twintune.train.distributed import join_timeout
+
+        seconds = join_timeout()
+        if not dist.is_initialized():
+            try:
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", rank=world.rank,
+                                        world_size=world.size, timeout=datetime.timedelta(seconds=seconds))
+            except (RuntimeError, dist.DistError):
+                others = world.size - 1
+                raise TwintuneError(f"process {world.rank} of {world.size} waited {seconds:g} s for the other {others} "
+                                    f"process{'es' if others > 1 else ''} to join; start them all at once "
+                                    f"(torchrun --nproc_per_node={world.size}, or twintune train --nproc "
+                                    f"{world.size}).") from None
+        if dist.get_world_size() != world.size:
+            raise TwintuneError(f"torchrun announced {world.size} processes, but the process group holds "
+                                f"{dist.get_world_size()}.")
+
+    def sum_gradients(self) -> None:
+        """One all-reduce of every gradient, flattened (what DDP does, without overlapping the backward)."""
+        import torch.distributed as dist
+
+        params = list(self._trainable().values())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p)
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        import torch.distributed as dist
+
+        summed = torch.from_numpy(np.asarray(values, np.float64).copy()).to(self.device)
+        dist.all_reduce(summed)
+        return summed.cpu().numpy()
+
     def set_base_view(self, plan: Plan, start: dict[str, np.ndarray]) -> None:
         """What distill_backward's teacher switches off: the plan's surgeries, and the start's values of
         the parameters it unfroze (a frozen copy of those: full fine-tuning's cost of distillation)."""
