@@ -215,9 +215,12 @@ def train_step(run: Run, step: int) -> dict:
     sums = [run.backend.forward_backward(part, scale * weight, dropout_key(run.recipe.seed, step, i))
             if (part := share(b, run.world)) is not None else 0.0
             for i, (b, weight) in enumerate(zip(batches, loss_weights(batches, t.replay.fraction)))]
+    sync_seconds = None
     if run.world.size > 1:
+        started = time.perf_counter()
         sums = run.backend.all_sum(np.array(sums, np.float64)).tolist()
         run.backend.sum_gradients()
+        sync_seconds = time.perf_counter() - started  # waiting for the slowest process included
     loss = sum(s for s, b in zip(sums, batches) if not b.replay) / sum(b.n_targets for b in batches if not b.replay)
     if not math.isfinite(loss):
         raise TwintuneError(f"the training loss became {loss} at step {step + 1}; lower train.lr "
@@ -243,6 +246,7 @@ def train_step(run: Run, step: int) -> dict:
     if run.world.size > 1:  # the examples each process took
         record["rank_examples"] = np.sum([np.diff(share_bounds(b.input_ids.shape[0], run.world)) for b in batches],
                                          axis=0).tolist()
+        record["sync_seconds"] = sync_seconds
     if batches[-1].replay:  # the general text's mean loss per token, beside the task's
         record["replay_loss"] = sums[-1] / batches[-1].n_targets
     if penalty is not None:
