@@ -49,8 +49,9 @@ def test_a_checkpoint_resumes_on_the_other_backend(runs, source, quantize, tmp_p
                     "step-00000010", progress=False)
 
     assert resumed["backend"] == target and resumed["resumed_from_step"] == 10
-    assert resumed["backend_steps"] == [{"backend": source, "first_step": 1, "last_step": 10},
-                                        {"backend": target, "first_step": 11, "last_step": 20}]
+    assert resumed["backend_steps"] == [
+        {"backend": source, "first_step": 1, "last_step": 10, "processes": 1},
+        {"backend": target, "first_step": 11, "last_step": 20, "processes": 1}]
     losses = np.array(resumed["train_losses"])
     assert losses[:10].tolist() == source_summary["train_losses"][:10]  # the source's own steps, kept
     expected = np.array(target_summary["train_losses"])
