@@ -1,15 +1,20 @@
 """Seconds per step on 1 and on 2 processes (torchrun with gloo; mlx.launch with the ring), 127.0.0.1.
 
-    python -m benchmarks.distributed_speed [--backends torch,mlx] [--shape 125m] [--steps 12] [--no-save]
+    python -m benchmarks.distributed_speed [--backends torch,mlx] [--method lora|full] [--shape 125m]
+                                           [--steps 12] [--no-save]
 
-The demo recipe on the random-weight GPT-Neo of the shape (compare_torch's), LoRA r 8 on q_proj and
-v_proj, global batch 8, `train.steps` steps, through `twintune train` and `twintune train --nproc 2`.
+The demo recipe on the random-weight GPT-Neo of the shape (compare_torch's), global batch 8,
+`train.steps` steps, through `twintune train` and `twintune train --nproc 2`; --method lora: LoRA r 8
+on q_proj and v_proj; --method full: full fine-tuning, with a third torch row, 2 processes with
+`train.fsdp: true` (FSDP2: each process holds half of the weights, gradients and AdamW moments).
 Per row: seconds per step (the run's train_seconds / steps, its first steps' warm-up included),
-and for 2 processes the communication per step: the median over steps
-of `sync_seconds` in metrics.jsonl (the loss all_sum and the gradients' all-reduce, waiting for the
-slower process included). On this 2-core CPU two processes share the cores one process's BLAS
-threads used (OMP_NUM_THREADS: 2 for one process, 1 each for two): the scaling is reported, not
-asserted. Writes results/distributed_speed_<shape>.json.
+rank 0's peak memory (the summary's peak_memory_mb: its peak RSS on the CPU), and for 2 processes
+the communication per step: the median over steps of `sync_seconds` in metrics.jsonl (the loss
+all_sum and the gradients' all-reduce, waiting for the slower process included; with FSDP the
+gathers and reduce-scatters run inside the forward and backward, so only the loss's all_sum is
+there). On this 2-core CPU two processes share the cores one process's BLAS threads used
+(OMP_NUM_THREADS: 2 for one process, 1 each for two): the scaling is reported, not asserted.
+Writes results/distributed_speed_<shape>[_full].json.
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ from pathlib import Path
 from benchmarks.common import announce_machine, fast_blas_env, write_result
 
 
-def run(backend: str, shape: str, steps: int, nproc: int) -> dict:
+METHODS = {"lora": "method={name: lora, r: 8, alpha: 16, target_modules: [q_proj, v_proj]}",
+           "full": 'method={"name": "full"}'}
+
+
+def run(backend: str, shape: str, steps: int, nproc: int, method: str = "lora", fsdp: bool = False) -> dict:
     from benchmarks.compare_torch import model_dir
 
     out = Path(tempfile.mkdtemp(prefix=f"dist-{backend}-{nproc}-")) / "run"
@@ -35,7 +44,7 @@ def run(backend: str, shape: str, steps: int, nproc: int) -> dict:
     argv = [sys.executable, "-m", "twintune", "train", "recipes/demo-financial-sentiment.yaml", "--backend", backend,
             "--out", str(out), "--no-progress", "--set", f"model={model_dir(shape)}", "--set", "data.synthetic_size=400",
             "--set", "train.batch_size=8", "--set", f"train.max_steps={steps}", "--set", "train.warmup_steps=0",
-            "--set", "method={name: lora, r: 8, alpha: 16, target_modules: [q_proj, v_proj]}",
+            "--set", METHODS[method], *(["--set", "train.fsdp=true"] if fsdp else []),
             *(["--nproc", str(nproc)] if nproc > 1 else [])]
     result = subprocess.run(argv, capture_output=True, text=True, env=env)
     if result.returncode:
@@ -43,7 +52,9 @@ def run(backend: str, shape: str, steps: int, nproc: int) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     lines = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
     syncs = [line["sync_seconds"] for line in lines if line.get("sync_seconds") is not None]
-    return {"backend": backend, "processes": nproc, "steps": summary["steps"],
+    assert summary["fsdp"] == fsdp, summary["fsdp"]
+    return {"backend": backend, "processes": nproc, "fsdp": fsdp, "steps": summary["steps"],
+            "peak_memory_mb": summary["peak_memory_mb"],
             "seconds_per_step": summary["train_seconds"] / summary["steps"],
             "sync_seconds_per_step": statistics.median(syncs) if syncs else None,
             "tokens_per_second": summary["real_tokens_per_second"], "final_loss": summary["final_train_loss"]}
@@ -52,20 +63,27 @@ def run(backend: str, shape: str, steps: int, nproc: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="torch,mlx")
+    parser.add_argument("--method", default="lora", choices=sorted(METHODS))
     parser.add_argument("--shape", default="125m")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     announce_machine()
-    rows = [run(backend, args.shape, args.steps, nproc) for backend in args.backends.split(",") for nproc in (1, 2)]
-    print(f"GPT-Neo {args.shape}, LoRA r 8 on q_proj and v_proj, global batch 8, {args.steps} steps")
-    print(f"{'backend':8s} {'processes':>9s} {'s/step':>8s} {'sync s/step':>12s} {'tokens/s':>9s} {'final loss':>11s}")
+    layouts = [(1, False), (2, False)]
+    rows = [run(backend, args.shape, args.steps, nproc, args.method, fsdp) for backend in args.backends.split(",")
+            for nproc, fsdp in layouts + ([(2, True)] if args.method == "full" and backend == "torch" else [])]
+    what = {"lora": "LoRA r 8 on q_proj and v_proj", "full": "full fine-tuning"}[args.method]
+    print(f"GPT-Neo {args.shape}, {what}, global batch 8, {args.steps} steps")
+    print(f"{'backend':8s} {'processes':>9s} {'fsdp':>5s} {'s/step':>8s} {'sync s/step':>12s} {'tokens/s':>9s} "
+          f"{'peak MB':>8s} {'final loss':>11s}")
     for row in rows:
         sync = f"{row['sync_seconds_per_step']:.4f}" if row["sync_seconds_per_step"] is not None else "–"
-        print(f"{row['backend']:8s} {row['processes']:9d} {row['seconds_per_step']:8.3f} {sync:>12s} "
-              f"{row['tokens_per_second']:9.0f} {row['final_loss']:11.5f}")
+        print(f"{row['backend']:8s} {row['processes']:9d} {'yes' if row['fsdp'] else 'no':>5s} "
+              f"{row['seconds_per_step']:8.3f} {sync:>12s} {row['tokens_per_second']:9.0f} "
+              f"{row['peak_memory_mb']:8.0f} {row['final_loss']:11.5f}")
     if not args.no_save:
-        print(f"wrote {write_result(f'distributed_speed_{args.shape}', {'rows': rows, 'steps': args.steps})}")
+        name = f"distributed_speed_{args.shape}" + ("" if args.method == "lora" else f"_{args.method}")
+        print(f"wrote {write_result(name, {'rows': rows, 'steps': args.steps, 'method': args.method})}")
 
 
 if __name__ == "__main__":

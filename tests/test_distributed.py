@@ -1,8 +1,9 @@
 """Two processes equal one: torchrun (gloo) and mlx.launch (ring), both on 127.0.0.1.
 
 The same recipe and global batch on 2 processes and on 1 give the same per-step losses (1e-5
-relative) and the same trained values (1e-5 of their scale); a 2-process checkpoint resumes on 1
-process (and a 1-process one on 2) to the uninterrupted run's values; bad launches are one sentence.
+relative) and the same trained values (1e-5 of their scale); so does full fine-tuning sharded by
+FSDP2 (train.fsdp); a 2-process checkpoint resumes on 1 process (and a 1-process one on 2, a sharded
+one on MLX) to the uninterrupted run's values; bad launches are one sentence.
 """
 
 import json
@@ -26,13 +27,17 @@ SMALL = ["train.max_steps=10", "data.synthetic_size=120", "train.batch_size=8", 
 METHODS = {"lora": "method={name: lora, r: 4, target_modules: [q_proj, v_proj, c_fc]}",
            "prefix": "method={name: prefix, n: 4}",
            "lora64": "method={name: lora, r: 4, target_modules: [q_proj, v_proj, c_fc]}"}  # in float64
+# Full fine-tuning for FSDP2 (train.fsdp, torch): full64 in float64 with 1-row micro-batches
+# (grad_accum 8), so one process has no share of any micro-batch and runs its zero-weighted row
+FULL = {"full": 'method={"name": "full"}', "full64": 'method={"name": "full"}'}
+FULL64 = ["train.grad_accum=8"]
 ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
 
 
 def _train(out, backend, method, nproc=None, extra=(), resume=None):
     argv = [sys.executable, "-m", "twintune", "train", DEMO, "--backend", backend, "--out", str(out), "--no-progress",
-            "--set", METHODS[method], *[a for item in [*SMALL, *extra] for a in ("--set", item)],
-            *(["--set", "dtype=float64"] if method == "lora64" else []),
+            "--set", {**METHODS, **FULL}[method], *[a for item in [*SMALL, *extra] for a in ("--set", item)],
+            *(["--set", "dtype=float64"] if method.endswith("64") else []),
             *(["--nproc", str(nproc)] if nproc else []), *(["--resume", str(resume)] if resume else [])]
     result = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -96,6 +101,53 @@ def test_a_checkpoint_resumes_with_another_number_of_processes(runs, backend):
         loss_whole, _ = _losses(done[backend, "lora", 1])
         assert np.abs(loss_resumed - loss_whole).max() / np.abs(loss_whole).max() < 1e-5
         _close(_values(out), _values(done[backend, "lora", 1]), f"resumed {written_by} -> {resumed_on or 1}")
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    done = {}
+    for method in FULL:
+        extra = FULL64 if method == "full64" else []
+        done[method, 1] = root / f"{method}-1"
+        _train(done[method, 1], "torch", method, None, extra)
+        done[method, 2] = root / f"{method}-fsdp-2"
+        _train(done[method, 2], "torch", method, 2, [*extra, "train.fsdp=true"])
+    return root, done
+
+
+@pytest.mark.parametrize("method", list(FULL))
+def test_fsdp_full_fine_tuning_equals_one_process(fsdp_runs, method):
+    _, done = fsdp_runs
+    one, two = done[method, 1], done[method, 2]
+    (loss_one, lines_one), (loss_two, lines_two) = _losses(one), _losses(two)
+    tolerance = 1e-9 if method == "full64" else 1e-5  # measured: 2e-16 and 3e-15 of scale in float64
+    assert len(loss_one) == len(loss_two) == 10
+    assert np.abs(loss_two - loss_one).max() / np.abs(loss_one).max() < tolerance, (loss_one, loss_two)
+    norms_one, norms_two = ([line["grad_norm"] for line in lines if "loss" in line] for lines in (lines_one, lines_two))
+    np.testing.assert_allclose(norms_two, norms_one, rtol=tolerance)  # the global norm, from the shards' parts
+    values_one, values_two = _values(one), _values(two)
+    assert len(values_one) > 50 and values_one.keys() == values_two.keys()  # every weight of the model, gathered
+    _close(values_two, values_one, "trained weights", tolerance)
+    evals = [(a["val_accuracy"], b["val_accuracy"]) for a, b in zip(lines_one, lines_two) if "val_accuracy" in a]
+    assert evals and all(a == b for a, b in evals)  # 1 evaluation batch: one process runs it, the other none
+    summaries = [json.loads((out / "summary.json").read_text()) for out in (one, two)]
+    assert [(s["world_size"], s["fsdp"]) for s in summaries] == [(1, False), (2, True)]
+
+
+def test_an_fsdp_checkpoint_resumes_on_one_process_on_mlx_and_back(fsdp_runs):
+    root, done = fsdp_runs
+    whole = done["full64", 1]
+    loss_whole, _ = _losses(whole)
+    for label, checkpoint_of, backend, nproc, extra in (
+            ("fsdp-2-on-1", done["full64", 2], "torch", None, ["train.fsdp=true"]),  # one process: nothing to shard
+            ("fsdp-2-on-mlx", done["full64", 2], "mlx", None, []),  # train.fsdp is how, not what: may go
+            ("1-on-fsdp-2", whole, "torch", 2, ["train.fsdp=true"])):
+        out = root / f"full64-resumed-{label}"
+        _train(out, backend, "full64", nproc, [*FULL64, *extra], resume=checkpoint_of / "checkpoints" / "step-00000005")
+        loss_resumed, _ = _losses(out)
+        assert np.abs(loss_resumed - loss_whole).max() / np.abs(loss_whole).max() < 1e-9, label
+        _close(_values(out), _values(whole), label, 1e-9)
 
 
 def test_shares_cover_every_row_once_and_equal_make_batch():

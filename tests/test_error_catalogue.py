@@ -256,6 +256,12 @@ CASES = [
     case("train", DEMO, "--backend", "torch", "--set", "task.name=features", "--set", "method={name: none}",
          env={"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
          match="task features fits its classifier in one process"),
+    case("train", DEMO, "--set", "train.fsdp=true",
+         match="train.fsdp shards full fine-tuning's weights, gradients and optimizer state; method lora's"),
+    case("train", DEMO, "--backend", "mlx", "--set", "method={name: full}", "--set", "train.fsdp=true",
+         match="train.fsdp shards the model through torch's FSDP2; the mlx backend keeps the whole model"),
+    case("train", DEMO, "--set", "method={name: full}", "--set", "train.fsdp=true", "--set",
+         "train.distill={source: synthetic, weight: 1.0}", match="train.fsdp does not combine with train.distill"),
     # compare (each refused before any row runs)
     case("compare", DEMO, "--methods", "lora,bitfti", match="--methods: 'bitfti' is not a comparison entry; did you mean 'bitfit'?"),
     case("compare", DEMO, "--methods", "lora,lora", match="--methods names an entry twice: lora"),

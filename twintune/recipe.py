@@ -97,6 +97,7 @@ class TrainConfig:
     group_by_length: bool = False  # batches of similar-length sentences: less padding computed
     gradient_checkpointing: bool = False  # keep only each block's input; recompute the block in the backward
     compile: bool = False  # torch.compile / mx.compile the training step; the first steps of each shape compile
+    fsdp: bool = False  # several torch processes: each keeps a shard of the weights, gradients and AdamW state (FSDP2)
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -309,5 +310,12 @@ def validate(r: Recipe) -> None:
     _check(not (t.replay.fraction and t.replay.source == t.forgetting_eval != "synthetic"),
            f"train.forgetting_eval measures forgetting on held-out text, but {t.forgetting_eval} is also "
            "train.replay.source, which training reads; name another source for one of them.")
+    if t.fsdp:
+        _check(r.method.name == "full", f"train.fsdp shards full fine-tuning's weights, gradients and optimizer "
+                                        f"state; method {r.method.name}'s trainable values are small enough to keep "
+                                        "whole on every process: remove train.fsdp.")
+        for key, used in (("train.distill", t.distill.weight > 0), ("train.ewc", t.ewc.weight > 0),
+                          ("train.compile", t.compile)):
+            _check(not used, f"train.fsdp does not combine with {key}; remove one of them.")
     _check(not t.early_stopping_patience or t.eval_every > 0,
            "train.early_stopping_patience needs train.eval_every > 0 (it counts evaluations).")

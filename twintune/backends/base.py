@@ -20,6 +20,7 @@ from twintune.quant.nf4 import NF4Tensor
 
 class Backend(Protocol):
     name: str
+    sharded: bool  # whether each process holds only a shard of the trainable values (torch, train.fsdp)
 
     def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray],
                  quantized: dict[str, NF4Tensor] | None = None, dtype: str = "float32") -> None:
@@ -69,6 +70,11 @@ class Backend(Protocol):
     def join(self, world) -> None:
         """Join the processes a launcher started (train/distributed.py's World): torch's process group
         (gloo on CPU, NCCL on CUDA), MLX's ring group. Afterwards sum_gradients and all_sum span them."""
+
+    def whole_model(self):
+        """A context in which every process holds the whole model, for an evaluation split unevenly
+        across processes (torch with train.fsdp gathers its shards; otherwise nothing to do). Torch's
+        backend also has `shard(world)`, FSDP2, called between join and set_optimizer."""
 
     def sum_gradients(self) -> None:
         """Sum the accumulated gradients over the processes (once per step, before the optimizer step)."""

@@ -65,6 +65,9 @@ def launched_world() -> World:
 def check_world(world: World, backend: str, recipe) -> None:
     """The launcher must be the backend's own, the task one that trains in steps, and the global
     batch must divide among the processes."""
+    if recipe.train.fsdp and backend != "torch":
+        raise TwintuneError(f"train.fsdp shards the model through torch's FSDP2; the {backend} backend keeps the whole "
+                            "model on every process: remove train.fsdp.")
     if world.size == 1:
         return
     wanted = {"torch": "torchrun", "mlx": "mlx.launch"}[backend]

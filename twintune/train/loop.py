@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from twintune.backends import backend_class, resolve_backend_name
-from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder, eval_batches
+from twintune.data.batching import Batch, Encoded, Encoder, Prompt, TrainOrder, eval_batches
 from twintune.data.mixture import MixtureOrder, mixture_splits
 from twintune.train.guards import (
     DISTILL, DISTILL_STREAM, EWC, REPLAY, ReplayOrder, fisher_diagonal, forgetting_summary, general_batch, general_rows,
@@ -34,7 +34,8 @@ from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.quant import SUPPORTED, quantize_linear_layers
 from twintune.recipe import Recipe, check_trains_something
 from twintune.tasks import Features, head_surgery, with_head
-from twintune.train.distributed import ALONE, World, check_world, launched_world, mine, share, share_bounds
+from twintune.train.distributed import (ALONE, World, check_world, launched_world, mine, share, share_bounds,
+                                        take_rows)
 from twintune.train.features import compute_features, split_features, train_features
 from twintune.train.checkpoints import find_checkpoint, load_checkpoint_state, save_checkpoint
 from twintune.train.loss_scale import LossScaler
@@ -63,13 +64,15 @@ class Run:
     sources: dict[str, dict[str, list[Encoded]]] = field(default_factory=dict)  # a mixture's splits, by source
     general: list[Encoded] = field(default_factory=list)  # train.forgetting_eval's text, as causal-LM rows
     distill_rows: list[Encoded] = field(default_factory=list)  # train.distill's general text
-    world: World = ALONE  # the processes training together (train/distributed.py); joined by train()
+    world: World = ALONE  # the processes training together (train/distributed.py); joined in prepare()
 
 
-def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) -> Run:
+def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True, world: World = ALONE) -> Run:
     """Load model, tokenizer and data for a recipe and apply its method on a backend.
 
-    `with_data=False` skips the data set (for predicting on texts the user gives).
+    `with_data=False` skips the data set (for predicting on texts the user gives). With a `world` of
+    several processes (train/distributed.py), the backend joins them (and with train.fsdp shards the
+    model) before the optimizer's state is made.
 
     Example:
         >>> run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml"), backend="mlx")
@@ -83,7 +86,7 @@ def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) 
         raise TwintuneError(f"{problem}.")
     model_type = load_config(recipe.model).get("model_type")
     if model_type != "gpt_neo" and mlx_lm_has_family(model_type):
-        return _prepare_mlx_lm_model(recipe, model_type, name, cls, with_data)
+        return _prepare_mlx_lm_model(recipe, model_type, name, cls, with_data, world)
     checkpoint = load_checkpoint(recipe.model)
     spec = GPTNeoSpec.from_config(checkpoint.config)
     weights = gpt_neo_weights(spec, checkpoint.weights)
@@ -91,7 +94,7 @@ def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True) 
     base = base_model(recipe, spec, weights, tokenizer)
     plan = run_plan(recipe, base)  # before the model is built: a refused method costs nothing
     engine = cls(spec, base.weights, quantized=base.quantized, dtype=recipe.dtype)
-    return _finish(recipe, engine, base, plan, tokenizer, spec.max_positions, checkpoint.directory, with_data)
+    return _finish(recipe, engine, base, plan, tokenizer, spec.max_positions, checkpoint.directory, with_data, world)
 
 
 def base_model(recipe: Recipe, spec: GPTNeoSpec, weights: dict[str, np.ndarray], tokenizer=None) -> BaseModel:
@@ -125,7 +128,7 @@ def backend_cannot_run(recipe: Recipe, backend: str) -> str | None:
     return None
 
 
-def _prepare_mlx_lm_model(recipe: Recipe, model_type: str, name: str, cls, with_data: bool) -> Run:
+def _prepare_mlx_lm_model(recipe: Recipe, model_type: str, name: str, cls, with_data: bool, world: World) -> Run:
     """A model of one of mlx-lm's families: MLX only, trained through MLXBackend.from_mlx_lm."""
     if recipe.quantize.type == "nf4":
         raise TwintuneError(f"quantize.type 'nf4' needs a GPT-Neo model; for this {model_type!r} model use "
@@ -135,11 +138,11 @@ def _prepare_mlx_lm_model(recipe: Recipe, model_type: str, name: str, cls, with_
     base = BaseModel(engine.spec, engine.base_weights(), {}, recipe.quantization(), recipe.dtype)
     plan = run_plan(recipe, base)
     return _finish(recipe, engine, base, plan, load_tokenizer(directory), engine.spec.max_positions, directory,
-                   with_data)
+                   with_data, world)
 
 
 def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_positions: int, model_dir: Path,
-            with_data: bool) -> Run:
+            with_data: bool, world: World) -> Run:
     """Data, the adapter and the optimizer on a built model: the same for every model."""
     d = recipe.data
     labels = tuple(recipe.prompt.labels)
@@ -190,6 +193,10 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
         engine.enable_gradient_checkpointing()
     if t.compile:
         engine.enable_compile()
+    if world.size > 1:  # the processes meet here, before any optimizer state exists
+        engine.join(world)
+        if t.fsdp:
+            engine.shard(world)
     engine.set_optimizer(tuple(t.betas), t.eps, t.weight_decay)
     if with_data and t.distill.weight > 0:  # the teacher: this model with the method off
         engine.set_base_view(plan, engine.trainable_state())
@@ -199,7 +206,8 @@ def _finish(recipe: Recipe, engine, base: BaseModel, plan: Plan, tokenizer, max_
     scaler = LossScaler() if recipe.dtype == "float16" else None
     # The run does not keep the base's numpy weights: the backend holds the model now.
     return Run(recipe, engine, base.spec, recipe.method, plan.released(), encoder, splits, order, total_steps,
-               Path(model_dir), scaler, split, sources=sources, general=general, distill_rows=distill_rows)
+               Path(model_dir), scaler, split, sources=sources, general=general, distill_rows=distill_rows,
+               world=world)
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -212,8 +220,7 @@ def train_step(run: Run, step: int) -> dict:
     batches = run.order.step_batches(step)  # the whole step's, on every process
     scale = run.loss_scaler.scale if run.loss_scaler else 1.0
     # Each process runs its share of every micro-batch; the weights are the whole step's (global) counts.
-    sums = [run.backend.forward_backward(part, scale * weight, dropout_key(run.recipe.seed, step, i))
-            if (part := share(b, run.world)) is not None else 0.0
+    sums = [_share_forward_backward(run, b, scale * weight, dropout_key(run.recipe.seed, step, i))
             for i, (b, weight) in enumerate(zip(batches, loss_weights(batches, t.replay.fraction)))]
     sync_seconds = None
     if run.world.size > 1:
@@ -259,6 +266,18 @@ def train_step(run: Run, step: int) -> dict:
     return record
 
 
+def _share_forward_backward(run: Run, batch: Batch, loss_scale: float, key: int) -> float:
+    """This process's share of a micro-batch, forward and backward; its summed loss. A batch with fewer
+    rows than processes leaves some without a share: they add nothing, but a sharded model's
+    gathers need every process in every forward, so those run one row at weight zero."""
+    part = share(batch, run.world)
+    if part is not None:
+        return run.backend.forward_backward(part, loss_scale, key)
+    if run.backend.sharded:
+        run.backend.forward_backward(take_rows(batch, 0, 1), 0.0, key)
+    return 0.0
+
+
 def predict(run: Run, encoded: list[Encoded], features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Class predictions and label-word log-probabilities (N, K) for encoded examples, in their order
     (a features run: its classifier's log-probabilities, on `features` when given)."""
@@ -268,8 +287,9 @@ def predict(run: Run, encoded: list[Encoded], features: np.ndarray | None = None
         scores = run.classifier.log_probabilities(features)
         return scores.argmax(axis=1), scores
     scores = np.zeros((len(encoded), len(run.encoder.first_label_ids)), np.float32)
-    for batch in mine(eval_batches(encoded, run.recipe.train.eval_batch_size), run.world):
-        scores[batch.example_index] = run.backend.label_logprobs(batch, run.encoder.first_label_ids)
+    with run.backend.whole_model():  # this process's batches, however many
+        for batch in mine(eval_batches(encoded, run.recipe.train.eval_batch_size), run.world):
+            scores[batch.example_index] = run.backend.label_logprobs(batch, run.encoder.first_label_ids)
     if run.world.size > 1:  # each process filled its batches' rows; the rest are zeros
         scores = run.backend.all_sum(scores).astype(np.float32)
     return scores.argmax(axis=1), scores
@@ -361,9 +381,10 @@ def _shots_report(run: Run, split: str, shots: int, choose) -> dict:
 def perplexity_report(run: Run, encoded: list[Encoded]) -> dict:
     """The mean cross-entropy per target token and its exponential, the perplexity."""
     total, tokens = 0.0, 0
-    for batch in mine(eval_batches(encoded, run.recipe.train.eval_batch_size), run.world):
-        total += run.backend.target_loss(batch)
-        tokens += batch.n_targets
+    with run.backend.whole_model():
+        for batch in mine(eval_batches(encoded, run.recipe.train.eval_batch_size), run.world):
+            total += run.backend.target_loss(batch)
+            tokens += batch.n_targets
     if run.world.size > 1:
         total, tokens = run.backend.all_sum(np.array([total, tokens], np.float64)).tolist()
         tokens = round(tokens)
@@ -419,10 +440,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     check_world(world, name, recipe)
     if world.writes:
         _check_writable(out)
-    run = prepare(recipe, name)
-    if world.size > 1:
-        run.backend.join(world)
-        run.world = world
+    run = prepare(recipe, name, world=world)
     if isinstance(recipe.task, Features):
         return _train_features(run, out)
     t = recipe.train
@@ -467,14 +485,16 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
                         best_state = run.backend.trainable_state()
                     evals_since_best = (step + 1 - history["best"]["step"]) // t.eval_every
                     stopped_early = history["stopped_early"] = evals_since_best >= t.early_stopping_patience
-            if t.save_every and world.writes and ((step + 1) % t.save_every == 0 or step + 1 == run.total_steps
-                                                  or stopped_early):
+            saves = t.save_every and ((step + 1) % t.save_every == 0 or step + 1 == run.total_steps or stopped_early)
+            if saves and (world.writes or run.backend.sharded):  # sharded: every process gathers its shards
                 history["train_seconds"] += time.perf_counter() - started
                 started = time.perf_counter()
                 if run.loss_scaler:
                     history["loss_scale"] = run.loss_scaler.state()
-                save_checkpoint(out, step + 1, run.backend.trainable_state(), run.backend.optimizer_state(),
-                                recipe.to_dict(), history, t.keep_last, best_state)
+                trainable, optimizer = run.backend.trainable_state(), run.backend.optimizer_state()
+                if world.writes:
+                    save_checkpoint(out, step + 1, trainable, optimizer, recipe.to_dict(), history, t.keep_last,
+                                    best_state)
             if bar:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 bar.update(1)
@@ -525,6 +545,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         "peak_memory_mb": run.backend.peak_memory_mb(),
         "world_size": world.size,
         "engine": world.engine,
+        "fsdp": run.backend.sharded,
         "out_dir": str(out),
     }
     write_json(out / "summary.json", summary)
@@ -563,14 +584,20 @@ def _check_backend_can_resume(recipe: Recipe, backend: str, history: dict, check
         raise TwintuneError(f"cannot resume {checkpoint} on {backend}: it was trained on {trained_on} and {problem}.")
 
 
+# Keys that say how the processes hold the model, not what is trained: a sharded run's checkpoint
+# resumes on one process, or on MLX, which has no sharding.
+HOW_NOT_WHAT = {"train.fsdp"}
+
+
 def _check_same_recipe(saved: dict, current: dict, checkpoint: Path) -> None:
-    """A resumed run must be the same run: only the progress bar may differ. The saved recipe is read
-    again first, so keys added since it was written (at their defaults) are no difference."""
+    """A resumed run must be the same run: only the progress bar (and HOW_NOT_WHAT) may differ. The
+    saved recipe is read again first, so keys added since it was written (at their defaults) are no
+    difference."""
     from twintune.recipe import recipe_from_dict
 
     saved = recipe_from_dict(saved).to_dict()
     differences = [key for key in sorted(set(_flatten(saved)) | set(_flatten(current)))
-                   if _flatten(saved).get(key) != _flatten(current).get(key)]
+                   if _flatten(saved).get(key) != _flatten(current).get(key) and key not in HOW_NOT_WHAT]
     if differences:
         raise TwintuneError(f"cannot resume from {checkpoint}: the recipe differs from the one it was trained with "
                             f"({', '.join(differences[:5])}); resume with the same recipe and --set values.")

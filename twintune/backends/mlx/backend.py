@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 from collections.abc import Iterator, Mapping
@@ -73,6 +74,7 @@ class WeightsAsNumpy(Mapping):
 
 class MLXBackend:
     name = "mlx"
+    sharded = False  # every process keeps the whole model (train.fsdp is torch's FSDP2)
 
     def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray],
                  quantized: dict[str, NF4Tensor] | None = None, dtype: str = "float32"):
@@ -249,6 +251,10 @@ class MLXBackend:
         if self.group.size() != world.size or self.group.rank() != world.rank:
             raise TwintuneError(f"mlx.launch announced process {world.rank} of {world.size}, but the ring group "
                                 f"holds {self.group.size()}.")
+
+    def whole_model(self) -> contextlib.AbstractContextManager:
+        """Evaluation needs the whole model on every process: it has it (never sharded)."""
+        return contextlib.nullcontext()
 
     def sum_gradients(self) -> None:
         """One all_sum of every gradient, flattened into one array (one message round per step)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import resource
 import sys
@@ -130,8 +131,35 @@ def _adamw_scratch(size: int, dtype: torch.dtype, device: torch.device) -> tuple
     return _SCRATCH[key]
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded (FSDP2: DTensor) tensor, a view that writes through; a plain
+    tensor is its own."""
+    return t.to_local() if hasattr(t, "device_mesh") else t
+
+
+def _whole(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of which `t` is this process's shard, laid out as `like` (a collective: every
+    process calls it, in the same order); a plain `like` means `t` is whole already."""
+    if not hasattr(like, "device_mesh"):
+        return t
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(t, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()).full_tensor()
+
+
+def _piece(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a whole tensor, cut as `like` is (no communication: each process
+    holds the whole)."""
+    if not hasattr(like, "device_mesh"):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
 class TorchBackend:
     name = "torch"
+    sharded = False  # train.fsdp on several processes: shard() splits weights, gradients and moments
 
     def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray],
                  quantized: dict[str, NF4Tensor] | None = None, dtype: str = "float32"):
@@ -170,30 +198,37 @@ class TorchBackend:
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
         return {k: p for k, p in self.model.named_parameters() if p.requires_grad}
 
+    # Sharded (train.fsdp), the values below are whole on every process: saving gathers the shards
+    # (every process calls these, in the same order), loading cuts each process's own.
+    @torch.no_grad()
     def trainable_state(self) -> dict[str, np.ndarray]:
-        return {k: p.detach().cpu().numpy().copy() for k, p in self._trainable().items()}
+        return {k: _whole(_local(p), p).cpu().numpy().copy() for k, p in self._trainable().items()}
 
     def set_trainable_state(self, state: dict[str, np.ndarray]) -> None:
         params = self._trainable()
         with torch.no_grad():
             for k, v in state.items():
-                params[k].copy_(torch.from_numpy(v))
+                _local(params[k]).copy_(_piece(torch.from_numpy(v).to(self.device), params[k]))
 
     def set_optimizer(self, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         params = self._trainable()
-        self.m = {k: torch.zeros_like(p) for k, p in params.items()}
-        self.v = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.m = {k: torch.zeros_like(_local(p)) for k, p in params.items()}
+        self.v = {k: torch.zeros_like(_local(p)) for k, p in params.items()}
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        state = {f"m.{k}": v.detach().cpu().numpy().copy() for k, v in self.m.items()}
-        state.update({f"v.{k}": v.detach().cpu().numpy().copy() for k, v in self.v.items()})
+        params = self._trainable()
+        state = {f"m.{k}": _whole(v, params[k]).cpu().numpy().copy() for k, v in self.m.items()}
+        state.update({f"v.{k}": _whole(v, params[k]).cpu().numpy().copy() for k, v in self.v.items()})
         state["step"] = np.array([self.step], np.int64)
         return state
 
     def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
-        self.m = {k: torch.from_numpy(state[f"m.{k}"].copy()).to(self.device) for k in self.m}
-        self.v = {k: torch.from_numpy(state[f"v.{k}"].copy()).to(self.device) for k in self.v}
+        params = self._trainable()
+        self.m = {k: _piece(torch.from_numpy(state[f"m.{k}"].copy()).to(self.device), params[k]).clone()
+                  for k in self.m}
+        self.v = {k: _piece(torch.from_numpy(state[f"v.{k}"].copy()).to(self.device), params[k]).clone()
+                  for k in self.v}
         self.step = int(state["step"].reshape(-1)[0])
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
@@ -214,16 +249,18 @@ class TorchBackend:
     @torch.no_grad()
     def optimizer_step(self, lr: float, max_grad_norm: float, grad_scale: float = 1.0) -> float:
         params = self._trainable()
-        grads = [p.grad for p in params.values()]
-        norm, factor = gradient_factor(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item(),
-                                       max_grad_norm, grad_scale)
+        grads = [_local(p.grad) for p in params.values()]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if self.sharded:  # the global norm: clipping and skipped steps decide as one process would
+            norm = self.all_sum(np.array([norm.item() ** 2], np.float64))[0] ** 0.5
+        norm, factor = gradient_factor(float(norm), max_grad_norm, grad_scale)
         if factor is None:
             for p in params.values():
                 p.grad = None
             return norm
         self.step += 1
         for name, p in params.items():
-            adamw_update_(p, p.grad, self.m[name], self.v[name], self.step, lr * self.lr_scales.get(name, 1.0),
+            adamw_update_(_local(p), _local(p.grad), self.m[name], self.v[name], self.step, lr * self.lr_scales.get(name, 1.0),
                           self.betas, self.eps, self.weight_decay, grad_factor=factor)
             p.grad = None
         return norm
@@ -250,10 +287,53 @@ class TorchBackend:
             raise TwintuneError(f"torchrun announced {world.size} processes, but the process group holds "
                                 f"{dist.get_world_size()}.")
 
+    def shard(self, world) -> None:
+        """FSDP2 (train.fsdp, full fine-tuning): every block, then the rest of the model, split by rows
+        across the joined processes (torch.distributed.fsdp.fully_shard). Each process then holds its
+        shard of the weights, gradients and AdamW moments; a block's whole weights exist only while it
+        runs. Gradients are summed (divide factor 1), as sum_gradients sums them: the loss is already
+        over the step's global count of targets. Before set_optimizer, so no whole moment is allocated."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        mesh = init_device_mesh(self.device.type, (world.size,))
+        self.fsdp_blocks = list(self.model.transformer.h)
+        for block in self.fsdp_blocks:
+            fully_shard(block, mesh=mesh)
+            register_fsdp_forward_method(block, "at_rows")  # the last block's run at a loss's rows gathers too
+        fully_shard(self.model, mesh=mesh)  # the root: embeddings (the tied output layer), ln_f, a head
+        for module in (*self.fsdp_blocks, self.model):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no PREMUL_SUM
+        self.sharded = True
+
+    @contextlib.contextmanager
+    def whole_model(self):
+        """Evaluation on a sharded model: each block's shards are gathered once, so every process can
+        run its own share of the batches, however many, with no collective until the results are
+        summed; sharded again afterwards. Not sharded: nothing to do."""
+        if not self.sharded:
+            yield
+            return
+        for block in self.fsdp_blocks:
+            block.set_reshard_after_forward(False, recurse=False)
+        for module in (self.model, *self.fsdp_blocks):
+            module.unshard()
+        try:
+            yield
+        finally:
+            for module in (*self.fsdp_blocks, self.model):
+                module.reshard()
+            for block in self.fsdp_blocks:
+                block.set_reshard_after_forward(True, recurse=False)
+
     def sum_gradients(self) -> None:
-        """One all-reduce of every gradient, flattened (what DDP does, without overlapping the backward)."""
+        """One all-reduce of every gradient, flattened (what DDP does, without overlapping the backward).
+        Sharded, each backward has already summed its gradients into the shards (reduce-scatter)."""
         import torch.distributed as dist
 
+        if self.sharded:
+            return
         params = list(self._trainable().values())
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
