@@ -78,9 +78,7 @@ def compiled_dropout_torch() -> Callable:
     ops become one loop over the elements instead of a dozen full-size temporaries."""
     import torch
 
-    from twintune.dropout import keep_bits, keep_threshold, layer_salt
-
-    shipped = importlib.import_module("twintune.backends.torch.dropout")
+    from twintune.dropout import current_dropout_key, keep_bits, keep_threshold, layer_salt
 
     @torch.compile(dynamic=True)  # batch shapes vary: one graph for all
     def masked(x, salt, threshold: int, scale: float):
@@ -90,7 +88,7 @@ def compiled_dropout_torch() -> Callable:
     def dropout(x, p: float, stream: int, training: bool):
         if not training or p == 0:
             return x
-        return masked(x, layer_salt(shipped.current_dropout_key(), stream), keep_threshold(p), 1 / (1 - p))
+        return masked(x, layer_salt(current_dropout_key(), stream), keep_threshold(p), 1 / (1 - p))
     return dropout
 
 
@@ -99,9 +97,9 @@ def inplace_dropout_torch(x, p: float, stream: int, training: bool):
     updated in place, so each step of the hash writes no new full-size tensor."""
     import torch
 
-    from twintune.dropout import _MULTIPLIER, MASK32, keep_threshold, layer_salt
+    from twintune.dropout import _MULTIPLIER, MASK32, current_dropout_key, keep_threshold, layer_salt
 
-    key = importlib.import_module("twintune.backends.torch.dropout").current_dropout_key()
+    key = current_dropout_key()
     h = torch.arange(x.numel(), dtype=torch.int64, device=x.device).view(x.shape)
     h.bitwise_xor_(layer_salt(key, stream))
     for _ in range(2):

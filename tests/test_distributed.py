@@ -24,9 +24,10 @@ DEMO = "recipes/demo-financial-sentiment.yaml"
 # the two agree to 1e-13, so that is rounding, not a difference of method
 SMALL = ["train.max_steps=10", "data.synthetic_size=120", "train.batch_size=8", "train.warmup_steps=2",
          "train.save_every=5", "train.keep_last=2", "train.eval_every=5", "train.lr=1e-3"]
-METHODS = {"lora": "method={name: lora, r: 4, target_modules: [q_proj, v_proj, c_fc]}",
+# LoRA with dropout: each process draws one process's masks for its rows (twintune/dropout.py)
+METHODS = {"lora": "method={name: lora, r: 4, dropout: 0.1, target_modules: [q_proj, v_proj, c_fc]}",
            "prefix": "method={name: prefix, n: 4}",
-           "lora64": "method={name: lora, r: 4, target_modules: [q_proj, v_proj, c_fc]}"}  # in float64
+           "lora64": "method={name: lora, r: 4, dropout: 0.1, target_modules: [q_proj, v_proj, c_fc]}"}  # in float64
 # Full fine-tuning for FSDP2 (train.fsdp, torch): full64 in float64 with 1-row micro-batches
 # (grad_accum 8), so one process has no share of any micro-batch and runs its zero-weighted row
 FULL = {"full": 'method={"name": "full"}', "full64": 'method={"name": "full"}'}

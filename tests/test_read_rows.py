@@ -1,5 +1,6 @@
 """The last block at the rows a loss reads (GPTNeoModel `rows`, `at_rows`) equals the whole block's
-output at those rows, for every method, on both backends, in float64; and so do the gradients."""
+output at those rows, for every method, on both backends, in float64; and so do the gradients, with
+dropout too (the rows draw the whole block's masks at their positions)."""
 
 import numpy as np
 import pytest
@@ -22,10 +23,13 @@ METHODS = {
     "loreft": "{name: loreft, r: 4, positions: f2+l2}",
     "last_blocks": "{name: last_blocks, n: 1}",
 }
+# with dropout: the rows path draws the whole block's masks at its rows (twintune/dropout.py)
+DROPOUT = {"lora-dropout": f"{{name: lora, r: 4, dropout: 0.3, target_modules: {ALL_LINEAR}}}",
+           "houlsby-dropout": "{name: adapter, style: houlsby, reduction_factor: 4, dropout: 0.3}"}
 
 
 def _run(backend, method, task=None):
-    overrides = [f"method={METHODS[method]}", "dtype=float64", "data.synthetic_size=60", "train.max_steps=1",
+    overrides = [f"method={({**METHODS, **DROPOUT})[method]}", "dtype=float64", "data.synthetic_size=60", "train.max_steps=1",
                  *([f"task={task}"] if task else [])]
     return prepare(load_recipe(DEMO, overrides), backend)
 
@@ -74,7 +78,8 @@ def test_the_rows_path_gives_the_whole_blocks_rows(backend, method, monkeypatch)
 
 
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
-def test_the_rows_path_gives_the_same_gradients(backend, monkeypatch):
+@pytest.mark.parametrize("method", ["lora", *DROPOUT])
+def test_the_rows_path_gives_the_same_gradients(backend, method, monkeypatch):
     from twintune.backends.mlx import gpt_neo as mlx_model
     from twintune.backends.torch import gpt_neo as torch_model
 
@@ -82,8 +87,8 @@ def test_the_rows_path_gives_the_same_gradients(backend, monkeypatch):
     for few in (True, False):
         module = mlx_model if backend == "mlx" else torch_model
         monkeypatch.setattr(module, "reads_few_rows", lambda rows, batch_size, few=few: few and rows is not None)
-        run = _run(backend, "lora", "{name: classification, head: linear}")
-        run.backend.forward_backward(make_batch(run.splits["train"][:6]), 1.0)
+        run = _run(backend, method, "{name: classification, head: linear}")
+        run.backend.forward_backward(make_batch(run.splits["train"][:6]), 1.0, dropout_key=12345)
         grads.append(run.backend.take_gradients())
     assert set(grads[0]) == set(grads[1])
     for name in grads[0]:

@@ -1,6 +1,8 @@
 """Dropout: both backends drop the same elements (twintune/dropout.py), so runs with dropout agree
 as runs without it do, and every way of running a step draws the masks the plain step draws."""
 
+import contextlib
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 
 from twintune.backends.mlx.dropout import dropout as mlx_dropout
 from twintune.backends.torch.dropout import dropout as torch_dropout
-from twintune.dropout import dropout_key, dropout_masks, dropout_stream, keep_mask, mix32
+from twintune.dropout import dropout_key, dropout_masks, dropout_rows, dropout_stream, keep_mask, mix32
 from twintune.recipe import load_recipe
 from twintune.train.loop import prepare, train_step
 
@@ -47,6 +49,37 @@ def test_both_backends_draw_the_reference_mask(shape, p, dtype):
     np.testing.assert_array_equal(ours_mlx, expected)
     np.testing.assert_array_equal(ours_torch, expected)
     assert ours_mlx.dtype == ours_torch.dtype == np.dtype(dtype)
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_a_share_of_the_rows_and_the_rows_path_draw_the_whole_batchs_bits(backend):
+    """A process's share (rows 2..3 of 5, re-padded from width 9 to 6: first_row 2, width_pad 3)
+    and at_rows' (N, d) rows draw what one process draws for those elements of the whole batch."""
+    key, name, p = dropout_key(3, 1, 0), "transformer.h.0.attn.attention.q_proj", 0.3
+    stream = dropout_stream(name)
+    whole = keep_mask(key, name, (5, 9, 16), p)
+    np.testing.assert_array_equal(keep_mask(key, name, (2, 6, 16), p, first_row=2, width_pad=3), whole[2:4, :6])
+    batch, position = np.array([0, 3, 3, 4]), np.array([8, 0, 5, 2])
+    np.testing.assert_array_equal(keep_mask(key, name, (4, 16), p, rows=(batch, position, 9)), whole[batch, position])
+    share_rows = keep_mask(key, name, (2, 16), p, first_row=3, width_pad=3, rows=(np.array([0, 1]), np.array([5, 2]), 6))
+    np.testing.assert_array_equal(share_rows, whole[[3, 4], [5, 2]])  # both: at_rows in a share
+
+    if backend == "mlx":
+        def run(shape, first_row=0, width_pad=0, rows=None):
+            with dropout_masks(mx.array(key, dtype=mx.uint32), mx.array(first_row, dtype=mx.uint32),
+                               mx.array(width_pad, dtype=mx.uint32)):
+                with dropout_rows(*(mx.array(a) for a in rows[:2]), rows[2]) if rows else contextlib.nullcontext():
+                    return np.array(mlx_dropout(mx.ones(shape), p, stream, True)) != 0
+    else:
+        def run(shape, first_row=0, width_pad=0, rows=None):
+            with dropout_masks(torch.tensor(key), torch.tensor(first_row), torch.tensor(width_pad)):
+                with dropout_rows(*(torch.from_numpy(a) for a in rows[:2]), rows[2]) if rows else contextlib.nullcontext():
+                    return torch_dropout(torch.ones(shape), p, stream, True).numpy() != 0
+    np.testing.assert_array_equal(run((5, 9, 16)), whole)
+    np.testing.assert_array_equal(run((2, 6, 16), 2, 3), whole[2:4, :6])
+    np.testing.assert_array_equal(run((4, 16), rows=(batch, position, 9)), whole[batch, position])
+    np.testing.assert_array_equal(run((2, 16), 3, 3, rows=(np.array([0, 1]), np.array([5, 2]), 6)), share_rows)
+    np.testing.assert_array_equal(run((3, 16)), keep_mask(key, name, (3, 16), p))  # not batch-shaped: its own index
 
 
 def test_masks_keep_1_minus_p_and_look_independent():

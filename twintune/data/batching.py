@@ -67,6 +67,12 @@ class Batch:
     lengths: np.ndarray  # (B,) real tokens per row
     example_index: np.ndarray | None = None  # (B,) rows' places in the split, for evaluation
     replay: bool = False  # rows of general text replayed beside the task's (train/guards.py)
+    # A process's share of a micro-batch (train/distributed.py take_rows): where its rows start in
+    # the micro-batch, and how many positions narrower than the micro-batch it is padded. Dropout
+    # masks index elements by their place in the micro-batch (twintune/dropout.py), so a share
+    # draws one process's bits.
+    first_row: int = 0
+    width_pad: int = 0
 
     @property
     def n_targets(self) -> int:

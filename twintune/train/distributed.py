@@ -120,7 +120,8 @@ def take_rows(batch: Batch, start: int, stop: int) -> Batch:
         batch, input_ids=np.ascontiguousarray(batch.input_ids[start:stop, :keep]), target_positions=target_positions,
         targets=batch.targets[mine], answer_positions=answer_positions, labels=batch.labels[start:stop],
         lengths=batch.lengths[start:stop],
-        example_index=None if batch.example_index is None else batch.example_index[start:stop])
+        example_index=None if batch.example_index is None else batch.example_index[start:stop],
+        first_row=batch.first_row + start, width_pad=batch.width_pad + width - keep)
 
 
 def free_port() -> int:

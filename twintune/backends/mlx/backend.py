@@ -196,8 +196,14 @@ class MLXBackend:
     def _hidden_rows(self, input_ids: mx.array, prompt_lengths: mx.array, rows: mx.array) -> mx.array:
         return self.model(input_ids, prompt_lengths, rows=rows)
 
-    def _loss(self, input_ids, prompt_lengths, positions, targets, scale, key):
-        with dropout_masks(key):
+    @staticmethod
+    def _dropout(batch: Batch, dropout_key: int) -> mx.array:
+        """The micro-batch's key and this batch's place in it (twintune/dropout.py), one uint32 array:
+        an input of the (compiled) step, not a constant of it."""
+        return mx.array([dropout_key, batch.first_row, batch.width_pad], dtype=mx.uint32)
+
+    def _loss(self, input_ids, prompt_lengths, positions, targets, scale, dropout):
+        with dropout_masks(dropout[0], dropout[1], dropout[2]):
             logits = self.model.logits(self._hidden_rows(input_ids, prompt_lengths, positions)).astype(self.precise)
         loss = (logsumexp(logits)[:, 0] - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]).sum()
         return loss * scale, loss
@@ -206,7 +212,7 @@ class MLXBackend:
         self.model.train()
         (_, loss), grads = self._loss_and_grad(
             mx.array(batch.input_ids), mx.array(batch.prompt_lengths), mx.array(batch.target_positions), mx.array(batch.targets),
-            mx.array(loss_scale, dtype=self.precise), mx.array(dropout_key, dtype=mx.uint32))
+            mx.array(loss_scale, dtype=self.precise), self._dropout(batch, dropout_key))
         self.grads = grads if self.grads is None else tree_map(mx.add, self.grads, grads)
         mx.eval(loss, self.grads)
         return loss.item()
@@ -279,8 +285,8 @@ class MLXBackend:
         params = dict(tree_flatten(self.model.parameters()))
         self.view = (plan, {k: mx.array(v, dtype=params[k].dtype) for k, v in start.items() if k in unfrozen})
 
-    def _distill_loss(self, ids, lengths, positions, teacher, temperature, scale, key):
-        with dropout_masks(key):
+    def _distill_loss(self, ids, lengths, positions, teacher, temperature, scale, dropout):
+        with dropout_masks(dropout[0], dropout[1], dropout[2]):
             logits = self.model.logits(self._hidden_rows(ids, lengths, positions)).astype(self.precise) / temperature
         student = logits - logsumexp(logits)
         divergence = (exp(teacher) * (teacher - student)).sum() * temperature**2
@@ -298,7 +304,7 @@ class MLXBackend:
         self.model.train()
         (_, divergence), grads = self._distill_and_grad(ids, lengths, positions, teacher, temperature,
                                                         mx.array(scale, dtype=self.precise),
-                                                        mx.array(dropout_key, dtype=mx.uint32))
+                                                        self._dropout(batch, dropout_key))
         self.grads = grads if self.grads is None else tree_map(mx.add, self.grads, grads)
         mx.eval(divergence, self.grads)
         return divergence.item()

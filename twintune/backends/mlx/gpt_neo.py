@@ -8,13 +8,14 @@ Module names follow Hugging Face's so weights load by name.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from twintune.dropout import current_dropout_key, dropout_masks
+from twintune.dropout import current_dropout_scope, dropout_rows, dropout_scope
 from twintune.models import GPTNeoSpec
 
 
@@ -193,11 +194,13 @@ class GPTNeoBlock(nn.Module):
 
     def at_rows(self, x: mx.array, batch: mx.array, position: mx.array, prefix=None) -> mx.array:
         """The block's output at (batch[n], position[n]) only, (N, D); the rest of its positions serve
-        only as keys and values. Not for a block with an intervention (it acts on prompt positions)."""
-        residual = x[batch, position]
-        residual = add_residual(self.attn_adapter, self.attn.attention.at_rows(self.ln_1(x), batch, position, prefix),
-                                residual)
-        return add_residual(self.mlp_adapter, self.mlp(self.ln_2(residual)), residual)
+        only as keys and values. Not for a block with an intervention (it acts on prompt positions).
+        Dropout on its (N, D) rows draws the whole block's bits at those positions (dropout_rows)."""
+        with dropout_rows(batch, position, x.shape[1]):
+            residual = x[batch, position]
+            residual = add_residual(self.attn_adapter,
+                                    self.attn.attention.at_rows(self.ln_1(x), batch, position, prefix), residual)
+            return add_residual(self.mlp_adapter, self.mlp(self.ln_2(residual)), residual)
 
 
 def add_residual(adapter, output: mx.array, residual: mx.array) -> mx.array:
@@ -287,17 +290,17 @@ def reads_few_rows(rows: mx.array | None, batch_size: int) -> bool:
 def run_block(block: nn.Module, x: mx.array, prefix, prompt_lengths, checkpoint: bool,
               cache: KVCache | None = None) -> mx.array:
     """One block. With `checkpoint`, only the block's input is kept for the backward, which runs
-    the block again (mx.checkpoint); the recompute re-enters the micro-batch's dropout key, and the
+    the block again (mx.checkpoint); the recompute re-enters the micro-batch's dropout scope, and the
     shared generator's masks depend on nothing else, so the gradients are those of the plain path.
     Trainable parameters (and the prefix, computed outside the block) go in as arguments so their
     gradients flow through."""
     if not checkpoint or not block.training:
         return block(x, prefix, prompt_lengths, cache)
-    key = current_dropout_key()
+    scope = current_dropout_scope()
 
     def run(parameters, x, *prefix):
         block.update(parameters)
-        with dropout_masks(key):
+        with dropout_scope(scope) if scope is not None else contextlib.nullcontext():
             return block(x, prefix or None, prompt_lengths)
 
     return mx.checkpoint(run)(block.trainable_parameters(), x, *(prefix or ()))

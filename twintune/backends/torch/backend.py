@@ -237,10 +237,15 @@ class TorchBackend:
     def _hidden_rows(self, batch: Batch, rows: np.ndarray) -> torch.Tensor:
         return self.model(self._tensor(batch.input_ids), self._tensor(batch.prompt_lengths), rows=self._tensor(rows))
 
+    def _dropout_masks(self, batch: Batch, dropout_key: int):
+        """The micro-batch's dropout scope, for this batch's rows of it (twintune/dropout.py)."""
+        return dropout_masks(*(torch.tensor(value, dtype=torch.int64, device=self.device)
+                               for value in (dropout_key, batch.first_row, batch.width_pad)))
+
     def forward_backward(self, batch: Batch, loss_scale: float, dropout_key: int = 0) -> float:
         self.model.train()
         # The key stays set through the backward: gradient checkpointing's recompute runs there.
-        with dropout_masks(torch.tensor(dropout_key, dtype=torch.int64, device=self.device)):
+        with self._dropout_masks(batch, dropout_key):
             logits = self.model.logits(self._hidden_rows(batch, batch.target_positions)).to(self.precise)
             loss = F.cross_entropy(logits, self._tensor(batch.targets), reduction="sum")
             (loss * loss_scale).backward()
@@ -366,7 +371,7 @@ class TorchBackend:
             teacher = F.log_softmax(self.model.logits(self._hidden_rows(batch, batch.target_positions)).to(self.precise)
                                     / temperature, dim=-1)
         self.model.train()
-        with dropout_masks(torch.tensor(dropout_key, dtype=torch.int64, device=self.device)):
+        with self._dropout_masks(batch, dropout_key):
             student = F.log_softmax(self.model.logits(self._hidden_rows(batch, batch.target_positions)).to(self.precise)
                                     / temperature, dim=-1)
             divergence = (teacher.exp() * (teacher - student)).sum() * temperature**2

@@ -40,6 +40,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from twintune.backends.torch.nf4 import nf4_linear, warn_about_bitsandbytes_mismatches
+from twintune.dropout import dropout_rows
 from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
 
@@ -163,11 +164,13 @@ class GPTNeoBlock(nn.Module):
 
     def at_rows(self, x: torch.Tensor, batch: torch.Tensor, position: torch.Tensor, prefix=None) -> torch.Tensor:
         """The block's output at (batch[n], position[n]) only, (N, D); the rest of its positions serve
-        only as keys and values. Not for a block with an intervention (it acts on prompt positions)."""
-        residual = x[batch, position]
-        residual = add_residual(self.attn_adapter, self.attn.attention.at_rows(self.ln_1(x), batch, position, prefix),
-                                residual)
-        return add_residual(self.mlp_adapter, self.mlp(self.ln_2(residual)), residual)
+        only as keys and values. Not for a block with an intervention (it acts on prompt positions).
+        Dropout on its (N, D) rows draws the whole block's bits at those positions (dropout_rows)."""
+        with dropout_rows(batch, position, x.shape[1]):
+            residual = x[batch, position]
+            residual = add_residual(self.attn_adapter,
+                                    self.attn.attention.at_rows(self.ln_1(x), batch, position, prefix), residual)
+            return add_residual(self.mlp_adapter, self.mlp(self.ln_2(residual)), residual)
 
 
 def add_residual(adapter, output: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
