@@ -311,6 +311,9 @@ class TorchBackend:
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no PREMUL_SUM
         self.sharded = True
+        # The whole weights are freed now; and the shards' gradients are small, while each block's
+        # gathered weights come and go twice a step: return what is freed (1 MB and up) to the OS.
+        _return_freed_memory_to_the_os(trim=True)
 
     @contextlib.contextmanager
     def whole_model(self):
