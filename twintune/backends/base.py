@@ -118,6 +118,27 @@ def adamw_update(p, g, m, v, step: int, lr: float, betas, eps: float, weight_dec
     return p, m, v
 
 
+# Logits values (256 MB in float32) above which a loss over many target rows is summed in chunks
+# of rows, each chunk's logits recomputed in the backward instead of kept (a causal-LM or
+# instruction batch: every target row needs the whole vocabulary; a verbalizer's few rows never do).
+LOSS_CHUNK_VALUES = 2**26
+
+
+def loss_chunks(rows: int, vocabulary: int) -> list[tuple[int, int]]:
+    """The (start, stop) row ranges a summed cross-entropy over `rows` target rows is computed in:
+    one range while its (rows x vocabulary) logits fit LOSS_CHUNK_VALUES, else ranges of as many rows
+    as fit (the same ranges on both backends, so their sums add in the same order).
+
+    Example:
+        >>> loss_chunks(5000, 50257)   # 1335 rows of 50257 logits fit 2**26 values
+        [(0, 1335), (1335, 2670), (2670, 4005), (4005, 5000)]
+    """
+    if rows * vocabulary <= LOSS_CHUNK_VALUES:
+        return [(0, rows)]
+    step = max(1, LOSS_CHUNK_VALUES // vocabulary)
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
 def trainable_dtype(dtype: str) -> str:
     """The dtype of the trainable values, their gradients, AdamW's state, attention and the loss."""
     return "float64" if dtype == "float64" else "float32"

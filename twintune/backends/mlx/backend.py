@@ -12,7 +12,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from twintune.backends.base import adamw_update, gradient_factor, trainable_dtype
+from twintune.backends.base import adamw_update, gradient_factor, loss_chunks, trainable_dtype
 from twintune.backends.mlx.gpt_neo import GPTNeoForCausalLM, exp, logsumexp
 from twintune.backends.mlx.nf4 import NF4Linear
 from twintune.backends.mlx.surgery import apply_plan, base_view, undo_plan, get_submodule, set_submodule
@@ -204,9 +204,30 @@ class MLXBackend:
 
     def _loss(self, input_ids, prompt_lengths, positions, targets, scale, dropout):
         with dropout_masks(dropout[0], dropout[1], dropout[2]):
-            logits = self.model.logits(self._hidden_rows(input_ids, prompt_lengths, positions)).astype(self.precise)
-        loss = (logsumexp(logits)[:, 0] - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]).sum()
+            loss = self._summed_cross_entropy(self._hidden_rows(input_ids, prompt_lengths, positions), targets)
         return loss * scale, loss
+
+    def _summed_cross_entropy(self, hidden: mx.array, targets: mx.array) -> mx.array:
+        """The cross-entropy of the output layer's logits at these rows, summed. Vocabulary logits of
+        many rows go in chunks (loss_chunks), each checkpointed: the backward recomputes one chunk's
+        logits at a time instead of keeping (rows x vocabulary) of them. The output layer's trainable
+        values (full fine-tuning's tied embedding) enter each chunk as arguments, for their gradients."""
+        def summed(h, t):
+            logits = self.model.logits(h).astype(self.precise)
+            return (logsumexp(logits)[:, 0] - mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]).sum()
+
+        chunks = loss_chunks(hidden.shape[0], self.spec.vocab_size if self.model.score is None else 0)
+        if len(chunks) == 1:
+            return summed(hidden, targets)
+        layer = self.model.output_layer()
+
+        def chunk(start: int, stop: int) -> mx.array:
+            def run(parameters, h):  # the targets stay outside: indices have no gradient
+                layer.update(parameters)
+                return summed(h, targets[start:stop])
+            return mx.checkpoint(run)(layer.trainable_parameters(), hidden[start:stop])
+
+        return sum(chunk(start, stop) for start, stop in chunks)
 
     def forward_backward(self, batch: Batch, loss_scale: float, dropout_key: int = 0) -> float:
         self.model.train()
@@ -338,7 +359,7 @@ class MLXBackend:
     def target_loss(self, batch: Batch) -> float:
         self.model.eval()
         _, loss = self._loss(mx.array(batch.input_ids), mx.array(batch.prompt_lengths), mx.array(batch.target_positions),
-                             mx.array(batch.targets), 1.0, mx.array(0, dtype=mx.uint32))
+                             mx.array(batch.targets), 1.0, self._dropout(batch, 0))
         return loss.item()
 
     def label_logprobs(self, batch: Batch, label_token_ids: np.ndarray) -> np.ndarray:

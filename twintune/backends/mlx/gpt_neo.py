@@ -335,3 +335,8 @@ class GPTNeoForCausalLM(nn.Module):
         if self.score is not None:
             return self.score(hidden)
         return self.transformer.wte.as_linear(hidden)
+
+    def output_layer(self) -> nn.Module:
+        """The module `logits` projects with (no head): a checkpointed loss chunk passes its trainable
+        values in explicitly (mx.checkpoint differentiates its arguments only)."""
+        return self.transformer.wte

@@ -63,10 +63,16 @@ class MLXLMModel(nn.Module):
             return self.score(hidden)
         if "lm_head" in self:
             return self.lm_head(hidden)
+        return self.output_layer().as_linear(hidden)
+
+    def output_layer(self) -> nn.Module:
+        """The module `logits` projects with (no head): lm_head, or the tied token embedding."""
+        if "lm_head" in self:
+            return self.lm_head
         embedding = getattr(self.model, "embed_tokens", None) or getattr(self.model, "wte", None)
         if embedding is None:
             raise TwintuneError(f"mlx-lm model {self.model_type!r}: no output layer found (lm_head, embed_tokens or wte).")
-        return embedding.as_linear(hidden)
+        return embedding
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from twintune.backends.base import gradient_factor, trainable_dtype
+from twintune.backends.base import gradient_factor, loss_chunks, trainable_dtype
 from twintune.backends.torch.gpt_neo import GPTNeoForCausalLM
 from twintune.backends.torch.surgery import apply_plan, base_view, undo_plan
 from twintune.data.batching import Batch
@@ -246,10 +247,24 @@ class TorchBackend:
         self.model.train()
         # The key stays set through the backward: gradient checkpointing's recompute runs there.
         with self._dropout_masks(batch, dropout_key):
-            logits = self.model.logits(self._hidden_rows(batch, batch.target_positions)).to(self.precise)
-            loss = F.cross_entropy(logits, self._tensor(batch.targets), reduction="sum")
+            loss = self._summed_cross_entropy(self._hidden_rows(batch, batch.target_positions),
+                                              self._tensor(batch.targets))
             (loss * loss_scale).backward()
         return loss.item()
+
+    def _summed_cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy of the output layer's logits at these rows, summed. Vocabulary logits of
+        many rows go in chunks (loss_chunks), each checkpointed: the backward recomputes one chunk's
+        logits at a time instead of keeping (rows x vocabulary) of them."""
+        def summed(h, t):
+            return F.cross_entropy(self.model.logits(h).to(self.precise), t, reduction="sum")
+
+        chunks = loss_chunks(hidden.shape[0], self.spec.vocab_size if self.model.score is None else 0)
+        if len(chunks) == 1:
+            return summed(hidden, targets)
+        if not torch.is_grad_enabled():
+            return sum(summed(hidden[a:b], targets[a:b]) for a, b in chunks)
+        return sum(checkpoint(summed, hidden[a:b], targets[a:b], use_reentrant=False) for a, b in chunks)
 
     @torch.no_grad()
     def optimizer_step(self, lr: float, max_grad_norm: float, grad_scale: float = 1.0) -> float:
@@ -415,8 +430,8 @@ class TorchBackend:
     @torch.no_grad()
     def target_loss(self, batch: Batch) -> float:
         self.model.eval()
-        logits = self.model.logits(self._hidden_rows(batch, batch.target_positions)).to(self.precise)
-        return F.cross_entropy(logits, self._tensor(batch.targets), reduction="sum").item()
+        return self._summed_cross_entropy(self._hidden_rows(batch, batch.target_positions),
+                                          self._tensor(batch.targets)).item()
 
     @torch.no_grad()
     def label_logprobs(self, batch: Batch, label_token_ids: np.ndarray) -> np.ndarray:
