@@ -256,6 +256,8 @@ CASES = [
     case("train", DEMO, "--backend", "torch", "--set", "task.name=features", "--set", "method={name: none}",
          env={"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
          match="task features fits its classifier in one process"),
+    case("train", DEMO, "--set", "task={name: instruction, packing: true}", "--set", "method={name: loreft}",
+         match="method loreft edits each row's first and last prompt positions, which a packed row"),
     case("train", DEMO, "--set", "train.fsdp=true",
          match="train.fsdp shards full fine-tuning's weights, gradients and optimizer state; method lora's"),
     case("train", DEMO, "--backend", "mlx", "--set", "method={name: full}", "--set", "train.fsdp=true",

@@ -57,10 +57,31 @@ def test_the_loss_is_on_exactly_the_completion_and_end_of_text(tmp_path, mask_pr
         assert batch.targets.tolist() == ids[1:] and batch.target_positions.tolist() == list(range(len(ids) - 1))
 
 
+def test_packed_rows_hold_whole_examples_and_their_completions_only(tmp_path):
+    rows = [{"prompt": f"Sentence {i}: Sales rose .\nSentiment:", "completion": " positive" if i % 2 else " negative"}
+            for i in range(30)]
+    source = _jsonl(tmp_path / "rows.jsonl", rows)
+    recipe = ["task={name: instruction, packing: %s}", f"data.source={source}", "data.max_length=40"]
+    unpacked, packed = (prepare(load_recipe(DEMO, [recipe[0] % flag, *recipe[1:]]), "torch") for flag in ("false", "true"))
+    for split in ("train", "validation", "test"):
+        examples, packed_rows = unpacked.splits[split], packed.splits[split]
+        assert all(len(row.ids) <= 40 for row in packed_rows) and len(packed_rows) < len(examples)
+        assert np.concatenate([row.ids for row in packed_rows]).tolist() == np.concatenate(
+            [e.ids for e in examples]).tolist()  # the split's examples, in order, none cut
+        # the targets: exactly every example's completion and end-of-text, each predicted from the token before
+        whole, rows_batch = make_batch(examples), make_batch(packed_rows)
+        assert rows_batch.targets.tolist() == whole.targets.tolist()
+        width = rows_batch.input_ids.shape[1]
+        for position, target in zip(rows_batch.target_positions, rows_batch.targets):
+            row, t = divmod(int(position), width)
+            assert rows_batch.input_ids[row, t + 1] == target and t + 1 >= 1
+
+
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-3), ("float64", 1e-9)])
-def test_twenty_steps_give_the_same_losses_on_both_backends(dtype, tolerance):
-    overrides = ["task=instruction", "data.synthetic_size=90", "train.batch_size=4", "train.max_steps=20",
-                 "train.warmup_steps=0", f"dtype={dtype}"]
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_twenty_steps_give_the_same_losses_on_both_backends(dtype, tolerance, packing):
+    overrides = [f"task={{name: instruction, packing: {packing}}}", "data.synthetic_size=90", "train.batch_size=4",
+                 "train.max_steps=20", "train.warmup_steps=0", f"dtype={dtype}"]
     runs = {b: prepare(load_recipe(DEMO, overrides), b) for b in ("mlx", "torch")}
     losses = {b: np.array([train_step(run, step)["loss"] for step in range(20)]) for b, run in runs.items()}
     assert np.abs(losses["mlx"] - losses["torch"]).max() / losses["torch"].max() < tolerance

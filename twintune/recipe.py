@@ -261,6 +261,9 @@ def validate(r: Recipe) -> None:
         _check(r.method.name == "none", f"task features trains no method (the model stays frozen; a classifier is "
                                         f"fitted on its features), but the recipe names method {r.method.name}; "
                                         "remove the method section or set method.name to none.")
+    _check(not (getattr(r.task, "packing", False) and r.task.name == "instruction" and r.method.name == "loreft"),
+           "method loreft edits each row's first and last prompt positions, which a packed row of several "
+           "instruction examples does not have; set task.packing to false.")
     q = r.quantize
     _check(q.type in ("none", "nf4", "affine"), f"recipe key 'quantize.type' must be none, nf4 or affine, got {q.type!r}.")
     _check(q.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096),

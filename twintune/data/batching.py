@@ -53,6 +53,9 @@ class Encoded:
     prompt_len: int
     label: int
     class_target: bool = False  # a head's example: the target is the class index, not label-word tokens
+    # A packed row of several examples (task instruction, packing): which tokens are targets (each
+    # example's completion), in place of "every token after the prompt".
+    target_mask: np.ndarray | None = None
 
 
 @dataclass
@@ -175,6 +178,11 @@ def make_batch(encoded: list[Encoded], pad_id: int = 0) -> Batch:
         input_ids[row, : len(e.ids)] = e.ids
         start = row * width + e.prompt_len - 1  # logits at position t predict token t + 1
         answers.append(start)
+        if e.target_mask is not None:  # logits at t - 1 predict each target token t
+            for t in np.flatnonzero(e.target_mask):
+                target_positions.append(row * width + t - 1)
+                targets.append(e.ids[t])
+            continue
         for j, token in enumerate([e.label] if e.class_target else e.ids[e.prompt_len:]):
             target_positions.append(start + j)
             targets.append(token)

@@ -3,6 +3,11 @@ prompt, the completion and the end-of-text token; the loss on the completion and
 (`mask_prompt`, the default) or on every token after the first. Scored, like the causal LM, by the
 validation loss and perplexity of what it is trained on.
 
+With `packing`, each split's examples, in their seeded order, fill rows of up to `data.max_length`
+tokens whole (an example is never cut): fewer, fuller rows, the loss still on each example's
+completion and end-of-text only. An example then attends to the ones before it in its row (the
+model has no per-example attention mask), as with TRL's `packing=True`.
+
 `source: synthetic` gives an offline set: the synthetic sentences with the instruction to name
 their sentiment, the label word as the completion.
 """
@@ -28,6 +33,7 @@ class Instruction(Task):
     template: str = "{prompt}"
     completion: str = "completion"
     mask_prompt: bool = True
+    packing: bool = False
 
     name: ClassVar[str] = "instruction"
     description: ClassVar[str] = "prompt/completion or chat JSONL, loss on the completion (mask_prompt)"
@@ -60,4 +66,32 @@ class Instruction(Task):
                                     "context) or shorten it.")
             encoded.append(Encoded(np.array(ids, np.int32), max(len(prompt_ids), 1) if self.mask_prompt else 1, 0))
         parts = random_splits(len(encoded), data.validation_fraction, data.test_fraction, seed, data.source, "examples")
-        return {split: [encoded[i] for i in idx] for split, idx in parts.items()}
+        splits = {split: [encoded[i] for i in idx] for split, idx in parts.items()}
+        return {split: pack_examples(part, length) for split, part in splits.items()} if self.packing else splits
+
+
+def pack_examples(examples: list[Encoded], length: int) -> list[Encoded]:
+    """Examples, in order, into rows of at most `length` tokens, each example whole; a row's targets
+    are its examples' own (after each prompt), never a row's first token.
+
+    Example:
+        >>> rows = pack_examples([Encoded(np.array([1, 2, 3], np.int32), 2, 0),
+        ...                       Encoded(np.array([4, 5], np.int32), 1, 0)], length=5)
+        >>> rows[0].ids.tolist(), rows[0].target_mask.tolist()
+        ([1, 2, 3, 4, 5], [False, False, True, False, True])
+    """
+    rows, ids, mask = [], [], []
+    for example in examples:
+        if ids and len(ids) + len(example.ids) > length:
+            rows.append(_packed_row(ids, mask))
+            ids, mask = [], []
+        ids += example.ids.tolist()
+        mask += [False] * example.prompt_len + [True] * (len(example.ids) - example.prompt_len)
+    if ids:
+        rows.append(_packed_row(ids, mask))
+    return rows
+
+
+def _packed_row(ids: list[int], mask: list[bool]) -> Encoded:
+    mask[0] = False  # nothing predicts a row's first token
+    return Encoded(np.array(ids, np.int32), 1, 0, target_mask=np.array(mask))
