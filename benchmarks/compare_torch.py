@@ -51,7 +51,10 @@ synthetic sentence> Output:" and the second half as the completion, then end-of-
 recipe gets `task: instruction` on their JSONL (the loss on the completion and end-of-text,
 `mask_prompt`), the references the same rows with -100 labels on the prompt (TRL's completion-only
 collator does the same). Every completion token needs the full-vocabulary logits; targets:
-tokens/s >= 1.3x, peak RSS <= 0.8x against fair_loop.
+tokens/s >= 1.3x, peak RSS <= 0.8x against fair_loop. With --packed as well, the pairs are packed
+(`task.packing`: whole examples fill rows of PACKED_LENGTH tokens, the loss still on each
+completion) and the reference trains on the same packed rows with the same labels: --examples
+then counts pairs, the epoch is all the packed rows.
 
 Each runs in its own process (its own peak memory), on a random-weight GPT-Neo of the given
 shape with the built-in tokenizer. Tokens/s counts real (non-padding) tokens. Every ratio is
@@ -146,8 +149,11 @@ def _zeros(spec) -> dict:
     return {name: np.broadcast_to(np.zeros((), np.float32), shape) for name, shape in spec.weight_shapes().items()}
 
 
+PACKED_LENGTH = 256  # tokens in a packed instruction row (--packed)
+
+
 def recipe(shape: str, examples: int, compile: bool = False, method: str = "lora", equal_lora: bool = False,
-           head: bool = False, instruction: bool = False):
+           head: bool = False, instruction: bool = False, packed: bool = False):
     from twintune.recipe import load_recipe
 
     # train on `examples` sentences: the validation/test fractions take the rest of a larger set
@@ -155,7 +161,8 @@ def recipe(shape: str, examples: int, compile: bool = False, method: str = "lora
     task = []
     if instruction:
         source = write_instruction_jsonl(Path(tempfile.mkdtemp(prefix="instructions-")) / "pairs.jsonl", total)
-        task = ["task=instruction", f"data.source={source}"]
+        task = [f"task={{name: instruction, packing: {str(packed).lower()}}}", f"data.source={source}",
+                *([f"data.max_length={PACKED_LENGTH}"] if packed else [])]
     return load_recipe("recipes/demo-financial-sentiment.yaml", [*task,
         f"model={model_dir(shape)}", f"data.synthetic_size={max(30, total)}", "train.epochs=1",
         f"train.batch_size={LORA['batch']}", f"train.lr={LORA['lr']}", "train.warmup_steps=0",
@@ -165,7 +172,7 @@ def recipe(shape: str, examples: int, compile: bool = False, method: str = "lora
 
 
 def child(kind: str, shape: str, examples: int, repeats: int, method: str = "lora", head: bool = False,
-          instruction: bool = False) -> dict:
+          instruction: bool = False, packed: bool = False) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -174,8 +181,8 @@ def child(kind: str, shape: str, examples: int, repeats: int, method: str = "lor
     from twintune.data.batching import TrainOrder
 
     run = prepare(recipe(shape, examples, compile=kind == "twintune_compiled", method=method,
-                         equal_lora=kind == "lora_equal", head=head, instruction=instruction), "torch")
-    encoded = run.splits["train"][:examples]
+                         equal_lora=kind == "lora_equal", head=head, instruction=instruction, packed=packed), "torch")
+    encoded = run.splits["train"] if packed else run.splits["train"][:examples]  # packed: rows of the pairs
     # the references get plain dynamic padding (a random order); length grouping is ours
     plain = TrainOrder(encoded, LORA["batch"], 1, run.recipe.seed)
     batches = [b for step in range(plain.steps_per_epoch) for b in plain.step_batches(step)]
@@ -203,9 +210,12 @@ def child(kind: str, shape: str, examples: int, repeats: int, method: str = "lor
     peak_mb = peak_rss_mb()
     spec = run.spec
     flops = method_training_flops(run.plan, spec.linear_layers(), spec.hidden_size, spec.num_layers, spec.vocab_size,
-                                  [len(e.ids) for e in encoded], sum(len(e.ids) - e.prompt_len for e in encoded))
+                                  [len(e.ids) for e in encoded],
+                                  sum(len(e.ids) - e.prompt_len if e.target_mask is None else int(e.target_mask.sum())
+                                      for e in encoded))
     peak_gflops = gemm_peak_gflops("torch")
-    return {"kind": kind, "method": method, "head": head, "instruction": instruction, "trainable_parameters": trainable, "shape": shape,
+    return {"kind": kind, "method": method, "head": head, "instruction": instruction, "packed": packed,
+            "trainable_parameters": trainable, "shape": shape,
             "examples": len(encoded), "steps": len(batches),
             "real_tokens": real_tokens, "epoch_seconds": seconds, "epoch_times": times,
             "warmup_epoch_seconds": warmup_seconds,
@@ -321,6 +331,8 @@ def main() -> None:
                              "PEFT SEQ_CLS): " + ", ".join(WITH_HEAD))
     parser.add_argument("--instruction", action="store_true",
                         help="instruction pairs with multi-token completions (task instruction) instead of label words")
+    parser.add_argument("--packed", action="store_true",
+                        help=f"with --instruction: the pairs packed into rows of {PACKED_LENGTH} tokens, on both sides")
     parser.add_argument("--quick", action="store_true", help="125m shape, 40 examples, 3 repeats: under 5 minutes")
     parser.add_argument("--shape", default="125m")
     parser.add_argument("--examples", type=int, default=512)
@@ -336,10 +348,12 @@ def main() -> None:
         args.shape, args.examples, args.repeats = "125m", 40, 3
     if args.child:
         print(json.dumps(child(args.child, args.shape, args.examples, args.repeats, args.method, args.head,
-                               args.instruction)))
+                               args.instruction, args.packed)))
         return
     if args.head and args.method not in WITH_HEAD:
         parser.error(f"--head: method {args.method} has no head reference; choose from {', '.join(WITH_HEAD)}")
+    if args.packed and not args.instruction:
+        parser.error("--packed packs instruction pairs; add --instruction")
     if args.head and args.instruction:
         parser.error("--head and --instruction are two different tasks; choose one")
     if args.head and "trainer" in (args.kinds or ""):
@@ -359,7 +373,8 @@ def main() -> None:
                                                             "--repeats", str(args.repeats),
                                                             "--method", args.method,
                                                             *(["--head"] if args.head else []),
-                                                            *(["--instruction"] if args.instruction else [])], mlx=False)
+                                                            *(["--instruction"] if args.instruction else []),
+                                                            *(["--packed"] if args.packed else [])], mlx=False)
         print(json.dumps(rows[kind]), flush=True)
     ours = rows["twintune"]
     ratios = {}
@@ -378,7 +393,7 @@ def main() -> None:
         ratios["compiled_epoch_time_ratio_vs_eager"] = rows["twintune_compiled"]["epoch_seconds"] / ours["epoch_seconds"]
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     print(f"GPT-Neo {args.shape} shape, method {args.method}{' + linear head' if args.head else ''}"
-          f"{', task instruction' if args.instruction else ''} "
+          f"{', task instruction' if args.instruction else ''}{' (packed)' if args.packed else ''} "
           f"({ours['trainable_parameters']:,} trainable), "
           f"{ours['examples']} examples ({ours['real_tokens']} real tokens), "
           f"batch {LORA['batch']}, median of {args.repeats} epochs after one warm-up")
@@ -395,10 +410,12 @@ def main() -> None:
     method = "" if args.method == "lora" else f"_{args.method}"  # lora keeps the old name
     method = f"_{args.method}_head" if args.head else method  # a head's file always names its method
     method = f"_{args.method}_instruction" if args.instruction else method
+    method += "_packed" if args.packed else ""
     suffix = method + ("_quick" if args.quick else "") + ("_compile" if args.compile else "")
     if not args.no_save:
         path = write_result(f"compare_torch_{args.shape}{suffix}", {"method": args.method, "head": args.head,
                                                                      "instruction": args.instruction,
+                                                                     "packed": args.packed,
                                                                      "rows": rows, "ratios": ratios,
                                                                      "targets": targets})
         print(f"wrote {path}")
