@@ -58,6 +58,8 @@ TARGETS = {"tokens_per_s_ratio_vs_mlx_lm": (">=", 1.5), "peak_memory_ratio_vs_ml
 INSTRUCTION_TARGETS = {"tokens_per_s_ratio_vs_mlx_lm": (">=", 1.3), "peak_memory_ratio_vs_mlx_lm": ("<=", 0.8)}
 SHAPES = {  # llama-family shapes; vocabulary 32000 as Llama 2 / Mistral
     "small": dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1376, num_attention_heads=8),
+    # GPT-Neo 125M's width and depth in the llama family (issue 15's "125M shape"; 32000 words)
+    "125m": dict(hidden_size=768, num_hidden_layers=12, intermediate_size=3072, num_attention_heads=12),
     "base": dict(hidden_size=1024, num_hidden_layers=16, intermediate_size=2816, num_attention_heads=16),
     "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4),  # smoke tests
 }
