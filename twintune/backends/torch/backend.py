@@ -149,13 +149,13 @@ def _whole(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _piece(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a whole tensor, cut as `like` is (no communication: each process
-    holds the whole)."""
+    """This process's shard of a whole tensor, cut as `like` is, in memory of its own (no
+    communication: each process holds the whole)."""
     if not hasattr(like, "device_mesh"):
         return whole
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None).to_local()
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None).to_local().clone()
 
 
 class TorchBackend:
@@ -226,10 +226,8 @@ class TorchBackend:
 
     def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
         params = self._trainable()
-        self.m = {k: _piece(torch.from_numpy(state[f"m.{k}"].copy()).to(self.device), params[k]).clone()
-                  for k in self.m}
-        self.v = {k: _piece(torch.from_numpy(state[f"v.{k}"].copy()).to(self.device), params[k]).clone()
-                  for k in self.v}
+        self.m = {k: _piece(torch.from_numpy(state[f"m.{k}"].copy()).to(self.device), params[k]) for k in self.m}
+        self.v = {k: _piece(torch.from_numpy(state[f"v.{k}"].copy()).to(self.device), params[k]) for k in self.v}
         self.step = int(state["step"].reshape(-1)[0])
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
