@@ -10,7 +10,7 @@ from mlx_lm.models import gpt2, llama
 
 from model_helpers import LLAMA, write_tiny_llama
 from twintune.backends.mlx.backend import MLXBackend
-from twintune.backends.mlx.mlx_lm_model import MLXLMModel, load_mlx_lm_model
+from twintune.backends.mlx.mlx_lm_model import MLXLMModel, SwiGLUMLP, load_mlx_lm_model, swiglu
 from twintune.data.batching import Batch
 from twintune.errors import TwintuneError
 from twintune.methods import BaseModel, LoRA
@@ -44,6 +44,70 @@ def test_wrapped_model_gives_mlx_lm_logits(make):
     backend = MLXBackend.from_model(MLXLMModel(inner))
     np.testing.assert_allclose(backend.logits(ids), expected, rtol=1e-5, atol=1e-5)
     assert backend.spec.vocab_size == 300
+
+
+def test_swiglu_mlps_are_swapped_for_the_lean_one_under_the_same_names():
+    inner = _llama()
+    names = [name for name, _ in tree_flatten(inner.parameters())]
+    ids = mx.array(_batch().input_ids)
+    expected = inner(ids)
+    model = MLXLMModel(inner)
+    assert all(type(layer.mlp) is SwiGLUMLP for layer in model.model.layers)
+    assert [name for name, _ in tree_flatten(inner.parameters())] == names
+    model.train()
+    assert mx.array_equal(model.lm_head(model(ids)), expected)  # op for op mlx-lm's forward
+    gpt2_model = MLXLMModel(_gpt2())  # gelu MLPs are not swiglu: left alone
+    assert type(gpt2_model.model.h[0].mlp) is gpt2.MLP
+
+    class Doubled(llama.MLP):  # a forward other than swiglu's exact line is not swapped
+        def __call__(self, x):
+            return 2 * super().__call__(x)
+
+    inner = _llama()
+    inner.model.layers[0].mlp = Doubled(llama.ModelArgs(**LLAMA))
+    assert [type(layer.mlp) for layer in MLXLMModel(inner).model.layers] == [Doubled, SwiGLUMLP]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(mx.float32, 1e-6), (mx.float64, 1e-13)])
+def test_lean_swiglu_gradients_equal_the_formula(dtype, tolerance):
+    rng = np.random.default_rng(0)
+    gate_np, up_np, weights_np = 4 * rng.standard_normal((2, 3, 40)), rng.standard_normal((2, 3, 40)), rng.standard_normal((2, 3, 40))
+    gate, up, weights = (mx.array(a, dtype=dtype) for a in (gate_np, up_np, weights_np))
+    value, (d_gate, d_up) = mx.value_and_grad(lambda g, u: (swiglu(g, u) * weights).sum(), argnums=(0, 1))(gate, up)
+    sigmoid = np.array(mx.sigmoid(gate))  # MLX's own (float32-accurate even in float64, as mlx-lm's forward)
+    silu = gate_np * sigmoid
+    np.testing.assert_allclose(value.item(), (silu * up_np * weights_np).sum(), rtol=tolerance)
+    np.testing.assert_allclose(np.array(d_gate), weights_np * up_np * (sigmoid + silu * (1 - sigmoid)), rtol=tolerance,
+                               atol=tolerance)
+    np.testing.assert_allclose(np.array(d_up), weights_np * silu, rtol=tolerance, atol=tolerance)
+    from mlx_lm.models.activations import swiglu as mlx_lm_swiglu  # and equal to differentiating mlx-lm's
+
+    expected = mx.grad(lambda g, u: (mlx_lm_swiglu(g, u) * weights).sum(), argnums=(0, 1))(gate, up)
+    for ours, theirs in zip((d_gate, d_up), expected):
+        np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=max(tolerance, 1e-12), atol=tolerance)
+
+
+def test_lean_swiglu_keeps_two_arrays_where_mlx_lm_keeps_four():
+    from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
+
+    tokens, width, blocks = 256, 2048, 8
+    x = mx.random.normal((tokens, 64))
+    gate, up, down = mx.random.normal((64, width)), mx.random.normal((64, width)), mx.random.normal((width, 64)) / width
+    mx.eval(x, gate, up, down)
+
+    def peak_bytes(act):  # a residual stream through 8 MLPs: the backward starts after the last
+        def loss(h):
+            for _ in range(blocks):
+                h = h + act(h @ gate, h @ up) @ down
+            return h.sum()
+        mx.synchronize()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(mx.grad(loss)(x))
+        return mx.get_peak_memory() - before
+
+    one_array_per_block = tokens * width * 4 * blocks
+    assert peak_bytes(mlx_lm_swiglu) - peak_bytes(swiglu) >= 1.5 * one_array_per_block
 
 
 def test_spec_lists_the_block_linear_layers():

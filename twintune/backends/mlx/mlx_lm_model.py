@@ -7,12 +7,15 @@ backend has no such models, so cross-backend parity holds for GPT-Neo, not for t
 
 from __future__ import annotations
 
+import inspect
+import sys
 from dataclasses import dataclass
+from functools import lru_cache, partial
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from twintune.errors import TwintuneError
 
@@ -34,7 +37,7 @@ class MLXLMModel(nn.Module):
         super().__init__()
         if not hasattr(inner, "model"):
             raise TwintuneError(f"{type(inner).__module__} is not an mlx-lm language model (it has no .model).")
-        self.model = inner.model
+        self.model = lean_swiglu_mlps(inner.model)
         if "lm_head" in inner:
             self.lm_head = inner.lm_head
         self.model_type = getattr(inner, "model_type", type(inner).__module__.rsplit(".", 1)[-1])
@@ -73,6 +76,76 @@ class MLXLMModel(nn.Module):
         if embedding is None:
             raise TwintuneError(f"mlx-lm model {self.model_type!r}: no output layer found (lm_head, embed_tokens or wte).")
         return embedding
+
+
+@partial(mx.compile, shapeless=True)
+def _swiglu_and_slopes(gate: mx.array, up: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    sigmoid = mx.sigmoid(gate)
+    silu = gate * sigmoid  # nn.silu, as mlx-lm's swiglu computes it
+    return silu * up, up * (sigmoid + silu * (1 - sigmoid)), silu
+
+
+@mx.custom_function
+def _swiglu_keeping_slopes(gate: mx.array, up: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    return _swiglu_and_slopes(gate, up)
+
+
+@_swiglu_keeping_slopes.vjp
+def _swiglu_vjp(primals, cotangents, outputs):
+    _, gate_slope, up_slope = outputs
+    return cotangents[0] * gate_slope, cotangents[0] * up_slope
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up for training: the forward pass also computes the two slopes the backward needs
+    (d/dgate and d/dup), and the backward keeps only those two (tokens, intermediate) arrays per
+    block. Differentiating mlx-lm's compiled swiglu keeps four (gate, sigmoid, silu, up); recomputing
+    from gate and up instead would keep two but run the sigmoid twice, the slowest elementwise op on
+    a CPU (25 ms for 488 x 3072 values here, a matmul's worth)."""
+    return _swiglu_keeping_slopes(gate, up)[0]
+
+
+class SwiGLUMLP(nn.Module):
+    """down_proj(swiglu(gate_proj(x), up_proj(x))) with the lean swiglu; the MLP's own members in
+    their order, so weights, LoRA targets and saved adapters do not change."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        for name, member in mlp.items():
+            setattr(self, name, member)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        from mlx_lm.models.activations import swiglu as plain_swiglu
+
+        act = swiglu if self.training else plain_swiglu  # evaluation and generation keep no slopes
+        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
+
+
+_SWIGLU_FORWARD = "return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))"
+
+
+@lru_cache(maxsize=None)
+def _is_swiglu_mlp(cls: type) -> bool:
+    """Whether `cls.__call__(self, x)` is exactly mlx-lm's swiglu MLP (llama, qwen2, qwen3, mistral,
+    ... share the line), read from its source: only those are swapped for SwiGLUMLP."""
+    from mlx_lm.models import activations
+
+    call = cls.__dict__.get("__call__")
+    if call is None or list(inspect.signature(call).parameters) != ["self", "x"]:
+        return False
+    try:
+        lines = [line.strip() for line in inspect.getsource(call).splitlines()[1:] if line.strip()]
+    except (OSError, TypeError):
+        return False
+    return lines == [_SWIGLU_FORWARD] and getattr(sys.modules.get(cls.__module__), "swiglu", None) is activations.swiglu
+
+
+def lean_swiglu_mlps(model: nn.Module) -> nn.Module:
+    """The model with every swiglu MLP (see _is_swiglu_mlp) replaced by SwiGLUMLP, in place."""
+    swapped = [(name, SwiGLUMLP(module)) for name, module in model.named_modules() if _is_swiglu_mlp(type(module))]
+    if swapped:
+        model.update_modules(tree_unflatten(swapped))
+    return model
 
 
 @dataclass(frozen=True)
