@@ -1,6 +1,6 @@
 """The MLX backend against mlx-lm's own training (LoRA, DoRA or full), on the same mlx-lm model and data, same run.
 
-    python -m benchmarks.compare_mlx [--method lora|dora|full] [--task classification|instruction] [--quick]
+    python -m benchmarks.compare_mlx [--method lora|dora|full] [--task classification|instruction [--packed]] [--quick]
                                      [--shape small|base|tiny] [--examples N] [--repeats R]
                                      [--dtype float32|bfloat16|float16] [--compile] [--no-save]
 
@@ -27,7 +27,12 @@ instruction_pairs: "Instruction: Finish the sentence. Input: <first half of a sy
 Output:" and its second half as the completion, then end-of-text), the loss on the completion and
 end-of-text on both sides (mlx-lm's `mask_prompt`: its (tokens, offset) rows; twintune's
 `task: instruction` encoding). Every completion token needs the full-vocabulary logits here, so
-the label-word advantage is gone; targets: tokens/s >= 1.3x, peak memory <= 0.8x.
+the label-word advantage is gone; targets: tokens/s >= 1.3x, peak memory <= 0.8x. With --packed
+as well, the pairs are packed (`task.packing`: whole examples fill rows of PACKED_LENGTH tokens, the
+loss still on each completion; --examples then counts pairs and an epoch is all their rows), and
+mlx-lm's trainer gets the same rows with their completion masks: its own `train` with an
+`iterate_batches` giving (rows, mask) and a loss that is its `default_loss` with that mask in place
+of the (offset, length) one (an offset cannot mark several completions in one row).
 
 Each runs in its own process. Epoch times: mlx-lm's come from its own report callback, one
 report per epoch (steady state: the first epoch, with compilation, is dropped; so is ours).
@@ -79,11 +84,15 @@ def mlx_lm_model(shape: str, dtype: str = "float32"):
     return model
 
 
-def train_examples(n: int, task: str = "classification"):
+PACKED_LENGTH = 256  # tokens in a packed instruction row (--packed), as benchmarks/compare_torch.py
+
+
+def train_examples(n: int, task: str = "classification", packed: bool = False):
     """n tokenized training examples of the built-in synthetic set (prompt, then the label word), or with
-    task "instruction" n instruction pairs (prompt, completion, end-of-text) as the instruction task encodes them."""
+    task "instruction" n instruction pairs (prompt, completion, end-of-text) as the instruction task encodes
+    them; `packed`: the rows the instruction task packs n pairs into."""
     if task == "instruction":
-        return instruction_examples(n)
+        return instruction_examples(n, packed)
     from twintune.data.batching import Encoder, Prompt
     from twintune.data.sources import load_examples
     from twintune.formats.checkpoint import load_tokenizer
@@ -97,7 +106,7 @@ def train_examples(n: int, task: str = "classification"):
     return encoder.encode_all(examples[:n])
 
 
-def instruction_examples(n: int):
+def instruction_examples(n: int, packed: bool = False):
     """instruction_pairs through twintune's instruction task (template "{prompt}", mask_prompt), all as training rows."""
     from twintune.recipe import load_recipe
     from twintune.formats.checkpoint import load_tokenizer
@@ -105,18 +114,21 @@ def instruction_examples(n: int):
 
     folder = Path(tempfile.mkdtemp(prefix="instructions-"))
     source = write_instruction_jsonl(folder / "pairs.jsonl", int(n / 0.8) + 3)  # the demo's 0.8 train share
-    recipe = load_recipe("recipes/demo-financial-sentiment.yaml", ["task=instruction", f"data.source={source}"])
+    task = [f"task={{name: instruction, packing: {str(packed).lower()}}}", f"data.source={source}",
+            *([f"data.max_length={PACKED_LENGTH}"] if packed else [])]
+    recipe = load_recipe("recipes/demo-financial-sentiment.yaml", task)
     tokenizer = load_tokenizer(builtin_model_dir("tiny-gpt-neo"))
-    return recipe.task.splits(recipe.data, recipe.seed, tokenizer, recipe.data.max_length)["train"][:n]
+    rows = recipe.task.splits(recipe.data, recipe.seed, tokenizer, recipe.data.max_length)["train"]
+    return rows if packed else rows[:n]
 
 
 def child(kind: str, shape: str, examples: int, repeats: int, dtype: str, method: str = "lora",
-          task: str = "classification") -> dict:
+          task: str = "classification", packed: bool = False) -> dict:
     import mlx.core as mx
 
     from twintune.backends.mlx.mlx_lm_model import MLXLMModel
 
-    encoded = train_examples(examples, task)
+    encoded = train_examples(examples, task, packed)
     steps = len(encoded) // LORA["batch"]
     encoded = encoded[: steps * LORA["batch"]]  # mlx-lm drops a last partial batch: train on the same set
     real_tokens = sum(len(e.ids) for e in encoded)
@@ -124,7 +136,7 @@ def child(kind: str, shape: str, examples: int, repeats: int, dtype: str, method
     mx.reset_peak_memory()
     reset_peak_rss()
     if kind == "mlx_lm":
-        epoch_times, trainable = _mlx_lm_epochs(model, encoded, steps, repeats + 1, dtype, method)
+        epoch_times, trainable = _mlx_lm_epochs(model, encoded, steps, repeats + 1, dtype, method, packed)
     else:
         epoch_times, trainable = _twintune_epochs(model, encoded, steps, repeats + 1, dtype,
                                                   compile=kind == "twintune_compiled", method=method)
@@ -140,10 +152,11 @@ def child(kind: str, shape: str, examples: int, repeats: int, dtype: str, method
     spec = fresh.spec
     flops = method_training_flops(_plan(fresh, method, "float32"), spec.linear_layers(), args["hidden_size"],
                                   args["num_hidden_layers"], spec.vocab_size, [len(e.ids) for e in encoded],
-                                  sum(len(e.ids) - e.prompt_len for e in encoded), output_weight="lm_head.weight")
+                                  sum(len(e.ids) - e.prompt_len if e.target_mask is None else int(e.target_mask.sum())
+                                      for e in encoded), output_weight="lm_head.weight")
     del fresh
     peak_gflops = gemm_peak_gflops("mlx", dtype=dtype)
-    return {"kind": kind, "method": method, "task": task, "trainable_parameters": trainable, "shape": shape, "dtype": dtype,
+    return {"kind": kind, "method": method, "task": task, "packed": packed, "trainable_parameters": trainable, "shape": shape, "dtype": dtype,
             "examples": len(encoded), "steps": steps, "real_tokens": real_tokens,
             "epoch_seconds": seconds, "epoch_times": times, "warmup_epoch_seconds": epoch_times[0],
             "real_tokens_per_s": real_tokens / seconds, "peak_memory_mb": peak_mb, "peak_rss_mb": rss_peak_mb,
@@ -189,7 +202,7 @@ def _twintune_epochs(model, encoded, steps: int, epochs: int, dtype: str, compil
 
 
 def _mlx_lm_epochs(model, encoded, steps: int, epochs: int, dtype: str,
-                   method: str = "lora") -> tuple[list[float], int]:  # the model is in dtype
+                   method: str = "lora", packed: bool = False) -> tuple[list[float], int]:  # the model is in dtype
     import shutil
 
     import mlx.optimizers as optim
@@ -208,6 +221,10 @@ def _mlx_lm_epochs(model, encoded, steps: int, epochs: int, dtype: str,
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     # (tokens, offset): mlx-lm's loss covers the tokens from the offset on, here the label word
     dataset = [(e.ids.tolist(), e.prompt_len) for e in encoded]
+    loops = {}
+    if packed:  # rows with several completions each: the mask comes with the row
+        dataset = [(e.ids, e.target_mask) for e in encoded]
+        loops = {"loss": _masked_loss, "iterate_batches": _masked_batches}
 
     class EpochClock(TrainingCallback):
         def __init__(self):
@@ -222,10 +239,43 @@ def _mlx_lm_epochs(model, encoded, steps: int, epochs: int, dtype: str,
                         steps_per_eval=10**9, steps_per_save=10**9, adapter_file=folder + "/adapters.safetensors")
     try:
         train(model, optim.AdamW(learning_rate=LORA["lr"], weight_decay=0.0), dataset, args=args,
-              training_callback=clock)
+              training_callback=clock, **loops)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return [b - a for a, b in zip(clock.marks, clock.marks[1:])], trainable
+
+
+def _masked_loss(model, batch, mask):
+    """mlx-lm's default_loss with the targets' mask given instead of built from (offset, length)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    logits = model(batch[:, :-1])
+    ce = nn.losses.cross_entropy(logits, batch[:, 1:]) * mask
+    ntoks = mask.sum()
+    return ce.astype(mx.float32).sum() / ntoks, ntoks
+
+
+def _masked_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
+    """mlx-lm's iterate_batches for (ids, target mask) rows: length-sorted batches in a random order,
+    padded to their longest row; yields (rows, mask of the next-token targets)."""
+    import mlx.core as mx
+    import numpy as np
+
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i][0]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    rng = np.random.default_rng(seed)
+    while True:
+        for b in rng.permutation(len(batches)):
+            rows = [dataset[i] for i in batches[b]]
+            width = max(len(ids) for ids, _ in rows)
+            ids = np.zeros((len(rows), width), np.int32)
+            mask = np.zeros((len(rows), width), bool)
+            for j, (row_ids, row_mask) in enumerate(rows):
+                ids[j, :len(row_ids)], mask[j, :len(row_ids)] = row_ids, row_mask
+            yield mx.array(ids), mx.array(mask[:, 1:])  # target t is predicted at t - 1
+        if not loop:
+            break
 
 
 def main() -> None:
@@ -233,6 +283,8 @@ def main() -> None:
     parser.add_argument("--method", default="lora", choices=METHODS, help="the method both sides train")
     parser.add_argument("--task", default="classification", choices=["classification", "instruction"],
                         help="label words (default) or instruction pairs with multi-token completions")
+    parser.add_argument("--packed", action="store_true",
+                        help=f"with --task instruction: the pairs packed into rows of {PACKED_LENGTH} tokens, on both sides")
     parser.add_argument("--quick", action="store_true", help="small shape, 64 examples, 3 repeats: under 5 minutes")
     parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
     parser.add_argument("--examples", type=int, default=256)
@@ -248,15 +300,19 @@ def main() -> None:
         parser.error("--method full trains the base's own parameters, which twintune keeps in float32: "
                      "use --dtype float32")
     if args.child:
-        print(json.dumps(child(args.child, args.shape, args.examples, args.repeats, args.dtype, args.method, args.task)))
+        print(json.dumps(child(args.child, args.shape, args.examples, args.repeats, args.dtype, args.method, args.task,
+                               args.packed)))
         return
+    if args.packed and args.task != "instruction":
+        parser.error("--packed packs instruction pairs; add --task instruction")
 
     rows = {}
     for kind in ("twintune", "mlx_lm") + (("twintune_compiled",) if args.compile else ()):
         rows[kind] = run_child("benchmarks.compare_mlx", ["--child", kind, "--shape", args.shape,
                                                           "--examples", str(args.examples),
                                                           "--repeats", str(args.repeats), "--dtype", args.dtype,
-                                                          "--method", args.method, "--task", args.task])
+                                                          "--method", args.method, "--task", args.task,
+                                                          *(["--packed"] if args.packed else [])])
         print(json.dumps(rows[kind]), flush=True)
     ours, theirs = rows["twintune"], rows["mlx_lm"]
     ratios = {
@@ -268,7 +324,8 @@ def main() -> None:
     if args.compile:
         ratios["compiled_epoch_time_ratio_vs_eager"] = rows["twintune_compiled"]["epoch_seconds"] / ours["epoch_seconds"]
     ratios = {k: round(v, 3) for k, v in ratios.items()}
-    print(f"mlx-lm llama {args.shape} shape (vocabulary 32000, {args.dtype}), task {args.task}, method {args.method} "
+    print(f"mlx-lm llama {args.shape} shape (vocabulary 32000, {args.dtype}), task {args.task}"
+          f"{' (packed)' if args.packed else ''}, method {args.method} "
           f"({ours['trainable_parameters']:,} trainable), {ours['examples']} examples "
           f"({ours['real_tokens']} real tokens), batch {LORA['batch']}, median of {args.repeats} epochs after one warm-up")
     print_epoch_table(rows, "peak_memory_mb", "mx peak MB")
@@ -278,10 +335,12 @@ def main() -> None:
     targets = check_targets(ratios, INSTRUCTION_TARGETS if args.task == "instruction" else TARGETS)
     suffix = ("" if args.method == "lora" else f"_{args.method}")  # lora keeps the old name
     suffix += "_instruction" if args.task == "instruction" else ""
+    suffix += "_packed" if args.packed else ""
     suffix += ("_quick" if args.quick else "") + ("" if args.dtype == "float32" else f"_{args.dtype}")
     suffix += "_compile" if args.compile else ""
     if not args.no_save:
-        path = write_result(f"compare_mlx_{args.shape}{suffix}", {"method": args.method, "task": args.task, "rows": rows,
+        path = write_result(f"compare_mlx_{args.shape}{suffix}", {"method": args.method, "task": args.task,
+                                                                   "packed": args.packed, "rows": rows,
                                                                    "ratios": ratios, "targets": targets})
         print(f"wrote {path}")
     print(json.dumps(ratios))
