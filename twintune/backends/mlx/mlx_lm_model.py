@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models import activations
 
 from twintune.errors import TwintuneError
 
@@ -115,9 +116,7 @@ class SwiGLUMLP(nn.Module):
             setattr(self, name, member)
 
     def __call__(self, x: mx.array) -> mx.array:
-        from mlx_lm.models.activations import swiglu as plain_swiglu
-
-        act = swiglu if self.training else plain_swiglu  # evaluation and generation keep no slopes
+        act = swiglu if self.training else activations.swiglu  # evaluation and generation keep no slopes
         return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -128,8 +127,6 @@ _SWIGLU_FORWARD = "return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(
 def _is_swiglu_mlp(cls: type) -> bool:
     """Whether `cls.__call__(self, x)` is exactly mlx-lm's swiglu MLP (llama, qwen2, qwen3, mistral,
     ... share the line), read from its source: only those are swapped for SwiGLUMLP."""
-    from mlx_lm.models import activations
-
     call = cls.__dict__.get("__call__")
     if call is None or list(inspect.signature(call).parameters) != ["self", "x"]:
         return False
