@@ -250,6 +250,20 @@ def instruction_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return pairs
 
 
+PACKED_LENGTH = 256  # tokens in a packed instruction row (the comparisons' --packed)
+
+
+def instruction_task(source: Path, packed: bool) -> list[str]:
+    """Recipe overrides for the instruction task on `source`; `packed`: rows of PACKED_LENGTH tokens."""
+    return [f"task={{name: instruction, packing: {str(packed).lower()}}}", f"data.source={source}",
+            *([f"data.max_length={PACKED_LENGTH}"] if packed else [])]
+
+
+def target_tokens(encoded) -> int:
+    """How many tokens of these encoded rows the loss reads: past the prompt, or the packed rows' targets."""
+    return sum(len(e.ids) - e.prompt_len if e.target_mask is None else int(e.target_mask.sum()) for e in encoded)
+
+
 def write_instruction_jsonl(path: Path, n: int, seed: int = 0) -> Path:
     """instruction_pairs as prompt/completion JSONL (the format twintune's instruction task and mlx-lm read)."""
     import json

@@ -53,8 +53,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import (
-    check_targets, gemm_peak_gflops, method_training_flops, peak_rss_mb, print_epoch_table, reset_peak_rss, run_child,
-    write_instruction_jsonl, write_result,
+    PACKED_LENGTH, check_targets, gemm_peak_gflops, instruction_task, method_training_flops, peak_rss_mb,
+    print_epoch_table, reset_peak_rss, run_child, target_tokens, write_instruction_jsonl, write_result,
 )
 
 LORA = {"r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "lr": 2e-4, "batch": 8}
@@ -84,9 +84,6 @@ def mlx_lm_model(shape: str, dtype: str = "float32"):
     return model
 
 
-PACKED_LENGTH = 256  # tokens in a packed instruction row (--packed), as benchmarks/compare_torch.py
-
-
 def train_examples(n: int, task: str = "classification", packed: bool = False):
     """n tokenized training examples of the built-in synthetic set (prompt, then the label word), or with
     task "instruction" n instruction pairs (prompt, completion, end-of-text) as the instruction task encodes
@@ -114,9 +111,7 @@ def instruction_examples(n: int, packed: bool = False):
 
     folder = Path(tempfile.mkdtemp(prefix="instructions-"))
     source = write_instruction_jsonl(folder / "pairs.jsonl", int(n / 0.8) + 3)  # the demo's 0.8 train share
-    task = [f"task={{name: instruction, packing: {str(packed).lower()}}}", f"data.source={source}",
-            *([f"data.max_length={PACKED_LENGTH}"] if packed else [])]
-    recipe = load_recipe("recipes/demo-financial-sentiment.yaml", task)
+    recipe = load_recipe("recipes/demo-financial-sentiment.yaml", instruction_task(source, packed))
     tokenizer = load_tokenizer(builtin_model_dir("tiny-gpt-neo"))
     rows = recipe.task.splits(recipe.data, recipe.seed, tokenizer, recipe.data.max_length)["train"]
     return rows if packed else rows[:n]
@@ -152,8 +147,7 @@ def child(kind: str, shape: str, examples: int, repeats: int, dtype: str, method
     spec = fresh.spec
     flops = method_training_flops(_plan(fresh, method, "float32"), spec.linear_layers(), args["hidden_size"],
                                   args["num_hidden_layers"], spec.vocab_size, [len(e.ids) for e in encoded],
-                                  sum(len(e.ids) - e.prompt_len if e.target_mask is None else int(e.target_mask.sum())
-                                      for e in encoded), output_weight="lm_head.weight")
+                                  target_tokens(encoded), output_weight="lm_head.weight")
     del fresh
     peak_gflops = gemm_peak_gflops("mlx", dtype=dtype)
     return {"kind": kind, "method": method, "task": task, "packed": packed, "trainable_parameters": trainable, "shape": shape, "dtype": dtype,

@@ -78,8 +78,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import (
-    check_targets, gemm_peak_gflops, method_training_flops, peak_rss_mb, print_epoch_table, reset_peak_rss, run_child,
-    write_instruction_jsonl, write_result,
+    PACKED_LENGTH, check_targets, gemm_peak_gflops, instruction_task, method_training_flops, peak_rss_mb,
+    print_epoch_table, reset_peak_rss, run_child, target_tokens, write_instruction_jsonl, write_result,
 )
 
 CACHE = Path(__file__).parent / ".cache"
@@ -149,7 +149,6 @@ def _zeros(spec) -> dict:
     return {name: np.broadcast_to(np.zeros((), np.float32), shape) for name, shape in spec.weight_shapes().items()}
 
 
-PACKED_LENGTH = 256  # tokens in a packed instruction row (--packed)
 
 
 def recipe(shape: str, examples: int, compile: bool = False, method: str = "lora", equal_lora: bool = False,
@@ -161,8 +160,7 @@ def recipe(shape: str, examples: int, compile: bool = False, method: str = "lora
     task = []
     if instruction:
         source = write_instruction_jsonl(Path(tempfile.mkdtemp(prefix="instructions-")) / "pairs.jsonl", total)
-        task = [f"task={{name: instruction, packing: {str(packed).lower()}}}", f"data.source={source}",
-                *([f"data.max_length={PACKED_LENGTH}"] if packed else [])]
+        task = instruction_task(source, packed)
     return load_recipe("recipes/demo-financial-sentiment.yaml", [*task,
         f"model={model_dir(shape)}", f"data.synthetic_size={max(30, total)}", "train.epochs=1",
         f"train.batch_size={LORA['batch']}", f"train.lr={LORA['lr']}", "train.warmup_steps=0",
@@ -211,8 +209,7 @@ def child(kind: str, shape: str, examples: int, repeats: int, method: str = "lor
     spec = run.spec
     flops = method_training_flops(run.plan, spec.linear_layers(), spec.hidden_size, spec.num_layers, spec.vocab_size,
                                   [len(e.ids) for e in encoded],
-                                  sum(len(e.ids) - e.prompt_len if e.target_mask is None else int(e.target_mask.sum())
-                                      for e in encoded))
+                                  target_tokens(encoded))
     peak_gflops = gemm_peak_gflops("torch")
     return {"kind": kind, "method": method, "head": head, "instruction": instruction, "packed": packed,
             "trainable_parameters": trainable, "shape": shape,
