@@ -32,7 +32,8 @@ def child(backend: str, shape: str, length: int, batch: int, steps: int, chunked
     import twintune.backends.base as base
     from benchmarks.compare_torch import model_dir
     from twintune.recipe import load_recipe
-    from twintune.train.loop import prepare, train_step
+    from twintune.train.build import prepare
+    from twintune.train.step import train_step
 
     if not chunked:
         base.LOSS_CHUNK_VALUES = 2**62

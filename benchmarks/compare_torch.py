@@ -174,7 +174,8 @@ def child(kind: str, shape: str, examples: int, repeats: int, method: str = "lor
     import torch
 
     torch.manual_seed(0)
-    from twintune.train.loop import prepare, train_step
+    from twintune.train.build import prepare
+    from twintune.train.step import train_step
 
     from twintune.data.batching import TrainOrder
 

@@ -152,7 +152,7 @@ def random_batch(rng: np.random.Generator, vocab: int, batch: int, tokens: int):
 
 def child(backend: str, shape: str, batch: int, tokens: int, repeats: int, warmup: int) -> dict:
     from twintune.dropout import dropout_key
-    from twintune.train.loop import prepare
+    from twintune.train.build import prepare
 
     if backend == "mlx":
         import mlx.core as mx

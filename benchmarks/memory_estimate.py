@@ -103,7 +103,7 @@ def child(name: str, shape: str, batch: int, tokens: int, steps: int) -> dict:
     from twintune.backends import backend_class
     from twintune.data.batching import Batch
     from twintune.memory import estimate_memory
-    from twintune.train.loop import prepare
+    from twintune.train.build import prepare
 
     backend, overrides = CONFIGS[name]
     r = recipe(shape, overrides, batch, tokens)

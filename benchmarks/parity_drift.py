@@ -78,7 +78,9 @@ def child(backend: str, threads: int, dtype: str, steps: int, state_path: str, s
 
         torch.set_num_threads(threads)  # before any work: the pool is sized once
     from twintune.recipe import load_recipe
-    from twintune.train.loop import evaluate, prepare, train_step
+    from twintune.train.build import prepare
+    from twintune.train.step import train_step
+    from twintune.train.evaluate import evaluate
 
     run = prepare(load_recipe(RECIPE, [f"dtype={dtype}", f"train.max_steps={steps}", f"seed={seed}"]), backend)
     start = time.perf_counter()

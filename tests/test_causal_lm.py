@@ -10,7 +10,10 @@ from twintune.data.batching import make_batch
 from twintune.data.documents import load_documents, lm_rows, one_per_row, pack
 from twintune.errors import TwintuneError
 from twintune.recipe import load_recipe
-from twintune.train.loop import evaluate, prepare, train, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
+from twintune.train.evaluate import evaluate
+from twintune.train.loop import train
 from twintune.train.runs import evaluate_target, format_report
 
 DEMO = "recipes/demo-financial-sentiment.yaml"

@@ -9,7 +9,7 @@ import pytest
 import twintune.backends.base as base
 from twintune.data.batching import make_batch
 from twintune.recipe import load_recipe
-from twintune.train.loop import prepare
+from twintune.train.build import prepare
 
 DEMO = "recipes/demo-financial-sentiment.yaml"
 METHODS = {"lora": "method={name: lora, r: 4, dropout: 0.2, target_modules: [q_proj, v_proj, c_fc]}",

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from twintune.recipe import load_recipe
-from twintune.train.loop import prepare, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
 
 SETTINGS = ["data.synthetic_size=200", "train.batch_size=8", "train.max_steps=10", "train.lr=3e-3",
             "train.group_by_length=true"]

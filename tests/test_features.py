@@ -10,7 +10,7 @@ import yaml
 from model_helpers import hf_model
 from twintune.data.batching import eval_batches, make_batch
 from twintune.recipe import load_recipe
-from twintune.train.loop import prepare
+from twintune.train.build import prepare
 
 DEMO = "recipes/demo-financial-sentiment.yaml"
 

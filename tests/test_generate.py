@@ -13,7 +13,7 @@ from twintune.errors import TwintuneError
 from twintune.formats.tiny_model import write_tiny_model
 from twintune.generation import choose_token, generate_ids
 from twintune.recipe import load_recipe
-from twintune.train.loop import prepare
+from twintune.train.build import prepare
 
 DEMO = "recipes/demo-financial-sentiment.yaml"
 BACKENDS = ["mlx", "torch"]

@@ -7,7 +7,8 @@ import pytest
 
 from twintune.data.batching import Batch
 from twintune.recipe import load_recipe
-from twintune.train.loop import prepare, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
 
 SETTINGS = ["data.synthetic_size=120", "train.batch_size=8", "method.dropout=0.1",
             "method.target_modules=[q_proj,k_proj,v_proj,out_proj,c_fc,c_proj]"]

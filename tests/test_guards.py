@@ -11,7 +11,10 @@ from twintune.data.documents import lm_rows
 from twintune.errors import TwintuneError
 from twintune.recipe import load_recipe
 from twintune.train.guards import loss_weights
-from twintune.train.loop import perplexity_report, prepare, train, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
+from twintune.train.evaluate import perplexity_report
+from twintune.train.loop import train
 
 DEMO = "recipes/demo-financial-sentiment.yaml"
 REPLAY = "train.replay={source: synthetic, fraction: 0.2}"

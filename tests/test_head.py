@@ -17,7 +17,10 @@ from twintune.formats.safetensors_io import read_safetensors
 from twintune.models import GPTNeoSpec
 from twintune.recipe import recipe_from_dict
 from twintune.tasks import HEAD, head_surgery
-from twintune.train.loop import evaluate, predict, prepare, train, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
+from twintune.train.evaluate import evaluate, predict
+from twintune.train.loop import train
 from twintune.train.runs import evaluate_target, merge_run, open_run, predict_texts
 
 BACKENDS = ["mlx", "torch"]

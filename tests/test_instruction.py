@@ -10,7 +10,9 @@ from twintune.data.batching import make_batch
 from twintune.data.instructions import chat_pair, load_pairs
 from twintune.errors import TwintuneError
 from twintune.recipe import load_recipe
-from twintune.train.loop import evaluate, prepare, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
+from twintune.train.evaluate import evaluate
 
 DEMO = "recipes/demo-financial-sentiment.yaml"
 ALPACA = "Instruction: {instruction}\nInput: {input}\nOutput:"

@@ -7,7 +7,9 @@ fine-tuning it scores the label words at chance.
 import pytest
 
 from twintune.recipe import load_recipe
-from twintune.train.loop import evaluate, prepare, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
+from twintune.train.evaluate import evaluate
 
 
 @pytest.mark.parametrize("backend", ["mlx", "torch"])

@@ -16,9 +16,11 @@ from twintune.formats.checkpoint import load_checkpoint
 from twintune.models import GPTNeoSpec, gpt_neo_weights
 from twintune.quant import Quantization, quantize_linear_layers
 from twintune.recipe import load_recipe
-from twintune.train import loop
+from twintune.train import build
 from twintune.train.loss_scale import LossScaler
-from twintune.train.loop import prepare, train, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
+from twintune.train.loop import train
 
 LOW = ["bfloat16", "float16"]
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -158,7 +160,7 @@ def test_gradients_that_are_not_finite_without_loss_scaling_stop_the_run():
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_float16_resume_restores_the_loss_scale(backend, tmp_path, monkeypatch):
     # Start so high that the first steps overflow: the scale at the checkpoint differs from a fresh one.
-    monkeypatch.setattr(loop, "LossScaler", functools.partial(LossScaler, scale=2.0**20))
+    monkeypatch.setattr(build, "LossScaler", functools.partial(LossScaler, scale=2.0**20))
     recipe = load_recipe("recipes/demo-financial-sentiment.yaml",
                          SETTINGS + ["dtype=float16", "train.save_every=6", "train.keep_last=2"])
     whole = train(recipe, backend, tmp_path / "whole", progress=False)

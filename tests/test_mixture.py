@@ -11,7 +11,10 @@ from twintune.data.batching import Encoded
 from twintune.data.mixture import MixtureOrder
 from twintune.errors import TwintuneError
 from twintune.recipe import load_recipe
-from twintune.train.loop import evaluate, prepare, train, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
+from twintune.train.evaluate import evaluate
+from twintune.train.loop import train
 
 DEMO = "recipes/demo-financial-sentiment.yaml"
 

@@ -20,7 +20,8 @@ from twintune.methods import IA3, BaseModel, DoRA, LoRA
 from twintune.methods.dora import row_norms
 from twintune.models import GPTNeoSpec, gpt_neo_weights
 from twintune.recipe import load_recipe
-from twintune.train.loop import prepare, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
 
 BACKENDS = ["mlx", "torch"]
 TARGETS = ["q_proj", "v_proj", "c_fc"]

@@ -16,7 +16,8 @@ from twintune.formats.safetensors_io import read_safetensors, write_safetensors
 from twintune.methods import LoRA
 from twintune.models import GPTNeoSpec
 from twintune.recipe import load_recipe
-from twintune.train.loop import prepare, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
 
 BACKENDS = ["mlx", "torch"]
 PEFT_TARGETS = ["q_proj", "v_proj", "c_fc"]

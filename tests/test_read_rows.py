@@ -7,7 +7,7 @@ import pytest
 
 from twintune.data.batching import make_batch
 from twintune.recipe import load_recipe
-from twintune.train.loop import prepare
+from twintune.train.build import prepare
 
 DEMO = "recipes/demo-financial-sentiment.yaml"
 ALL_LINEAR = "[q_proj, k_proj, v_proj, out_proj, c_fc, c_proj]"

@@ -7,7 +7,8 @@ from twintune.data.shots import draw_shots, with_shots
 from twintune.data.sources import load_examples
 from twintune.errors import TwintuneError
 from twintune.recipe import load_recipe
-from twintune.train.loop import evaluate_with_shots, prepare
+from twintune.train.build import prepare
+from twintune.train.evaluate import evaluate_with_shots
 from twintune.train.runs import evaluate_target
 
 DEMO = "recipes/demo-financial-sentiment.yaml"

@@ -42,8 +42,11 @@ from twintune.generation import Generation, generate_text
 from twintune.methods import BaseModel, Method, Plan
 from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.recipe import DTYPES, PromptConfig, Recipe, load_recipe
-from twintune.tasks import HEAD, check_head_labels, head_surgery, read_head_labels, with_head
-from twintune.train.loop import backend_cannot_run, base_model, evaluate, predict, prepare, train
+from twintune.formats.head import read_head_labels
+from twintune.tasks import HEAD, check_head_labels, head_surgery, with_head
+from twintune.train.build import backend_cannot_run, base_model, prepare
+from twintune.train.evaluate import evaluate, predict
+from twintune.train.loop import train
 
 __all__ = ["load_checkpoint", "load_recipe", "prepare", "train", "evaluate", "predict", "load", "generate", "Model",
            "Adapter", "Generation"]

@@ -169,7 +169,8 @@ def _trained_row(recipe, backend: str, out: Path, progress: bool) -> dict:
 
 
 def _prompting_row(recipe, backend: str, shots: int) -> dict:
-    from twintune.train.loop import evaluate_with_shots, prepare
+    from twintune.train.build import prepare
+    from twintune.train.evaluate import evaluate_with_shots
 
     run = prepare(recipe, backend)
     if not run.splits.get("test"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from twintune.methods import BaseModel, LoRA, Method
+from twintune.methods import BaseModel, Method
 from twintune.methods.base import block_index
 from twintune.tasks import HEAD
 from twintune.models import GPTNeoSpec

@@ -313,7 +313,7 @@ def test_a_recipe_reads_a_parquet_source_as_it_reads_the_same_csv(tmp_path):
     import datasets
 
     from twintune.recipe import load_recipe
-    from twintune.train.loop import prepare
+    from twintune.train.build import prepare
 
     examples = load_examples("synthetic", synthetic_size=60, seed=3)
     table = {"text": [e.text for e in examples], "label": [e.label for e in examples]}

@@ -13,7 +13,7 @@ import pytest
 from twintune.dropout import dropout_key, dropout_masks, keep_mask
 from twintune.methods import BaseModel
 from twintune.recipe import load_recipe
-from twintune.train.loop import prepare
+from twintune.train.build import prepare
 
 BACKENDS = ["mlx", "torch"]
 

@@ -23,7 +23,8 @@ from twintune.methods import BaseModel, method_from_dict
 from twintune.methods.loreft import LoReFT, orthonormal_rows
 from twintune.models import GPTNeoSpec
 from twintune.recipe import load_recipe
-from twintune.train.loop import prepare, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
 
 BACKENDS = ["mlx", "torch"]
 SLOT = "transformer.h.1.intervention"

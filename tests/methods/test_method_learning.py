@@ -32,7 +32,9 @@ activations (IA3) lose on the longer-trained model (0.92 -> 0.71); LoRA needs mo
 import pytest
 
 from twintune.recipe import load_recipe
-from twintune.train.loop import evaluate, prepare, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
+from twintune.train.evaluate import evaluate
 
 ALL_LINEAR = "[q_proj, k_proj, v_proj, out_proj, c_fc, c_proj]"
 # method -> (recipe overrides, the bar, why that bar)

@@ -26,7 +26,9 @@ from twintune.errors import TwintuneError
 from twintune.formats.adapter import load_adapter, save_adapter
 from twintune.formats.safetensors_io import read_safetensors
 from twintune.recipe import load_recipe
-from twintune.train.loop import prepare, train, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
+from twintune.train.loop import train
 from twintune.train.runs import evaluate_target, merge_run, open_run, predict_texts
 
 D, F, BLOCKS, VOCAB, POSITIONS = 64, 256, 4, 1024, 512  # the built-in tiny GPT-Neo

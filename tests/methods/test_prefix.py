@@ -29,7 +29,8 @@ from twintune.methods import BaseModel
 from twintune.methods.prefix import Prefix
 from twintune.models import GPTNeoSpec
 from twintune.recipe import load_recipe
-from twintune.train.loop import prepare, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
 
 BACKENDS = ["mlx", "torch"]
 N = 5  # virtual tokens

@@ -20,7 +20,8 @@ from twintune.methods import BaseModel
 from twintune.methods.prompt import EMBEDDING, PromptTuning, PTuning
 from twintune.models import GPTNeoSpec, gpt_neo_weights
 from twintune.recipe import load_recipe
-from twintune.train.loop import prepare, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
 
 BACKENDS = ["mlx", "torch"]
 MODEL_DIR = builtin_model_dir("tiny-gpt-neo")

@@ -12,7 +12,8 @@ from twintune.backends.mlx.dropout import dropout as mlx_dropout
 from twintune.backends.torch.dropout import dropout as torch_dropout
 from twintune.dropout import dropout_key, dropout_masks, dropout_rows, dropout_stream, keep_mask, mix32
 from twintune.recipe import load_recipe
-from twintune.train.loop import prepare, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
 
 STEPS = 32
 

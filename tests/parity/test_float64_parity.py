@@ -12,7 +12,9 @@ import pytest
 
 from twintune.errors import TwintuneError
 from twintune.recipe import load_recipe
-from twintune.train.loop import evaluate, prepare, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
+from twintune.train.evaluate import evaluate
 
 STEPS = 60
 

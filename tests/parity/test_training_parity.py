@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from twintune.recipe import load_recipe
-from twintune.train.loop import evaluate, prepare, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
+from twintune.train.evaluate import evaluate
 
 STEPS = 32
 

@@ -13,7 +13,8 @@ from twintune.backends.torch.nf4 import nf4_linear
 from twintune.errors import TwintuneError
 from twintune.quant.nf4 import dequantize_nf4, quantize_nf4
 from twintune.recipe import load_recipe
-from twintune.train.loop import prepare, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ from twintune.backends.torch.nf4 import NF4Linear, nf4_linear
 from twintune.formats.tiny_model import write_tiny_model
 from twintune.quant.nf4 import dequantize_nf4, quantize_nf4
 from twintune.recipe import load_recipe
-from twintune.train.loop import prepare, train_step
+from twintune.train.build import prepare
+from twintune.train.step import train_step
 
 CAUSE = "AVX-512 path assumes quantization blocks never straddle rows"
 

@@ -13,7 +13,6 @@ perplexity beside the whole mixture's.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -89,18 +88,3 @@ class MixtureOrder:
 def source_name(source: str) -> str:
     """A source's name in metrics: its file's stem, or the source itself."""
     return Path(source).stem if Path(source).suffix else source
-
-
-def mixture_splits(recipe, tokenizer, length: int) -> dict[str, dict[str, list[Encoded]]]:
-    """Each mixture source's train/validation/test splits, by its name, through its own task."""
-    from twintune.tasks import task_from_dict
-
-    parts = {}
-    for i, part in enumerate(recipe.data.mixture):
-        own = recipe.task.to_dict() if part.task in ("", recipe.task.name) else {"name": part.task}
-        if part.template:
-            own["template"] = part.template
-        task = task_from_dict(own, f"data.mixture[{i}].task")
-        data = dataclasses.replace(recipe.data, source=part.source, mixture=[])
-        parts[part.name or source_name(part.source)] = task.splits(data, recipe.data_seed, tokenizer, length)
-    return parts

@@ -18,10 +18,11 @@ import numpy as np
 
 from twintune.errors import TwintuneError
 from twintune.formats.checkpoint import read_torch_bin
-from twintune.formats.safetensors_io import read_safetensors, write_atomically, write_safetensors
+from twintune.formats.head import HEAD_FILE_NAMES, head_file_name, write_head_config
+from twintune.formats.safetensors_io import read_safetensors, write_json, write_safetensors
 from twintune.methods import METHODS, BaseModel, Method, method_from_dict
 from twintune.models import GPTNeoSpec
-from twintune.tasks import HEAD, HEAD_FILE_NAMES, head_file_name, split_head, write_head_config
+from twintune.tasks.classification import HEAD, split_head
 
 PEFT_PREFIX = "base_model.model."
 
@@ -61,12 +62,6 @@ def save_adapter(directory: str | Path, method: Method, state: dict[str, np.ndar
     return directory
 
 
-def write_json(path: str | Path, data) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    text = json.dumps(data, indent=2)
-    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
-
-
 # --- Adapters in -------------------------------------------------------------------------------
 
 def read_adapter_config(directory: Path) -> dict:
@@ -100,7 +95,7 @@ def method_of_adapter(config: dict, where: Path) -> Method:
         raise TwintuneError(f"adapter {where} names no peft_type in adapter_config.json; twintune loads PEFT "
                             f"adapters of type {', '.join(_peft_types())} and its own.")
     for cls in METHODS.values():
-        if cls.peft_type == peft_type:
+        if cls.reads_adapter_config(config):
             return cls.from_adapter_config(config, where)
     raise TwintuneError(f"adapter {where} is a PEFT {peft_type!r} adapter; twintune loads PEFT adapters of type "
                         f"{', '.join(_peft_types())}.")

@@ -1,4 +1,4 @@
-"""Safetensors read into numpy (bf16 included, which numpy lacks) and written atomically."""
+"""Safetensors read into numpy (bf16 included, which numpy lacks) and written atomically (JSON too)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,12 @@ def write_atomically(path: str | os.PathLike, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    text = json.dumps(data, indent=2)
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _umask() -> int:

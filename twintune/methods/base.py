@@ -215,6 +215,11 @@ class Method:
         return {"name": self.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}}
 
     @classmethod
+    def reads_adapter_config(cls, config: dict) -> bool:
+        """Whether a PEFT adapter_config.json describes this method (by default: its peft_type)."""
+        return cls.peft_type is not None and config.get("peft_type") == cls.peft_type
+
+    @classmethod
     def from_adapter_config(cls, config: dict, where) -> "Method":
         """The method a PEFT adapter_config.json of this method's peft_type describes."""
         raise NotImplementedError

@@ -41,6 +41,11 @@ class DoRA(LoRA):
     module: ClassVar[str] = "dora"
     mlx_lm_format: ClassVar[bool] = False  # mlx-lm's DoRA layout is not written yet
 
+    @classmethod
+    def reads_adapter_config(cls, config: dict) -> bool:
+        """PEFT's LORA with `use_dora: true`."""
+        return config.get("peft_type") == cls.peft_type and config.get("use_dora") is True
+
     def plan(self, base: BaseModel, seed: int) -> Plan:
         if base.quantization and base.quantization.kind == "affine":
             raise TwintuneError("method dora needs the base weights' row norms, and MLX's affine-quantized layers "

@@ -135,9 +135,14 @@ class LoRA(Method):
         return f" with r={self.rank(layer)}"
 
     @classmethod
+    def reads_adapter_config(cls, config: dict) -> bool:
+        """PEFT's LORA without `use_dora: true` (DoRA reads that one; a bad value is refused here)."""
+        return super().reads_adapter_config(config) and config.get("use_dora") is not True
+
+    @classmethod
     def from_adapter_config(cls, config: dict, where) -> "LoRA":
-        """LoRA (or DoRA, `use_dora`) from a PEFT adapter_config.json, refusing options it cannot express."""
-        return lora_from_peft_config(config, where)
+        """This class from a PEFT adapter_config.json, refusing options it cannot express."""
+        return lora_from_peft_config(config, where, cls)
 
     def merge(self, base: BaseModel, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Base weights with W + scale * B @ A folded in, in float32 (NF4 layers dequantized first:
@@ -213,8 +218,8 @@ def _is_off(value, off) -> bool:
     return type(value) is type(off) and value == off
 
 
-def lora_from_peft_config(config: dict, where) -> LoRA:
-    """Our LoRA (or DoRA) from a PEFT adapter_config.json dict, refusing what it cannot express."""
+def lora_from_peft_config(config: dict, where, cls: type[LoRA] = LoRA) -> LoRA:
+    """Our LoRA (or a subclass: DoRA) from a PEFT adapter_config.json dict, refusing what it cannot express."""
     for option, (off, meaning) in _UNSUPPORTED_OPTIONS.items():
         value = config.get(option, off)
         if not _is_off(value, off):
@@ -268,9 +273,6 @@ def lora_from_peft_config(config: dict, where) -> LoRA:
     use_dora = config.get("use_dora", False)
     if not isinstance(use_dora, bool):
         raise TwintuneError(f"adapter {where} has use_dora={use_dora!r}; it must be true or false.")
-    from twintune.methods.dora import DoRA
-
-    cls = DoRA if use_dora else LoRA
     return cls(r=r, alpha=float(alpha), dropout=float(dropout), target_modules=targets, rslora=rslora,
                rank_pattern=patterns["rank_pattern"], alpha_pattern={k: float(v) for k, v in patterns["alpha_pattern"].items()},
                layers_to_transform=tuple(sorted(layers)))

@@ -28,18 +28,14 @@ import difflib
 
 from twintune.errors import TwintuneError
 from twintune.keys import build
-from twintune.tasks.classification import (
-    HEAD, HEAD_CONFIG, HEAD_FILE_NAMES, Classification, check_head_labels, head_file_name, head_surgery,
-    read_head_labels, split_head, with_head, write_head_config,
-)
+from twintune.tasks.classification import HEAD, Classification, check_head_labels, head_surgery, split_head, with_head
 from twintune.tasks.causal_lm import CausalLM
 from twintune.tasks.features import Features
 from twintune.tasks.instruction import Instruction
 from twintune.tasks.task import Task
 
-__all__ = ["TASKS", "Task", "Classification", "Features", "CausalLM", "Instruction", "task_from_dict", "HEAD", "HEAD_CONFIG", "HEAD_FILE_NAMES",
-           "check_head_labels", "head_file_name", "head_surgery", "read_head_labels", "split_head", "with_head",
-           "write_head_config"]
+__all__ = ["TASKS", "Task", "Classification", "Features", "CausalLM", "Instruction", "task_from_dict", "HEAD",
+           "check_head_labels", "head_surgery", "split_head", "with_head"]
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Classification, Features, CausalLM, Instruction)}
 

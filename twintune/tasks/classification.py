@@ -10,7 +10,6 @@ GPTNeoForSequenceClassification's `score` (no bias) and PEFT's SEQ_CLS `modules_
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Mapping, Sequence
@@ -24,7 +23,6 @@ from twintune.tasks.task import Task
 
 HEAD = "score.weight"  # transformers' GPTNeoForSequenceClassification and PEFT's SEQ_CLS name
 HEAD_SLOT = "score"
-HEAD_CONFIG = "head_config.json"  # beside a saved adapter: the labels its head's rows are
 HEAD_INIT_STD = 0.02  # transformers' initializer_range for GPT-Neo: score ~ N(0, 0.02)
 HEAD_STREAM = 0x4EAD  # the head's initial values are drawn from (seed, HEAD_STREAM): not the method's draws
 
@@ -70,38 +68,6 @@ def split_head(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], 
     """(the method's values, the head's weight or None)."""
     rest = {k: v for k, v in state.items() if k != HEAD}
     return rest, state.get(HEAD)
-
-
-def head_file_name(layout: str, prompt_learning: bool) -> str:
-    """The head's name in an adapter file: PEFT's for a SEQ_CLS adapter (`base_model.score.weight` for
-    its prompt-learning methods, which wrap no tuner model), the model's own elsewhere."""
-    if layout != "peft":
-        return HEAD
-    return "base_model.score.weight" if prompt_learning else "base_model.model.score.weight"
-
-
-HEAD_FILE_NAMES = ("base_model.model.score.weight", "base_model.score.weight", "score.weight")
-
-
-def write_head_config(directory: Path, labels: Sequence[str]) -> None:
-    """Which label each row of a saved head scores (PEFT's adapter_config has no place for it)."""
-    from twintune.formats.adapter import write_json
-
-    write_json(Path(directory) / HEAD_CONFIG, {"head": "linear", "labels": list(labels)})
-
-
-def read_head_labels(directory: Path) -> list[str] | None:
-    """The labels a saved head was trained on (None: the adapter says nothing, as PEFT's do not)."""
-    path = Path(directory) / HEAD_CONFIG
-    if not path.is_file():
-        return None
-    try:
-        labels = json.loads(path.read_text())["labels"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise TwintuneError(f"{path} is not a head configuration (JSON with a list of labels).") from None
-    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-        raise TwintuneError(f"{path} must list the head's labels as strings.")
-    return labels
 
 
 def check_head_labels(head: np.ndarray, saved: list[str] | None, labels: Sequence[str], where: Path) -> None:

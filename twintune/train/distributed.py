@@ -27,6 +27,7 @@ class World:
     rank: int = 0
     size: int = 1
     engine: str | None = None  # "torchrun" or "mlx.launch"; None: one process, no launcher
+    timeout: float = 300.0  # seconds a process waits for the others to join (TWINTUNE_JOIN_TIMEOUT)
 
     @property
     def writes(self) -> bool:
@@ -56,9 +57,9 @@ def launched_world() -> World:
         except (OSError, ValueError):
             raise TwintuneError(f"mlx.launch's host file {hosts} cannot be read; start the run with mlx.launch "
                                 "again.") from None
-        return World(int(os.environ["MLX_RANK"]), size, "mlx.launch")
+        return World(int(os.environ["MLX_RANK"]), size, "mlx.launch", join_timeout())
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "torchrun")
+        return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "torchrun", join_timeout())
     return ALONE
 
 

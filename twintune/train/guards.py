@@ -35,7 +35,6 @@ general text are the same), so a checkpoint need not hold them.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -77,28 +76,6 @@ def general_batch(rows: list[Encoded], per_step: int, step: int, seed: int, stre
     return make_batch(chosen, pad_id)
 
 
-class ReplayOrder:
-    """A task's TrainOrder (or MixtureOrder) with rows of general text added to every step: its
-    micro-batches, then one micro-batch of replay rows (`replay` set on it)."""
-
-    def __init__(self, task_order, rows: list[Encoded], fraction: float, seed: int, pad_id: int = 0):
-        self.task_order = task_order
-        self.rows = rows
-        self.fraction = fraction
-        self.steps_per_epoch = task_order.steps_per_epoch
-        self.rows_per_step = max(1, round(task_order.examples_per_step * fraction / (1 - fraction)))
-        self.seed = seed
-        self.pad_id = pad_id
-
-    def replay_batch(self, step: int) -> Batch:
-        """The general-text rows of `step`, marked as replay."""
-        batch = general_batch(self.rows, self.rows_per_step, step, self.seed, REPLAY_STREAM, self.pad_id)
-        return dataclasses.replace(batch, replay=True)
-
-    def step_batches(self, step: int) -> list[Batch]:
-        return [*self.task_order.step_batches(step), self.replay_batch(step)]
-
-
 def loss_weights(batches: list[Batch], fraction: float) -> list[float]:
     """Each micro-batch's factor on its summed loss: 1 / the task's targets, or with replay
     (1 - f) / the task's targets and f / the replay rows' targets."""
@@ -118,13 +95,6 @@ def fisher_diagonal(backend, rows: list[Encoded]) -> dict[str, np.ndarray]:
         squares = {k: g * g for k, g in backend.take_gradients().items()}
         fisher = squares if fisher is None else {k: fisher[k] + squares[k] for k in fisher}
     return {k: v / len(rows) for k, v in fisher.items()}
-
-
-def perplexity_of(run, rows: list[Encoded]) -> float:
-    """The model's perplexity on rows (every target token alike)."""
-    from twintune.train.loop import perplexity_report
-
-    return perplexity_report(run, rows)["perplexity"]
 
 
 def forgetting_summary(source: str, before: float, after: float) -> dict:

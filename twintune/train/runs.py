@@ -21,8 +21,10 @@ from twintune.formats.merge import write_checkpoint
 from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.recipe import load_recipe
 from twintune.train.features import load_classifier
-from twintune.tasks import Features, HEAD, check_head_labels, read_head_labels, split_head
-from twintune.train.loop import Run, base_model, evaluate, evaluate_with_shots, predict, prepare
+from twintune.formats.head import read_head_labels
+from twintune.tasks import Features, HEAD, check_head_labels, split_head
+from twintune.train.build import Run, base_model, prepare
+from twintune.train.evaluate import evaluate, evaluate_with_shots, predict
 
 
 def open_run(target: str | Path, backend: str | None = None, with_data: bool = True) -> Run:

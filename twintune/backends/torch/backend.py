@@ -288,9 +288,7 @@ class TorchBackend:
 
         import torch.distributed as dist
 
-        from twintune.train.distributed import join_timeout
-
-        seconds = join_timeout()
+        seconds = world.timeout
         if not dist.is_initialized():
             try:
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", rank=world.rank,

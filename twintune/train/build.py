@@ -1,0 +1,272 @@
+"""A recipe becomes a run: the base opened, the method planned, the data tokenized into splits and a
+training order, the backend built with the method performed and the optimizer made.
+
+Everything here is numpy and plain Python. The backend only sees arrays: weights, the plan's
+initial values, token batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from twintune.backends import backend_class, resolve_backend_name
+from twintune.backends.base import Backend
+from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder
+from twintune.data.examples import Example
+from twintune.data.mixture import MixtureOrder, source_name
+from twintune.data.sources import load_examples, stratified_split
+from twintune.errors import TwintuneError
+from twintune.formats.checkpoint import load_checkpoint, load_config, load_tokenizer, resolve_model_dir
+from twintune.methods import BaseModel, Method, Plan
+from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
+from twintune.quant import SUPPORTED, quantize_linear_layers
+from twintune.recipe import Recipe
+from twintune.tasks import head_surgery, task_from_dict, with_head
+from twintune.train.distributed import ALONE, World
+from twintune.train.guards import DISTILL, EWC, REPLAY, general_rows
+from twintune.train.loss_scale import LossScaler
+from twintune.train.terms import Distillation, ElasticWeights, LossTerm, Replay
+
+
+@dataclass
+class Run:
+    """A recipe made concrete: model and adapter built on a backend, data tokenized."""
+
+    recipe: Recipe
+    backend: Backend
+    spec: GPTNeoSpec
+    method: Method
+    plan: Plan  # released: an unfrozen parameter's start is not kept (Plan.released)
+    encoder: Encoder
+    splits: dict[str, list[Encoded]]
+    order: TrainOrder | MixtureOrder | None
+    total_steps: int
+    model_dir: Path
+    loss_scaler: LossScaler | None = None  # float16 only
+    examples: dict[str, list[Example]] = field(default_factory=dict)  # the splits' sentences (few-shot prompts)
+    classifier: object | None = None  # the features task's (train/features.py FeatureClassifier), once fitted
+    sources: dict[str, dict[str, list[Encoded]]] = field(default_factory=dict)  # a mixture's splits, by source
+    general: list[Encoded] = field(default_factory=list)  # train.forgetting_eval's text, as causal-LM rows
+    terms: list[LossTerm] = field(default_factory=list)  # replay, distillation, EWC: the step's loss beside the task's
+    world: World = ALONE  # the processes training together (train/distributed.py); joined in prepare()
+
+    def term(self, cls: type) -> LossTerm | None:
+        """The run's loss term of a kind (Replay, Distillation, ElasticWeights), or None."""
+        return next((t for t in self.terms if isinstance(t, cls)), None)
+
+    @property
+    def distill_rows(self) -> list[Encoded]:
+        """train.distill's general text, as causal-LM rows (none without distillation)."""
+        distillation = self.term(Distillation)
+        return distillation.rows if distillation else []
+
+
+def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True, world: World = ALONE) -> Run:
+    """Load model, tokenizer and data for a recipe and apply its method on a backend.
+
+    `with_data=False` skips the data set (for predicting on texts the user gives). With a `world` of
+    several processes (train/distributed.py), the backend joins them (and with train.fsdp shards the
+    model) before the optimizer's state is made.
+
+    Example:
+        >>> run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml"), backend="mlx")
+        >>> run.total_steps   # 4 epochs of 1200 training examples in batches of 16
+        300
+    """
+    opened = open_base(recipe, backend or recipe.backend, with_plan=True)
+    return _finish(recipe, opened, with_data, world)
+
+
+@dataclass
+class Opened:
+    """A base opened on a backend, before any method is performed: the backend's model, the base
+    methods plan on, the tokenizer, the model's context, the directory its files came from, and the
+    recipe's plan when asked for."""
+
+    backend: Backend
+    base: BaseModel
+    tokenizer: object
+    max_positions: int
+    directory: Path
+    plan: Plan | None = None
+
+
+def open_base(recipe: Recipe, backend: str, with_plan: bool = False) -> Opened:
+    """The recipe's base model on a backend: GPT-Neo (a local directory, a hub id, builtin:tiny-gpt-neo;
+    its linear layers NF4-quantized once here when the recipe says so) or a model of one of mlx-lm's
+    families (MLX only), with MLX's affine quantization when the recipe asks. `with_plan`: the recipe's
+    method planned on the base too, before the backend builds a GPT-Neo (a refused method costs nothing).
+
+    Example:
+        >>> open_base(load_recipe("recipes/demo-financial-sentiment.yaml"), "torch").max_positions
+        512
+    """
+    name = resolve_backend_name(backend)
+    cls = backend_class(name)  # fail on a missing framework before the slow work
+    problem = backend_cannot_run(recipe, name)
+    if problem:
+        raise TwintuneError(f"{problem}.")
+    model_type = load_config(recipe.model).get("model_type")
+    if model_type != "gpt_neo" and mlx_lm_has_family(model_type):
+        opened = _open_mlx_lm_model(recipe, model_type, cls)
+        opened.plan = run_plan(recipe, opened.base) if with_plan else None
+    else:
+        checkpoint = load_checkpoint(recipe.model)
+        spec = GPTNeoSpec.from_config(checkpoint.config)
+        tokenizer = load_tokenizer(checkpoint.directory)
+        base = base_model(recipe, spec, gpt_neo_weights(spec, checkpoint.weights), tokenizer)
+        plan = run_plan(recipe, base) if with_plan else None
+        engine = cls(spec, base.weights, quantized=base.quantized, dtype=recipe.dtype)
+        opened = Opened(engine, base, tokenizer, spec.max_positions, Path(checkpoint.directory), plan)
+    quantization = opened.base.quantization
+    if quantization and quantization.kind == "affine":
+        opened.backend.quantize_affine(quantization.bits, quantization.group_size)
+    return opened
+
+
+def _open_mlx_lm_model(recipe: Recipe, model_type: str, cls) -> Opened:
+    """A model of one of mlx-lm's families: MLX only, built through MLXBackend.from_mlx_lm."""
+    if recipe.quantize.type == "nf4":
+        raise TwintuneError(f"quantize.type 'nf4' needs a GPT-Neo model; for this {model_type!r} model use "
+                            "quantize.type=affine (MLX's own) or none.")
+    directory = resolve_model_dir(recipe.model)
+    engine = cls.from_mlx_lm(directory, dtype=recipe.dtype)
+    base = BaseModel(engine.spec, engine.base_weights(), {}, recipe.quantization(), recipe.dtype)
+    return Opened(engine, base, load_tokenizer(directory), engine.spec.max_positions, Path(directory))
+
+
+def base_model(recipe: Recipe, spec: GPTNeoSpec, weights: dict[str, np.ndarray], tokenizer=None) -> BaseModel:
+    """The frozen model a recipe's method plans on: NF4 layers quantized once here (both backends
+    get these bytes); their float weights are dropped."""
+    quantization = recipe.quantization()
+    quantized = {}
+    if quantization and quantization.kind == "nf4":
+        quantized = quantize_linear_layers(weights, list(spec.linear_layers()), quantization)
+    return BaseModel(spec, weights, quantized, quantization, recipe.dtype, tokenizer)
+
+
+def run_plan(recipe: Recipe, base: BaseModel) -> Plan:
+    """The recipe's method planned on the base, with the task's linear head when it has one."""
+    plan = recipe.method.plan(base, recipe.seed)
+    if recipe.task.linear_head:
+        plan = with_head(plan, head_surgery(len(recipe.prompt.labels), base.spec.hidden_size, recipe.seed))
+    return plan
+
+
+def backend_cannot_run(recipe: Recipe, backend: str) -> str | None:
+    """Why a concrete backend cannot run this recipe (a clause, no full stop), or None if it can."""
+    q = recipe.quantize
+    if q.type != "none" and backend not in SUPPORTED[q.type]:
+        return (f"quantize.type {q.type!r} runs on the {' and '.join(SUPPORTED[q.type])} backend only "
+                f"(this run uses {backend}); use quantize.type=nf4 for a format both backends share")
+    model_type = load_config(recipe.model).get("model_type")
+    if backend != "mlx" and model_type != "gpt_neo" and mlx_lm_has_family(model_type):
+        return (f"model type {model_type!r} runs on the mlx backend only (through mlx-lm); "
+                "the torch backend runs GPT-Neo. Use --backend mlx")
+    return None
+
+
+def _finish(recipe: Recipe, opened: Opened, with_data: bool, world: World) -> Run:
+    """Data, the adapter and the optimizer on a built model: the same for every model."""
+    plan, context = opened.plan, opened.max_positions
+    encoder = Encoder(opened.tokenizer, Prompt(recipe.prompt.template, recipe.prompt.labels),
+                      max_length=min(recipe.data.max_length, context), method=recipe.method, context=context,
+                      head=recipe.task.linear_head)
+    run = Run(recipe, opened.backend, opened.base.spec, recipe.method, plan, encoder, {}, None, 0, opened.directory,
+              world=world)
+    if with_data:
+        _add_data(run, opened.tokenizer, row_length(recipe, context))
+    _set_up_backend(run, plan)
+    if with_data:
+        run.terms = _loss_terms(run, plan, opened.tokenizer, row_length(recipe, context))
+    run.loss_scaler = LossScaler() if recipe.dtype == "float16" else None
+    run.plan = plan.released()  # the run does not keep the base's numpy weights: the backend holds the model now
+    return run
+
+
+def row_length(recipe: Recipe, max_positions: int) -> int:
+    """The longest row of generated or general text: data.max_length, within the context the method leaves."""
+    return min(recipe.data.max_length, max_positions - recipe.method.virtual_tokens)
+
+
+def _add_data(run: Run, tokenizer, length: int) -> None:
+    """The run's splits and its training order: a mixture's sources, a generative task's rows, or
+    labelled sentences; the general text a forgetting evaluation reads."""
+    recipe, t = run.recipe, run.recipe.train
+    if recipe.data.mixture:
+        run.sources = mixture_splits(recipe, tokenizer, length)
+        run.splits = {name: [e for parts in run.sources.values() for e in parts[name]]
+                      for name in ("train", "validation", "test")}
+        run.order = MixtureOrder([parts["train"] for parts in run.sources.values()],
+                                 [part.weight for part in recipe.data.mixture], t.batch_size, t.grad_accum, recipe.seed)
+    else:
+        if recipe.task.generative:
+            run.splits = recipe.task.splits(recipe.data, recipe.data_seed, tokenizer, length)
+        else:
+            run.examples = _labelled_examples(recipe)
+            run.splits = {k: run.encoder.encode_all(v, k) for k, v in run.examples.items()}
+            if not run.splits["validation"]:
+                raise TwintuneError("the validation split is empty; raise data.validation_fraction or add examples.")
+        run.order = TrainOrder(run.splits["train"], t.batch_size, t.grad_accum, recipe.seed,
+                               group_by_length=t.group_by_length)
+    run.total_steps = t.max_steps or max(1, math.ceil(t.epochs * run.order.steps_per_epoch))
+    if t.forgetting_eval:
+        run.general = general_rows(t.forgetting_eval, tokenizer, length)
+
+
+def _labelled_examples(recipe: Recipe) -> dict[str, list[Example]]:
+    """The recipe's labelled sentences, split by the data seed into train, validation and test."""
+    d = recipe.data
+    examples = load_examples(d.source, subset=d.subset, text_column=d.text_column, label_column=d.label_column,
+                             labels=tuple(recipe.prompt.labels), synthetic_size=d.synthetic_size, seed=recipe.data_seed,
+                             split=d.split, config=d.config)
+    return stratified_split(examples, {"validation": d.validation_fraction, "test": d.test_fraction}, recipe.data_seed)
+
+
+def mixture_splits(recipe: Recipe, tokenizer, length: int) -> dict[str, dict[str, list[Encoded]]]:
+    """Each mixture source's train/validation/test splits, by its name, through its own task."""
+    parts = {}
+    for i, part in enumerate(recipe.data.mixture):
+        own = recipe.task.to_dict() if part.task in ("", recipe.task.name) else {"name": part.task}
+        if part.template:
+            own["template"] = part.template
+        task = task_from_dict(own, f"data.mixture[{i}].task")
+        data = dataclasses.replace(recipe.data, source=part.source, mixture=[])
+        parts[part.name or source_name(part.source)] = task.splits(data, recipe.data_seed, tokenizer, length)
+    return parts
+
+
+def _set_up_backend(run: Run, plan: Plan) -> None:
+    """The method performed, the training switches set, the processes joined (and the model sharded),
+    then the optimizer's state made: after the processes meet, before any step."""
+    t, engine = run.recipe.train, run.backend
+    engine.apply_method(plan)
+    if t.gradient_checkpointing:
+        engine.enable_gradient_checkpointing()
+    if t.compile:
+        engine.enable_compile()
+    if run.world.size > 1:
+        engine.join(run.world)
+        if t.fsdp:
+            engine.shard(run.world)
+    engine.set_optimizer(tuple(t.betas), t.eps, t.weight_decay)
+
+
+def _loss_terms(run: Run, plan: Plan, tokenizer, length: int) -> list[LossTerm]:
+    """The guards' terms beside the task's loss, in the order a step adds them (train/terms.py)."""
+    t, terms = run.recipe.train, []
+    if t.replay.fraction > 0:
+        terms.append(Replay(general_rows(t.replay.source, tokenizer, length, REPLAY), t.replay.fraction,
+                            run.order.examples_per_step, run.recipe.seed))
+    if t.distill.weight > 0:
+        terms.append(Distillation(general_rows(t.distill.source, tokenizer, length, DISTILL), t.distill,
+                                  run.recipe.seed, run.backend, plan))
+    if t.ewc.weight > 0:  # at the start's values, before any step (or resumed state)
+        rows = general_rows(t.ewc.source, tokenizer, length, EWC)
+        terms.append(ElasticWeights(run.backend, rows[: t.ewc.samples], t.ewc.weight))
+    return terms

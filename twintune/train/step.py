@@ -1,0 +1,90 @@
+"""One optimizer step: the step's micro-batches forward and backward (each process its share), the
+loss terms beside the task's (train/terms.py), then clipping and the optimizer.
+
+In float16 the loss is scaled (LossScaler); a step whose gradients overflowed is skipped, logged
+with "skipped": true, and still counts as a step of the schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from twintune.data.batching import Batch
+from twintune.dropout import dropout_key
+from twintune.errors import TwintuneError
+from twintune.train.build import Run
+from twintune.train.distributed import share, share_bounds, take_rows
+from twintune.train.guards import loss_weights
+from twintune.train.schedule import learning_rate
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step; the record metrics.jsonl gets for it.
+
+    Example:
+        >>> train_step(prepare(load_recipe("recipes/demo-financial-sentiment.yaml")), 0)["step"]
+        1
+    """
+    t = run.recipe.train
+    task = run.order.step_batches(step)  # the whole step's, on every process
+    extra = [term.batches(step) for term in run.terms]
+    batches = task + [b for part in extra for b in part]
+    scale = run.loss_scaler.scale if run.loss_scaler else 1.0
+    weights = loss_weights(batches, sum(term.share for term in run.terms))
+    # Each process runs its share of every micro-batch; the weights are the whole step's (global) counts.
+    sums = [_share_forward_backward(run, b, scale * weight, dropout_key(run.recipe.seed, step, i))
+            for i, (b, weight) in enumerate(zip(batches, weights))]
+    sync_seconds = None
+    if run.world.size > 1:
+        sums, sync_seconds = _sum_over_processes(run, sums)
+    loss = sum(sums[: len(task)]) / sum(b.n_targets for b in task)
+    if not math.isfinite(loss):
+        raise TwintuneError(f"the training loss became {loss} at step {step + 1}; lower train.lr "
+                            "or set train.max_grad_norm (the last saved adapter, if any, is kept).")
+    logged, start = {}, len(task)
+    for term, own in zip(run.terms, extra):
+        logged.update(term.logged(sums[start: start + len(own)], own))
+        start += len(own)
+    for term in run.terms:  # after the processes' sum: every process adds the same gradient
+        logged.update(term.backward(run.backend, step, scale, dropout_key(run.recipe.seed, step, len(batches))))
+    lr = learning_rate(step, t.lr, run.total_steps, t.warmup_steps, t.schedule)
+    grad_norm = run.backend.optimizer_step(lr, t.max_grad_norm, grad_scale=scale)
+    finite = math.isfinite(grad_norm)
+    if not finite and scale <= 1.0:
+        raise TwintuneError(f"the gradients became {grad_norm} at step {step + 1}; lower train.lr or use "
+                            "dtype=float32 (the last saved adapter, if any, is kept).")
+    record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm if finite else None,
+              "tokens": sum(b.n_real_tokens for b in batches)}
+    if run.world.size > 1:  # the examples each process took
+        record["rank_examples"] = np.sum([np.diff(share_bounds(b.input_ids.shape[0], run.world)) for b in batches],
+                                         axis=0).tolist()
+        record["sync_seconds"] = sync_seconds
+    record.update(logged)
+    if run.loss_scaler:
+        run.loss_scaler.update(finite)
+        record["skipped"] = not finite
+    return record
+
+
+def _sum_over_processes(run: Run, sums: list[float]) -> tuple[list[float], float]:
+    """The micro-batches' losses and the gradients summed over the processes; the seconds it took
+    (waiting for the slowest process included)."""
+    started = time.perf_counter()
+    sums = run.backend.all_sum(np.array(sums, np.float64)).tolist()
+    run.backend.sum_gradients()
+    return sums, time.perf_counter() - started
+
+
+def _share_forward_backward(run: Run, batch: Batch, loss_scale: float, key: int) -> float:
+    """This process's share of a micro-batch, forward and backward; its summed loss. A batch with fewer
+    rows than processes leaves some without a share: they add nothing, but a sharded model's
+    gathers need every process in every forward, so those run one row at weight zero."""
+    part = share(batch, run.world)
+    if part is not None:
+        return run.backend.forward_backward(part, loss_scale, key)
+    if run.backend.sharded:
+        run.backend.forward_backward(take_rows(batch, 0, 1), 0.0, key)
+    return 0.0
