@@ -196,9 +196,9 @@ def method_training_flops(plan, linear_layers: dict[str, tuple[int, int]], hidde
     per_token += sum(2 * o * i for layer, (o, i) in linear_layers.items() if through(layer))
     per_token += sum(2 * o * i for layer, (o, i) in linear_layers.items() if f"{layer}.weight" in trained)
     for layer, surgery in plan.wrapped().items():
-        if "r" in surgery.options:
+        if f"{layer}.lora_A.weight" in surgery.values:  # LoRA and DoRA: the rank is A's rows
             o, i = linear_layers[layer]
-            per_token += 6 * surgery.options["r"] * (o + i)
+            per_token += 6 * surgery.values[f"{layer}.lora_A.weight"].shape[0] * (o + i)
     passed = num_layers - min(lowest, num_layers)
     attention = sum(length * length * hidden * (4 * num_layers + 8 * passed) for length in lengths)
     output = (6 if output_weight in trained else 4) * hidden * vocab * n_targets

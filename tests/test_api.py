@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import twintune.api as api
+import twintune.train.build as build
 from model_helpers import write_tiny_llama
 from twintune.backends import backend_class
 from twintune.errors import TwintuneError
@@ -102,8 +103,8 @@ def test_adapters_switch_on_one_base_without_reading_it_again(runs, monkeypatch)
     backend, dirs, logits = runs
     model = api.load(MODEL, adapter=dirs["lora"], backend=backend)
     engine, module = model.backend, model.backend.model
-    monkeypatch.setattr(api, "load_checkpoint", lambda *a: pytest.fail("the base checkpoint was read again"))
-    monkeypatch.setattr(api, "backend_class", lambda *a: pytest.fail("a backend was built again"))
+    monkeypatch.setattr(build, "load_checkpoint", lambda *a: pytest.fail("the base checkpoint was read again"))
+    monkeypatch.setattr(build, "backend_class", lambda *a: pytest.fail("a backend was built again"))
     model.add_adapter("ia3", dirs["ia3"])
     model.add_adapter("bitfit", dirs["bitfit"])
     model.add_adapter("prefix", dirs["prefix"])

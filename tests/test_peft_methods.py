@@ -74,9 +74,9 @@ def _planned_layers(method, plan) -> dict[str, dict]:
     layers = {}
     for target, surgery in plan.wrapped().items():
         if isinstance(method, IA3):
-            layers[target] = {"feedforward": surgery.options["feedforward"]}
+            layers[target] = {"feedforward": surgery.layer.feedforward}
         else:
-            layers[target] = {"r": surgery.options["r"], "scale": surgery.options["scale"],
+            layers[target] = {"r": surgery.values[f"{target}.lora_A.weight"].shape[0], "scale": surgery.layer.scale,
                               "dora": isinstance(method, DoRA)}
     return layers
 
@@ -157,11 +157,12 @@ def test_what_the_twintune_cases_adapt(tiny):
 
     ia3 = plans["ia3"]
     assert sorted(t.rsplit(".", 1)[1] for t in ia3) == sorted(["q_proj", "v_proj", "c_proj"] * spec.num_layers)
-    assert {t for t, s in ia3.items() if s.options["feedforward"]} == \
+    assert {t for t, s in ia3.items() if s.layer.feedforward} == \
         {f"transformer.h.{i}.mlp.c_proj" for i in range(spec.num_layers)}
-    assert {t for t, s in plans["ia3-kv-ff"].items() if s.options["feedforward"]} == \
+    assert {t for t, s in plans["ia3-kv-ff"].items() if s.layer.feedforward} == \
         {f"transformer.h.{i}.mlp.c_fc" for i in range(spec.num_layers)}
-    patterns = {t.rsplit(".", 1)[1]: (s.options["r"], s.options["scale"]) for t, s in plans["lora-patterns"].items()}
+    patterns = {t.rsplit(".", 1)[1]: (s.values[f"{t}.lora_A.weight"].shape[0], s.layer.scale)
+                for t, s in plans["lora-patterns"].items()}
     assert patterns == {"q_proj": (4, 2.0), "v_proj": (4, 8.0), "c_fc": (2, 4.0)}
     assert sorted({int(t.split(".")[2]) for t in plans["lora-layers"]}) == [1, 3]
     assert len(plans["lora-layers"]) == 3 * 2

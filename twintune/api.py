@@ -32,19 +32,17 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from twintune.backends import backend_class, resolve_backend_name
 from twintune.data.batching import Encoder, Prompt, eval_batches
 from twintune.data.documents import eos_id
 from twintune.errors import TwintuneError
-from twintune.formats.adapter import load_adapter
-from twintune.formats.checkpoint import load_checkpoint, load_config, load_tokenizer, resolve_model_dir
+from twintune.formats.adapter import check_adapter_fits, check_adapter_method, load_adapter
+from twintune.formats.checkpoint import load_checkpoint
 from twintune.generation import Generation, generate_text
 from twintune.methods import BaseModel, Method, Plan
-from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.recipe import DTYPES, PromptConfig, Recipe, load_recipe
 from twintune.formats.head import read_head_labels
 from twintune.tasks import HEAD, check_head_labels, head_surgery, with_head
-from twintune.train.build import backend_cannot_run, base_model, prepare
+from twintune.train.build import open_base, prepare
 from twintune.train.evaluate import evaluate, predict
 from twintune.train.loop import train
 
@@ -92,8 +90,8 @@ def load(model: str | None, adapter: str | Path | None = None, backend: str = "a
     settings = dataclasses.replace(recipe, model=model or recipe.model, dtype=dtype or recipe.dtype)
     if settings.dtype not in DTYPES:
         raise TwintuneError(f"dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}.")
-    engine, base, encoder_parts = build_base(settings, backend)
-    loaded = Model(engine, base, *encoder_parts, prompt_settings(labels, template))
+    opened = open_base(settings, backend)
+    loaded = Model(opened.backend, opened.base, opened.tokenizer, opened.max_positions, prompt_settings(labels, template))
     if directory is not None:
         loaded.add_adapter("default", adapter)
         loaded.set_adapter("default")
@@ -249,9 +247,8 @@ class Model:
         if recipe is not None:
             check_same_base(recipe, self.base, directory)
         method, state = load_adapter(adapter_dir, self.base.spec)
-        if recipe is not None and method.name != recipe.method.saved_method().name:
-            raise TwintuneError(f"the adapter in {adapter_dir} is a {method.name} adapter, but the run's recipe "
-                                f"trains method {recipe.method.name}.")
+        if recipe is not None:
+            check_adapter_method(method, recipe.method, adapter_dir)
         plan = method.plan(self.base, seed=0)
         head = state.get(HEAD)
         if head is not None:  # the head's own labels, unless the caller named them
@@ -261,7 +258,7 @@ class Model:
             prompt_now = make_prompt(prompt, recipe)
             check_head_labels(head, saved, prompt_now.labels, adapter_dir)
             plan = with_head(plan, head_surgery(head.shape[0], self.base.spec.hidden_size, seed=0))
-        check_fits(plan, state, adapter_dir)
+        check_adapter_fits(state, {k: v.shape for k, v in plan.initial_values().items()}, method, adapter_dir)
         return Adapter(method, plan, state, make_prompt(prompt, recipe), adapter_dir)
 
 
@@ -296,43 +293,6 @@ def locate_adapter(directory: str | Path) -> tuple[Path, Recipe | None]:
     return path, None
 
 
-def build_base(settings: Recipe, backend: str) -> tuple[object, BaseModel, tuple]:
-    """The backend's model built as prepare() builds it (no method yet), the BaseModel plans are
-    made on, and (tokenizer, the model's context length)."""
-    name = resolve_backend_name(backend)
-    cls = backend_class(name)
-    problem = backend_cannot_run(settings, name)
-    if problem:
-        raise TwintuneError(f"{problem}.")
-    model_type = load_config(settings.model).get("model_type")
-    if model_type != "gpt_neo" and mlx_lm_has_family(model_type):
-        return build_mlx_lm_base(settings, cls, model_type)
-    checkpoint = load_checkpoint(settings.model)
-    spec = GPTNeoSpec.from_config(checkpoint.config)
-    tokenizer = load_tokenizer(checkpoint.directory)
-    base = base_model(settings, spec, gpt_neo_weights(spec, checkpoint.weights), tokenizer)
-    engine = cls(spec, base.weights, quantized=base.quantized, dtype=settings.dtype)
-    quantize_affine(engine, base)
-    return engine, base, (tokenizer, spec.max_positions)
-
-
-def build_mlx_lm_base(settings: Recipe, cls, model_type: str) -> tuple[object, BaseModel, tuple]:
-    """A model of one of mlx-lm's families (MLX only), as prepare() builds it."""
-    if settings.quantize.type == "nf4":
-        raise TwintuneError(f"quantize.type 'nf4' needs a GPT-Neo model; this model is {model_type!r}.")
-    directory = resolve_model_dir(settings.model)
-    engine = cls.from_mlx_lm(directory, dtype=settings.dtype)
-    base = BaseModel(engine.spec, engine.base_weights(), {}, settings.quantization(), settings.dtype)
-    quantize_affine(engine, base)
-    return engine, base, (load_tokenizer(directory), engine.spec.max_positions)
-
-
-def quantize_affine(engine, base: BaseModel) -> None:
-    """MLX's affine quantization, when the run's recipe trained on it."""
-    if base.quantization and base.quantization.kind == "affine":
-        engine.quantize_affine(base.quantization.bits, base.quantization.group_size)
-
-
 def check_same_base(recipe: Recipe, base: BaseModel, where: Path) -> None:
     """A run's adapter goes only on a base quantized as the run's was (else its logits are not the run's)."""
     if recipe.quantization() != base.quantization:
@@ -341,14 +301,6 @@ def check_same_base(recipe: Recipe, base: BaseModel, where: Path) -> None:
         raise TwintuneError(f"the run in {where} was trained on a base with quantize.type "
                             f"{kind(recipe.quantization())!r} (settings included), but this model's base has "
                             f"{kind(base.quantization)!r}; load that run on its own with twintune.api.load.")
-
-
-def check_fits(plan: Plan, state: Mapping[str, np.ndarray], where: Path) -> None:
-    """An adapter fits a base only with exactly the tensors, of the shapes, its method's plan makes."""
-    expected = plan.initial_values()
-    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
-        raise TwintuneError(f"the adapter in {where} does not fit this base model: its tensors are not the ones "
-                            f"its {plan.method} settings make of this model; was it trained on another base model?")
 
 
 def prompt_settings(labels: Labels | None, template: str | None) -> dict:

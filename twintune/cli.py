@@ -12,6 +12,8 @@ from twintune.errors import TwintuneError, TwintuneWarning
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from twintune.compare import DEFAULT_METHODS, ENTRIES  # the entries' names, from the methods' registry
+
     parser = argparse.ArgumentParser(prog="twintune", description="Fine-tune GPT-Neo with PEFT methods on MLX or PyTorch.")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
@@ -76,9 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     comparing = verbs.add_parser("compare", help="train every method on one recipe's data; a table and a plot")
     comparing.add_argument("recipe", help="a YAML recipe: its data, prompt and training budget are shared by all")
     comparing.add_argument("--methods", default=None,
-                           help="comma-separated entries (default: all of them): lora, dora, ia3, bitfit, adapter, "
-                                "adapter_pfeiffer, prompt, ptuning, prefix, loreft, last_blocks, full, head, features, "
-                                "zero-shot, few-shot")
+                           help=f"comma-separated entries (default: {', '.join(DEFAULT_METHODS)}; also: "
+                                f"{', '.join(sorted(set(ENTRIES) - set(DEFAULT_METHODS)))})")
     comparing.add_argument("--backend", default=None, help="auto (default: the recipe's), mlx or torch")
     comparing.add_argument("--seeds", type=int, default=1, help="seeds per entry (default 1): mean and std")
     comparing.add_argument("--shots", type=int, default=4, help="the few-shot entry's sentences of each class (default 4)")

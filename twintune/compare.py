@@ -29,9 +29,9 @@ from pathlib import Path
 from twintune.errors import TwintuneError
 from twintune.formats.adapter import write_json
 from twintune.formats.safetensors_io import write_atomically
+from twintune.methods import METHODS
 
 FAMILIES = ("prompting", "head/features", "weight methods", "module methods", "full")
-ALL_LINEAR = "[q_proj, k_proj, v_proj, out_proj, c_fc, c_proj]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,33 +44,29 @@ class Entry:
     shots: int | None = None
 
 
-# Each method's settings are the ones tests/methods/test_method_learning.py measured on the demo
-# (its learning rate and the method's own sizes); the recipe's other keys (epochs, batch, data) are
-# shared by all, so every entry gets the same budget. `--set NAME.KEY=VALUE` changes one entry.
-ENTRIES: dict[str, Entry] = {e.name: e for e in (
+# The prompting, head and features rows are the tasks' (no method trains); each method's rows come
+# from its class (Method.comparisons: the keys and learning rate tests/methods/test_method_learning.py
+# measured on the demo). The recipe's other keys (epochs, batch, data) are shared by all, so every
+# entry gets the same budget. `--set NAME.KEY=VALUE` changes one entry.
+TASK_ENTRIES = (
     Entry("zero-shot", "prompting", ("method={name: none}",), shots=0),
     Entry("few-shot", "prompting", ("method={name: none}",), shots=4),
     Entry("head", "head/features", ("method={name: none}", "task={name: classification, head: linear}", "train.lr=3e-3")),
     Entry("features", "head/features", ("method={name: none}", "task={name: features, pooling: mean}")),
-    Entry("lora", "weight methods", (f"method={{name: lora, r: 8, alpha: 16, target_modules: {ALL_LINEAR}}}",
-                                     "train.lr=4e-3")),
-    Entry("dora", "weight methods", (f"method={{name: dora, r: 8, alpha: 16, target_modules: {ALL_LINEAR}}}",
-                                     "train.lr=4e-3")),
-    Entry("ia3", "weight methods", (f"method={{name: ia3, target_modules: {ALL_LINEAR}, feedforward_modules: [c_proj]}}",
-                                    "train.lr=0.05")),
-    Entry("bitfit", "weight methods", ("method={name: bitfit}", "train.lr=1e-2")),
-    Entry("adapter", "module methods", ("method={name: adapter, style: houlsby, reduction_factor: 4}", "train.lr=1e-2")),
-    Entry("adapter_pfeiffer", "module methods", ("method={name: adapter, style: pfeiffer, reduction_factor: 2}",
-                                                 "train.lr=3e-3")),
-    Entry("prompt", "module methods", ("method={name: prompt, n: 20, init: sample_vocab}", "train.lr=0.3")),
-    Entry("ptuning", "module methods", ("method={name: ptuning, n: 20, encoder: mlp}", "train.lr=3e-3")),
-    Entry("prefix", "module methods", ("method={name: prefix, n: 10, projection: true}", "train.lr=3e-3")),
-    Entry("loreft", "module methods", ("method={name: loreft, r: 8, positions: f4+l8}", "train.lr=3e-2")),
-    Entry("last_blocks", "full", ("method={name: last_blocks, n: 2, include_embeddings: true}", "train.lr=3e-3")),
-    Entry("full", "full", ("method={name: full}", "train.lr=1e-3")),
-)}
-DEFAULT_METHODS = ("lora", "dora", "ia3", "bitfit", "adapter", "prompt", "ptuning", "prefix", "loreft", "last_blocks",
-                   "full", "head", "features", "zero-shot", "few-shot")
+)
+
+
+def method_entries() -> list[tuple[Entry, bool]]:
+    """Every method's comparison rows, family by family (FAMILIES' order), with whether each is a default."""
+    rows = [(comparison, name) for name, cls in METHODS.items() for comparison in vars(cls).get("comparisons", ())]
+    rows.sort(key=lambda row: FAMILIES.index(row[0].family))
+    return [(Entry(c.entry, c.family, (f"method={json.dumps({'name': name, **c.keys})}", f"train.lr={c.lr}")),
+             c.default) for c, name in rows]
+
+
+ENTRIES: dict[str, Entry] = {e.name: e for e in (*TASK_ENTRIES, *(entry for entry, _ in method_entries()))}
+DEFAULT_METHODS = (*(entry.name for entry, default in method_entries() if default), "head", "features", "zero-shot",
+                   "few-shot")
 RECIPE_SECTIONS = ("name", "model", "backend", "seed", "dtype", "data", "prompt", "task", "method", "quantize", "train")
 
 

@@ -107,7 +107,7 @@ def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization
     per_token_per_block = attention * precise + ((kd * d - attention) + kf * f) * e + ka * heads_by_length * precise
     # The backward runs only down to the lowest block that trains: blocks below keep nothing for it.
     blocks = layers - first_trained_block(trainable_shapes, layers)
-    per_token_per_block += kept_for_trainables(trainable_shapes, linear, d, f, max(blocks, 1)) * precise
+    per_token_per_block += kept_for_trainables(method, trainable_shapes, linear, d, f, max(blocks, 1)) * precise
     td, tf, ta = TRANSIENT[backend]
     transient = int(tokens * ((td * d + tf * f) * e + ta * heads_by_length * precise))
     if gradient_checkpointing:  # each block's input is kept; one block at a time is recomputed
@@ -129,28 +129,14 @@ def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization
 _INPUTS = {"q_proj": "ln_1", "k_proj": "ln_1", "v_proj": "ln_1", "out_proj": "attention", "c_fc": "ln_2", "c_proj": "mlp"}
 
 
-def kept_for_trainables(shapes: dict[str, tuple[int, ...]], linear: dict[str, tuple[int, int]], d: int, f: int,
-                        layers: int) -> float:
+def kept_for_trainables(method: Method, shapes: dict[str, tuple[int, ...]], linear: dict[str, tuple[int, int]],
+                        d: int, f: int, layers: int) -> float:
     """Values per token and block that the backward keeps for the trainable values, beyond the base's:
-    the input of every layer whose weight or low-rank path trains, each low-rank activation, and the
-    output a learned output scale (IA3) or magnitude (DoRA) multiplies. Read off the trainable names."""
-    inputs, extra = set(), 0.0
-    for name, shape in shapes.items():
-        layer, _, part = name.rpartition(".")
-        if name.endswith(".lora_A.weight"):
-            layer = name[: -len(".lora_A.weight")]
-            inputs.add(layer.rsplit(".", 1)[-1])
-            extra += shape[0]
-        elif part == "lora_magnitude_vector" or (part == "ia3_l" and shape[1] == 1):
-            extra += linear[layer][0]
-        elif part == "ia3_l" or (part == "weight" and layer in linear):
-            inputs.add(layer.rsplit(".", 1)[-1])
-        elif name.endswith("_adapter.down.weight"):  # its input, the bottleneck before and after the nonlinearity
-            extra += shape[1] + 2 * shape[0]
-        elif name.endswith("rotate_layer"):  # LoReFT: the block output it reads, R h and W h + b
-            extra += shape[1] + 2 * shape[0]
+    the input of every layer the method's values read (each kept once: q, k and v share theirs), and
+    what the method says it keeps besides (Method.kept_for_backward)."""
+    inputs, extra = method.kept_for_backward(shapes, linear)
     sizes = {"ln_1": d, "attention": d, "ln_2": d, "mlp": f}
-    return (sum(sizes[key] for key in {_INPUTS[short] for short in inputs}) * layers + extra) / layers
+    return (sum(sizes[key] for key in {_INPUTS[layer.rsplit(".", 1)[-1]] for layer in inputs}) * layers + extra) / layers
 
 
 def first_trained_block(shapes: dict[str, tuple[int, ...]], layers: int) -> int:

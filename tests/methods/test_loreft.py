@@ -20,7 +20,7 @@ from twintune.data.batching import Encoded, make_batch
 from twintune.errors import TwintuneError
 from twintune.formats.checkpoint import load_checkpoint
 from twintune.methods import BaseModel, method_from_dict
-from twintune.methods.loreft import LoReFT, orthonormal_rows
+from twintune.methods.loreft import LoReFT, LoReFTLayer, orthonormal_rows
 from twintune.models import GPTNeoSpec
 from twintune.recipe import load_recipe
 from twintune.train.build import prepare
@@ -35,13 +35,14 @@ def spec() -> GPTNeoSpec:
     return GPTNeoSpec.from_config(load_checkpoint("builtin:tiny-gpt-neo").config)
 
 
-def slot_values(method: LoReFT, spec: GPTNeoSpec) -> tuple[dict[str, np.ndarray], dict]:
-    """The initial values (names relative to the slot) and options of block 1's intervention."""
+def slot_values(method: LoReFT, spec: GPTNeoSpec) -> tuple[dict[str, np.ndarray], LoReFTLayer]:
+    """The initial values (names relative to the slot) and the layer settings of block 1's intervention."""
     surgery = method.plan(BaseModel(spec, {}), seed=3).inserted()[SLOT]
-    return {name.removeprefix(SLOT + "."): value for name, value in surgery.values.items()}, dict(surgery.options)
+    return {name.removeprefix(SLOT + "."): value for name, value in surgery.values.items()}, surgery.layer
 
 
-def intervene(backend: str, values: dict[str, np.ndarray], options: dict, x: np.ndarray, prompt_lengths) -> np.ndarray:
+def intervene(backend: str, values: dict[str, np.ndarray], options: LoReFTLayer, x: np.ndarray,
+              prompt_lengths) -> np.ndarray:
     """The backend's intervention module, given these values (as the INSERT surgery gives them), applied to x."""
     if backend == "mlx":
         own = {name: mx.array(value) for name, value in values.items()}

@@ -27,7 +27,7 @@ from twintune.tasks.classification import HEAD, split_head
 PEFT_PREFIX = "base_model.model."
 
 
-def save_adapter(directory: str | Path, method: Method, state: dict[str, np.ndarray], base_model: str,
+def save_adapter(directory: str | Path, method: Method, state: dict[str, np.ndarray], base_model_name: str,
                  model_dir: str | Path | None = None, labels: list[str] | None = None) -> Path:
     """Write a method's trained values in its layout (a "checkpoint" layout needs the base's `model_dir`
     for config.json and the tokenizer). A classification head in `state` (tasks.HEAD) is saved with
@@ -53,7 +53,7 @@ def save_adapter(directory: str | Path, method: Method, state: dict[str, np.ndar
             tensors[head_file_name(method.layout, prompt_learning=bool(method.file_names))] = head
         directory.mkdir(parents=True, exist_ok=True)
         write_safetensors(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
-    config = method.adapter_config(base_model)
+    config = method.adapter_config(base_model_name)
     if head is not None:
         write_head_config(directory, labels)
         if method.layout == "peft":  # PEFT's own SEQ_CLS adapter: the head is its `score` module to save
@@ -201,3 +201,21 @@ def _checked_head(name: str, array: np.ndarray, spec: GPTNeoSpec) -> np.ndarray:
                             f"this model's head must be (labels, {spec.hidden_size}) with at least two labels; the "
                             "adapter does not match this base model.")
     return np.ascontiguousarray(array, dtype=np.float64 if array.dtype == np.float64 else np.float32)
+
+
+# --- Does an adapter fit? (one wording for every entrance: training's resume, eval, api.load, merge) ---
+
+def check_adapter_method(method: Method, trained: Method, where: Path) -> None:
+    """An adapter goes with the run whose recipe trained its method (P-tuning saves its prompt: the
+    saved form of the method counts)."""
+    if method.name != trained.saved_method().name:
+        raise TwintuneError(f"the adapter in {where} is a {method.name} adapter, but the run's recipe trains "
+                            f"method {trained.name}.")
+
+
+def check_adapter_fits(state: dict[str, np.ndarray], expected: dict[str, tuple], method: Method, where: Path) -> None:
+    """An adapter fits a model only with exactly the tensors, of the shapes, its method makes of it."""
+    if set(state) != set(expected) or any(tuple(state[k].shape) != tuple(expected[k]) for k in state):
+        raise TwintuneError(f"the adapter in {where} does not fit this model: its tensors are not the ones "
+                            f"{method.name} with its settings makes of it (different target modules, rank or blocks, "
+                            "or another base model).")

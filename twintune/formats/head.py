@@ -9,7 +9,9 @@ from typing import Sequence
 
 from twintune.errors import TwintuneError
 from twintune.formats.safetensors_io import write_json
-from twintune.tasks.classification import HEAD
+import numpy as np
+
+from twintune.tasks.classification import HEAD, check_head_labels
 
 HEAD_CONFIG = "head_config.json"  # beside a saved adapter: the labels its head's rows are
 
@@ -42,3 +44,13 @@ def read_head_labels(directory: Path) -> list[str] | None:
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
         raise TwintuneError(f"{path} must list the head's labels as strings.")
     return labels
+
+
+def check_head_fits(state: dict[str, np.ndarray], wants_head: bool, labels: Sequence[str], where: Path) -> None:
+    """A saved head goes with a recipe that classifies with one, over the labels it was trained on."""
+    if (HEAD in state) != wants_head:
+        has = "has a classification head" if HEAD in state else "has no classification head"
+        raise TwintuneError(f"the adapter in {where} {has}, but the recipe's task.head is "
+                            f"{'linear' if wants_head else 'verbalizer'}; use the recipe it was trained with.")
+    if wants_head:
+        check_head_labels(state[HEAD], read_head_labels(where), labels, where)

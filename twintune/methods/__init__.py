@@ -1,14 +1,17 @@
 """The fine-tuning methods: one backend-neutral file each, all with the same interface (base.py).
 
 A recipe's `method: {name: X, ...}` becomes the method's dataclass here; its plan is what the
-backends perform. Adding a method is adding a file and a line to METHODS (and, for a new kind of
-layer, a mirrored module in backends/{mlx,torch}/methods/).
+backends perform. Adding a method is adding its file here (every Method subclass with a `name` in
+this package is found: METHODS), and for a new kind of layer a mirrored module in each
+backends/{mlx,torch}/methods/.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import pkgutil
 
 from twintune.errors import TwintuneError
 from twintune.keys import build
@@ -25,9 +28,18 @@ from twintune.methods.prefix import Prefix
 from twintune.methods.loreft import LoReFT
 from twintune.methods.none import NoMethod
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
-    LoRA, DoRA, IA3, BitFit, LastBlocks, Full, BottleneckAdapter, PromptTuning, PTuning, Prefix, LoReFT, NoMethod,
-)}
+
+def _discover() -> dict[str, type[Method]]:
+    """Every method class in this package's modules, by name, in their `listed` order."""
+    found = {}
+    for module in pkgutil.iter_modules(__path__):
+        for value in vars(importlib.import_module(f"{__name__}.{module.name}")).values():
+            if isinstance(value, type) and issubclass(value, Method) and "name" in vars(value):
+                found[value.name] = value
+    return dict(sorted(found.items(), key=lambda item: (item[1].listed, item[0])))
+
+
+METHODS: dict[str, type[Method]] = _discover()
 
 __all__ = ["METHODS", "BaseModel", "Method", "Plan", "Surgery", "INSERT", "UNFREEZE", "WRAP", "LoRA", "DoRA", "IA3", "BitFit",
            "LastBlocks", "Full", "BottleneckAdapter", "PromptTuning", "PTuning", "Prefix", "LoReFT", "NoMethod",

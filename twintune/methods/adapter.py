@@ -58,7 +58,8 @@ import numpy as np
 
 from twintune.errors import TwintuneError
 from twintune.keys import check
-from twintune.methods.base import INSERT, BaseModel, Method, Plan, Surgery, chosen_blocks, gpt_neo_slots
+from twintune.methods.base import (INSERT, BaseModel, Comparison, Layer, Method, Plan, Surgery, chosen_blocks,
+                                   gpt_neo_slots)
 
 # style -> (the slots its adapters fill in each block, whether they read the residual stream
 # (pfeiffer: s + x) rather than the sublayer's output s, its non-linearity)
@@ -68,6 +69,16 @@ STYLES = {
 }
 # the names a recipe may give -> the function the backends compute (silu is swish)
 NON_LINEARITIES = {"relu": "relu", "swish": "swish", "silu": "swish", "gelu_new": "gelu_new", "tanh": "tanh"}
+
+
+@dataclass(frozen=True, eq=False)
+class BottleneckLayer(Layer):
+    """A bottleneck up(act(down(h))) added to a sublayer's output; `reads_stream`: it reads the
+    residual stream after the sublayer (Houlsby) rather than the sublayer's output."""
+
+    non_linearity: str
+    dropout: float
+    reads_stream: bool
 
 
 @dataclass(frozen=True)
@@ -89,10 +100,20 @@ class BottleneckAdapter(Method):
     layers: list[int] = ()  # the blocks that get adapters; empty: all
 
     name: ClassVar[str] = "adapter"
+    listed: ClassVar[int] = 6  # its place in `twintune methods` and in sentences that list methods
     title: ClassVar[str] = "bottleneck adapter"
     description: ClassVar[str] = ("bottleneck adapters after the attention and MLP (style houlsby) or the MLP "
                                   "(style pfeiffer), as AdapterHub's DoubleSeqBn and SeqBn")
-    module: ClassVar[str] = "bottleneck"
+    comparisons: ClassVar[tuple[Comparison, ...]] = (
+        Comparison("adapter", "module methods", {"style": "houlsby", "reduction_factor": 4}, 1e-2),
+        Comparison("adapter_pfeiffer", "module methods", {"style": "pfeiffer", "reduction_factor": 2}, 3e-3, default=False),
+    )
+
+    def kept_for_backward(self, shapes, linear) -> tuple[set[str], float]:
+        """Each adapter's input, and its bottleneck before and after the nonlinearity."""
+        inputs, extra = super().kept_for_backward(shapes, linear)
+        extra += sum(shape[1] + 2 * shape[0] for name, shape in shapes.items() if name.endswith("_adapter.down.weight"))
+        return inputs, extra
 
     def validate(self) -> None:
         check(self.style in STYLES, f"recipe key 'method.style' must be houlsby or pfeiffer, got {self.style!r}.")
@@ -123,7 +144,7 @@ class BottleneckAdapter(Method):
         hidden = spec.hidden_size
         bottleneck = self.bottleneck(hidden)
         slots, reads_stream, _ = STYLES[self.style]
-        options = {"non_linearity": self.activation, "dropout": self.dropout, "reads_stream": reads_stream}
+        layer = BottleneckLayer(self.activation, self.dropout, reads_stream)
         rng = np.random.default_rng(seed)
         bound = 1.0 / math.sqrt(hidden)  # kaiming-uniform with a=sqrt(5), as AdapterHub's mam_adapter init
         surgeries = []
@@ -136,7 +157,7 @@ class BottleneckAdapter(Method):
                     f"{target}.up.weight": np.zeros((hidden, bottleneck), np.float32),
                     f"{target}.up.bias": np.zeros(hidden, np.float32),
                 }
-                surgeries.append(Surgery(INSERT, target, values, self.module, options))
+                surgeries.append(Surgery(INSERT, target, values, layer))
         return Plan(self.name, tuple(surgeries))
 
     @property

@@ -19,10 +19,17 @@ from twintune.errors import TwintuneError
 from twintune.quant import Quantization
 from twintune.quant.nf4 import NF4Tensor, dequantize_nf4
 
-WRAP = "wrap"  # a linear layer gets a module around it, named by `module` (backends/X/methods/<module>.py)
+WRAP = "wrap"  # a linear layer gets a module around it: the surgery's `layer` (built by backends/X/methods/)
 UNFREEZE = "unfreeze"  # a parameter of the base trains as it is
-INSERT = "insert"  # a module (backends/X/methods/<module>.py) fills one of the model's empty slots, named by
+INSERT = "insert"  # a module (the surgery's `layer`) fills one of the model's empty slots, named by
 # `target`: transformer.prompt, transformer.prefix, transformer.h.N.{attn_adapter,mlp_adapter,intervention}
+
+
+@dataclass(frozen=True, eq=False)
+class Layer:
+    """What a WRAP or INSERT surgery builds, its settings as fields (a subclass per kind of module, in
+    the method's own file). Each backend registers the module class that builds it
+    (backends/X/methods/, `@builds(TheLayer)`), so a plan says what to build and never how."""
 
 
 @dataclass(frozen=True)
@@ -30,13 +37,12 @@ class Surgery:
     """One change to the frozen model.
 
     `values` are the initial trainable values it adds (full names, as the backends name them);
-    for UNFREEZE they are the parameter's own values. `options` are the module's settings."""
+    for UNFREEZE they are the parameter's own values. `layer` is the module a WRAP or INSERT builds."""
 
     kind: str
     target: str
     values: Mapping[str, np.ndarray]
-    module: str = ""
-    options: Mapping[str, Any] = field(default_factory=dict)
+    layer: Layer | None = None
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ class Plan:
             if s.kind != UNFREEZE:
                 return s
             values = {k: np.broadcast_to(np.zeros((), v.dtype), v.shape) for k, v in s.values.items()}
-            return Surgery(s.kind, s.target, values, s.module, s.options)
+            return Surgery(s.kind, s.target, values, s.layer)
         return Plan(self.method, tuple(light(s) for s in self.surgeries), self.lr_scales)
 
     def wrapped(self) -> dict[str, Surgery]:
@@ -80,6 +86,22 @@ class Plan:
     def inserted(self) -> dict[str, Surgery]:
         """Filled slot name -> its surgery."""
         return {s.target: s for s in self.surgeries if s.kind == INSERT}
+
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")  # GPT-Neo's block linear layers
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One row `twintune compare` makes of a method: the entry's name, its family in the table and
+    plot, the method's keys and the learning rate (tests/methods/test_method_learning.py measured
+    them on the demo); `default`: in a compare that names no entries."""
+
+    entry: str
+    family: str
+    keys: Mapping[str, Any]
+    lr: float
+    default: bool = True
 
 
 @dataclass
@@ -160,6 +182,7 @@ class Method:
     """
 
     name: ClassVar[str]
+    listed: ClassVar[int] = 100  # its place in `twintune methods` and in sentences that list methods
     title: ClassVar[str]  # as a sentence names it: "LoRA", "BitFit"
     description: ClassVar[str]
     layout: ClassVar[str] = "twintune"
@@ -169,6 +192,7 @@ class Method:
     # our name of a value -> its name in an adapter file, where the layout's rule does not give it
     # (PEFT's prompt-learning methods save one `prompt_embeddings` with no module path)
     file_names: ClassVar[Mapping[str, str]] = {}
+    comparisons: ClassVar[tuple[Comparison, ...]] = ()  # its rows in `twintune compare`
 
     def validate(self) -> None:
         """Range checks on the keys (types are checked when the recipe is read)."""
@@ -179,6 +203,14 @@ class Method:
     def shapes(self, base: BaseModel) -> dict[str, tuple[int, ...]]:
         """The trainable values' names and shapes (to check a saved adapter against a model)."""
         return {name: value.shape for name, value in self.plan(base, seed=0).initial_values().items()}
+
+    def kept_for_backward(self, shapes: Mapping[str, tuple[int, ...]],
+                          linear: Mapping[str, tuple[int, int]]) -> tuple[set[str], float]:
+        """What the backward keeps for this method's trainable values (named in `shapes`) beyond the base's,
+        for the memory estimate: the linear layers whose input it reads, and extra values per token summed
+        over the blocks. By default: the input of every linear layer whose own weight trains."""
+        return {name.rpartition(".")[0] for name in shapes if name.endswith(".weight")
+                and name.rpartition(".")[0] in linear}, 0.0
 
     @property
     def virtual_tokens(self) -> int:
@@ -205,9 +237,9 @@ class Method:
         """Float32 base weights with the trained values folded in (NF4 layers dequantized)."""
         raise TwintuneError(f"method {self.name} cannot be merged into the base model.")
 
-    def adapter_config(self, base_model: str) -> dict:
+    def adapter_config(self, base_model_name: str) -> dict:
         """What adapter_config.json says about this method (PEFT's keys where PEFT has the method)."""
-        return {"twintune_method": self.name, **self.to_dict(), "base_model_name_or_path": base_model}
+        return {"twintune_method": self.name, **self.to_dict(), "base_model_name_or_path": base_model_name}
 
     def to_dict(self) -> dict:
         """The recipe keys and values, `name` first (lists, not tuples: as JSON reads them back)."""

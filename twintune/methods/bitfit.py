@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from twintune.methods.base import BaseModel, Unfreezing
+from twintune.methods.base import BaseModel, Comparison, Unfreezing
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,12 @@ class BitFit(Unfreezing):
     """
 
     name: ClassVar[str] = "bitfit"
+    listed: ClassVar[int] = 3  # its place in `twintune methods` and in sentences that list methods
     title: ClassVar[str] = "BitFit"
     description: ClassVar[str] = "only the biases train (linear and LayerNorm biases)"
+    comparisons: ClassVar[tuple[Comparison, ...]] = (
+        Comparison("bitfit", "weight methods", {}, 1e-2),
+    )
 
     def parameters(self, base: BaseModel) -> list[str]:
         return [n for n in base.spec.weight_shapes() if n.endswith(".bias")]

@@ -15,13 +15,21 @@ from typing import ClassVar, Mapping
 import numpy as np
 
 from twintune.errors import TwintuneError
-from twintune.methods.base import BaseModel, Plan, Surgery, dense_weights
-from twintune.methods.lora import LoRA, adapted_layers
+from twintune.methods.base import ALL_LINEAR, BaseModel, Comparison, Plan, Surgery, dense_weights
+from twintune.methods.lora import LoRA, LoRALayer, adapted_layers
 
 
 def row_norms(weight: np.ndarray) -> np.ndarray:
     """Each output row's Euclidean norm, computed in float64 and rounded once."""
     return np.sqrt((weight.astype(np.float64) ** 2).sum(axis=1))
+
+
+@dataclass(frozen=True, eq=False)
+class DoRALayer(LoRALayer):
+    """LoRA's layer with a learned magnitude per output row; `weight_norm_sq` is ||W||^2 per row of the
+    frozen base weight, from which the layer's norm starts."""
+
+    weight_norm_sq: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -35,11 +43,20 @@ class DoRA(LoRA):
     """
 
     name: ClassVar[str] = "dora"
+    listed: ClassVar[int] = 1  # its place in `twintune methods` and in sentences that list methods
     title: ClassVar[str] = "DoRA"
     parts: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
     description: ClassVar[str] = "LoRA plus a learned magnitude per output row, the weight norm detached (PEFT use_dora)"
-    module: ClassVar[str] = "dora"
+    comparisons: ClassVar[tuple[Comparison, ...]] = (
+        Comparison("dora", "weight methods", {"r": 8, "alpha": 16, "target_modules": ALL_LINEAR}, 4e-3),
+    )
     mlx_lm_format: ClassVar[bool] = False  # mlx-lm's DoRA layout is not written yet
+
+    def kept_for_backward(self, shapes, linear) -> tuple[set[str], float]:
+        """LoRA's, and the output each learned magnitude multiplies."""
+        inputs, extra = super().kept_for_backward(shapes, linear)
+        extra += sum(linear[name.rpartition(".")[0]][0] for name in shapes if name.endswith(".lora_magnitude_vector"))
+        return inputs, extra
 
     @classmethod
     def reads_adapter_config(cls, config: dict) -> bool:
@@ -56,8 +73,7 @@ class DoRA(LoRA):
             norms = row_norms(base.linear_weight(s.target))
             values = {**s.values, f"{s.target}.lora_magnitude_vector": norms.astype(np.float32)}
             # ||W||^2 per row, constant while the base is frozen: the layer's norm starts from it
-            options = {**s.options, "weight_norm_sq": norms**2}
-            surgeries.append(Surgery(s.kind, s.target, values, s.module, options))
+            surgeries.append(Surgery(s.kind, s.target, values, DoRALayer(s.layer.scale, s.layer.dropout, norms**2)))
         return Plan(self.name, tuple(surgeries), lora.lr_scales)
 
     def shapes(self, base: BaseModel) -> dict[str, tuple[int, ...]]:

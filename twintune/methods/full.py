@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from twintune.methods.base import BaseModel, Unfreezing
+from twintune.methods.base import BaseModel, Comparison, Unfreezing
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,12 @@ class Full(Unfreezing):
     """
 
     name: ClassVar[str] = "full"
+    listed: ClassVar[int] = 5  # its place in `twintune methods` and in sentences that list methods
     title: ClassVar[str] = "full fine-tuning"
     description: ClassVar[str] = "every parameter trains; the result is a whole Hugging Face checkpoint"
+    comparisons: ClassVar[tuple[Comparison, ...]] = (
+        Comparison("full", "full", {}, 1e-3),
+    )
     layout: ClassVar[str] = "checkpoint"
 
     def parameters(self, base: BaseModel) -> list[str]:

@@ -15,7 +15,15 @@ import numpy as np
 
 from twintune.errors import TwintuneError
 from twintune.keys import check
-from twintune.methods.base import WRAP, BaseModel, Method, Plan, Surgery, dense_weights, select_layers
+from twintune.methods.base import (ALL_LINEAR, WRAP, BaseModel, Comparison, Layer, Method, Plan, Surgery,
+                                   dense_weights, select_layers)
+
+
+@dataclass(frozen=True, eq=False)
+class IA3Layer(Layer):
+    """A linear layer whose output (or, `feedforward`, whose input) a learned vector scales."""
+
+    feedforward: bool
 
 
 @dataclass(frozen=True)
@@ -32,11 +40,26 @@ class IA3(Method):
     feedforward_modules: Union[list[str], str] = ("c_proj",)
 
     name: ClassVar[str] = "ia3"
+    listed: ClassVar[int] = 2  # its place in `twintune methods` and in sentences that list methods
     title: ClassVar[str] = "IA3"
     parts: ClassVar[tuple[str, ...]] = ("ia3_l",)
     description: ClassVar[str] = "learned vectors scaling attention outputs and feed-forward inputs (PEFT IA3)"
+    comparisons: ClassVar[tuple[Comparison, ...]] = (
+        Comparison("ia3", "weight methods", {"target_modules": ALL_LINEAR, "feedforward_modules": ["c_proj"]}, 0.05),
+    )
     layout: ClassVar[str] = "peft"
     peft_type: ClassVar[str] = "IA3"
+
+    def kept_for_backward(self, shapes, linear) -> tuple[set[str], float]:
+        """An output scale keeps the output it multiplies; an input scale (feed-forward) the layer's input."""
+        inputs, extra = super().kept_for_backward(shapes, linear)
+        for name, shape in shapes.items():
+            layer, _, part = name.rpartition(".")
+            if part == "ia3_l" and shape[1] == 1:
+                extra += linear[layer][0]
+            elif part == "ia3_l":
+                inputs.add(layer)
+        return inputs, extra
 
     def validate(self) -> None:
         check(bool(self.target_modules), "recipe key 'method.target_modules' must not be empty.")
@@ -60,7 +83,7 @@ class IA3(Method):
             out_features, in_features = linear[layer]
             shape = (1, in_features) if layer in feedforward else (out_features, 1)
             values = {f"{layer}.ia3_l": np.ones(shape, np.float32)}
-            surgeries.append(Surgery(WRAP, layer, values, "ia3", {"feedforward": layer in feedforward}))
+            surgeries.append(Surgery(WRAP, layer, values, IA3Layer(feedforward=layer in feedforward)))
         return Plan(self.name, tuple(surgeries))
 
     @classmethod
@@ -89,8 +112,8 @@ class IA3(Method):
                 merged[f"{layer}.bias"] = (merged[f"{layer}.bias"] * vector[:, 0]).astype(np.float32)
         return merged
 
-    def adapter_config(self, base_model: str) -> dict:
+    def adapter_config(self, base_model_name: str) -> dict:
         listed = lambda v: v if isinstance(v, str) else sorted(v)
-        return {"peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        return {"peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
                 "target_modules": listed(self.target_modules), "feedforward_modules": listed(self.feedforward_modules),
                 "fan_in_fan_out": False, "init_ia3_weights": True, "modules_to_save": None, "inference_mode": True}

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from twintune.errors import TwintuneError
 from twintune.keys import check
-from twintune.methods.base import BaseModel, Unfreezing, block_index
+from twintune.methods.base import BaseModel, Comparison, Unfreezing, block_index
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,12 @@ class LastBlocks(Unfreezing):
     include_embeddings: bool = False
 
     name: ClassVar[str] = "last_blocks"
+    listed: ClassVar[int] = 4  # its place in `twintune methods` and in sentences that list methods
     title: ClassVar[str] = "last-blocks"
     description: ClassVar[str] = "the last n blocks and the final LayerNorm train (partial freezing)"
+    comparisons: ClassVar[tuple[Comparison, ...]] = (
+        Comparison("last_blocks", "full", {"n": 2, "include_embeddings": True}, 3e-3),
+    )
 
     def validate(self) -> None:
         check(self.n > 0, f"recipe key 'method.n' must be a positive number of blocks, got {self.n}.")

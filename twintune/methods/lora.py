@@ -18,7 +18,16 @@ import numpy as np
 from twintune.errors import TwintuneError
 from twintune.keys import check
 from twintune.models import GPTNeoSpec
-from twintune.methods.base import WRAP, BaseModel, Method, Plan, Surgery, block_index, dense_weights, select_layers
+from twintune.methods.base import (ALL_LINEAR, WRAP, BaseModel, Comparison, Layer, Method, Plan, Surgery, block_index,
+                                   dense_weights, select_layers)
+
+
+@dataclass(frozen=True, eq=False)
+class LoRALayer(Layer):
+    """A linear layer with a low-rank path beside it: y = W x + scale * B A dropout(x)."""
+
+    scale: float
+    dropout: float
 
 
 @dataclass(frozen=True)
@@ -43,13 +52,25 @@ class LoRA(Method):
     lr_ratio_b: float = 1.0
 
     name: ClassVar[str] = "lora"
+    listed: ClassVar[int] = 0  # its place in `twintune methods` and in sentences that list methods
     title: ClassVar[str] = "LoRA"
     parts: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight")
     description: ClassVar[str] = "low-rank update B A on chosen linear layers (PEFT LoRA; rsLoRA, LoRA+ and per-layer ranks)"
+    comparisons: ClassVar[tuple[Comparison, ...]] = (
+        Comparison("lora", "weight methods", {"r": 8, "alpha": 16, "target_modules": ALL_LINEAR}, 4e-3),
+    )
     layout: ClassVar[str] = "peft"
     peft_type: ClassVar[str] = "LORA"
-    module: ClassVar[str] = "lora"
     mlx_lm_format: ClassVar[bool] = True
+
+    def kept_for_backward(self, shapes, linear) -> tuple[set[str], float]:
+        """Each adapted layer's input and its rank-sized low-rank activation."""
+        inputs, extra = super().kept_for_backward(shapes, linear)
+        for name, shape in shapes.items():
+            if name.endswith(".lora_A.weight"):
+                inputs.add(name[: -len(".lora_A.weight")])
+                extra += shape[0]
+        return inputs, extra
 
     def validate(self) -> None:
         check(self.r > 0, f"recipe key 'method.r' must be a positive rank, got {self.r}.")
@@ -127,9 +148,8 @@ class LoRA(Method):
 
     def _surgery(self, base: BaseModel, layer: str, values: dict[str, np.ndarray]) -> Surgery:
         mine = {k: v for k, v in values.items() if k.rsplit(".lora_", 1)[0] == layer}
-        options = {"r": self.rank(layer), "scale": self.layer_scale(self.rank(layer), self.layer_alpha(layer)),
-                   "dropout": self.dropout}
-        return Surgery(WRAP, layer, mine, self.module, options)
+        return Surgery(WRAP, layer, mine, LoRALayer(self.layer_scale(self.rank(layer), self.layer_alpha(layer)),
+                                                     self.dropout))
 
     def layer_detail(self, layer: str) -> str:
         return f" with r={self.rank(layer)}"
@@ -158,12 +178,12 @@ class LoRA(Method):
             merged[f"{layer}.weight"] = merged[f"{layer}.weight"] + scale * (b @ a).astype(np.float32)
         return merged
 
-    def adapter_config(self, base_model: str) -> dict:
+    def adapter_config(self, base_model_name: str) -> dict:
         targets = self.target_modules
         return {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_model,
+            "base_model_name_or_path": base_model_name,
             "r": self.r,
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,

@@ -49,7 +49,8 @@ import numpy as np
 
 from twintune.errors import TwintuneError
 from twintune.keys import check
-from twintune.methods.base import INSERT, BaseModel, Method, Plan, Surgery, chosen_blocks, gpt_neo_slots
+from twintune.methods.base import (INSERT, BaseModel, Comparison, Layer, Method, Plan, Surgery, chosen_blocks,
+                                   gpt_neo_slots)
 
 _POSITIONS = re.compile(r"f(\d+)\+l(\d+)|f(\d+)|l(\d+)")
 
@@ -87,6 +88,17 @@ def orthogonal_init(rng: np.random.Generator, rows: int, columns: int) -> np.nda
     return (q * np.sign(np.diag(upper))).T.astype(np.float32)
 
 
+@dataclass(frozen=True, eq=False)
+class LoReFTLayer(Layer):
+    """An intervention on a block's output at the first `first` and last `last` prompt positions
+    (`separate_last`: the last positions with their own values)."""
+
+    first: int
+    last: int
+    separate_last: bool
+    dropout: float
+
+
 @dataclass(frozen=True)
 class LoReFT(Method):
     """Low-rank linear subspace representation fine-tuning (pyreft's LoreftIntervention).
@@ -104,10 +116,19 @@ class LoReFT(Method):
     dropout: float = 0.0
 
     name: ClassVar[str] = "loreft"
+    listed: ClassVar[int] = 10  # its place in `twintune methods` and in sentences that list methods
     title: ClassVar[str] = "LoReFT"
     description: ClassVar[str] = ("h + R^T(W h + b - R h) on blocks' outputs at the first and last prompt positions, "
                                   "R with orthonormal rows (pyreft LoReFT)")
-    module: ClassVar[str] = "loreft"
+    comparisons: ClassVar[tuple[Comparison, ...]] = (
+        Comparison("loreft", "module methods", {"r": 8, "positions": "f4+l8"}, 3e-2),
+    )
+
+    def kept_for_backward(self, shapes, linear) -> tuple[set[str], float]:
+        """The block output each intervention reads, R h and W h + b."""
+        inputs, extra = super().kept_for_backward(shapes, linear)
+        extra += sum(shape[1] + 2 * shape[0] for name, shape in shapes.items() if name.endswith("rotate_layer"))
+        return inputs, extra
 
     def validate(self) -> None:
         check(self.r > 0, f"recipe key 'method.r' must be a positive rank, got {self.r}.")
@@ -143,7 +164,7 @@ class LoReFT(Method):
         rng = np.random.default_rng(seed)
         bound = 1.0 / np.sqrt(d)
         first, last = self.first_last
-        options = {"first": first, "last": last, "separate_last": self.separate_last, "dropout": self.dropout}
+        layer = LoReFTLayer(first, last, self.separate_last, self.dropout)
         surgeries = []
         for block in blocks:
             slot = f"transformer.h.{block}.intervention"
@@ -152,7 +173,7 @@ class LoReFT(Method):
                 values[f"{slot}.{part}rotate_layer"] = orthogonal_init(rng, self.r, d)
                 values[f"{slot}.{part}learned_source.weight"] = rng.uniform(-bound, bound, (self.r, d)).astype(np.float32)
                 values[f"{slot}.{part}learned_source.bias"] = rng.uniform(-bound, bound, (self.r,)).astype(np.float32)
-            surgeries.append(Surgery(INSERT, slot, values, self.module, options))
+            surgeries.append(Surgery(INSERT, slot, values, layer))
         return Plan(self.name, tuple(surgeries))
 
     def prompt_problem(self, prompt_tokens: int) -> str | None:

@@ -25,6 +25,7 @@ class NoMethod(Method):
     """
 
     name: ClassVar[str] = "none"
+    listed: ClassVar[int] = 11  # its place in `twintune methods` and in sentences that list methods
     title: ClassVar[str] = "no method"
     description: ClassVar[str] = "the base model trains nothing (with a linear head: the head alone)"
 

@@ -25,12 +25,22 @@ import numpy as np
 
 from twintune.errors import TwintuneError
 from twintune.keys import check
-from twintune.methods.base import INSERT, BaseModel, Plan, Surgery
+from twintune.methods.base import INSERT, BaseModel, Comparison, Layer, Plan, Surgery
 from twintune.methods.virtual_tokens import VirtualTokens
 
 SLOT = "transformer.prefix"
 TABLE = f"{SLOT}.embedding.weight"  # the prefixes themselves, or (with projection) the MLP's input embeddings
 _INITS = ("random", "zero")
+
+
+@dataclass(frozen=True, eq=False)
+class PrefixLayer(Layer):
+    """Keys and values of the virtual tokens for every attention layer (`projection`: made by an MLP
+    from trained embeddings while training)."""
+
+    num_layers: int
+    num_heads: int
+    projection: bool
 
 
 @dataclass(frozen=True)
@@ -53,9 +63,13 @@ class Prefix(VirtualTokens):
     init: str = "random"
 
     name: ClassVar[str] = "prefix"
+    listed: ClassVar[int] = 9  # its place in `twintune methods` and in sentences that list methods
     title: ClassVar[str] = "prefix tuning"
     description: ClassVar[str] = ("trained keys and values of n virtual tokens in every attention layer, optionally "
                                   "through an MLP while training (PEFT prefix tuning)")
+    comparisons: ClassVar[tuple[Comparison, ...]] = (
+        Comparison("prefix", "module methods", {"n": 10, "projection": True}, 3e-3),
+    )
     peft_type: ClassVar[str] = "PREFIX_TUNING"
     slot: ClassVar[str] = SLOT
     file_names: ClassVar[Mapping[str, str]] = {TABLE: "prompt_embeddings"}
@@ -92,8 +106,8 @@ class Prefix(VirtualTokens):
                 for name in (f"{SLOT}.transform.2.weight", f"{SLOT}.transform.2.bias"):
                     values[name] = np.zeros_like(values[name])
         values = {name: value.astype(np.float32) for name, value in values.items()}
-        options = {"num_layers": spec.num_layers, "num_heads": spec.num_heads, "projection": self.projection}
-        return Plan(self.name, (Surgery(INSERT, SLOT, values, "prefix", options),))
+        layer = PrefixLayer(spec.num_layers, spec.num_heads, self.projection)
+        return Plan(self.name, (Surgery(INSERT, SLOT, values, layer),))
 
     def saved_method(self) -> "Prefix":
         """The adapter holds the final prefixes: the method without projection, whose one value they are."""
@@ -129,9 +143,9 @@ class Prefix(VirtualTokens):
     def missing_message(self, missing: list[str], state: Mapping[str, np.ndarray]) -> str:
         return f"adapter has no prompt_embeddings tensor, the prefixes a {self.title} adapter holds."
 
-    def adapter_config(self, base_model: str) -> dict:
+    def adapter_config(self, base_model_name: str) -> dict:
         """PEFT's PREFIX_TUNING config."""
-        return {**self.peft_config(base_model), "encoder_hidden_size": self.encoder_hidden_size or None,
+        return {**self.peft_config(base_model_name), "encoder_hidden_size": self.encoder_hidden_size or None,
                 "prefix_projection": self.projection, "init_weights": "zero" if self.init == "zero" else None}
 
     @classmethod

@@ -28,13 +28,27 @@ import numpy as np
 
 from twintune.errors import TwintuneError
 from twintune.keys import check
-from twintune.methods.base import INSERT, BaseModel, Plan, Surgery
+from twintune.methods.base import INSERT, BaseModel, Comparison, Layer, Plan, Surgery
 from twintune.methods.virtual_tokens import VirtualTokens
 
 SLOT = "transformer.prompt"
 EMBEDDING = f"{SLOT}.embedding.weight"
 INITS = ("random", "sample_vocab", "text")
 ENCODERS = ("mlp", "lstm")
+
+
+@dataclass(frozen=True, eq=False)
+class PromptEmbeddingLayer(Layer):
+    """Prompt tuning's virtual-token embeddings, trained as they are."""
+
+
+@dataclass(frozen=True, eq=False)
+class PromptEncoderLayer(Layer):
+    """P-tuning's prompt encoder: an MLP, or a bidirectional LSTM then an MLP (`encoder`)."""
+
+    encoder: str
+    num_layers: int
+    dropout: float
 
 
 class PromptLearning(VirtualTokens):
@@ -70,9 +84,13 @@ class PromptTuning(PromptLearning):
     init_text: str = ""
 
     name: ClassVar[str] = "prompt"
+    listed: ClassVar[int] = 7  # its place in `twintune methods` and in sentences that list methods
     title: ClassVar[str] = "prompt tuning"
     description: ClassVar[str] = ("n trainable virtual tokens before the text; init random, sample_vocab or text "
                                   "(PEFT prompt tuning)")
+    comparisons: ClassVar[tuple[Comparison, ...]] = (
+        Comparison("prompt", "module methods", {"n": 20, "init": "sample_vocab"}, 0.3),
+    )
     peft_type: ClassVar[str] = "PROMPT_TUNING"
     parts: ClassVar[tuple[str, ...]] = ("embedding.weight",)
 
@@ -97,7 +115,7 @@ class PromptTuning(PromptLearning):
             wte = np.asarray(base.weights["transformer.wte.weight"], np.float32)
             start = wte[self.start_ids(base, rng)]
         values = {EMBEDDING: np.asarray(start, np.float32)}
-        return Plan(self.name, (Surgery(INSERT, SLOT, values, "prompt_embedding"),))
+        return Plan(self.name, (Surgery(INSERT, SLOT, values, PromptEmbeddingLayer()),))
 
     def start_ids(self, base: BaseModel, rng: np.random.Generator) -> np.ndarray:
         """The token ids whose embeddings start the virtual tokens (PEFT's SAMPLE_VOCAB and TEXT)."""
@@ -127,11 +145,11 @@ class PromptTuning(PromptLearning):
         method.validate()
         return method
 
-    def adapter_config(self, base_model: str) -> dict:
+    def adapter_config(self, base_model_name: str) -> dict:
         text = self.init == "text"
-        return {**self.peft_config(base_model), "prompt_tuning_init": self.init.upper(),
+        return {**self.peft_config(base_model_name), "prompt_tuning_init": self.init.upper(),
                 "prompt_tuning_init_text": self.init_text if text else None,
-                "tokenizer_name_or_path": base_model if text else None, "tokenizer_kwargs": None}
+                "tokenizer_name_or_path": base_model_name if text else None, "tokenizer_kwargs": None}
 
 
 @dataclass(frozen=True)
@@ -151,9 +169,13 @@ class PTuning(PromptLearning):
     encoder_dropout: float = 0.0
 
     name: ClassVar[str] = "ptuning"
+    listed: ClassVar[int] = 8  # its place in `twintune methods` and in sentences that list methods
     title: ClassVar[str] = "P-tuning"
     description: ClassVar[str] = ("n virtual tokens made by a trained prompt encoder, encoder mlp or lstm "
                                   "(PEFT P-tuning; saved as the encoder's output)")
+    comparisons: ClassVar[tuple[Comparison, ...]] = (
+        Comparison("ptuning", "module methods", {"n": 20, "encoder": "mlp"}, 3e-3),
+    )
     peft_type: ClassVar[str] = "P_TUNING"
 
     def validate(self) -> None:
@@ -202,8 +224,8 @@ class PTuning(PromptLearning):
         rng = np.random.default_rng(seed)
         values = {name: (rng.uniform(-bound, bound, shape) if bound else rng.standard_normal(shape)).astype(np.float32)
                   for name, shape, bound in self.parameters(d)}
-        options = {"encoder": self.encoder, "num_layers": self.encoder_num_layers, "dropout": self.encoder_dropout}
-        return Plan(self.name, (Surgery(INSERT, SLOT, values, "prompt_encoder", options),))
+        layer = PromptEncoderLayer(self.encoder, self.encoder_num_layers, self.encoder_dropout)
+        return Plan(self.name, (Surgery(INSERT, SLOT, values, layer),))
 
     def saved_method(self) -> PromptTuning:
         """As PEFT saves P-tuning: the encoder's output, which prompt tuning with n virtual tokens holds directly."""
@@ -238,8 +260,8 @@ class PTuning(PromptLearning):
         method.validate()
         return method
 
-    def adapter_config(self, base_model: str) -> dict:
-        return {**self.peft_config(base_model), "encoder_reparameterization_type": self.encoder.upper(),
+    def adapter_config(self, base_model_name: str) -> dict:
+        return {**self.peft_config(base_model_name), "encoder_reparameterization_type": self.encoder.upper(),
                 "encoder_hidden_size": self.encoder_hidden_size or None, "encoder_num_layers": self.encoder_num_layers,
                 "encoder_dropout": self.encoder_dropout}
 

@@ -30,11 +30,11 @@ class VirtualTokens(Method):
                                 f"model's {base.spec.max_positions} positions.")
         return base.spec
 
-    def peft_config(self, base_model: str) -> dict:
+    def peft_config(self, base_model_name: str) -> dict:
         """The keys every PEFT prompt-learning config has. token_dim, num_attention_heads and num_layers
         stay null: PEFT fills them from the base model's config when it loads the adapter (as it does
         for a new one)."""
-        return {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        return {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
                 "num_virtual_tokens": self.n, "token_dim": None, "num_transformer_submodules": 1,
                 "num_attention_heads": None, "num_layers": None, "modules_to_save": None, "inference_mode": True}
 

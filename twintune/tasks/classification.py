@@ -18,13 +18,18 @@ import numpy as np
 
 from twintune.errors import TwintuneError
 from twintune.keys import check
-from twintune.methods.base import INSERT, Plan, Surgery
+from twintune.methods.base import INSERT, Layer, Plan, Surgery
 from twintune.tasks.task import Task
 
 HEAD = "score.weight"  # transformers' GPTNeoForSequenceClassification and PEFT's SEQ_CLS name
 HEAD_SLOT = "score"
 HEAD_INIT_STD = 0.02  # transformers' initializer_range for GPT-Neo: score ~ N(0, 0.02)
 HEAD_STREAM = 0x4EAD  # the head's initial values are drawn from (seed, HEAD_STREAM): not the method's draws
+
+
+@dataclass(frozen=True, eq=False)
+class LinearHeadLayer(Layer):
+    """A (labels x width) linear layer, no bias, in the model's `score` slot."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class Classification(Task):
 
 def head_surgery(num_labels: int, hidden_size: int, seed: int) -> Surgery:
     """The head as a surgery: (num_labels, hidden_size) values ~ N(0, 0.02) drawn from the seed, in
-    the model's `score` slot (the `linear_head` module of backends/X/methods/head.py).
+    the model's `score` slot (LinearHeadLayer: backends/X/methods/head.py builds it).
 
     Example:
         >>> head_surgery(3, 64, seed=0).values["score.weight"].shape
@@ -56,7 +61,7 @@ def head_surgery(num_labels: int, hidden_size: int, seed: int) -> Surgery:
     """
     rng = np.random.default_rng([seed, HEAD_STREAM])
     weight = (rng.standard_normal((num_labels, hidden_size)) * HEAD_INIT_STD).astype(np.float32)
-    return Surgery(INSERT, HEAD_SLOT, {HEAD: weight}, module="linear_head")
+    return Surgery(INSERT, HEAD_SLOT, {HEAD: weight}, LinearHeadLayer())
 
 
 def with_head(plan: Plan, surgery: Surgery) -> Plan:

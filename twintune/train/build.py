@@ -12,8 +12,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from twintune.backends import backend_class, resolve_backend_name
 from twintune.backends.base import Backend
 from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder
@@ -113,41 +111,43 @@ def open_base(recipe: Recipe, backend: str, with_plan: bool = False) -> Opened:
         raise TwintuneError(f"{problem}.")
     model_type = load_config(recipe.model).get("model_type")
     if model_type != "gpt_neo" and mlx_lm_has_family(model_type):
-        opened = _open_mlx_lm_model(recipe, model_type, cls)
-        opened.plan = run_plan(recipe, opened.base) if with_plan else None
+        opened = _open_mlx_lm_model(recipe, model_type, cls, with_plan)
     else:
-        checkpoint = load_checkpoint(recipe.model)
-        spec = GPTNeoSpec.from_config(checkpoint.config)
-        tokenizer = load_tokenizer(checkpoint.directory)
-        base = base_model(recipe, spec, gpt_neo_weights(spec, checkpoint.weights), tokenizer)
+        base, directory = read_gpt_neo(recipe)
         plan = run_plan(recipe, base) if with_plan else None
-        engine = cls(spec, base.weights, quantized=base.quantized, dtype=recipe.dtype)
-        opened = Opened(engine, base, tokenizer, spec.max_positions, Path(checkpoint.directory), plan)
+        engine = cls(base.spec, base.weights, quantized=base.quantized, dtype=recipe.dtype)
+        opened = Opened(engine, base, base.tokenizer, base.spec.max_positions, directory, plan)
     quantization = opened.base.quantization
     if quantization and quantization.kind == "affine":
         opened.backend.quantize_affine(quantization.bits, quantization.group_size)
     return opened
 
 
-def _open_mlx_lm_model(recipe: Recipe, model_type: str, cls) -> Opened:
-    """A model of one of mlx-lm's families: MLX only, built through MLXBackend.from_mlx_lm."""
+def _open_mlx_lm_model(recipe: Recipe, model_type: str, cls, with_plan: bool) -> Opened:
+    """A model of one of mlx-lm's families: MLX only, built through MLXBackend.from_mlx_lm (its plan
+    made from the built model's weights, before the tokenizer is read)."""
     if recipe.quantize.type == "nf4":
         raise TwintuneError(f"quantize.type 'nf4' needs a GPT-Neo model; for this {model_type!r} model use "
                             "quantize.type=affine (MLX's own) or none.")
     directory = resolve_model_dir(recipe.model)
     engine = cls.from_mlx_lm(directory, dtype=recipe.dtype)
     base = BaseModel(engine.spec, engine.base_weights(), {}, recipe.quantization(), recipe.dtype)
-    return Opened(engine, base, load_tokenizer(directory), engine.spec.max_positions, Path(directory))
+    plan = run_plan(recipe, base) if with_plan else None
+    return Opened(engine, base, load_tokenizer(directory), engine.spec.max_positions, Path(directory), plan)
 
 
-def base_model(recipe: Recipe, spec: GPTNeoSpec, weights: dict[str, np.ndarray], tokenizer=None) -> BaseModel:
-    """The frozen model a recipe's method plans on: NF4 layers quantized once here (both backends
-    get these bytes); their float weights are dropped."""
-    quantization = recipe.quantization()
-    quantized = {}
-    if quantization and quantization.kind == "nf4":
+def read_gpt_neo(recipe: Recipe) -> tuple[BaseModel, Path]:
+    """The recipe's GPT-Neo read as numpy (config.json, safetensors, the tokenizer) and the directory it
+    came from: the base a method plans on, merges into, and a backend is built from. NF4 layers are
+    quantized here (their float weights dropped)."""
+    checkpoint = load_checkpoint(recipe.model)
+    spec = GPTNeoSpec.from_config(checkpoint.config)
+    weights = gpt_neo_weights(spec, checkpoint.weights)
+    quantization, quantized = recipe.quantization(), {}
+    if quantization and quantization.kind == "nf4":  # once, here: both backends get these bytes
         quantized = quantize_linear_layers(weights, list(spec.linear_layers()), quantization)
-    return BaseModel(spec, weights, quantized, quantization, recipe.dtype, tokenizer)
+    base = BaseModel(spec, weights, quantized, quantization, recipe.dtype, load_tokenizer(checkpoint.directory))
+    return base, Path(checkpoint.directory)
 
 
 def run_plan(recipe: Recipe, base: BaseModel) -> Plan:

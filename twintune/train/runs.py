@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from twintune.errors import TwintuneError
-from twintune.formats.adapter import load_adapter
-from twintune.formats.checkpoint import load_checkpoint, load_config
+from twintune.formats.adapter import check_adapter_fits, check_adapter_method, load_adapter
+from twintune.formats.checkpoint import load_config
 from twintune.formats.merge import write_checkpoint
-from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
+from twintune.models import mlx_lm_has_family
 from twintune.recipe import load_recipe
 from twintune.train.features import load_classifier
-from twintune.formats.head import read_head_labels
-from twintune.tasks import Features, HEAD, check_head_labels, split_head
-from twintune.train.build import Run, base_model, prepare
+from twintune.formats.head import check_head_fits
+from twintune.tasks import Features, HEAD, split_head
+from twintune.train.build import Run, prepare, read_gpt_neo
 from twintune.train.evaluate import evaluate, evaluate_with_shots, predict
 
 
@@ -49,32 +49,11 @@ def open_run(target: str | Path, backend: str | None = None, with_data: bool = T
         run.classifier = load_classifier(path / "classifier", run.encoder.prompt.labels, run.spec.hidden_size)
         return run
     method, state = load_adapter(path / "adapter", run.spec)
-    check_adapter_fits(method, state, run, path / "adapter")
+    check_adapter_method(method, run.method, path / "adapter")
+    check_head_fits(state, run.recipe.task.linear_head, run.encoder.prompt.labels, path / "adapter")
+    check_adapter_fits(state, {k: v.shape for k, v in run.backend.trainable_state().items()}, method, path / "adapter")
     run.backend.set_trainable_state(state)
     return run
-
-
-def check_adapter_fits(method, state: dict[str, np.ndarray], run: Run, where: Path) -> None:
-    """An adapter loads into a run only if it is the run's method with the same trainable values, and
-    its classification head (if any) scores the run's labels."""
-    if method.name != run.method.name:
-        raise TwintuneError(f"the adapter in {where} is a {method.name} adapter, but the run's recipe trains "
-                            f"method {run.method.name}.")
-    check_head_fits(state, run.recipe.task.linear_head, run.encoder.prompt.labels, where)
-    expected = run.backend.trainable_state()
-    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
-        raise TwintuneError(f"the adapter in {where} does not fit the run's recipe "
-                            "(different target modules, rank or blocks).")
-
-
-def check_head_fits(state: dict[str, np.ndarray], wants_head: bool, labels, where: Path) -> None:
-    """A saved head goes with a recipe that classifies with one, over the labels it was trained on."""
-    if (HEAD in state) != wants_head:
-        has = "has a classification head" if HEAD in state else "has no classification head"
-        raise TwintuneError(f"the adapter in {where} {has}, but the recipe's task.head is "
-                            f"{'linear' if wants_head else 'verbalizer'}; use the recipe it was trained with.")
-    if wants_head:
-        check_head_labels(state[HEAD], read_head_labels(where), labels, where)
 
 
 def evaluate_target(target: str | Path, split: str = "validation", backend: str | None = None,
@@ -161,20 +140,16 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     if model_type != "gpt_neo":
         raise TwintuneError(f"merge writes GPT-Neo checkpoints; this run's model is {model_type!r} "
                             "(an mlx-lm model): export the adapter with --format mlx-lm and fuse it with mlx-lm.")
-    checkpoint = load_checkpoint(recipe.model)
-    spec = GPTNeoSpec.from_config(checkpoint.config)
-    base = base_model(recipe, spec, gpt_neo_weights(spec, checkpoint.weights))
-    method, adapter = load_adapter(run_dir / "adapter", spec)
-    if method.name != recipe.method.saved_method().name:
-        raise TwintuneError(f"the adapter in {run_dir / 'adapter'} is a {method.name} adapter, but the run's recipe "
-                            f"trains method {recipe.method.name}.")
+    base, directory = read_gpt_neo(recipe)
+    method, adapter = load_adapter(run_dir / "adapter", base.spec)
+    check_adapter_method(method, recipe.method, run_dir / "adapter")
     check_head_fits(adapter, recipe.task.linear_head, recipe.prompt.labels, run_dir / "adapter")
     adapter, head = split_head(adapter)
     # the recipe's method merges (or says why it cannot): a saved form (P-tuning's prompt) is not the method trained
     merged = recipe.method.merge(base, adapter)
     if head is None:
-        return write_checkpoint(out, checkpoint.directory, merged)
-    return write_checkpoint(out, checkpoint.directory, {**merged, HEAD: head}, labels=list(recipe.prompt.labels))
+        return write_checkpoint(out, directory, merged)
+    return write_checkpoint(out, directory, {**merged, HEAD: head}, labels=list(recipe.prompt.labels))
 
 
 def export_run_adapter(run_dir: str | Path, fmt: str, out_dir: str | Path) -> Path:

@@ -63,7 +63,7 @@ def wrap(model: nn.Module, surgery: Surgery, values: dict[str, mx.array]) -> Non
     base_layer = get_submodule(model, surgery.target)
     prefix = surgery.target + "."
     own = {name[len(prefix):]: value for name, value in values.items()}
-    layer = LAYERS[surgery.module](base_layer, own, dict(surgery.options), dropout_stream(surgery.target))
+    layer = LAYERS[type(surgery.layer)](base_layer, own, surgery.layer, dropout_stream(surgery.target))
     layer.update(tree_unflatten(list(own.items())))
     base_layer.freeze()
     set_submodule(model, surgery.target, layer)
@@ -74,11 +74,11 @@ def insert(model: nn.Module, surgery: Surgery, values: dict[str, mx.array]) -> N
     parent_name, _, attr = surgery.target.rpartition(".")  # "score": the model itself
     parent = get_submodule(model, parent_name)
     if not hasattr(parent, attr) or parent.get(attr) is not None:
-        raise TwintuneError(f"this model has no free slot {surgery.target!r} for method {surgery.module}'s module "
+        raise TwintuneError(f"this model has no free slot {surgery.target!r} for a {type(surgery.layer).__name__} "
                             "(slots are built into twintune's GPT-Neo).")
     prefix = surgery.target + "."
     own = {name[len(prefix):]: value for name, value in values.items()}
-    module = LAYERS[surgery.module](own, dict(surgery.options), dropout_stream(surgery.target))
+    module = LAYERS[type(surgery.layer)](own, surgery.layer, dropout_stream(surgery.target))
     module.update(tree_unflatten(list(own.items())))
     setattr(parent, attr, module)
 

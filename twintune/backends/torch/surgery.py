@@ -47,7 +47,7 @@ def wrap(model: nn.Module, surgery: Surgery, values: dict[str, torch.Tensor]) ->
     base_layer = getattr(parent, attr)
     prefix = surgery.target + "."
     own = {name[len(prefix):]: value for name, value in values.items()}
-    layer = LAYERS[surgery.module](base_layer, own, dict(surgery.options), dropout_stream(surgery.target))
+    layer = LAYERS[type(surgery.layer)](base_layer, own, surgery.layer, dropout_stream(surgery.target))
     layer.load_state_dict(own, strict=False, assign=True)
     for name, parameter in layer.named_parameters():
         parameter.requires_grad_(name in own)
@@ -59,12 +59,12 @@ def insert(model: nn.Module, surgery: Surgery, values: dict[str, torch.Tensor]) 
     parent_name, _, attr = surgery.target.rpartition(".")  # "score": the model itself
     parent = model.get_submodule(parent_name)
     if not hasattr(parent, attr) or getattr(parent, attr) is not None:
-        raise TwintuneError(f"this model has no free slot {surgery.target!r} for method {surgery.module}'s module "
+        raise TwintuneError(f"this model has no free slot {surgery.target!r} for a {type(surgery.layer).__name__} "
                             "(slots are built into twintune's GPT-Neo).")
     prefix = surgery.target + "."
     own = {name[len(prefix):]: value for name, value in values.items()}
     # Built on the meta device like a wrapped layer's parts: the initial values (already on `device`) become its parameters.
-    module = LAYERS[surgery.module](own, dict(surgery.options), dropout_stream(surgery.target))
+    module = LAYERS[type(surgery.layer)](own, surgery.layer, dropout_stream(surgery.target))
     module.load_state_dict(own, strict=False, assign=True)
     for name, parameter in module.named_parameters():
         parameter.requires_grad_(name in own)

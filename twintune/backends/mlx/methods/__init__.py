@@ -1,16 +1,13 @@
-"""Method layer modules for MLX, by the name a plan's WRAP or INSERT surgery gives (mirrors backends/torch/methods/)."""
+"""Method layer modules for MLX, by the name a plan's WRAP or INSERT surgery gives (mirrors
+backends/torch/methods/). Every module of this package is imported here, and each registers its
+layers (registry.py), so a new method's layer is its file alone."""
 
-from twintune.backends.mlx.methods.dora import DoRALinear
-from twintune.backends.mlx.methods.ia3 import IA3Linear
-from twintune.backends.mlx.methods.lora import LoRALinear
-from twintune.backends.mlx.methods.adapter import Bottleneck
-from twintune.backends.mlx.methods.prompt import PromptEmbedding, PromptEncoder
-from twintune.backends.mlx.methods.prefix import PrefixEncoder
-from twintune.backends.mlx.methods.loreft import LoReFTIntervention
-from twintune.backends.mlx.methods.head import LinearHead
+import importlib
+import pkgutil
 
-LAYERS = {
-    "lora": LoRALinear, "dora": DoRALinear, "ia3": IA3Linear,
-    "bottleneck": Bottleneck, "prompt_embedding": PromptEmbedding, "prompt_encoder": PromptEncoder,
-    "prefix": PrefixEncoder, "loreft": LoReFTIntervention, "linear_head": LinearHead,
-}
+from twintune.backends.mlx.methods.registry import LAYERS, builds
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["LAYERS", "builds"]

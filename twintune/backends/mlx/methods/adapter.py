@@ -7,6 +7,8 @@ import mlx.nn as nn
 
 from twintune.backends.mlx.dropout import dropout
 from twintune.backends.mlx.gpt_neo import gelu_new
+from twintune.backends.mlx.methods.registry import builds
+from twintune.methods.adapter import BottleneckLayer
 
 
 def swish(x: mx.array) -> mx.array:
@@ -18,6 +20,7 @@ def swish(x: mx.array) -> mx.array:
 ACTIVATIONS = {"relu": nn.relu, "swish": swish, "gelu_new": gelu_new, "tanh": mx.tanh}
 
 
+@builds(BottleneckLayer)
 class Bottleneck(nn.Module):
     """Given the sublayer's output s and the residual stream x, returns
     x + s + dropout(up(act(down(h)))), with h = s (Houlsby) or h = x + s (Pfeiffer): AdapterHub's
@@ -27,14 +30,14 @@ class Bottleneck(nn.Module):
     model's, like LoRA; its output is cast back before the addition. Dropout masks come from the
     shared generator (this slot's stream), so torch drops the same elements."""
 
-    def __init__(self, values: dict[str, mx.array], options: dict, stream: int = 0):
+    def __init__(self, values: dict[str, mx.array], layer: BottleneckLayer, stream: int = 0):
         super().__init__()
         bottleneck, hidden = values["down.weight"].shape
         self.down = nn.Linear(hidden, bottleneck)
         self.up = nn.Linear(bottleneck, hidden)
-        self.activation = ACTIVATIONS[options["non_linearity"]]
-        self.dropout = options["dropout"]
-        self.reads_stream = options["reads_stream"]
+        self.activation = ACTIVATIONS[layer.non_linearity]
+        self.dropout = layer.dropout
+        self.reads_stream = layer.reads_stream
         self.stream = stream
 
     def __call__(self, output: mx.array, residual: mx.array) -> mx.array:

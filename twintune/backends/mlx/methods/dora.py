@@ -6,8 +6,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from twintune.backends.mlx.methods.lora import LoRALinear
+from twintune.backends.mlx.methods.registry import builds
+from twintune.methods.dora import DoRALayer
 
 
+@builds(DoRALayer)
 class DoRALinear(LoRALinear):
     """y = base(x) + (g - 1) W x' + g scale B A x',  g = m / ||W + scale B A|| (row norms, no gradient).
 
@@ -17,10 +20,10 @@ class DoRALinear(LoRALinear):
         ||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s B_i . (W A^T)_i + s^2 B_i (A A^T) B_i^T,
     with W A^T read off the frozen layer itself (base(A) less the bias), whatever its storage."""
 
-    def __init__(self, base_layer: nn.Module, values: dict[str, mx.array], options: dict, stream: int = 0):
-        super().__init__(base_layer, values, options, stream)
+    def __init__(self, base_layer: nn.Module, values: dict[str, mx.array], layer: DoRALayer, stream: int = 0):
+        super().__init__(base_layer, values, layer, stream)
         self.lora_magnitude_vector = values["lora_magnitude_vector"]
-        self.weight_norm_sq = mx.array(options["weight_norm_sq"], dtype=self.lora_magnitude_vector.dtype)
+        self.weight_norm_sq = mx.array(layer.weight_norm_sq, dtype=self.lora_magnitude_vector.dtype)
         self.freeze(recurse=False, keys=["weight_norm_sq"])
 
     def without_bias(self, x: mx.array) -> mx.array:

@@ -7,8 +7,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from twintune.backends.mlx.dropout import dropout
+from twintune.backends.mlx.methods.registry import builds
+from twintune.methods.lora import LoRALayer
 
 
+@builds(LoRALayer)
 class LoRALinear(nn.Module):
     """y = base_layer(x) + lora_B(scale * lora_A(dropout(x))): scaled at rank r, not at the output width
     (the same function as PEFT's, one output-sized tensor fewer to keep for the backward).
@@ -18,7 +21,7 @@ class LoRALinear(nn.Module):
     round many of them away. Dropout masks come from the shared generator (this layer's stream:
     its name), so torch drops the same elements."""
 
-    def __init__(self, base_layer: nn.Module, values: dict[str, mx.array], options: dict, stream: int = 0):
+    def __init__(self, base_layer: nn.Module, values: dict[str, mx.array], layer: LoRALayer, stream: int = 0):
         super().__init__()
         # Shapes come from the initial values: a quantized base layer's stored weight has another shape.
         r, in_features = values["lora_A.weight"].shape
@@ -26,9 +29,9 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
-        self.dropout = options["dropout"]
+        self.dropout = layer.dropout
         self.stream = stream
-        self.scale = options["scale"]
+        self.scale = layer.scale
 
     def adapter_input(self, x: mx.array) -> mx.array:
         """x in the adapter's dtype, with this layer's dropout."""

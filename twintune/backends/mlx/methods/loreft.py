@@ -6,6 +6,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from twintune.backends.mlx.dropout import dropout
+from twintune.backends.mlx.methods.registry import builds
+from twintune.methods.loreft import LoReFTLayer
 
 
 def orthonormal_rows(matrix: mx.array) -> mx.array:
@@ -45,6 +47,7 @@ class LoReFT(nn.Module):
         return dropout(out, self.dropout, self.stream, self.training)
 
 
+@builds(LoReFTLayer)
 class LoReFTIntervention(LoReFT):
     """A block's output, intervened on at each row's first and last prompt positions: by this
     module's R, W, b at all of them, or (`separate_last`) by `last`'s at the last ones.
@@ -52,13 +55,13 @@ class LoReFTIntervention(LoReFT):
     It computes in its values' dtype (float32; float64 in a float64 run) whatever the model's, and
     casts back; positions it does not change come back as they were."""
 
-    def __init__(self, values: dict[str, mx.array], options: dict, stream: int = 0):
+    def __init__(self, values: dict[str, mx.array], layer: LoReFTLayer, stream: int = 0):
         r, d = values["rotate_layer"].shape
-        super().__init__(r, d, options["dropout"], stream)
-        self.first, self.last_positions = options["first"], options["last"]
-        self.separate_last = options["separate_last"]
+        super().__init__(r, d, layer.dropout, stream)
+        self.first, self.last_positions = layer.first, layer.last
+        self.separate_last = layer.separate_last
         if self.separate_last:
-            self.last = LoReFT(r, d, options["dropout"], (stream + 1) % 2**32)  # its own dropout masks
+            self.last = LoReFT(r, d, layer.dropout, (stream + 1) % 2**32)  # its own dropout masks
 
     def __call__(self, x: mx.array, prompt_lengths: mx.array | None) -> mx.array:
         h = x.astype(self.rotate_layer.dtype)

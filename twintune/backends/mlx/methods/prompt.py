@@ -12,12 +12,15 @@ import mlx.nn as nn
 
 from twintune.backends.mlx.dropout import dropout
 from twintune.dropout import MASK32
+from twintune.backends.mlx.methods.registry import builds
+from twintune.methods.prompt import PromptEmbeddingLayer, PromptEncoderLayer
 
 
+@builds(PromptEmbeddingLayer)
 class PromptEmbedding(nn.Module):
     """Prompt tuning: the virtual tokens' embeddings are the trained values (PEFT's `embedding`)."""
 
-    def __init__(self, values: dict[str, mx.array], options: dict, stream: int = 0):
+    def __init__(self, values: dict[str, mx.array], layer: PromptEmbeddingLayer, stream: int = 0):
         super().__init__()
         self.embedding = nn.Embedding(*values["embedding.weight"].shape)
 
@@ -25,15 +28,16 @@ class PromptEmbedding(nn.Module):
         return self.embedding.weight
 
 
+@builds(PromptEncoderLayer)
 class PromptEncoder(nn.Module):
     """P-tuning: an input embedding through an MLP, or a bidirectional LSTM then an MLP (PEFT's
     `embedding`, `lstm_head`, `mlp_head.{0,2,4}`); its output is the virtual tokens' embeddings."""
 
-    def __init__(self, values: dict[str, mx.array], options: dict, stream: int = 0):
+    def __init__(self, values: dict[str, mx.array], layer: PromptEncoderLayer, stream: int = 0):
         super().__init__()
         self.embedding = nn.Embedding(*values["embedding.weight"].shape)
-        self.lstm_head = LSTM(values, options["num_layers"], options["dropout"], stream) \
-            if options["encoder"] == "lstm" else None
+        self.lstm_head = LSTM(values, layer.num_layers, layer.dropout, stream) \
+            if layer.encoder == "lstm" else None
         linears = sorted(int(name.split(".")[1]) for name in values if name.startswith("mlp_head.") and name.endswith(".weight"))
         self.mlp_head = []
         for i in linears:

@@ -7,6 +7,8 @@ from torch import nn
 
 from twintune.backends.torch.dropout import dropout
 from twintune.backends.torch.gpt_neo import gelu_new
+from twintune.backends.torch.methods.registry import builds
+from twintune.methods.adapter import BottleneckLayer
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
@@ -18,6 +20,7 @@ def swish(x: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = {"relu": torch.relu, "swish": swish, "gelu_new": gelu_new, "tanh": torch.tanh}
 
 
+@builds(BottleneckLayer)
 class Bottleneck(nn.Module):
     """Given the sublayer's output s and the residual stream x, returns
     x + s + dropout(up(act(down(h)))), with h = s (Houlsby) or h = x + s (Pfeiffer): AdapterHub's
@@ -27,15 +30,15 @@ class Bottleneck(nn.Module):
     model's, like LoRA; its output is cast back before the addition. Dropout masks come from the
     shared generator (this slot's stream), so MLX drops the same elements."""
 
-    def __init__(self, values: dict[str, torch.Tensor], options: dict, stream: int = 0):
+    def __init__(self, values: dict[str, torch.Tensor], layer: BottleneckLayer, stream: int = 0):
         super().__init__()
         bottleneck, hidden = values["down.weight"].shape
         dtype = values["down.weight"].dtype
         self.down = nn.Linear(hidden, bottleneck, dtype=dtype, device="meta")
         self.up = nn.Linear(bottleneck, hidden, dtype=dtype, device="meta")
-        self.activation = ACTIVATIONS[options["non_linearity"]]
-        self.dropout = options["dropout"]
-        self.reads_stream = options["reads_stream"]
+        self.activation = ACTIVATIONS[layer.non_linearity]
+        self.dropout = layer.dropout
+        self.reads_stream = layer.reads_stream
         self.stream = stream
 
     def forward(self, output: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

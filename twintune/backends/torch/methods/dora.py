@@ -6,8 +6,11 @@ import torch
 from torch import nn
 
 from twintune.backends.torch.methods.lora import LoRALinear
+from twintune.backends.torch.methods.registry import builds
+from twintune.methods.dora import DoRALayer
 
 
+@builds(DoRALayer)
 class DoRALinear(LoRALinear):
     """y = base(x) + (g - 1) W x' + g scale B A x',  g = m / ||W + scale B A|| (row norms, no gradient).
 
@@ -17,11 +20,11 @@ class DoRALinear(LoRALinear):
         ||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s B_i . (W A^T)_i + s^2 B_i (A A^T) B_i^T,
     with W A^T read off the frozen layer itself (base(A) less the bias), whatever its storage."""
 
-    def __init__(self, base_layer: nn.Module, values: dict[str, torch.Tensor], options: dict, stream: int = 0):
-        super().__init__(base_layer, values, options, stream)
+    def __init__(self, base_layer: nn.Module, values: dict[str, torch.Tensor], layer: DoRALayer, stream: int = 0):
+        super().__init__(base_layer, values, layer, stream)
         m = values["lora_magnitude_vector"]
         self.lora_magnitude_vector = nn.Parameter(torch.empty(m.shape, dtype=m.dtype, device="meta"))
-        norm_sq = torch.from_numpy(options["weight_norm_sq"]).to(m.dtype).to(m.device)
+        norm_sq = torch.from_numpy(layer.weight_norm_sq).to(m.dtype).to(m.device)
         self.register_buffer("weight_norm_sq", norm_sq, persistent=False)
 
     def without_bias(self, x: torch.Tensor) -> torch.Tensor:

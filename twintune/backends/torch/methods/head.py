@@ -6,13 +6,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from twintune.backends.torch.methods.registry import builds
+from twintune.tasks.classification import LinearHeadLayer
 
 
+@builds(LinearHeadLayer)
 class LinearHead(nn.Module):
     """Class scores (..., labels) from hidden states, in the trainable dtype (a bfloat16 model's
     hidden states are widened first, as the vocabulary logits are)."""
 
-    def __init__(self, values: dict[str, torch.Tensor], options: dict, stream: int = 0):
+    def __init__(self, values: dict[str, torch.Tensor], layer: LinearHeadLayer, stream: int = 0):
         super().__init__()
         weight = values["weight"]
         self.weight = nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"))

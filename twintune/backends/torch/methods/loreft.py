@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from twintune.backends.torch.dropout import dropout
+from twintune.backends.torch.methods.registry import builds
+from twintune.methods.loreft import LoReFTLayer
 
 
 def orthonormal_rows(matrix: torch.Tensor) -> torch.Tensor:
@@ -46,6 +48,7 @@ class LoReFT(nn.Module):
         return dropout(out, self.dropout, self.stream, self.training)
 
 
+@builds(LoReFTLayer)
 class LoReFTIntervention(LoReFT):
     """A block's output, intervened on at each row's first and last prompt positions: by this
     module's R, W, b at all of them, or (`separate_last`) by `last`'s at the last ones.
@@ -53,14 +56,14 @@ class LoReFTIntervention(LoReFT):
     It computes in its values' dtype (float32; float64 in a float64 run) whatever the model's, and
     casts back; positions it does not change come back as they were."""
 
-    def __init__(self, values: dict[str, torch.Tensor], options: dict, stream: int = 0):
+    def __init__(self, values: dict[str, torch.Tensor], layer: LoReFTLayer, stream: int = 0):
         rotate_layer = values["rotate_layer"]
         r, d = rotate_layer.shape
-        super().__init__(r, d, rotate_layer.dtype, options["dropout"], stream)
-        self.first, self.last_positions = options["first"], options["last"]
-        self.separate_last = options["separate_last"]
+        super().__init__(r, d, rotate_layer.dtype, layer.dropout, stream)
+        self.first, self.last_positions = layer.first, layer.last
+        self.separate_last = layer.separate_last
         if self.separate_last:
-            self.last = LoReFT(r, d, rotate_layer.dtype, options["dropout"], (stream + 1) % 2**32)  # its own dropout masks
+            self.last = LoReFT(r, d, rotate_layer.dtype, layer.dropout, (stream + 1) % 2**32)  # its own dropout masks
 
     def forward(self, x: torch.Tensor, prompt_lengths: torch.Tensor | None) -> torch.Tensor:
         h = x.to(self.rotate_layer.dtype)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from twintune.backends.torch.methods.registry import builds
+from twintune.methods.prefix import PrefixLayer
 
 
+@builds(PrefixLayer)
 class PrefixEncoder(nn.Module):
     """`prefix()` gives each block's (keys, values), each (heads, n, head_dim), cut from one
     (n, blocks * 2 * hidden) table as PEFT cuts it: block l's keys at slot 2l, values at 2l + 1.
@@ -15,13 +18,13 @@ class PrefixEncoder(nn.Module):
     transform(embedding.weight): Linear, tanh, Linear (PEFT's reparameterisation). It is computed
     in the values' dtype; the attention casts it to its own."""
 
-    def __init__(self, values: dict[str, torch.Tensor], options: dict, stream: int = 0):
+    def __init__(self, values: dict[str, torch.Tensor], layer: PrefixLayer, stream: int = 0):
         super().__init__()
         table = values["embedding.weight"]
-        self.num_layers, self.num_heads = options["num_layers"], options["num_heads"]
+        self.num_layers, self.num_heads = layer.num_layers, layer.num_heads
         self.embedding = nn.Embedding(*table.shape, dtype=table.dtype, device="meta")
         self.transform = None
-        if options["projection"]:
+        if layer.projection:
             hidden, width = values["transform.0.weight"].shape[0], values["transform.2.weight"].shape[0]
             self.transform = nn.Sequential(
                 nn.Linear(table.shape[1], hidden, dtype=table.dtype, device="meta"),
