@@ -28,10 +28,12 @@ PEFT_PREFIX = "base_model.model."
 
 
 def save_adapter(directory: str | Path, method: Method, state: dict[str, np.ndarray], base_model_name: str,
-                 model_dir: str | Path | None = None, labels: list[str] | None = None) -> Path:
+                 model_dir: str | Path | None = None, labels: list[str] | None = None,
+                 spec: GPTNeoSpec | None = None) -> Path:
     """Write a method's trained values in its layout (a "checkpoint" layout needs the base's `model_dir`
     for config.json and the tokenizer). A classification head in `state` (tasks.HEAD) is saved with
     them, under PEFT's SEQ_CLS name in a PEFT layout, and `labels` name its rows (head_config.json).
+    A method with frozen tensors of its own (Method.frozen_values) needs the model's `spec` for them.
 
     Example:
         >>> save_adapter("runs/demo/adapter", run.method, run.backend.trainable_state(), "EleutherAI/gpt-neo-1.3B")
@@ -48,7 +50,8 @@ def save_adapter(directory: str | Path, method: Method, state: dict[str, np.ndar
 
         write_checkpoint(directory, model_dir, state if head is None else {**state, HEAD: head}, labels=labels)
     else:
-        tensors = {method.file_names.get(k, prefix + k): v for k, v in state.items()}
+        frozen = method.frozen_values(spec)
+        tensors = {method.file_names.get(k, prefix + k): v for k, v in {**state, **frozen}.items()}
         if head is not None:
             tensors[head_file_name(method.layout, prompt_learning=bool(method.file_names))] = head
         directory.mkdir(parents=True, exist_ok=True)
@@ -154,7 +157,11 @@ def load_adapter(directory: str | Path, spec: GPTNeoSpec) -> tuple[Method, dict[
     from_file = {file: ours for ours, file in method.file_names.items()}
     layers = spec.linear_layers()
     state: dict[str, np.ndarray] = {}
+    frozen = method.frozen_values(spec)
     for name, array in _read_adapter_weights(directory, method).items():
+        if from_file.get(name) in frozen:  # drawn from the adapter's own keys: it must be what they give
+            _check_frozen(name, array, frozen[from_file[name]], method)
+            continue
         if name in HEAD_FILE_NAMES:
             state[HEAD] = _checked_head(name, array, spec)
             continue
@@ -189,6 +196,14 @@ def load_adapter(directory: str | Path, spec: GPTNeoSpec) -> tuple[Method, dict[
     if missing:
         raise TwintuneError(method.missing_message(missing, state))
     return method, state
+
+
+def _check_frozen(name: str, array: np.ndarray, expected: np.ndarray, method: Method) -> None:
+    """A saved frozen tensor (shared random projections) equals the one the adapter's settings draw."""
+    if tuple(array.shape) != expected.shape or not np.array_equal(np.asarray(array, expected.dtype), expected):
+        raise TwintuneError(f"adapter tensor {name!r} is not the one its {method.title} settings draw "
+                            f"(shape {tuple(array.shape)}, expected {expected.shape} of the same values): it was "
+                            "made another way, and twintune cannot compute with it.")
 
 
 def _checked_head(name: str, array: np.ndarray, spec: GPTNeoSpec) -> np.ndarray:

@@ -229,6 +229,12 @@ class Method:
         their result. Evaluation, prediction and loading use it."""
         return self
 
+    def frozen_values(self, spec) -> dict[str, np.ndarray]:
+        """Frozen tensors an adapter of this method carries beside its trained values, drawn from the
+        method's own keys (shared random projections): written with the adapter, and a saved one must
+        equal them."""
+        return {}
+
     def saved_values(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The trained values as `saved_method()` holds them (numpy; computed once, at saving)."""
         return dict(state)
