@@ -143,9 +143,12 @@ CASES = [
     case("merge", "{root}", "--out", "{root}/merged2", match="not a run directory"),
     # methods: names, keys, what a model or base can take, adapters of another method
     case("train", DEMO, "--set", "method.name=lorra", match="names no method: 'lorra'; did you mean 'lora'?"),
-    case("train", DEMO, "--set", "method={name: bitfit, r: 8}", match="'method.r' belongs to methods lora, dora and loreft, not to bitfit"),
+    case("train", DEMO, "--set", "method={name: bitfit, r: 8}", match="'method.r' belongs to methods lora, dora, vera and loreft, not to bitfit"),
     case("train", DEMO, "--set", "method={name: last_blocks, n: 9}", match="method.n=9 is larger than this model's 4 blocks"),
     case("train", DEMO, "--set", "method.rank_pattern={lm_head: 2}", match="rank_pattern key 'lm_head' names no adapted layer"),
+    case("train", DEMO, "--set", "method={name: vera, r: 0}", match="recipe key 'method.r' must be > 0, got 0"),
+    case("train", DEMO, "--set", "method={name: vera, target_modules: [q_projection]}",
+         match="VeRA target module 'q_projection' is not a linear layer of this model"),
     case("train", DEMO, "--set", "method={name: ia3, feedforward_modules: [c_fc]}",
          match="feedforward_modules must be a subset of target_modules"),
     case("train", DEMO, "--backend", "mlx", "--set", "quantize.type=affine", "--set", "method={name: dora}",

@@ -70,7 +70,7 @@ def load(model: str | None, adapter: str | Path | None = None, backend: str = "a
 
     `model` is a model directory, "builtin:tiny-gpt-neo" or a Hugging Face hub id (None: the
     run's own recipe.model). `adapter` is a twintune run directory, a run's adapter/ directory,
-    or an adapter saved by PEFT (LoRA, DoRA, IA3, prompt tuning, P-tuning, prefix tuning). A run's recipe.json decides the prompt (unless
+    or an adapter saved by PEFT (of any method twintune has in PEFT's layout). A run's recipe.json decides the prompt (unless
     `labels`/`template` are given), the dtype (unless `dtype` is) and the base's quantization, so
     the logits are the run's. Otherwise the base is float32 (`dtype="float64"`: the CPU proof
     mode), unquantized. `backend`: "mlx", "torch" or "auto" (MLX on Apple Silicon, else torch).

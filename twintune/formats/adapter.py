@@ -1,6 +1,6 @@
 """Adapters in and out, for every method, in the method's layout:
 
-- "peft" (LoRA, DoRA, IA3, prompt tuning, P-tuning, prefix tuning): what
+- "peft" (every method PEFT has: LoRA, DoRA, IA3, the prompt-learning methods, ...): what
   `peft.PeftModel.from_pretrained` reads, adapter_config.json + adapter_model.safetensors with
   `base_model.model.` names (prompt-learning methods: one `prompt_embeddings`, `Method.file_names`);
 - "twintune" (BitFit, last blocks, bottleneck adapters, LoReFT): adapter_config.json naming the method and its keys
