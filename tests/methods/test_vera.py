@@ -156,3 +156,15 @@ def test_projections_that_are_not_the_key_s_are_refused(tiny, tmp_path):
     (bad / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
     with pytest.raises(TwintuneError, match="'base_model.vera_A' is not the one its VeRA settings draw"):
         load_adapter(bad, spec)
+
+
+def test_vera_lives_in_its_own_files():
+    """The skeleton's promise (issue 27): a method with a new kind of layer is its file and one layer file
+    per backend; nothing else under twintune/ names it."""
+    import re
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[2] / "twintune"
+    naming = sorted(str(path.relative_to(package)) for path in package.rglob("*.py")
+                    if re.search(r"\bvera\b", path.read_text(), re.IGNORECASE))
+    assert naming == ["backends/mlx/methods/vera.py", "backends/torch/methods/vera.py", "methods/vera.py"]
