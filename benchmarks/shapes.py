@@ -39,7 +39,7 @@ def random_model(shape: str, quantization: Quantization | None = None, seed: int
             value = np.zeros(dims, np.float32)
         else:
             value = rng.standard_normal(dims, dtype=np.float32) * np.float32(0.02)
-        if quantization and quantization.kind == "nf4" and name in linear:
+        if quantization and quantization.type == "nf4" and name in linear:
             quantized[name.removesuffix(".weight")] = quantize_nf4(value, quantization.blocksize, quantization.double_quant)
         else:
             weights[name] = value

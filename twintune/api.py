@@ -297,7 +297,7 @@ def check_same_base(recipe: Recipe, base: BaseModel, where: Path) -> None:
     """A run's adapter goes only on a base quantized as the run's was (else its logits are not the run's)."""
     if recipe.quantization() != base.quantization:
         def kind(q):
-            return q.kind if q else "none"
+            return q.type if q else "none"
         raise TwintuneError(f"the run in {where} was trained on a base with quantize.type "
                             f"{kind(recipe.quantization())!r} (settings included), but this model's base has "
                             f"{kind(base.quantization)!r}; load that run on its own with twintune.api.load.")

@@ -115,7 +115,7 @@ def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization
         transient += int(tokens * per_token_per_block)
     else:
         activations = int(tokens * (blocks * per_token_per_block + 3 * d * e))  # + embeddings, final norm
-    if quantization and quantization.kind == "nf4":
+    if quantization and quantization.type == "nf4":
         transient += 2 * max(out_f * in_f for out_f, in_f in linear.values()) * e  # dequantized, fwd + bwd
     converted = as_built - float_weights * FLOAT32 if e == FLOAT32 else as_built  # float32 weights are used as read
     loading = sum(_size(shape) for shape in shapes.values()) * FLOAT32 + converted
@@ -151,7 +151,7 @@ def first_trained_block(shapes: dict[str, tuple[int, ...]], layers: int) -> int:
 
 def quantized_bytes(n: int, quantization: Quantization, float_bytes: int = FLOAT32) -> int:
     """Bytes a quantized (out x in) weight of n values takes as stored (affine scales in the model's dtype)."""
-    if quantization.kind == "nf4":
+    if quantization.type == "nf4":
         blocks = -(-n // quantization.blocksize)
         absmax = blocks + 4 * -(-blocks // 256) + 4 if quantization.double_quant else 4 * blocks
         return -(-n // 2) + absmax

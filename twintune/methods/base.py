@@ -321,7 +321,7 @@ def refuse_low_precision(method: str, dtype: str) -> None:
 def refuse_quantized(method: str, base: BaseModel, names: list[str]) -> None:
     """A method that trains a linear layer's own weight cannot train it quantized."""
     quantized = sorted({n.rsplit(".", 1)[0] for n in names} & set(base.quantized))
-    if quantized or (base.quantization and base.quantization.kind == "affine" and
+    if quantized or (base.quantization and base.quantization.type == "affine" and
                      any(n.endswith(".weight") and n.rsplit(".", 1)[0] in base.spec.linear_layers() for n in names)):
         raise TwintuneError(f"method {method} trains linear weights that this recipe quantizes "
                             f"({(quantized or ['affine layers'])[0]}...): quantized weights cannot be trained; "

@@ -64,7 +64,7 @@ class DoRA(LoRA):
         return config.get("peft_type") == cls.peft_type and config.get("use_dora") is True
 
     def plan(self, base: BaseModel, seed: int) -> Plan:
-        if base.quantization and base.quantization.kind == "affine":
+        if base.quantization and base.quantization.type == "affine":
             raise TwintuneError("method dora needs the base weights' row norms, and MLX's affine-quantized layers "
                                 "do not give them to twintune; use quantize.type nf4 (DoRA on NF4 is supported) or none.")
         lora = super().plan(base, seed)

@@ -20,7 +20,7 @@ SUPPORTED = {"nf4": ("mlx", "torch"), "affine": ("mlx",)}
 class Quantization:
     """How the frozen base is stored: NF4 (blocksize, double quant) or MLX's affine (bits, group)."""
 
-    kind: str  # nf4 | affine
+    type: str  # nf4 | affine: the recipe's quantize.type
     double_quant: bool = True
     blocksize: int = 64
     bits: int = 4

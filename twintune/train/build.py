@@ -115,10 +115,10 @@ def open_base(recipe: Recipe, backend: str, with_plan: bool = False) -> Opened:
     else:
         base, directory = read_gpt_neo(recipe)
         plan = run_plan(recipe, base) if with_plan else None
-        engine = cls(base.spec, base.weights, quantized=base.quantized, dtype=recipe.dtype)
-        opened = Opened(engine, base, base.tokenizer, base.spec.max_positions, directory, plan)
+        built = cls(base.spec, base.weights, quantized=base.quantized, dtype=recipe.dtype)
+        opened = Opened(built, base, base.tokenizer, base.spec.max_positions, directory, plan)
     quantization = opened.base.quantization
-    if quantization and quantization.kind == "affine":
+    if quantization and quantization.type == "affine":
         opened.backend.quantize_affine(quantization.bits, quantization.group_size)
     return opened
 
@@ -130,10 +130,10 @@ def _open_mlx_lm_model(recipe: Recipe, model_type: str, cls, with_plan: bool) ->
         raise TwintuneError(f"quantize.type 'nf4' needs a GPT-Neo model; for this {model_type!r} model use "
                             "quantize.type=affine (MLX's own) or none.")
     directory = resolve_model_dir(recipe.model)
-    engine = cls.from_mlx_lm(directory, dtype=recipe.dtype)
-    base = BaseModel(engine.spec, engine.base_weights(), {}, recipe.quantization(), recipe.dtype)
+    backend = cls.from_mlx_lm(directory, dtype=recipe.dtype)
+    base = BaseModel(backend.spec, backend.base_weights(), {}, recipe.quantization(), recipe.dtype)
     plan = run_plan(recipe, base) if with_plan else None
-    return Opened(engine, base, load_tokenizer(directory), engine.spec.max_positions, Path(directory), plan)
+    return Opened(backend, base, load_tokenizer(directory), backend.spec.max_positions, Path(directory), plan)
 
 
 def read_gpt_neo(recipe: Recipe) -> tuple[BaseModel, Path]:
@@ -144,7 +144,7 @@ def read_gpt_neo(recipe: Recipe) -> tuple[BaseModel, Path]:
     spec = GPTNeoSpec.from_config(checkpoint.config)
     weights = gpt_neo_weights(spec, checkpoint.weights)
     quantization, quantized = recipe.quantization(), {}
-    if quantization and quantization.kind == "nf4":  # once, here: both backends get these bytes
+    if quantization and quantization.type == "nf4":  # once, here: both backends get these bytes
         quantized = quantize_linear_layers(weights, list(spec.linear_layers()), quantization)
     base = BaseModel(spec, weights, quantized, quantization, recipe.dtype, load_tokenizer(checkpoint.directory))
     return base, Path(checkpoint.directory)
@@ -244,17 +244,17 @@ def mixture_splits(recipe: Recipe, tokenizer, length: int) -> dict[str, dict[str
 def _set_up_backend(run: Run, plan: Plan) -> None:
     """The method performed, the training switches set, the processes joined (and the model sharded),
     then the optimizer's state made: after the processes meet, before any step."""
-    t, engine = run.recipe.train, run.backend
-    engine.apply_method(plan)
+    t, backend = run.recipe.train, run.backend
+    backend.apply_method(plan)
     if t.gradient_checkpointing:
-        engine.enable_gradient_checkpointing()
+        backend.enable_gradient_checkpointing()
     if t.compile:
-        engine.enable_compile()
+        backend.enable_compile()
     if run.world.size > 1:
-        engine.join(run.world)
+        backend.join(run.world)
         if t.fsdp:
-            engine.shard(run.world)
-    engine.set_optimizer(tuple(t.betas), t.eps, t.weight_decay)
+            backend.shard(run.world)
+    backend.set_optimizer(tuple(t.betas), t.eps, t.weight_decay)
 
 
 def _loss_terms(run: Run, plan: Plan, tokenizer, length: int) -> list[LossTerm]:

@@ -26,7 +26,7 @@ class World:
     """This process's place among the run's processes."""
     rank: int = 0
     size: int = 1
-    engine: str | None = None  # "torchrun" or "mlx.launch"; None: one process, no launcher
+    launcher: str | None = None  # "torchrun" or "mlx.launch"; None: one process, no launcher
     timeout: float = 300.0  # seconds a process waits for the others to join (TWINTUNE_JOIN_TIMEOUT)
 
     @property
@@ -72,9 +72,9 @@ def check_world(world: World, backend: str, recipe) -> None:
     if world.size == 1:
         return
     wanted = {"torch": "torchrun", "mlx": "mlx.launch"}[backend]
-    if world.engine != wanted:
+    if world.launcher != wanted:
         raise TwintuneError(f"this run uses the {backend} backend, which runs on several processes through "
-                            f"{wanted}, but it was started by {world.engine}.")
+                            f"{wanted}, but it was started by {world.launcher}.")
     if recipe.task.name == "features":
         raise TwintuneError("task features fits its classifier in one process (its features are computed once and "
                             "cached); run it without a launcher.")

@@ -230,7 +230,7 @@ def _summary(run: Run, state: TrainingState, report: dict, first_step: int, trai
         "real_tokens_per_second": state.real_tokens / seconds if seconds > 0 else 0.0,
         "peak_memory_mb": run.backend.peak_memory_mb(),
         "world_size": run.world.size,
-        "engine": run.world.engine,
+        "engine": run.world.launcher,  # the launcher (summary key kept for older readers)
         "fsdp": run.backend.sharded,
         "out_dir": str(out),
     }

@@ -133,7 +133,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise TwintuneError("a features run cannot be merged: its classifier reads pooled features (numpy), not a "
                             "layer of the model; its result is classifier/ in the run directory.")
     quantization = recipe.quantization()
-    if quantization and quantization.kind == "affine":
+    if quantization and quantization.type == "affine":
         raise TwintuneError("merging a run trained on MLX's affine-quantized base is not supported; "
                             "train with quantize.type=nf4 or none to merge.")
     model_type = load_config(recipe.model).get("model_type")
