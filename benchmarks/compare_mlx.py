@@ -171,6 +171,7 @@ def _plan(backend, method: str, dtype: str):
 
 def _twintune_epochs(model, encoded, steps: int, epochs: int, dtype: str, compile: bool = False,
                      method: str = "lora") -> tuple[list[float], int]:
+    from twintune.backends.base import AdamW
     from twintune.backends.mlx.backend import MLXBackend
     from twintune.backends.mlx.mlx_lm_model import MLXLMModel
     from twintune.data.batching import TrainOrder
@@ -180,7 +181,7 @@ def _twintune_epochs(model, encoded, steps: int, epochs: int, dtype: str, compil
     trainable = plan.trainable_parameters()
     backend.apply_method(plan)
     del plan
-    backend.set_optimizer((0.9, 0.999), 1e-8, 0.0)
+    backend.set_optimizer(AdamW((0.9, 0.999), 1e-8, 0.0))
     if compile:
         backend.enable_compile()
     order = TrainOrder(encoded, LORA["batch"], 1, seed=0, group_by_length=True)

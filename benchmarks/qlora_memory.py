@@ -23,6 +23,7 @@ def child(backend: str, base: str, shape: str, batch_size: int, tokens: int, ste
     from twintune.backends import backend_class
     from twintune.data.batching import Batch
     from twintune.memory import estimate_memory
+    from twintune.backends.base import AdamW
     from twintune.methods import BaseModel, LoRA
     from twintune.quant import Quantization
 
@@ -43,7 +44,7 @@ def child(backend: str, base: str, shape: str, batch_size: int, tokens: int, ste
     estimate = estimate_memory(spec, method, Quantization("nf4") if base == "nf4" else None, batch_size, tokens,
                                backend).training_peak / 2**20
     engine.apply_method(plan)
-    engine.set_optimizer((0.9, 0.999), 1e-8, 0.0)
+    engine.set_optimizer(AdamW((0.9, 0.999), 1e-8, 0.0))
 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, spec.vocab_size, (batch_size, tokens), dtype=np.int32)

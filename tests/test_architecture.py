@@ -141,3 +141,51 @@ def test_no_function_in_the_training_loop_is_longer_than_a_reader_holds_in_mind(
                 if lines > LONGEST_TRAIN_FUNCTION:
                     long.append(f"{path.name}:{node.name} ({lines} lines)")
     assert long == []
+
+
+# ---- the typed backend ------------------------------------------------------------------------------
+
+# Protocol members a backend has only with a capability (backends/base.py Capabilities)
+GATED = {"greedy_tokens": "pipelined_greedy", "shard": "sharding", "quantize_affine": "affine",
+         "base_weights": "mlx_lm_models", "from_mlx_lm": "mlx_lm_models"}
+
+
+def _protocol_members() -> set[str]:
+    from twintune.backends.base import Backend, ModelComputation, OptimizerState, Processes
+
+    members = set()
+    for role in (ModelComputation, OptimizerState, Processes, Backend):
+        members |= {name for name in vars(role) if not name.startswith("_")} | set(vars(role).get("__annotations__", {}))
+    return members
+
+
+def _has(capabilities, gate: str) -> bool:
+    return gate in capabilities.quantizations if gate == "affine" else getattr(capabilities, gate)
+
+
+def test_each_backend_implements_every_role_it_declares():
+    from twintune.backends.mlx.backend import MLXBackend
+    from twintune.backends.torch.backend import TorchBackend
+
+    for cls in (MLXBackend, TorchBackend):
+        missing = sorted(member for member in _protocol_members() - {"spec", "sharded"}
+                         if not hasattr(cls, member) and not (member in GATED and not _has(cls.capabilities, GATED[member])))
+        assert missing == [], cls.__name__
+        extra = sorted(member for member, gate in GATED.items() if hasattr(cls, member) and not _has(cls.capabilities, gate))
+        assert extra == [], f"{cls.__name__} has {extra} but does not declare the capability"
+
+
+def test_every_call_on_a_backend_from_outside_is_declared():
+    """What the core calls on a backend (run.backend.X, opened.backend.X, backend.X) is a member
+    of the protocol, and nothing outside backends/ asks hasattr of a backend or compares its name."""
+    import re
+
+    calls, asks = set(), []
+    for path in PACKAGE.rglob("*.py"):
+        if "backends" in path.relative_to(PACKAGE).parts:
+            continue
+        text = path.read_text()
+        calls |= set(re.findall(r"\b(?:run\.backend|self\.backend|opened\.backend|backend)\.([a-z_]+)\b", text))
+        asks += [f"{path.name}: {m}" for m in re.findall(r"hasattr\([^)]*backend[^)]*\)|[=!]= \"(?:mlx|torch)\"", text)]
+    assert sorted(calls - _protocol_members() - {"name"}) == []
+    assert asks == []

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from twintune.api import generate, load
+from twintune.backends.base import Capabilities
 from twintune.errors import TwintuneError
 from twintune.formats.tiny_model import write_tiny_model
 from twintune.generation import choose_token, generate_ids
@@ -126,6 +127,8 @@ def test_the_cache_follows_local_attention_windows_past_their_width(backend, tmp
 
 class Scripted:
     """A backend whose scores pick the tokens of `script` in turn (then token 7 for ever)."""
+
+    capabilities = Capabilities(launcher="none")  # decodes through next_token_logits alone
 
     def __init__(self, script, vocabulary=10):
         self.script, self.vocabulary, self.calls = list(script), vocabulary, []

@@ -12,7 +12,7 @@ from twintune.errors import TwintuneError
 from twintune.recipe import load_recipe
 from twintune.train.guards import loss_weights
 from twintune.train.build import prepare
-from twintune.train.step import train_step
+from twintune.train.step import step_batches, train_step
 from twintune.train.evaluate import perplexity_report
 from twintune.train.loop import train
 
@@ -26,12 +26,12 @@ def _small(*overrides):
 
 def test_a_fifth_of_each_steps_examples_are_general_text_rows():
     run = prepare(_small(REPLAY), "torch")
-    batches = run.order.step_batches(3)
+    batches = [b for part in step_batches(run, 3) for b in part]
     task, replay = batches[:-1], batches[-1]
     assert replay.replay and not any(b.replay for b in task)
     assert replay.input_ids.shape[0] == 2 and sum(b.input_ids.shape[0] for b in task) == 8  # 2 of 10 examples
     assert replay.n_targets == int(replay.lengths.sum()) - 2  # text rows: every token after a row's first a target
-    assert not np.array_equal(run.order.step_batches(4)[-1].input_ids, replay.input_ids)  # the next rows
+    assert not np.array_equal(step_batches(run, 4)[-1][-1].input_ids, replay.input_ids)  # the next rows
 
 
 def test_the_loss_is_the_task_mean_and_the_replay_mean_weighted_by_their_shares():
@@ -46,7 +46,7 @@ def test_the_loss_is_the_task_mean_and_the_replay_mean_weighted_by_their_shares(
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_a_steps_logged_losses_are_the_task_and_general_texts_own_means(backend):
     run = prepare(_small(REPLAY), backend)
-    batches = run.order.step_batches(0)
+    batches = [b for part in step_batches(run, 0) for b in part]
     task = [b for b in batches if not b.replay]
     expected_task = sum(run.backend.target_loss(b) for b in task) / sum(b.n_targets for b in task)
     expected_replay = run.backend.target_loss(batches[-1]) / batches[-1].n_targets

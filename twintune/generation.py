@@ -83,7 +83,7 @@ def generate_ids(backend, prompt_ids: list[int], *, context: int, virtual_tokens
                             "shorten it.")
     budget = min(max_tokens, room)
     cache = backend.make_cache()
-    if temperature == 0 and hasattr(backend, "greedy_tokens"):  # the backend's pipelined greedy decoding (MLX)
+    if temperature == 0 and backend.capabilities.pipelined_greedy:  # the backend's own greedy decoding (MLX)
         tokens = backend.greedy_tokens(prompt_ids, cache, budget)
     else:
         tokens = sampled_tokens(backend, prompt_ids, cache, budget, np.random.default_rng(seed), temperature, top_p)

@@ -6,9 +6,18 @@ import importlib.util
 import platform
 import sys
 
+from twintune.backends.base import CAPABILITIES, Capabilities
 from twintune.errors import TwintuneError
 
 BACKENDS = ("auto", "mlx", "torch")
+def capabilities(name: str) -> Capabilities:
+    """What the backend `name` (auto resolved) can do.
+
+    Example:
+        >>> capabilities("torch").sharding, capabilities("mlx").launcher
+        (True, 'mlx.launch')
+    """
+    return CAPABILITIES[resolve_backend_name(name)]
 
 
 def resolve_backend_name(name: str) -> str:

@@ -7,28 +7,71 @@ prefix), e.g. `transformer.h.0.attn.attention.q_proj.lora_A.weight`.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Protocol
+from dataclasses import dataclass
+from typing import ClassVar, Iterator, Mapping, Protocol
 
 import numpy as np
 
 from twintune.data.batching import Batch
 from twintune.methods import BaseModel, Plan
-from twintune.models import GPTNeoSpec
-from twintune.quant.nf4 import NF4Tensor
 
 
-class Backend(Protocol):
-    name: str
-    sharded: bool  # whether each process holds only a shard of the trainable values (torch, train.fsdp)
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond what every backend does, declared on its class, so that no caller
+    outside backends/ asks `hasattr` or a backend's name."""
 
-    def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray],
-                 quantized: dict[str, NF4Tensor] | None = None, dtype: str = "float32") -> None:
-        """Build the model from float weights; the layers in `quantized` arrive as shared NF4 bytes
-        (their float weights are absent from `weights`). The frozen model is held and computes in
-        `dtype` (float32, bfloat16 or float16; attention and the loss in float32); the trainable
-        values, their gradients and the optimizer state are float32 in every dtype. `float64`
-        (CPU only) computes everything in float64: the proof that both backends are one algorithm."""
+    launcher: str  # what starts its processes: torchrun | mlx.launch
+    quantizations: tuple[str, ...] = ()  # the recipe's quantize.type values it runs (besides none)
+    sharding: bool = False  # shard(): FSDP2 for full fine-tuning (train.fsdp)
+    mlx_lm_models: bool = False  # from_mlx_lm(): models of mlx-lm's families
+    pipelined_greedy: bool = False  # greedy_tokens(): greedy decoding with the next step queued
+
+
+# What each backend can do, readable without importing its framework (backends/__init__.py's
+# capabilities(name); each backend class takes its own from here).
+CAPABILITIES = {
+    "mlx": Capabilities(launcher="mlx.launch", quantizations=("nf4", "affine"), mlx_lm_models=True,
+                        pipelined_greedy=True),
+    "torch": Capabilities(launcher="torchrun", quantizations=("nf4",), sharding=True),
+}
+
+
+@dataclass(frozen=True)
+class AdamW:
+    """The optimizer as both backends run it: torch.optim.AdamW's formula (adamw_update) and its
+    hyperparameters, and the names its state has in a checkpoint (`m.NAME`, `v.NAME` per trainable
+    value, `step`). A backend keeps the moments as its own arrays and does the arithmetic; what the
+    state is called, and how a step count is stored, is said here once.
+
+    Example:
+        >>> AdamW((0.9, 0.999), 1e-8, 0.0).pack({"m": {"w": np.zeros(2)}, "v": {"w": np.ones(2)}}, 3)["step"]
+        array([3])
+    """
+
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    moments: ClassVar[tuple[str, ...]] = ("m", "v")
+
+    def pack(self, moments: dict[str, dict[str, np.ndarray]], step: int) -> dict[str, np.ndarray]:
+        """A checkpoint's optimizer state from the moments (by moment, then by trainable name) and the step."""
+        state = {f"{moment}.{name}": value for moment in self.moments for name, value in moments[moment].items()}
+        state["step"] = np.array([step], np.int64)
+        return state
+
+    def unpack(self, state: dict[str, np.ndarray], names) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+        """(the moments of these trainable names, the step) from what `pack` gave."""
+        return ({moment: {name: state[f"{moment}.{name}"] for name in names} for moment in self.moments},
+                int(state["step"].reshape(-1)[0]))
+
+
+class ModelComputation(Protocol):
+    """What the loop, evaluation and generation compute with the model."""
+
+    spec: object  # the model's spec (GPTNeoSpec, or an mlx-lm model's)
 
     def apply_method(self, plan: Plan) -> None:
         """Perform the plan's surgeries (backends/X/surgery.py): from then on only the values the plan
@@ -36,6 +79,13 @@ class Backend(Protocol):
 
     def undo_method(self, plan: Plan, base: BaseModel) -> None:
         """Reverse apply_method: wrapped layers unwrapped, unfrozen parameters back to the base's values."""
+
+    def quantize_affine(self, bits: int, group_size: int) -> None:
+        """MLX's affine quantization of every block linear layer (capabilities.quantizations has "affine")."""
+
+    def base_weights(self) -> Mapping[str, np.ndarray]:
+        """The model's own weights by name, as numpy when read: planning on a model built elsewhere
+        (capabilities.mlx_lm_models)."""
 
     def enable_gradient_checkpointing(self) -> None:
         """From now on keep only each block's input for the backward and recompute the block there."""
@@ -47,14 +97,8 @@ class Backend(Protocol):
     def trainable_state(self) -> dict[str, np.ndarray]:
         """The current trainable values as numpy (float32; float64 in a float64 run)."""
 
-    def set_optimizer(self, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
-        """Create the AdamW state for the trainable values."""
-
-    def optimizer_state(self) -> dict[str, np.ndarray]:
-        """AdamW state as numpy: `m.NAME`, `v.NAME` per trainable value and `step` (for checkpoints)."""
-
-    def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
-        """Restore what optimizer_state returned."""
+    def set_trainable_state(self, state: dict[str, np.ndarray]) -> None:
+        """Set the trainable values (names as trainable_state gives them)."""
 
     def forward_backward(self, batch: Batch, loss_scale: float, dropout_key: int = 0) -> float:
         """Add the gradient of loss_scale * (summed label-token cross-entropy) to the
@@ -62,25 +106,25 @@ class Backend(Protocol):
         generator under `dropout_key` (twintune/dropout.py): a pure function of the key, so a
         resumed run draws what an uninterrupted one draws, with no random state to save."""
 
-    def optimizer_step(self, lr: float, max_grad_norm: float, grad_scale: float = 1.0) -> float:
-        """Divide the gradients by grad_scale (float16 loss scaling), clip by global norm (if > 0),
-        apply AdamW, clear gradients; return the norm before clipping. A non-finite norm skips
-        the update (the gradients are cleared, the step count stays) and is returned as is."""
+    def take_gradients(self) -> dict[str, np.ndarray]:
+        """The gradients accumulated since the last step, by name, then cleared (EWC's Fisher)."""
 
-    def join(self, world) -> None:
-        """Join the processes a launcher started (train/distributed.py's World): torch's process group
-        (gloo on CPU, NCCL on CUDA), MLX's ring group. Afterwards sum_gradients and all_sum span them."""
+    def set_base_view(self, plan: Plan, start: dict[str, np.ndarray]) -> None:
+        """What distill_backward's teacher switches off: the plan's surgeries, and the start's values of
+        the parameters it unfroze."""
 
-    def whole_model(self):
-        """A context in which every process holds the whole model, for an evaluation split unevenly
-        across processes (torch with train.fsdp gathers its shards; otherwise nothing to do). Torch's
-        backend also has `shard(world)`, FSDP2, called between join and set_optimizer."""
+    def distill_backward(self, batch: Batch, temperature: float, scale: float, dropout_key: int = 0) -> float:
+        """Backward of scale * T^2 * sum over the batch's targets of KL(base || model) at temperature T,
+        the base being this model with the method off (set_base_view); returns the sum."""
 
-    def sum_gradients(self) -> None:
-        """Sum the accumulated gradients over the processes (once per step, before the optimizer step)."""
+    def set_penalty(self, fisher: dict[str, np.ndarray], anchor: dict[str, np.ndarray], weight: float) -> None:
+        """EWC's terms (ewc_penalty, ewc_gradient) over the trainable values."""
 
-    def all_sum(self, values: np.ndarray) -> np.ndarray:
-        """The element-wise sum of `values` over the processes (float64 in, float64 out)."""
+    def penalty(self) -> float:
+        """EWC's penalty at the current values."""
+
+    def add_penalty_gradients(self, grad_scale: float = 1.0) -> None:
+        """Add EWC's gradient, times the loss scale, to the accumulated gradients."""
 
     def target_loss(self, batch: Batch) -> float:
         """The summed cross-entropy of the batch's targets, as forward_backward's loss but with no
@@ -97,8 +141,79 @@ class Backend(Protocol):
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """(B, T, V) full logits, float32 (float64 in a float64 run), for tests and generation."""
 
+    def make_cache(self) -> list:
+        """An empty key/value cache for next_token_logits."""
+
+    def next_token_logits(self, input_ids: np.ndarray, cache: list) -> np.ndarray:
+        """The vocabulary scores after the last of `input_ids` (1, tokens), which continue the positions
+        `cache` holds and are added to it."""
+
+    def greedy_tokens(self, prompt_ids: list[int], cache: list, count: int) -> Iterator[int]:
+        """Greedy tokens after the prompt, pipelined (capabilities.pipelined_greedy only)."""
+
     def peak_memory_mb(self) -> float:
         """Peak memory the backend's allocator saw, in MiB (process RSS peak where it has none)."""
+
+
+class OptimizerState(Protocol):
+    """The optimizer's state, kept by the backend in its own arrays (AdamW names it)."""
+
+    def set_optimizer(self, optimizer: AdamW) -> None:
+        """Create the optimizer's state for the trainable values."""
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The state as numpy, named as `optimizer.pack` names it (for checkpoints)."""
+
+    def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what optimizer_state returned."""
+
+    def optimizer_step(self, lr: float, max_grad_norm: float, grad_scale: float = 1.0) -> float:
+        """Divide the gradients by grad_scale (float16 loss scaling), clip by global norm (if > 0),
+        apply the optimizer, clear gradients; return the norm before clipping. A non-finite norm skips
+        the update (the gradients are cleared, the step count stays) and is returned as is."""
+
+
+class Processes(Protocol):
+    """Training on several processes (train/distributed.py's World)."""
+
+    sharded: bool  # whether each process holds only a shard of the trainable values (torch, train.fsdp)
+
+    def join(self, world) -> None:
+        """Join the processes a launcher started: torch's process group (gloo on CPU, NCCL on CUDA),
+        MLX's ring group. Afterwards sum_gradients and all_sum span them."""
+
+    def shard(self, world) -> None:
+        """Shard the model across the joined processes (capabilities.sharding only), before set_optimizer."""
+
+    def whole_model(self) -> contextlib.AbstractContextManager:
+        """A context in which every process holds the whole model, for an evaluation split unevenly
+        across processes (torch with train.fsdp gathers its shards; otherwise nothing to do)."""
+
+    def sum_gradients(self) -> None:
+        """Sum the accumulated gradients over the processes (once per step, before the optimizer step)."""
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        """The element-wise sum of `values` over the processes (float64 in, float64 out)."""
+
+
+class Backend(ModelComputation, OptimizerState, Processes, Protocol):
+    """What the shared loop asks of MLX and of PyTorch: the three roles above, its name and what it
+    can do beyond them. A backend is built from float weights and NF4 bytes:
+
+        Backend(spec, weights, quantized=None, dtype="float32")
+
+    The layers in `quantized` arrive as shared NF4 bytes (their float weights are absent from
+    `weights`). The frozen model is held and computes in `dtype` (float32, bfloat16 or float16;
+    attention and the loss in float32); the trainable values, their gradients and the optimizer state
+    are float32 in every dtype. `float64` (CPU only) computes everything in float64: the proof that
+    both backends are one algorithm."""
+
+    name: str
+    capabilities: Capabilities
+
+    @classmethod
+    def from_mlx_lm(cls, directory, dtype: str = "float32") -> "Backend":
+        """A model directory of one of mlx-lm's families, ready to adapt (capabilities.mlx_lm_models)."""
 
 
 def adamw_update(p, g, m, v, step: int, lr: float, betas, eps: float, weight_decay: float, sqrt):
@@ -116,6 +231,17 @@ def adamw_update(p, g, m, v, step: int, lr: float, betas, eps: float, weight_dec
     denom = sqrt(v) / ((1.0 - b2**step) ** 0.5) + eps
     p = p - (lr / (1.0 - b1**step)) * (m / denom)
     return p, m, v
+
+
+def ewc_penalty(weight: float, terms, to_float) -> float:
+    """EWC's weight * sum(F * (value - anchor)^2) over (value, F, anchor) triples of any array library's
+    arrays (train/guards.py says why); `to_float` reads a 0-d array."""
+    return weight * sum(to_float((fisher * (value - anchor) ** 2).sum()) for value, fisher, anchor in terms)
+
+
+def ewc_gradient(value, fisher, anchor, weight: float, grad_scale: float):
+    """EWC's gradient of one value, 2 * weight * F * (value - anchor), times the loss scale."""
+    return (2 * weight * grad_scale) * fisher * (value - anchor)
 
 
 # Logits values (256 MB in float32) above which a loss over many target rows is summed in chunks

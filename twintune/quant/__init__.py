@@ -13,7 +13,6 @@ import numpy as np
 from twintune.quant.nf4 import NF4Tensor, quantize_nf4
 
 # Which backends can hold which format: NF4 on both (the parity format), affine on MLX only.
-SUPPORTED = {"nf4": ("mlx", "torch"), "affine": ("mlx",)}
 
 
 @dataclass(frozen=True)

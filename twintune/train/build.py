@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twintune.backends import backend_class, resolve_backend_name
-from twintune.backends.base import Backend
+from twintune.backends import CAPABILITIES, backend_class, capabilities, resolve_backend_name
+from twintune.backends.base import AdamW, Backend
 from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder
 from twintune.data.examples import Example
 from twintune.data.mixture import MixtureOrder, source_name
@@ -22,7 +22,7 @@ from twintune.errors import TwintuneError
 from twintune.formats.checkpoint import load_checkpoint, load_config, load_tokenizer, resolve_model_dir
 from twintune.methods import BaseModel, Method, Plan
 from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
-from twintune.quant import SUPPORTED, quantize_linear_layers
+from twintune.quant import quantize_linear_layers
 from twintune.recipe import Recipe
 from twintune.tasks import head_surgery, task_from_dict, with_head
 from twintune.train.distributed import ALONE, World
@@ -160,14 +160,16 @@ def run_plan(recipe: Recipe, base: BaseModel) -> Plan:
 
 def backend_cannot_run(recipe: Recipe, backend: str) -> str | None:
     """Why a concrete backend cannot run this recipe (a clause, no full stop), or None if it can."""
-    q = recipe.quantize
-    if q.type != "none" and backend not in SUPPORTED[q.type]:
-        return (f"quantize.type {q.type!r} runs on the {' and '.join(SUPPORTED[q.type])} backend only "
+    q, able = recipe.quantize, capabilities(backend)
+    if q.type != "none" and q.type not in able.quantizations:
+        others = [name for name, other in CAPABILITIES.items() if q.type in other.quantizations]
+        return (f"quantize.type {q.type!r} runs on the {' and '.join(others)} backend only "
                 f"(this run uses {backend}); use quantize.type=nf4 for a format both backends share")
     model_type = load_config(recipe.model).get("model_type")
-    if backend != "mlx" and model_type != "gpt_neo" and mlx_lm_has_family(model_type):
-        return (f"model type {model_type!r} runs on the mlx backend only (through mlx-lm); "
-                "the torch backend runs GPT-Neo. Use --backend mlx")
+    if not able.mlx_lm_models and model_type != "gpt_neo" and mlx_lm_has_family(model_type):
+        others = [name for name, other in CAPABILITIES.items() if other.mlx_lm_models]
+        return (f"model type {model_type!r} runs on the {' and '.join(others)} backend only (through mlx-lm); "
+                f"the {backend} backend runs GPT-Neo. Use --backend {others[0]}")
     return None
 
 
@@ -254,7 +256,7 @@ def _set_up_backend(run: Run, plan: Plan) -> None:
         backend.join(run.world)
         if t.fsdp:
             backend.shard(run.world)
-    backend.set_optimizer(tuple(t.betas), t.eps, t.weight_decay)
+    backend.set_optimizer(AdamW(tuple(t.betas), t.eps, t.weight_decay))
 
 
 def _loss_terms(run: Run, plan: Plan, tokenizer, length: int) -> list[LossTerm]:

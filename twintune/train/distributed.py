@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from twintune.backends import capabilities
 from twintune.data.batching import Batch
 from twintune.errors import TwintuneError
 
@@ -66,12 +67,12 @@ def launched_world() -> World:
 def check_world(world: World, backend: str, recipe) -> None:
     """The launcher must be the backend's own, the task one that trains in steps, and the global
     batch must divide among the processes."""
-    if recipe.train.fsdp and backend != "torch":
+    if recipe.train.fsdp and not capabilities(backend).sharding:
         raise TwintuneError(f"train.fsdp shards the model through torch's FSDP2; the {backend} backend keeps the whole "
                             "model on every process: remove train.fsdp.")
     if world.size == 1:
         return
-    wanted = {"torch": "torchrun", "mlx": "mlx.launch"}[backend]
+    wanted = capabilities(backend).launcher
     if world.launcher != wanted:
         raise TwintuneError(f"this run uses the {backend} backend, which runs on several processes through "
                             f"{wanted}, but it was started by {world.launcher}.")
@@ -141,7 +142,7 @@ def launcher_command(backend: str, nproc: int, argv: list[str]) -> list[str]:
     import sys
     from pathlib import Path
 
-    if backend == "torch":
+    if capabilities(backend).launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
                 "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "twintune", *argv]
     launcher = Path(sys.executable).parent / "mlx.launch"

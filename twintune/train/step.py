@@ -29,9 +29,8 @@ def train_step(run: Run, step: int) -> dict:
         1
     """
     t = run.recipe.train
-    task = run.order.step_batches(step)  # the whole step's, on every process
-    extra = [term.batches(step) for term in run.terms]
-    batches = task + [b for part in extra for b in part]
+    task, *extra = step_batches(run, step)  # the whole step's, on every process
+    batches = [b for part in (task, *extra) for b in part]
     scale = run.loss_scaler.scale if run.loss_scaler else 1.0
     weights = loss_weights(batches, sum(term.share for term in run.terms))
     # Each process runs its share of every micro-batch; the weights are the whole step's (global) counts.
@@ -67,6 +66,12 @@ def train_step(run: Run, step: int) -> dict:
         run.loss_scaler.update(finite)
         record["skipped"] = not finite
     return record
+
+
+def step_batches(run: Run, step: int) -> list[list[Batch]]:
+    """The micro-batches of a step, in parts: the task's (its training order's), then each loss term's
+    (replay's rows; distillation and EWC have none)."""
+    return [run.order.step_batches(step), *(term.batches(step) for term in run.terms)]
 
 
 def _sum_over_processes(run: Run, sums: list[float]) -> tuple[list[float], float]:

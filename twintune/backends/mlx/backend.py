@@ -12,14 +12,15 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from twintune.backends.base import adamw_update, gradient_factor, loss_chunks, trainable_dtype
+from twintune.backends.base import (CAPABILITIES, AdamW, adamw_update, ewc_gradient, ewc_penalty, gradient_factor,
+                                    loss_chunks, trainable_dtype)
 from twintune.backends.mlx.gpt_neo import GPTNeoForCausalLM, exp, logsumexp
 from twintune.backends.mlx.nf4 import NF4Linear
 from twintune.backends.mlx.surgery import apply_plan, base_view, undo_plan, get_submodule, set_submodule
 from twintune.data.batching import Batch
 from twintune.dropout import dropout_masks
 from twintune.errors import TwintuneError
-from twintune.methods import UNFREEZE, BaseModel, Plan
+from twintune.methods import BaseModel, Plan
 from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
 
@@ -74,6 +75,7 @@ class WeightsAsNumpy(Mapping):
 
 class MLXBackend:
     name = "mlx"
+    capabilities = CAPABILITIES["mlx"]
     sharded = False  # every process keeps the whole model (train.fsdp is torch's FSDP2)
 
     def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray],
@@ -175,23 +177,22 @@ class MLXBackend:
     def set_trainable_state(self, state: dict[str, np.ndarray]) -> None:
         self.model.update(tree_unflatten([(k, mx.array(v, dtype=self.precise)) for k, v in state.items()]))
 
-    def set_optimizer(self, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
-        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+    def set_optimizer(self, optimizer: AdamW) -> None:
+        self.optimizer = optimizer
+        self.betas, self.eps, self.weight_decay = optimizer.betas, optimizer.eps, optimizer.weight_decay
         params = dict(tree_flatten(self.model.trainable_parameters()))
         self.m = {k: mx.zeros_like(v) for k, v in params.items()}
         self.v = {k: mx.zeros_like(v) for k, v in params.items()}
         self.streams = update_streams({k: v.size for k, v in params.items()})
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        state = {f"m.{k}": np.array(v) for k, v in self.m.items()}
-        state.update({f"v.{k}": np.array(v) for k, v in self.v.items()})
-        state["step"] = np.array([self.step], np.int64)
-        return state
+        return self.optimizer.pack({"m": {k: np.array(v) for k, v in self.m.items()},
+                                    "v": {k: np.array(v) for k, v in self.v.items()}}, self.step)
 
     def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
-        self.m = {k: mx.array(state[f"m.{k}"], dtype=self.precise) for k in self.m}
-        self.v = {k: mx.array(state[f"v.{k}"], dtype=self.precise) for k in self.v}
-        self.step = int(state["step"].reshape(-1)[0])
+        moments, self.step = self.optimizer.unpack(state, self.m)
+        self.m, self.v = ({k: mx.array(v, dtype=self.precise) for k, v in moments[moment].items()}
+                          for moment in ("m", "v"))
 
     def _hidden_rows(self, input_ids: mx.array, prompt_lengths: mx.array, rows: mx.array) -> mx.array:
         return self.model(input_ids, prompt_lengths, rows=rows)
@@ -302,7 +303,7 @@ class MLXBackend:
     def set_base_view(self, plan: Plan, start: dict[str, np.ndarray]) -> None:
         """What distill_backward's teacher switches off: the plan's surgeries, and the start's values of
         the parameters it unfroze (a frozen copy of those: full fine-tuning's cost of distillation)."""
-        unfrozen = {s.target for s in plan.surgeries if s.kind == UNFREEZE}
+        unfrozen = set(plan.unfrozen())
         params = dict(tree_flatten(self.model.parameters()))
         self.view = (plan, {k: mx.array(v, dtype=params[k].dtype) for k, v in start.items() if k in unfrozen})
 
@@ -344,14 +345,15 @@ class MLXBackend:
 
     def penalty(self) -> float:
         params = dict(tree_flatten(self.model.trainable_parameters()))
-        return self.penalty_weight * sum((F * (params[k] - a) ** 2).sum().item() for k, (F, a) in self.penalty_terms.items())
+        return ewc_penalty(self.penalty_weight, ((params[k], f, a) for k, (f, a) in self.penalty_terms.items()),
+                           lambda x: x.item())
 
     def add_penalty_gradients(self, grad_scale: float = 1.0) -> None:
-        """Add the penalty's gradient, 2 * weight * F * (value - anchor), times the loss scale, to the gradients."""
+        """Add the penalty's gradient (ewc_gradient), times the loss scale, to the gradients."""
         params = dict(tree_flatten(self.model.trainable_parameters()))
         grads = dict(tree_flatten(self.grads)) if self.grads is not None else {}
         for name, (fisher, anchor) in self.penalty_terms.items():
-            extra = (2 * self.penalty_weight * grad_scale) * fisher * (params[name] - anchor)
+            extra = ewc_gradient(params[name], fisher, anchor, self.penalty_weight, grad_scale)
             grads[name] = extra if name not in grads else grads[name] + extra
         self.grads = tree_unflatten(list(grads.items()))
         mx.eval(self.grads)

@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from twintune.backends.base import gradient_factor, loss_chunks, trainable_dtype
+from twintune.backends.base import (CAPABILITIES, AdamW, ewc_gradient, ewc_penalty, gradient_factor, loss_chunks,
+                                    trainable_dtype)
 from twintune.backends.torch.gpt_neo import GPTNeoForCausalLM
 from twintune.backends.torch.surgery import apply_plan, base_view, undo_plan
 from twintune.data.batching import Batch
 from twintune.dropout import dropout_masks
 from twintune.errors import TwintuneError
-from twintune.methods import UNFREEZE, BaseModel, Plan
+from twintune.methods import BaseModel, Plan
 from twintune.models import GPTNeoSpec
 from twintune.quant.nf4 import NF4Tensor
 
@@ -160,6 +161,7 @@ def _piece(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class TorchBackend:
     name = "torch"
+    capabilities = CAPABILITIES["torch"]
     sharded = False  # train.fsdp on several processes: shard() splits weights, gradients and moments
 
     def __init__(self, spec: GPTNeoSpec, weights: dict[str, np.ndarray],
@@ -211,24 +213,24 @@ class TorchBackend:
             for k, v in state.items():
                 _local(params[k]).copy_(_piece(torch.from_numpy(v).to(self.device), params[k]))
 
-    def set_optimizer(self, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
-        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+    def set_optimizer(self, optimizer: AdamW) -> None:
+        self.optimizer = optimizer
+        self.betas, self.eps, self.weight_decay = optimizer.betas, optimizer.eps, optimizer.weight_decay
         params = self._trainable()
         self.m = {k: torch.zeros_like(_local(p)) for k, p in params.items()}
         self.v = {k: torch.zeros_like(_local(p)) for k, p in params.items()}
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         params = self._trainable()
-        state = {f"m.{k}": _whole(v, params[k]).cpu().numpy().copy() for k, v in self.m.items()}
-        state.update({f"v.{k}": _whole(v, params[k]).cpu().numpy().copy() for k, v in self.v.items()})
-        state["step"] = np.array([self.step], np.int64)
-        return state
+        moments = {"m": self.m, "v": self.v}
+        return self.optimizer.pack({moment: {k: _whole(v, params[k]).cpu().numpy().copy() for k, v in values.items()}
+                                    for moment, values in moments.items()}, self.step)
 
     def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
         params = self._trainable()
-        self.m = {k: _piece(torch.from_numpy(state[f"m.{k}"].copy()).to(self.device), params[k]) for k in self.m}
-        self.v = {k: _piece(torch.from_numpy(state[f"v.{k}"].copy()).to(self.device), params[k]) for k in self.v}
-        self.step = int(state["step"].reshape(-1)[0])
+        moments, self.step = self.optimizer.unpack(state, self.m)
+        self.m, self.v = ({k: _piece(torch.from_numpy(v.copy()).to(self.device), params[k]) for k, v in moments[moment].items()}
+                          for moment in ("m", "v"))
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, torch.long)
@@ -370,7 +372,7 @@ class TorchBackend:
     def set_base_view(self, plan: Plan, start: dict[str, np.ndarray]) -> None:
         """What distill_backward's teacher switches off: the plan's surgeries, and the start's values of
         the parameters it unfroze (a frozen copy of those: full fine-tuning's cost of distillation)."""
-        unfrozen = {s.target for s in plan.surgeries if s.kind == UNFREEZE}
+        unfrozen = set(plan.unfrozen())
         self.view = (plan, {k: torch.from_numpy(np.array(v)).to(self.device, self.model_dtype(k)) for k, v in start.items()
                             if k in unfrozen})
 
@@ -412,15 +414,15 @@ class TorchBackend:
     @torch.no_grad()
     def penalty(self) -> float:
         params = self._trainable()
-        return self.penalty_weight * sum(float((F_ * (params[k] - a) ** 2).sum()) for k, (F_, a) in self.penalty_terms.items())
+        return ewc_penalty(self.penalty_weight, ((params[k], f, a) for k, (f, a) in self.penalty_terms.items()), float)
 
     @torch.no_grad()
     def add_penalty_gradients(self, grad_scale: float = 1.0) -> None:
-        """Add the penalty's gradient, 2 * weight * F * (value - anchor), times the loss scale, to the gradients."""
+        """Add the penalty's gradient (ewc_gradient), times the loss scale, to the gradients."""
         params = self._trainable()
         for name, (fisher, anchor) in self.penalty_terms.items():
             p = params[name]
-            extra = (2 * self.penalty_weight * grad_scale) * fisher * (p - anchor)
+            extra = ewc_gradient(p, fisher, anchor, self.penalty_weight, grad_scale)
             p.grad = extra if p.grad is None else p.grad + extra
 
     @torch.no_grad()
