@@ -32,6 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from twintune.backends.base import Backend
 from twintune.data.batching import Encoder, Prompt, eval_batches
 from twintune.data.documents import eos_id
 from twintune.errors import TwintuneError
@@ -110,7 +111,7 @@ class Model:
         (1, 2, 1024)
     """
 
-    def __init__(self, backend, base: BaseModel, tokenizer, max_length: int, prompt: dict | None = None):
+    def __init__(self, backend: Backend, base: BaseModel, tokenizer, max_length: int, prompt: dict | None = None):
         self.backend = backend
         self.base = base
         self.tokenizer = tokenizer

@@ -25,6 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
+from twintune.backends.base import Backend
 from twintune.errors import TwintuneError
 
 
@@ -70,7 +71,7 @@ def choose_token(scores: np.ndarray, rng: np.random.Generator, temperature: floa
     return int(order[min(index, len(kept) - 1)])
 
 
-def generate_ids(backend, prompt_ids: list[int], *, context: int, virtual_tokens: int, eos_id: int,
+def generate_ids(backend: Backend, prompt_ids: list[int], *, context: int, virtual_tokens: int, eos_id: int,
                  max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0) -> tuple[list[int], str]:
     """New token ids after `prompt_ids` and why decoding stopped; `context` is the model's positions,
@@ -95,7 +96,7 @@ def generate_ids(backend, prompt_ids: list[int], *, context: int, virtual_tokens
     return new, "max_tokens" if budget == max_tokens else "context"
 
 
-def sampled_tokens(backend, prompt_ids: list[int], cache, count: int, rng: np.random.Generator, temperature: float,
+def sampled_tokens(backend: Backend, prompt_ids: list[int], cache, count: int, rng: np.random.Generator, temperature: float,
                    top_p: float) -> Iterator[int]:
     """Up to `count` tokens, each chosen from the scores after the last (choose_token), the prompt run once
     and each token after it alone through the cache."""
@@ -107,7 +108,7 @@ def sampled_tokens(backend, prompt_ids: list[int], cache, count: int, rng: np.ra
             scores = backend.next_token_logits(np.array([[token]], np.int32), cache)
 
 
-def generate_text(backend, tokenizer, prompt: str, *, context: int, virtual_tokens: int, eos_id: int,
+def generate_text(backend: Backend, tokenizer, prompt: str, *, context: int, virtual_tokens: int, eos_id: int,
                   max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Generation:
     """`prompt` tokenized, continued (generate_ids) and the new tokens decoded. An empty prompt
     starts from the end-of-text token, as GPT-Neo's begin-of-text."""

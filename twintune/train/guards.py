@@ -39,6 +39,7 @@ import math
 
 import numpy as np
 
+from twintune.backends.base import Backend
 from twintune.data.batching import Batch, Encoded, make_batch
 from twintune.data.documents import eos_id, lm_rows, load_documents, one_per_row
 from twintune.errors import TwintuneError
@@ -86,7 +87,7 @@ def loss_weights(batches: list[Batch], fraction: float) -> list[float]:
     return [fraction / replay if b.replay else (1 - fraction) / task for b in batches]
 
 
-def fisher_diagonal(backend, rows: list[Encoded]) -> dict[str, np.ndarray]:
+def fisher_diagonal(backend: Backend, rows: list[Encoded]) -> dict[str, np.ndarray]:
     """The mean over rows of the squared gradient of each row's mean loss per token (empirical Fisher)."""
     fisher = None
     for row in rows:
