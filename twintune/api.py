@@ -285,9 +285,9 @@ def locate_adapter(directory: str | Path) -> tuple[Path, Recipe | None]:
     path = Path(directory)
     if (path / "recipe.json").is_file():
         recipe = load_recipe(path / "recipe.json")
-        if recipe.task.name == "features":
-            raise TwintuneError(f"{path} is a features run: it holds a classifier on frozen features, not an adapter; "
-                                "use twintune eval / predict on it (twintune.train.runs.open_run from Python).")
+        if not recipe.task.trains_in_steps:
+            raise TwintuneError(f"{path} is a {recipe.task.name} run: it holds a classifier on frozen features, not an "
+                                "adapter; use twintune eval / predict on it (twintune.train.runs.open_run from Python).")
         return path / "adapter", recipe
     if (path / "adapter_config.json").is_file() and (path.parent / "recipe.json").is_file():
         return path, load_recipe(path.parent / "recipe.json")

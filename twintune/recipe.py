@@ -17,7 +17,7 @@ from twintune.errors import TwintuneError
 from twintune.keys import build, check
 from twintune.methods import LoRA, Method, method_from_dict
 from twintune.quant import Quantization
-from twintune.tasks import Classification, Features, Task, task_from_dict
+from twintune.tasks import Classification, Task, task_from_dict
 
 DEFAULT_LABELS = {"negative": " negative", "neutral": " neutral", "positive": " positive"}
 
@@ -235,7 +235,7 @@ def validate_mixture(r: Recipe) -> None:
 def check_trains_something(r: Recipe) -> None:
     """Training needs something to train. (Loading such a recipe is fine: `twintune eval` and
     `twintune compare`'s prompting rows evaluate the untrained model with method none.)"""
-    if r.method.name == "none" and not isinstance(r.task, Features):
+    if r.method.name == "none" and r.task.trains_in_steps:
         _check(r.task.linear_head, "method none trains nothing with the verbalizer: set task.head to linear to train "
                                    "a classification head alone, use task features, or evaluate the untrained "
                                    "model with `twintune eval RECIPE --shots K`.")
@@ -257,8 +257,8 @@ def validate(r: Recipe) -> None:
     _check(len(r.prompt.labels) >= 2, "recipe key 'prompt.labels' must name at least two labels.")
     if d.mixture:
         validate_mixture(r)
-    if isinstance(r.task, Features):
-        _check(r.method.name == "none", f"task features trains no method (the model stays frozen; a classifier is "
+    if not r.task.trains_in_steps:
+        _check(r.method.name == "none", f"task {r.task.name} trains no method (the model stays frozen; a classifier is "
                                         f"fitted on its features), but the recipe names method {r.method.name}; "
                                         "remove the method section or set method.name to none.")
     _check(not (getattr(r.task, "packing", False) and r.task.name == "instruction" and r.method.name == "loreft"),
@@ -287,7 +287,7 @@ def validate(r: Recipe) -> None:
     _check(t.save_every >= 0, f"recipe key 'train.save_every' must be >= 0, got {t.save_every}.")
     _check(t.keep_last >= 1, f"recipe key 'train.keep_last' must be at least 1, got {t.keep_last}.")
     _check(t.early_stopping_patience >= 0, f"recipe key 'train.early_stopping_patience' must be >= 0, got {t.early_stopping_patience}.")
-    metrics = ("val_loss", "val_perplexity") if r.task.generative else ("val_accuracy", "val_macro_f1")
+    metrics = r.task.metrics
     _check(t.early_stopping_metric in metrics or not t.early_stopping_patience,
            f"recipe key 'train.early_stopping_metric' must be {' or '.join(metrics)} for task {r.task.name}, "
            f"got {t.early_stopping_metric!r}.")
@@ -307,7 +307,7 @@ def validate(r: Recipe) -> None:
                                                      "a .txt, .jsonl or datasets source, or synthetic).")
     for key, used in (("train.replay", t.replay.fraction > 0), ("train.forgetting_eval", bool(t.forgetting_eval)),
                       ("train.ewc", t.ewc.weight > 0), ("train.distill", t.distill.weight > 0)):
-        _check(not used or not r.task.linear_head and not isinstance(r.task, Features),
+        _check(not used or not r.task.linear_head and r.task.trains_in_steps,
                f"{key} scores general text with the model's vocabulary, which task {r.task.name} "
                f"{'replaces with a classification head' if r.task.linear_head else 'does not train'}.")
     _check(not (t.replay.fraction and t.replay.source == t.forgetting_eval != "synthetic"),

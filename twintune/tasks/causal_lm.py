@@ -13,21 +13,17 @@ from typing import ClassVar
 
 from twintune.data.batching import Encoded
 from twintune.data.documents import eos_id, lm_rows, load_documents, one_per_row, pack, random_splits
-from twintune.tasks.task import Task
+from twintune.tasks.task import Generative
 
 
 @dataclass(frozen=True)
-class CausalLM(Task):
+class CausalLM(Generative):
     """Next-token prediction on every token of packed (or padded) documents."""
 
     packing: bool = True
 
     name: ClassVar[str] = "causal_lm"
     description: ClassVar[str] = "next-token training on unlabelled text, packed; scored by perplexity"
-
-    @property
-    def generative(self) -> bool:
-        return True
 
     def splits(self, data, seed: int, tokenizer, length: int) -> dict[str, list[Encoded]]:
         """Documents shuffled by the seed into train, validation and test, each split tokenized and

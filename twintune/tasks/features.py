@@ -21,6 +21,10 @@ class Features(Task):
     name: ClassVar[str] = "features"
     description: ClassVar[str] = "logistic regression on the frozen model's pooled hidden states"
 
+    @property
+    def trains_in_steps(self) -> bool:
+        return False
+
     def validate(self) -> None:
         check(self.pooling in ("last", "mean"), f"recipe key 'task.pooling' must be last or mean, got {self.pooling!r}.")
         check(self.l2 >= 0, f"recipe key 'task.l2' must be >= 0, got {self.l2}.")

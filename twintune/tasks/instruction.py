@@ -23,11 +23,11 @@ from twintune.data.batching import Encoded
 from twintune.data.documents import eos_id, random_splits
 from twintune.data.instructions import load_pairs, synthetic_instructions, template_fields
 from twintune.errors import TwintuneError
-from twintune.tasks.task import Task
+from twintune.tasks.task import Generative
 
 
 @dataclass(frozen=True)
-class Instruction(Task):
+class Instruction(Generative):
     """Supervised fine-tuning on prompt/completion pairs."""
 
     template: str = "{prompt}"
@@ -40,10 +40,6 @@ class Instruction(Task):
 
     def validate(self) -> None:
         template_fields(self.template)
-
-    @property
-    def generative(self) -> bool:
-        return True
 
     def splits(self, data, seed: int, tokenizer, length: int) -> dict[str, list[Encoded]]:
         """Prompt + completion + end-of-text per example, the targets the completion and end-of-text

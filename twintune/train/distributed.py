@@ -76,9 +76,9 @@ def check_world(world: World, backend: str, recipe) -> None:
     if world.launcher != wanted:
         raise TwintuneError(f"this run uses the {backend} backend, which runs on several processes through "
                             f"{wanted}, but it was started by {world.launcher}.")
-    if recipe.task.name == "features":
-        raise TwintuneError("task features fits its classifier in one process (its features are computed once and "
-                            "cached); run it without a launcher.")
+    if not recipe.task.trains_in_steps:
+        raise TwintuneError(f"task {recipe.task.name} fits its classifier in one process (its features are computed "
+                            "once and cached); run it without a launcher.")
     batch_size = recipe.train.batch_size
     if batch_size % world.size:
         raise TwintuneError(f"train.batch_size {batch_size} (the global batch) does not divide among "

@@ -131,15 +131,6 @@ def perplexity_report(run: Run, encoded: list[Encoded]) -> dict:
     return {"loss": total / tokens, "perplexity": math.exp(total / tokens), "tokens": tokens}
 
 
-def logged_metrics(report: dict) -> dict:
-    """What a run logs of an evaluation: accuracy and macro-F1, or a generative task's loss and perplexity."""
-    if "perplexity" in report:
-        per_source = {f"val_{key}/{name}": figures[key] for name, figures in report.get("sources", {}).items()
-                      for key in ("loss", "perplexity")}
-        return {"val_loss": report["loss"], "val_perplexity": report["perplexity"], **per_source}
-    return {"val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
-
-
 def _report(run: Run, encoded: list[Encoded], features: np.ndarray | None = None) -> dict:
     predictions, _ = predict(run, encoded, features)
     labels = np.array([e.label for e in encoded])

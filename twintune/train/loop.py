@@ -18,11 +18,10 @@ from twintune.errors import TwintuneError
 from twintune.formats.adapter import save_adapter
 from twintune.formats.safetensors_io import write_json
 from twintune.recipe import Recipe, check_trains_something, recipe_from_dict
-from twintune.tasks import Features
 from twintune.train.build import Run, backend_cannot_run, prepare
 from twintune.train.checkpoints import find_checkpoint, load_checkpoint_state, save_checkpoint
 from twintune.train.distributed import check_world, launched_world
-from twintune.train.evaluate import better, evaluate, logged_metrics, perplexity_of
+from twintune.train.evaluate import better, evaluate, perplexity_of
 from twintune.train.features import train_features
 from twintune.train.guards import forgetting_summary
 from twintune.train.loss_scale import LossScaler
@@ -102,7 +101,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     if world.writes:
         _check_writable(out)
     run = prepare(recipe, name, world=world)
-    if isinstance(recipe.task, Features):
+    if not recipe.task.trains_in_steps:
         return _train_features(run, out)
     state, first_step, best_values = _start(run, name, checkpoint)
     if world.writes:
@@ -116,7 +115,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
             run.backend.set_trainable_state(best_values)
         report = evaluate(run)
         log.write({"step": state.best["step"] if best_values is not None else state.last_step,
-                   **logged_metrics(report)})
+                   **recipe.task.logged(report)})
     if bar:
         bar.close()
     trained = run.backend.trainable_state()  # on every process: a sharded model gathers its shards
@@ -178,7 +177,7 @@ def _evaluate_and_maybe_stop(run: Run, state: TrainingState, log: MetricsLog, st
                              best_values: dict | None) -> dict | None:
     """An evaluation logged at `step`; with early stopping, the best values kept and the stop decided."""
     t = run.recipe.train
-    log.write({"step": step, **logged_metrics(evaluate(run))})
+    log.write({"step": step, **run.recipe.task.logged(evaluate(run))})
     if not t.early_stopping_patience:
         return best_values
     value = state.log[-1][t.early_stopping_metric]
@@ -220,9 +219,8 @@ def _summary(run: Run, state: TrainingState, report: dict, first_step: int, trai
         "trainable_params": int(sum(v.size for v in trained.values())),
         "final_train_loss": losses[-1],
         "train_losses": losses,
-        **logged_metrics(report),
-        **({} if "perplexity" in report else {"val_per_class": report["per_class"], "val_confusion": report["confusion"],
-                                             "labels": report["labels"]}),
+        **recipe.task.logged(report),
+        **recipe.task.summary_fields(report),
         "evals": [line for line in state.log if set(line) & {"val_accuracy", "val_perplexity"}],
         **({"forgetting": forgetting_summary(t.forgetting_eval, state.forgetting_before,
                                              perplexity_of(run, run.general))} if t.forgetting_eval else {}),
@@ -249,8 +247,9 @@ def _train_features(run: Run, out: Path) -> dict:
 
 def _checkpoint_to_resume(resume: str | Path, recipe: Recipe, backend: str) -> tuple[Path, tuple]:
     """The checkpoint `resume` names and what it holds, checked against the recipe and the backend."""
-    if isinstance(recipe.task, Features):
-        raise TwintuneError("a features run has no checkpoints to resume (its features are cached: train it again).")
+    if not recipe.task.trains_in_steps:
+        raise TwintuneError(f"a {recipe.task.name} run has no checkpoints to resume (its features are cached: train it "
+                            "again).")
     found = find_checkpoint(resume)
     held = load_checkpoint_state(found)
     _check_same_recipe(held[0]["recipe"], recipe.to_dict(), found)

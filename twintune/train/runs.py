@@ -22,7 +22,7 @@ from twintune.models import mlx_lm_has_family
 from twintune.recipe import load_recipe
 from twintune.train.features import load_classifier
 from twintune.formats.head import check_head_fits
-from twintune.tasks import Features, HEAD, split_head
+from twintune.tasks import HEAD, split_head
 from twintune.train.build import Run, prepare, read_gpt_neo
 from twintune.train.evaluate import evaluate, evaluate_with_shots, predict
 
@@ -45,7 +45,7 @@ def open_run(target: str | Path, backend: str | None = None, with_data: bool = T
     # the adapter holds the saved form of the method's values (P-tuning: its encoder's output)
     recipe = dataclasses.replace(recipe, method=recipe.method.saved_method())
     run = prepare(recipe, backend, with_data)
-    if isinstance(recipe.task, Features):
+    if not recipe.task.trains_in_steps:  # a fitted classifier, not an adapter
         run.classifier = load_classifier(path / "classifier", run.encoder.prompt.labels, run.spec.hidden_size)
         return run
     method, state = load_adapter(path / "adapter", run.spec)
@@ -129,9 +129,9 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     """
     run_dir, out = run_and_new_output(run_dir, out_dir)
     recipe = load_recipe(run_dir / "recipe.json")
-    if isinstance(recipe.task, Features):
-        raise TwintuneError("a features run cannot be merged: its classifier reads pooled features (numpy), not a "
-                            "layer of the model; its result is classifier/ in the run directory.")
+    if not recipe.task.trains_in_steps:
+        raise TwintuneError(f"a {recipe.task.name} run cannot be merged: its classifier reads pooled features "
+                            "(numpy), not a layer of the model; its result is classifier/ in the run directory.")
     quantization = recipe.quantization()
     if quantization and quantization.type == "affine":
         raise TwintuneError("merging a run trained on MLX's affine-quantized base is not supported; "
