@@ -8,6 +8,8 @@ class TwintuneError(Exception):
 
     Example:
         >>> raise TwintuneError("recipe key 'method.rank' is unknown; did you mean 'method.r'?")
+        Traceback (most recent call last):
+        twintune.errors.TwintuneError: recipe key 'method.rank' is unknown; did you mean 'method.r'?
     """
 
 

@@ -22,6 +22,7 @@ def build(cls, raw, where: str, converters: dict | None = None):
     function(value, key) for types this module does not know (the recipe's `method`).
 
     Example:
+        >>> from twintune.recipe import TrainConfig
         >>> build(TrainConfig, {"lr": "1e-3"}, "train.").lr
         0.001
     """

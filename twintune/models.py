@@ -30,6 +30,7 @@ class GPTNeoSpec:
         """Read a Hugging Face GPT-Neo config.json dict.
 
         Example:
+            >>> from twintune.formats.checkpoint import load_checkpoint
             >>> GPTNeoSpec.from_config(load_checkpoint("builtin:tiny-gpt-neo").config).num_layers
             4
         """

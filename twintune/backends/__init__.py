@@ -24,8 +24,8 @@ def resolve_backend_name(name: str) -> str:
     """The concrete backend for a name; `auto` decides by the machine.
 
     Example:
-        >>> resolve_backend_name("auto")   # on a MacBook with Apple Silicon
-        'mlx'
+        >>> resolve_backend_name("torch")   # "auto": mlx on a MacBook with Apple Silicon, else torch
+        'torch'
     """
     if name not in BACKENDS:
         raise TwintuneError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}.")

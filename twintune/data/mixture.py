@@ -28,6 +28,8 @@ class MixtureOrder:
     by optimizer step (the interface of TrainOrder).
 
     Example:
+        >>> a = [Encoded(np.arange(1, 9, dtype=np.int32), 1, 0) for _ in range(30)]
+        >>> b = [Encoded(np.arange(1, 5, dtype=np.int32), 1, 0) for _ in range(30)]
         >>> order = MixtureOrder([a, b], [3.0, 1.0], batch_size=8, grad_accum=1, seed=0)
         >>> order.step_batches(10)[0].input_ids.shape[0]
         8

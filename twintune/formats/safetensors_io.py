@@ -29,9 +29,10 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read every tensor of a .safetensors file into numpy; bfloat16 is widened to float32.
 
     Example:
-        >>> weights = read_safetensors("model/model.safetensors")
-        >>> weights["transformer.wte.weight"].shape
-        (50257, 2048)
+        >>> from twintune.formats.tiny_model import builtin_model_dir
+        >>> weights = read_safetensors(builtin_model_dir("tiny-gpt-neo") / "model.safetensors")
+        >>> weights["transformer.wte.weight"].shape   # the tiny model's (vocabulary, width)
+        (1024, 64)
     """
     path = Path(path)
     try:

@@ -50,6 +50,7 @@ class Plan:
     """Everything a backend needs to turn the frozen base into the method's trainable model.
 
     Example:
+        >>> from twintune.methods import LoRA
         >>> plan = LoRA(r=4).plan(base, seed=0)
         >>> sorted(plan.initial_values())[0]
         'transformer.h.0.attn.attention.q_proj.lora_A.weight'

@@ -169,7 +169,12 @@ class LoRA(Method):
         re-quantizing would round the update away).
 
         Example:
-            >>> merged = lora.merge(base, run.backend.trainable_state())
+            >>> lora = LoRA(r=4)
+            >>> trained = {k: v + 0.01 for k, v in lora.plan(base, seed=0).initial_values().items()}
+            >>> merged = lora.merge(base, trained)
+            >>> bool(np.abs(merged["transformer.h.0.attn.attention.q_proj.weight"]
+            ...             - base.weights["transformer.h.0.attn.attention.q_proj.weight"]).max() > 0)
+            True
         """
         merged = dense_weights(base)
         for layer in adapted_layers(state):

@@ -72,6 +72,7 @@ def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True, 
     model) before the optimizer's state is made.
 
     Example:
+        >>> from twintune.recipe import load_recipe
         >>> run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml"), backend="mlx")
         >>> run.total_steps   # 4 epochs of 1200 training examples in batches of 16
         300
@@ -101,6 +102,7 @@ def open_base(recipe: Recipe, backend: str, with_plan: bool = False) -> Opened:
     method planned on the base too, before the backend builds a GPT-Neo (a refused method costs nothing).
 
     Example:
+        >>> from twintune.recipe import load_recipe
         >>> open_base(load_recipe("recipes/demo-financial-sentiment.yaml"), "torch").max_positions
         512
     """

@@ -25,7 +25,9 @@ def train_step(run: Run, step: int) -> dict:
     """One optimizer step; the record metrics.jsonl gets for it.
 
     Example:
-        >>> train_step(prepare(load_recipe("recipes/demo-financial-sentiment.yaml")), 0)["step"]
+        >>> from twintune.recipe import load_recipe
+        >>> from twintune.train.build import prepare
+        >>> train_step(prepare(load_recipe("recipes/demo-financial-sentiment.yaml"), "torch"), 0)["step"]
         1
     """
     t = run.recipe.train
