@@ -36,8 +36,11 @@ def save_adapter(directory: str | Path, method: Method, state: dict[str, np.ndar
     A method with frozen tensors of its own (Method.frozen_values) needs the model's `spec` for them.
 
     Example:
-        >>> save_adapter("runs/demo/adapter", run.method, run.backend.trainable_state(), "EleutherAI/gpt-neo-1.3B")
-        PosixPath('runs/demo/adapter')
+        >>> from twintune.recipe import load_recipe
+        >>> from twintune.train.build import prepare
+        >>> run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml"), "torch", with_data=False)
+        >>> save_adapter("runs/saved/adapter", run.method, run.backend.trainable_state(), "builtin:tiny-gpt-neo")
+        PosixPath('runs/saved/adapter')
     """
     directory = Path(directory)
     prefix = PEFT_PREFIX if method.layout == "peft" else ""
@@ -147,7 +150,9 @@ def load_adapter(directory: str | Path, spec: GPTNeoSpec) -> tuple[Method, dict[
     `torch.load(weights_only=True)`. Anything else is refused with a TwintuneError.
 
     Example:
-        >>> method, state = load_adapter("runs/demo/adapter", run.spec)
+        >>> from twintune.formats.checkpoint import load_checkpoint
+        >>> spec = GPTNeoSpec.from_config(load_checkpoint("builtin:tiny-gpt-neo").config)
+        >>> method, state = load_adapter("runs/demo/adapter", spec)
         >>> method.name, sorted(state)[0]
         ('lora', 'transformer.h.0.attn.attention.k_proj.lora_A.weight')
     """

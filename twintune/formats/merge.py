@@ -26,8 +26,9 @@ def write_checkpoint(out: str | Path, model_dir: str | Path, weights: dict[str, 
     last real token, as twintune's head does.
 
     Example:
-        >>> write_checkpoint("models/demo-merged", model_dir, method.merge(base, state))
-        PosixPath('models/demo-merged')
+        >>> from twintune.formats.tiny_model import builtin_model_dir
+        >>> write_checkpoint("models/base-copy", builtin_model_dir("tiny-gpt-neo"), dict(base.weights))
+        PosixPath('models/base-copy')
     """
     out, model_dir = Path(out), Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())

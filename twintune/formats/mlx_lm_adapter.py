@@ -24,9 +24,8 @@ _BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
 def write_mlx_lm_adapter(out_dir: str | Path, adapter: dict[str, np.ndarray], method: LoRA, num_layers: int) -> Path:
     """Write `adapter` (PEFT-named LoRA values of an mlx-lm model) where mlx-lm's load_adapters reads it.
 
-    Example:
-        >>> write_mlx_lm_adapter("adapters/qwen", backend.trainable_state(), lora, num_layers=24)
-        >>> mlx_lm.tuner.utils.load_adapters(mlx_lm_model, "adapters/qwen")
+    mlx-lm then loads it onto the same model: `mlx_lm.tuner.utils.load_adapters(model, out_dir)`
+    (tests/test_mlx_lm_models.py does, with the same logits).
     """
     weights, keys, blocks = {}, set(), set()
     for name in adapted_layers(adapter):

@@ -41,7 +41,12 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, np.ndarray], 
     """Write one checkpoint atomically and keep only the newest `keep_last`.
 
     Example:
-        >>> save_checkpoint(out, 50, backend.trainable_state(), backend.optimizer_state(), recipe.to_dict(), history, 2)
+        >>> from twintune.recipe import load_recipe
+        >>> from twintune.train.build import prepare
+        >>> run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml"), "torch")
+        >>> save_checkpoint(Path("runs/checkpointed"), 50, run.backend.trainable_state(), run.backend.optimizer_state(),
+        ...                 run.recipe.to_dict(), {"log": []}, 2).name
+        'step-00000050'
     """
     final = checkpoint_dir(run_dir, step)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"

@@ -39,7 +39,11 @@ def evaluate(run: Run, split: str = "validation") -> dict:
     """Accuracy, macro-F1, per-class precision/recall and confusion matrix on a split.
 
     Example:
-        >>> evaluate(run, "validation")["confusion"]   # rows: true class, columns: predicted
+        >>> from twintune.recipe import load_recipe
+        >>> from twintune.train.build import prepare
+        >>> run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml"), "torch")
+        >>> len(evaluate(run, "validation")["confusion"])   # rows: true class, columns: predicted
+        3
     """
     encoded = run.splits[split]
     if not encoded:
@@ -64,7 +68,9 @@ def evaluate_with_shots(run: Run, split: str, shots: int, retrieve: bool = False
     sentence, as many as fit, with a note; none fitting is an error.
 
     Example:
-        >>> evaluate_with_shots(prepare(load_recipe("recipes/demo-financial-sentiment.yaml")), "test", 2)["shots"]
+        >>> from twintune.recipe import load_recipe
+        >>> from twintune.train.build import prepare
+        >>> evaluate_with_shots(prepare(load_recipe("recipes/demo-financial-sentiment.yaml"), "torch"), "test", 2)["shots"]
         2
     """
     if shots < 0:

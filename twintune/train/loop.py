@@ -89,8 +89,11 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     checkpoint and ends with the same adapter and loss log as a run that was never stopped.
 
     Example:
-        >>> summary = train(load_recipe("recipes/demo-financial-sentiment.yaml"), backend="torch", out_dir="runs/demo")
-        >>> summary["val_accuracy"], summary["out_dir"]
+        >>> from twintune.recipe import load_recipe
+        >>> recipe = load_recipe("recipes/demo-financial-sentiment.yaml", ["train.max_steps=4"])
+        >>> summary = train(recipe, backend="torch", out_dir="runs/loop-demo", progress=False)
+        >>> summary["steps"], summary["out_dir"]
+        (4, 'runs/loop-demo')
     """
     check_trains_something(recipe)
     name = resolve_backend_name(backend or recipe.backend)

@@ -12,7 +12,8 @@ def plot_run(path: str | Path, losses: list[float], evals: list[dict], title: st
     """Write the plot (matplotlib, no display needed).
 
     Example:
-        >>> plot_run("runs/demo/training.png", summary["train_losses"], summary["evals"], "demo")
+        >>> plot_run("runs/plotted.png", [2.0, 1.5, 1.1], [{"step": 3, "val_accuracy": 0.6}], "demo").name
+        'plotted.png'
     """
     import matplotlib
 
