@@ -1,8 +1,7 @@
 """Every docstring example in twintune runs and gives what it says (doctest): in one scratch directory
 with the repository's recipes beside it and four short runs made there first (runs/demo: LoRA;
 runs/demo-bitfit, runs/demo-ia3; runs/demo-causal-lm), with the built-in tiny GPT-Neo at hand as
-`base` (and its `spec` and `weights`). Only the framework code under backends/mlx and backends/torch
-is left out: its examples show calls on models those files build."""
+`base` (and its `spec` and `weights`)."""
 
 from __future__ import annotations
 
@@ -21,7 +20,7 @@ from twintune.methods import BaseModel
 from twintune.models import GPTNeoSpec, gpt_neo_weights
 
 ROOT = Path(__file__).resolve().parent.parent
-LEFT_OUT = ("twintune.backends.mlx", "twintune.backends.torch", "twintune.__main__")
+LEFT_OUT = ("twintune.__main__",)
 DEMO = "recipes/demo-financial-sentiment.yaml"
 SHORT = ["train.max_steps=4", "data.synthetic_size=120"]
 RUNS = {"runs/demo": [], "runs/demo-bitfit": ["method={name: bitfit}"], "runs/demo-ia3": ["method={name: ia3}"],

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `twintune` console script.
 
-    Example:
+    Usage (tests/test_cli.py runs each verb):
         $ twintune train recipes/demo-financial-sentiment.yaml --backend mlx --out runs/demo
         $ twintune eval runs/demo --split test
         $ twintune predict runs/demo "Operating profit rose to EUR 13.1 mn ."

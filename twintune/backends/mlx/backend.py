@@ -102,8 +102,15 @@ class MLXBackend:
         """Train a model built elsewhere, e.g. an mlx-lm model wrapped in MLXLMModel (MLX only).
 
         Example:
-            >>> backend = MLXBackend.from_model(load_mlx_lm_model("~/models/Qwen2.5-0.5B"))
+            >>> from mlx_lm.models import llama
+            >>> from twintune.backends.mlx.mlx_lm_model import MLXLMModel
+            >>> args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+            ...                        num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=1000)
+            >>> backend = MLXBackend.from_model(MLXLMModel(llama.Model(args)))
+            >>> from twintune.methods import LoRA
             >>> backend.apply_method(LoRA(r=8).plan(BaseModel(backend.spec, backend.base_weights()), seed=0))
+            >>> len(backend.trainable_state())   # A and B of q_proj and v_proj in 2 blocks
+            8
         """
         from twintune.backends.mlx.mlx_lm_model import MLXLMSpec
 
@@ -156,7 +163,13 @@ class MLXBackend:
         """The model's weights by name, as float32 numpy when read (for planning on a model built elsewhere).
 
         Example:
-            >>> backend.apply_method(LoRA(r=8).plan(BaseModel(backend.spec, backend.base_weights()), seed=0))
+            >>> from mlx_lm.models import llama
+            >>> from twintune.backends.mlx.mlx_lm_model import MLXLMModel
+            >>> args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+            ...                        num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=1000)
+            >>> backend = MLXBackend.from_model(MLXLMModel(llama.Model(args)))
+            >>> backend.base_weights()["model.embed_tokens.weight"].shape
+            (1000, 64)
         """
         return WeightsAsNumpy(dict(tree_flatten(self.model.parameters())))
 

@@ -195,9 +195,8 @@ def _natural_key(name: str) -> tuple:
 def load_mlx_lm_model(path: str | Path) -> MLXLMModel:
     """Load a model directory mlx-lm can read (config.json + safetensors) and wrap it.
 
-    Example:
-        >>> model = load_mlx_lm_model("~/models/Qwen2.5-0.5B")
-        >>> backend = MLXBackend.from_model(model)
+    A directory such as ~/models/Qwen2.5-0.5B (config.json, safetensors, tokenizer) then trains
+    through `MLXBackend.from_model(load_mlx_lm_model(directory))` (tests/test_mlx_lm_models.py).
     """
     from mlx_lm.utils import load_model
 

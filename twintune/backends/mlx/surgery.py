@@ -123,6 +123,10 @@ def undo_plan(model: nn.Module, plan: Plan, base: BaseModel) -> None:
     filled slot is empty again.
 
     Example:
+        >>> from mlx.utils import tree_flatten
+        >>> from twintune.backends.mlx.backend import MLXBackend
+        >>> from twintune.methods import LoRA
+        >>> backend, plan = MLXBackend(spec, weights), LoRA(r=4).plan(base, seed=0)
         >>> apply_plan(backend.model, plan, np.float32); undo_plan(backend.model, plan, base)
         >>> tree_flatten(backend.model.trainable_parameters())
         []

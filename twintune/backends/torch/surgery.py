@@ -108,7 +108,10 @@ def undo_plan(model: nn.Module, plan: Plan, base: BaseModel) -> None:
     filled slot is empty again.
 
     Example:
-        >>> apply_plan(backend.model, plan, np.float32, device); undo_plan(backend.model, plan, base)
+        >>> from twintune.backends.torch.backend import TorchBackend
+        >>> from twintune.methods import LoRA
+        >>> backend, plan = TorchBackend(spec, weights), LoRA(r=4).plan(base, seed=0)
+        >>> apply_plan(backend.model, plan, np.float32, backend.device); undo_plan(backend.model, plan, base)
         >>> [name for name, p in backend.model.named_parameters() if p.requires_grad]
         []
     """
