@@ -195,6 +195,9 @@ class Processes(Protocol):
     def all_sum(self, values: np.ndarray) -> np.ndarray:
         """The element-wise sum of `values` over the processes (float64 in, float64 out)."""
 
+    def leave(self) -> None:
+        """Wait until every process is done, then close the group (the end of a run of several processes)."""
+
 
 class Backend(ModelComputation, OptimizerState, Processes, Protocol):
     """What the shared loop asks of MLX and of PyTorch: the three roles above, its name and what it

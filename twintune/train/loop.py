@@ -122,13 +122,16 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     if bar:
         bar.close()
     trained = run.backend.trainable_state()  # on every process: a sharded model gathers its shards
-    if not world.writes:  # the same model on every process; rank 0 saves it
-        return {"backend": name, "rank": world.rank, "world_size": world.size, "out_dir": str(out)}
-    save_adapter(out / "adapter", run.method, trained, recipe.model, run.model_dir,
-                 labels=list(recipe.prompt.labels) if recipe.task.linear_head else None, spec=run.spec)
-    summary = _summary(run, state, report, first_step, trained, out)
-    write_json(out / "summary.json", summary)
-    plot_run(out / "training.png", summary["train_losses"], summary["evals"], title=f"{recipe.name} ({name})")
+    if world.writes:  # the same model on every process; rank 0 saves it
+        save_adapter(out / "adapter", run.method, trained, recipe.model, run.model_dir,
+                     labels=list(recipe.prompt.labels) if recipe.task.linear_head else None, spec=run.spec)
+        summary = _summary(run, state, report, first_step, trained, out)
+        write_json(out / "summary.json", summary)
+        plot_run(out / "training.png", summary["train_losses"], summary["evals"], title=f"{recipe.name} ({name})")
+    else:
+        summary = {"backend": name, "rank": world.rank, "world_size": world.size, "out_dir": str(out)}
+    if world.size > 1:  # the processes end together: none closes its connections while another still works
+        run.backend.leave()
     return summary
 
 

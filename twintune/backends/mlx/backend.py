@@ -313,6 +313,10 @@ class MLXBackend:
         summed = mx.distributed.all_sum(mx.array(np.asarray(values), dtype=mx.float64), group=self.group)
         return np.array(summed, np.float64)
 
+    def leave(self) -> None:
+        """Every process waits for the last (a sum over the ring); MLX's group needs no closing."""
+        self.all_sum(np.zeros(1))
+
     def set_base_view(self, plan: Plan, start: dict[str, np.ndarray]) -> None:
         """What distill_backward's teacher switches off: the plan's surgeries, and the start's values of
         the parameters it unfroze (a frozen copy of those: full fine-tuning's cost of distillation)."""

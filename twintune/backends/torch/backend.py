@@ -369,6 +369,15 @@ class TorchBackend:
         dist.all_reduce(summed)
         return summed.cpu().numpy()
 
+    def leave(self) -> None:
+        # A process that exits while another still uses gloo's connections can abort it (SIGABRT seen
+        # on loopback): all wait for the last, then the group is closed on every process.
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def set_base_view(self, plan: Plan, start: dict[str, np.ndarray]) -> None:
         """What distill_backward's teacher switches off: the plan's surgeries, and the start's values of
         the parameters it unfroze (a frozen copy of those: full fine-tuning's cost of distillation)."""
