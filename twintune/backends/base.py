@@ -16,6 +16,7 @@ import numpy as np
 
 from twintune.data.batching import Batch
 from twintune.methods import BaseModel, Plan
+from twintune.methods.base import Layer
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,18 @@ CAPABILITIES = {
                         pipelined_greedy=True),
     "torch": Capabilities(launcher="torchrun", quantizations=("nf4",), sharding=True),
 }
+
+
+class LayerRegistry(dict):
+    """A backend's layer modules by the `Layer` class a surgery carries (backends/X/methods/registry.py):
+    each layer file registers its module with `@LAYERS.builds(TheLayer)`."""
+
+    def builds(self, layer: type[Layer]):
+        """Register the decorated class as the module that builds `layer`."""
+        def register(cls: type) -> type:
+            self[layer] = cls
+            return cls
+        return register
 
 
 @dataclass(frozen=True)
