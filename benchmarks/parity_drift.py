@@ -89,8 +89,8 @@ def child(backend: str, threads: int, dtype: str, steps: int, state_path: str, s
     report = evaluate(run)
     np.savez(state_path, **run.backend.trainable_state())
     return {"backend": backend, "threads": threads or None, "dtype": dtype, "steps": steps,
-            "seconds_per_step": seconds / steps, "losses": losses, "predictions": report["predictions"],
-            "val_accuracy": report["accuracy"]}
+            "seconds_per_step": seconds / steps, "losses": losses, "predictions": report.predictions,
+            "val_accuracy": report.accuracy}
 
 
 def train(name: str, backend: str, threads: int, dtype: str, steps: int, scratch: Path, seed: int = 0) -> dict:

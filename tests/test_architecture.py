@@ -189,3 +189,27 @@ def test_every_call_on_a_backend_from_outside_is_declared():
         asks += [f"{path.name}: {m}" for m in re.findall(r"hasattr\([^)]*backend[^)]*\)|[=!]= \"(?:mlx|torch)\"", text)]
     assert sorted(calls - _protocol_members() - {"name"}) == []
     assert asks == []
+
+
+# ---- tasks as strategies ----------------------------------------------------------------------------
+
+def test_nothing_outside_tasks_asks_which_task_a_run_has():
+    """Outside twintune/tasks/ no code tells tasks or reports apart: no isinstance against a task or
+    report class, no comparison with a task's name, no test for a report's key (`"perplexity" in
+    report`); the task and its report answer instead (tasks/task.py, tasks/reports.py)."""
+    from twintune.tasks import TASKS, ClassificationReport, Generative, Labelled, PerplexityReport
+
+    classes = {cls.__name__ for cls in (*TASKS.values(), Generative, Labelled, ClassificationReport, PerplexityReport)}
+    words = set(TASKS) | {"perplexity", "accuracy"}
+    asks = []
+    for path in PACKAGE.rglob("*.py"):
+        if "tasks" in path.relative_to(PACKAGE).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+                named = {n.id if isinstance(n, ast.Name) else getattr(n, "attr", None) for n in ast.walk(node.args[1])}
+                asks += [f"{path.name}:{node.lineno} isinstance {sorted(named & classes)}"] if named & classes else []
+            if isinstance(node, ast.Compare):
+                constants = {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+                asks += [f"{path.name}:{node.lineno} compares with {sorted(constants & words)}"] if constants & words else []
+    assert asks == []

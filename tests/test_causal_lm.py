@@ -14,7 +14,7 @@ from twintune.train.build import prepare
 from twintune.train.step import train_step
 from twintune.train.evaluate import evaluate
 from twintune.train.loop import train
-from twintune.train.runs import evaluate_target, format_report
+from twintune.train.runs import evaluate_split
 
 DEMO = "recipes/demo-financial-sentiment.yaml"
 BACKENDS = ["mlx", "torch"]
@@ -65,19 +65,19 @@ def test_twenty_steps_give_the_same_losses_and_perplexity_on_both_backends(dtype
     losses = {b: np.array([train_step(run, step)["loss"] for step in range(20)]) for b, run in runs.items()}
     assert np.abs(losses["mlx"] - losses["torch"]).max() / losses["torch"].max() < tolerance
     reports = {b: evaluate(run) for b, run in runs.items()}
-    assert abs(reports["mlx"]["loss"] - reports["torch"]["loss"]) / reports["torch"]["loss"] < tolerance
-    assert reports["mlx"]["tokens"] == reports["torch"]["tokens"] > 0
+    assert abs(reports["mlx"].loss - reports["torch"].loss) / reports["torch"].loss < tolerance
+    assert reports["mlx"].tokens == reports["torch"].tokens > 0
 
 
 def test_a_causal_lm_run_lowers_its_validation_perplexity_and_reports_it(tmp_path):
     recipe = _recipe("train.max_steps=40", "train.eval_every=20", "method.r=4")
-    before = evaluate(prepare(recipe, "torch"))["perplexity"]
+    before = evaluate(prepare(recipe, "torch")).perplexity
     summary = train(recipe, "torch", tmp_path / "run", progress=False)
     assert summary["task"] == {"name": "causal_lm", "packing": True}
     assert summary["val_perplexity"] < 0.9 * before
     assert [e["step"] for e in summary["evals"]] == [20, 40] and "val_accuracy" not in summary
-    report = evaluate_target(tmp_path / "run", "test", "mlx")
-    assert report["perplexity"] > 1 and format_report(report).startswith("test split, ")
+    evaluation = evaluate_split(tmp_path / "run", "test", "mlx")
+    assert evaluation.to_dict()["perplexity"] > 1 and evaluation.text().startswith("test split, ")
     with pytest.raises(TwintuneError, match="is a causal_lm run: it predicts next tokens, not labels"):
         from twintune.train.runs import predict_texts
 

@@ -70,7 +70,7 @@ def test_replay_trains_the_same_on_both_backends_and_resumes_exactly(tmp_path):
 def test_the_summary_reports_the_general_texts_perplexity_before_and_after(tmp_path):
     recipe = _small("train.forgetting_eval=synthetic", "train.max_steps=2")
     start = prepare(recipe, "torch")
-    before = perplexity_report(start, start.general)["perplexity"]
+    before = perplexity_report(start, start.general).perplexity
     summary = train(recipe, "torch", tmp_path, progress=False)
     forgetting = summary["forgetting"]
     assert forgetting["source"] == "synthetic" and forgetting["perplexity_before"] == pytest.approx(before, rel=1e-9)

@@ -84,7 +84,7 @@ def test_the_head_learns_the_demo(method, lr, bar):
     run = prepare(_recipe(method, train_keys={"lr": lr}), "torch")
     for step in range(run.total_steps):
         train_step(run, step)
-    assert evaluate(run)["accuracy"] >= bar
+    assert evaluate(run).accuracy >= bar
 
 
 # ---- saved, reopened, merged ---------------------------------------------------------------------

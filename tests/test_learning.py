@@ -16,10 +16,10 @@ from twintune.train.evaluate import evaluate
 def test_demo_recipe_learns_financial_sentiment(backend):
     recipe = load_recipe("recipes/demo-financial-sentiment.yaml")
     run = prepare(recipe, backend)
-    before = evaluate(run)["accuracy"]
+    before = evaluate(run).accuracy
     for step in range(run.total_steps):
         train_step(run, step)
     after = evaluate(run)
     assert before < 0.45, before  # three balanced classes: chance is 1/3
-    assert after["accuracy"] >= 0.9, after["accuracy"]
-    assert min(c["f1"] for c in after["per_class"].values()) > 0.85, after["per_class"]
+    assert after.accuracy >= 0.9, after.accuracy
+    assert min(c["f1"] for c in after.per_class.values()) > 0.85, after.per_class

@@ -85,9 +85,9 @@ def test_a_mixture_trains_the_same_on_both_backends_and_reports_each_source(mixt
     losses = {b: np.array([train_step(run, s)["loss"] for s in range(8)]) for b, run in runs.items()}
     assert np.abs(losses["mlx"] - losses["torch"]).max() < 1e-4 * losses["torch"].max()
     report = evaluate(runs["torch"])
-    assert set(report["sources"]) == {"news", "qa"}
+    assert set(report.sources) == {"news", "qa"}
     parts = runs["torch"].sources
-    assert report["tokens"] == sum(report["sources"][name]["tokens"] for name in parts)
+    assert report.tokens == sum(report.sources[name].tokens for name in parts)
     assert len(runs["torch"].splits["validation"]) == sum(len(p["validation"]) for p in parts.values())
     # the instruction source's rows end in the label word's tokens and end-of-text; the news rows are packed
     assert all(e.prompt_len > 1 for e in parts["qa"]["train"]) and all(e.prompt_len == 1 for e in parts["news"]["train"])

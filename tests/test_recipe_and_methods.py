@@ -9,7 +9,7 @@ import pytest
 from twintune.errors import TwintuneError
 from twintune.methods import LoRA
 from twintune.recipe import load_recipe
-from twintune.train.metrics import classification_report
+from twintune.tasks import ClassificationReport
 from twintune.train.schedule import learning_rate
 
 LAYERS = {f"transformer.h.{i}.attn.attention.{p}": (64, 64) for i in range(2) for p in ("q_proj", "v_proj", "k_proj")}
@@ -69,8 +69,8 @@ def test_schedule_matches_hugging_face_formulas():
 
 
 def test_classification_report():
-    report = classification_report(np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 2, 0]), ["n", "u", "p"])
-    assert report["accuracy"] == 0.6
-    assert report["confusion"] == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    report = ClassificationReport.of(np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 2, 0]), ["n", "u", "p"])
+    assert report.accuracy == 0.6
+    assert report.confusion == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
     f1 = [2 * 0.5 * 0.5 / 1.0, 2 * 0.5 * 1 / 1.5, 2 * 1 * 0.5 / 1.5]
-    assert report["macro_f1"] == pytest.approx(sum(f1) / 3)
+    assert report.macro_f1 == pytest.approx(sum(f1) / 3)

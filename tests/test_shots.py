@@ -46,15 +46,15 @@ def test_braces_in_a_shot_stay_literal(runs):
 @pytest.mark.parametrize("shots", [0, 2])
 def test_zero_and_few_shot_give_the_same_predictions_on_both_backends(runs, shots):
     reports = {backend: evaluate_with_shots(run, "validation", shots) for backend, run in runs.items()}
-    assert reports["mlx"]["predictions"] == reports["torch"]["predictions"]
-    assert reports["mlx"]["shots"] == shots and reports["mlx"]["shots_note"] is None
+    assert reports["mlx"].predictions == reports["torch"].predictions
+    assert reports["mlx"].shots == shots and reports["mlx"].shots_note is None
 
 
 def test_shots_that_do_not_fit_the_context_are_fewer_with_a_note(runs):
     report = evaluate_with_shots(runs["torch"], "validation", 40)
-    assert 0 < report["shots"] < 40
-    assert report["shots_note"] == (f"40 shots of each class do not fit the model's 512 positions with the validation "
-                                    f"split's longest sentence; {report['shots']} do")
+    assert 0 < report.shots < 40
+    assert report.shots_note == (f"40 shots of each class do not fit the model's 512 positions with the validation "
+                                    f"split's longest sentence; {report.shots} do")
 
 
 def test_too_many_shots_for_a_class_is_one_sentence(runs):
@@ -79,7 +79,7 @@ def test_not_even_one_shot_fitting_is_one_sentence(tmp_path):
     with pytest.raises(TwintuneError, match=r"not even one shot of each class fits the model's 512 positions with the "
                                             r"validation split's longest sentence; use --shots 0"):
         evaluate_with_shots(run, "validation", 2)
-    assert evaluate_with_shots(run, "validation", 0)["shots"] == 0
+    assert evaluate_with_shots(run, "validation", 0).shots == 0
 
 
 # --- retrieved shots: the k of each class nearest to each sentence -----------------------------------
@@ -107,24 +107,25 @@ def test_retrieved_shots_give_the_same_predictions_on_both_backends_beside_rando
 
     monkeypatch.setenv(F.CACHE_ENV, str(tmp_path))
     reports = {backend: evaluate_with_shots(run, "validation", 1, retrieve=True) for backend, run in runs.items()}
-    assert reports["mlx"]["predictions"] == reports["torch"]["predictions"]
+    assert reports["mlx"].predictions == reports["torch"].predictions
     random = evaluate_with_shots(runs["torch"], "validation", 1)
     for report in reports.values():
-        assert report["retrieved"] and report["shots"] == 1
-        assert report["random_shots"]["accuracy"] == random["accuracy"]
-        assert report["random_shots"]["predictions"] == random["predictions"]
-    assert reports["torch"]["predictions"] != random["predictions"]  # other demonstrations, other answers
+        assert report.retrieved and report.shots == 1
+        assert report.random_shots.accuracy == random.accuracy
+        assert report.random_shots.predictions == random.predictions
+    assert reports["torch"].predictions != random.predictions  # other demonstrations, other answers
 
 
 def test_retrieved_shots_report_as_eval_does(tmp_path, monkeypatch):
     from twintune.train import features as F
-    from twintune.train.runs import format_report
+    from twintune.train.runs import evaluate_split
 
     monkeypatch.setenv(F.CACHE_ENV, str(tmp_path))
-    report = evaluate_target(DEMO, "test", "torch", shots=1, retrieve=True)
+    evaluation = evaluate_split(DEMO, "test", "torch", shots=1, retrieve=True)
+    report = evaluation.to_dict()
     plain = evaluate_target(DEMO, "test", "torch")
     assert set(plain) <= set(report) and "predictions" not in report["random_shots"]
-    text = format_report(report)
+    text = evaluation.text()
     assert "1 shots of each class, retrieved by similarity" in text and "random shots (1 of each class" in text
     with pytest.raises(TwintuneError, match="--retrieve chooses the --shots sentences; give --shots K"):
         evaluate_target(DEMO, "test", "torch", retrieve=True)

@@ -36,7 +36,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from twintune.backends.base import Backend
-from twintune.data.batching import Encoder, Prompt, eval_batches
+from twintune.data.batching import Encoder, Prompt
 from twintune.data.documents import eos_id
 from twintune.errors import TwintuneError
 from twintune.formats.adapter import check_adapter_fits, check_adapter_method, load_adapter
@@ -47,7 +47,7 @@ from twintune.recipe import DTYPES, PromptConfig, Recipe, load_recipe
 from twintune.formats.head import read_head_labels
 from twintune.tasks import HEAD, check_head_labels, head_surgery, with_head
 from twintune.train.build import open_base, prepare
-from twintune.train.evaluate import evaluate, predict
+from twintune.train.evaluate import evaluate, label_scores, labelled_texts, predict
 from twintune.train.loop import train
 
 __all__ = ["load_checkpoint", "load_recipe", "prepare", "train", "evaluate", "predict", "load", "generate", "Model",
@@ -220,13 +220,7 @@ class Model:
                           context=self.base.spec.max_positions, head=bool(active and HEAD in active.state))
         labels = encoder.prompt.labels
         encoded = [encoder.encode(text, labels[0], f" (text {i + 1})") for i, text in enumerate(texts)]
-        scores = np.zeros((len(encoded), len(labels)), np.float32)
-        for batch in eval_batches(encoded, batch_size):
-            scores[batch.example_index] = self.backend.label_logprobs(batch, encoder.first_label_ids)
-        probabilities = np.exp(scores - scores.max(axis=1, keepdims=True))
-        probabilities /= probabilities.sum(axis=1, keepdims=True)
-        return [{"text": text, "label": labels[k], "probabilities": dict(zip(labels, map(float, p)))}
-                for text, k, p in zip(texts, scores.argmax(axis=1), probabilities)]
+        return labelled_texts(texts, label_scores(self.backend, encoded, encoder.first_label_ids, batch_size), labels)
 
     def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0) -> Generation:

@@ -132,15 +132,14 @@ def main(argv: list[str] | None = None) -> int:
                             resume=args.resume)
             if summary.get("rank", 0) != 0:  # another process of a multi-process run: rank 0 reports
                 return 0
-            shown = {k: summary[k] for k in ("backend", "method", "steps", "final_train_loss", "val_accuracy",
-                                             "val_macro_f1", "val_loss", "val_perplexity", "train_seconds",
-                                             "peak_memory_mb", "out_dir") if k in summary}
+            shown = {k: summary[k] for k in ("backend", "method", "steps", "final_train_loss", *recipe.task.metrics,
+                                             "train_seconds", "peak_memory_mb", "out_dir") if k in summary}
             print(json.dumps(shown, indent=2))
         elif args.verb == "eval":
-            from twintune.train.runs import evaluate_target, format_report
+            from twintune.train.runs import evaluate_split
 
-            report = evaluate_target(args.target, args.split, args.backend, shots=args.shots, retrieve=args.retrieve)
-            print(json.dumps(report, indent=2) if args.json else format_report(report))
+            evaluation = evaluate_split(args.target, args.split, args.backend, shots=args.shots, retrieve=args.retrieve)
+            print(json.dumps(evaluation.to_dict(), indent=2) if args.json else evaluation.text())
         elif args.verb == "predict":
             from twintune.train.runs import predict_texts
 

@@ -173,8 +173,8 @@ def _prompting_row(recipe, backend: str, shots: int) -> dict:
         raise TwintuneError("the test split is empty; set data.test_fraction in the recipe.")
     started = time.perf_counter()
     report = evaluate_with_shots(run, "test", shots)
-    return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "test_examples": len(run.splits["test"]),
-            "shots": report["shots"], "shots_note": report.get("shots_note"), "trainable_parameters": 0,
+    return {"accuracy": report.accuracy, "macro_f1": report.macro_f1, "test_examples": len(run.splits["test"]),
+            "shots": report.shots, "shots_note": report.shots_note, "trainable_parameters": 0,
             "adapter_bytes": 0, "peak_rss_mb": _peak_rss_mb(), "backend_peak_mb": run.backend.peak_memory_mb(),
             "steps": 0, "train_seconds": 0.0, "seconds_per_step": None, "tokens_per_second": None,
             "eval_seconds": time.perf_counter() - started}

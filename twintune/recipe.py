@@ -182,7 +182,7 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 
 def recipe_from_dict(raw: dict) -> Recipe:
     """A validated recipe from plain values (a YAML file's, or a run's recipe.json)."""
-    if isinstance(raw, dict) and task_from_dict(raw.get("task")).name == "features" and "method" not in raw:
+    if isinstance(raw, dict) and not task_from_dict(raw.get("task")).trains_method and "method" not in raw:
         raw = {**raw, "method": {"name": "none"}}  # the features task trains no method
     recipe = build(Recipe, raw, "", {Method: method_from_dict, Task: task_from_dict})
     validate(recipe)
@@ -213,18 +213,19 @@ def validate_mixture(r: Recipe) -> None:
     """A mixture mixes generative tasks, each source named once, with some positive weight."""
     from twintune.data.mixture import source_name
 
-    _check(r.task.generative, f"data.mixture mixes generative tasks (causal_lm, instruction); task {r.task.name} "
-                              "trains on one data.source.")
+    from twintune.tasks import TASKS
+
+    mixable = [name for name, task in TASKS.items() if task.mixes]
     names = []
     for i, part in enumerate(r.data.mixture):
         where = f"data.mixture[{i}]"
         _check(bool(part.source), f"recipe key '{where}.source' is missing: name the source's file or dataset.")
         _check(part.weight >= 0, f"recipe key '{where}.weight' must be >= 0, got {part.weight}.")
         task = part.task or r.task.name
-        _check(task in ("causal_lm", "instruction"),
-               f"recipe key '{where}.task' must be causal_lm or instruction, got {part.task!r}.")
-        _check(not part.template or task == "instruction",
-               f"recipe key '{where}.template' belongs to instruction sources; this source's task is {task}.")
+        _check(task in mixable, f"recipe key '{where}.task' must be {' or '.join(mixable)}, got {part.task!r}.")
+        templated = [name for name in mixable if "template" in {f.name for f in dataclasses.fields(TASKS[name])}]
+        _check(not part.template or task in templated, f"recipe key '{where}.template' belongs to "
+                                                       f"{' and '.join(templated)} sources; this source's task is {task}.")
         names.append(part.name or source_name(part.source))
     _check(sum(part.weight for part in r.data.mixture) > 0,
            "data.mixture has no positive weight: give at least one source a weight above 0.")
@@ -233,12 +234,9 @@ def validate_mixture(r: Recipe) -> None:
 
 
 def check_trains_something(r: Recipe) -> None:
-    """Training needs something to train. (Loading such a recipe is fine: `twintune eval` and
-    `twintune compare`'s prompting rows evaluate the untrained model with method none.)"""
-    if r.method.name == "none" and r.task.trains_in_steps:
-        _check(r.task.linear_head, "method none trains nothing with the verbalizer: set task.head to linear to train "
-                                   "a classification head alone, use task features, or evaluate the untrained "
-                                   "model with `twintune eval RECIPE --shots K`.")
+    """Training needs something to train (the task says what). Loading such a recipe is fine: `twintune
+    eval` and `twintune compare`'s prompting rows evaluate the untrained model with method none."""
+    r.task.check_trains_something(r)
 
 
 def validate(r: Recipe) -> None:
@@ -255,15 +253,9 @@ def validate(r: Recipe) -> None:
     _check(d.validation_fraction + d.test_fraction < 1, "data.validation_fraction + data.test_fraction must leave examples to train on.")
     _check(d.max_length >= 2, f"recipe key 'data.max_length' must be at least 2, got {d.max_length}.")
     _check(len(r.prompt.labels) >= 2, "recipe key 'prompt.labels' must name at least two labels.")
+    r.task.check_recipe(r)
     if d.mixture:
         validate_mixture(r)
-    if not r.task.trains_in_steps:
-        _check(r.method.name == "none", f"task {r.task.name} trains no method (the model stays frozen; a classifier is "
-                                        f"fitted on its features), but the recipe names method {r.method.name}; "
-                                        "remove the method section or set method.name to none.")
-    _check(not (getattr(r.task, "packing", False) and r.task.name == "instruction" and r.method.name == "loreft"),
-           "method loreft edits each row's first and last prompt positions, which a packed row of several "
-           "instruction examples does not have; set task.packing to false.")
     q = r.quantize
     _check(q.type in ("none", "nf4", "affine"), f"recipe key 'quantize.type' must be none, nf4 or affine, got {q.type!r}.")
     _check(q.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096),
@@ -305,11 +297,6 @@ def validate(r: Recipe) -> None:
     _check(t.distill.rows >= 1, f"recipe key 'train.distill.rows' must be at least 1, got {t.distill.rows}.")
     _check(not t.distill.weight or t.distill.source, "train.distill needs a source of general text (train.distill.source: "
                                                      "a .txt, .jsonl or datasets source, or synthetic).")
-    for key, used in (("train.replay", t.replay.fraction > 0), ("train.forgetting_eval", bool(t.forgetting_eval)),
-                      ("train.ewc", t.ewc.weight > 0), ("train.distill", t.distill.weight > 0)):
-        _check(not used or not r.task.linear_head and r.task.trains_in_steps,
-               f"{key} scores general text with the model's vocabulary, which task {r.task.name} "
-               f"{'replaces with a classification head' if r.task.linear_head else 'does not train'}.")
     _check(not (t.replay.fraction and t.replay.source == t.forgetting_eval != "synthetic"),
            f"train.forgetting_eval measures forgetting on held-out text, but {t.forgetting_eval} is also "
            "train.replay.source, which training reads; name another source for one of them.")

@@ -80,9 +80,9 @@ CASES = {
 def test_method_learns_the_demo_task(method, backend):
     overrides, bar, reason = CASES[method]
     run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml", overrides), backend)
-    before = evaluate(run)["accuracy"]
+    before = evaluate(run).accuracy
     for step in range(run.total_steps):
         train_step(run, step)
-    after = evaluate(run)["accuracy"]
+    after = evaluate(run).accuracy
     assert before < 0.45, before  # chance, before training (the same start for every method)
     assert after >= bar, f"{method} on {backend}: validation accuracy {after:.3f} < {bar} ({reason})"

@@ -48,7 +48,7 @@ def test_final_adapters_agree_to_1e_9_of_their_scale(both):
 
 def test_validation_predictions_identical(both):
     (_, _, mlx_eval), (_, _, torch_eval) = both
-    assert mlx_eval["predictions"] == torch_eval["predictions"]
+    assert mlx_eval.predictions == torch_eval.predictions
 
 
 def test_float64_with_dropout_gradient_accumulation_and_checkpointing_agrees_to_1e_9():

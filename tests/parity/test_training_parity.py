@@ -49,5 +49,5 @@ def test_final_lora_weights_agree(both):
 
 def test_validation_predictions_identical(both):
     (_, _, mlx_eval), (_, _, torch_eval) = both
-    assert mlx_eval["predictions"] == torch_eval["predictions"]
+    assert mlx_eval.predictions == torch_eval.predictions
     assert mlx_eval["confusion"] == torch_eval["confusion"]

@@ -19,7 +19,7 @@ import numpy as np
 from twintune.errors import TwintuneError
 from twintune.keys import check
 from twintune.methods.base import INSERT, Layer, Plan, Surgery
-from twintune.tasks.task import Task
+from twintune.tasks.task import Labelled, refuse_general_text
 
 HEAD = "score.weight"  # transformers' GPTNeoForSequenceClassification and PEFT's SEQ_CLS name
 HEAD_SLOT = "score"
@@ -33,7 +33,7 @@ class LinearHeadLayer(Layer):
 
 
 @dataclass(frozen=True)
-class Classification(Task):
+class Classification(Labelled):
     """Train the recipe's method to classify; `head` verbalizer (label words) or linear (a new layer)."""
 
     head: str = "verbalizer"
@@ -49,6 +49,25 @@ class Classification(Task):
     def linear_head(self) -> bool:
         return self.head == "linear"
 
+    def surgeries(self, labels: int, hidden_size: int, seed: int) -> tuple[Surgery, ...]:
+        return (head_surgery(labels, hidden_size, seed),) if self.linear_head else ()
+
+    def check_recipe(self, recipe) -> None:
+        super().check_recipe(recipe)
+        if self.linear_head:
+            refuse_general_text(recipe, "replaces with a classification head")
+
+    def check_trains_something(self, recipe) -> None:
+        if recipe.method.name == "none" and not self.linear_head:
+            raise TwintuneError("method none trains nothing with the verbalizer: set task.head to linear to train a "
+                                "classification head alone, use task features, or evaluate the untrained model with "
+                                "`twintune eval RECIPE --shots K`.")
+
+    def shots_refusal(self) -> str | None:
+        if self.linear_head:
+            return ("--shots puts labelled sentences with their label words before each sentence, but this run "
+                    "classifies with a linear head, which reads no label words; evaluate it without --shots")
+        return None
 
 
 def head_surgery(num_labels: int, hidden_size: int, seed: int) -> Surgery:

@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from twintune.errors import TwintuneError
 from twintune.keys import check
-from twintune.tasks.task import Task
+from twintune.tasks.task import Labelled, refuse_general_text
 
 
 @dataclass(frozen=True)
-class Features(Task):
+class Features(Labelled):
     """A logistic regression on the frozen model's pooled hidden states (cached per split)."""
 
     pooling: str = "last"
@@ -20,10 +21,26 @@ class Features(Task):
 
     name: ClassVar[str] = "features"
     description: ClassVar[str] = "logistic regression on the frozen model's pooled hidden states"
+    trains_method: ClassVar[bool] = False
 
     @property
     def trains_in_steps(self) -> bool:
         return False
+
+    def check_recipe(self, recipe) -> None:
+        super().check_recipe(recipe)
+        if recipe.method.name != "none":
+            raise TwintuneError(f"task features trains no method (the model stays frozen; a classifier is fitted on "
+                                f"its features), but the recipe names method {recipe.method.name}; remove the method "
+                                "section or set method.name to none.")
+        refuse_general_text(recipe, "does not train")
+
+    def check_trains_something(self, recipe) -> None:
+        """It fits a classifier on the frozen model's features: there is always something to train."""
+
+    def shots_refusal(self) -> str:
+        return ("--shots puts labelled sentences with their label words before each sentence, but this is a "
+                "features run, whose classifier reads no label words; evaluate it without --shots")
 
     def validate(self) -> None:
         check(self.pooling in ("last", "mean"), f"recipe key 'task.pooling' must be last or mean, got {self.pooling!r}.")

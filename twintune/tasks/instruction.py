@@ -41,6 +41,11 @@ class Instruction(Generative):
     def validate(self) -> None:
         template_fields(self.template)
 
+    def check_recipe(self, recipe) -> None:
+        if self.packing and recipe.method.name == "loreft":
+            raise TwintuneError("method loreft edits each row's first and last prompt positions, which a packed row "
+                                "of several instruction examples does not have; set task.packing to false.")
+
     def splits(self, data, seed: int, tokenizer, length: int) -> dict[str, list[Encoded]]:
         """Prompt + completion + end-of-text per example, the targets the completion and end-of-text
         (`mask_prompt`) or every token after the first; split by the seed."""

@@ -17,14 +17,13 @@ from twintune.backends.base import AdamW, Backend
 from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder
 from twintune.data.examples import Example
 from twintune.data.mixture import MixtureOrder, source_name
-from twintune.data.sources import load_examples, stratified_split
 from twintune.errors import TwintuneError
 from twintune.formats.checkpoint import load_checkpoint, load_config, load_tokenizer, resolve_model_dir
 from twintune.methods import BaseModel, Method, Plan
 from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.quant import quantize_linear_layers
 from twintune.recipe import Recipe
-from twintune.tasks import head_surgery, task_from_dict, with_head
+from twintune.tasks import task_from_dict
 from twintune.train.distributed import ALONE, World
 from twintune.train.guards import DISTILL, EWC, REPLAY, general_rows
 from twintune.train.loss_scale import LossScaler
@@ -153,11 +152,10 @@ def read_gpt_neo(recipe: Recipe) -> tuple[BaseModel, Path]:
 
 
 def run_plan(recipe: Recipe, base: BaseModel) -> Plan:
-    """The recipe's method planned on the base, with the task's linear head when it has one."""
+    """The recipe's method planned on the base, with what the task trains besides it (a linear head)."""
     plan = recipe.method.plan(base, recipe.seed)
-    if recipe.task.linear_head:
-        plan = with_head(plan, head_surgery(len(recipe.prompt.labels), base.spec.hidden_size, recipe.seed))
-    return plan
+    extra = recipe.task.surgeries(len(recipe.prompt.labels), base.spec.hidden_size, recipe.seed)
+    return Plan(plan.method, plan.surgeries + extra, plan.lr_scales) if extra else plan
 
 
 def backend_cannot_run(recipe: Recipe, backend: str) -> str | None:
@@ -199,8 +197,8 @@ def row_length(recipe: Recipe, max_positions: int) -> int:
 
 
 def _add_data(run: Run, tokenizer, length: int) -> None:
-    """The run's splits and its training order: a mixture's sources, a generative task's rows, or
-    labelled sentences; the general text a forgetting evaluation reads."""
+    """The run's splits and its training order (a mixture's sources, or the task's own data), and the
+    general text a forgetting evaluation reads."""
     recipe, t = run.recipe, run.recipe.train
     if recipe.data.mixture:
         run.sources = mixture_splits(recipe, tokenizer, length)
@@ -209,27 +207,13 @@ def _add_data(run: Run, tokenizer, length: int) -> None:
         run.order = MixtureOrder([parts["train"] for parts in run.sources.values()],
                                  [part.weight for part in recipe.data.mixture], t.batch_size, t.grad_accum, recipe.seed)
     else:
-        if recipe.task.generative:
-            run.splits = recipe.task.splits(recipe.data, recipe.data_seed, tokenizer, length)
-        else:
-            run.examples = _labelled_examples(recipe)
-            run.splits = {k: run.encoder.encode_all(v, k) for k, v in run.examples.items()}
-            if not run.splits["validation"]:
-                raise TwintuneError("the validation split is empty; raise data.validation_fraction or add examples.")
+        data = recipe.task.data(recipe.data, recipe.data_seed, run.encoder, length)
+        run.splits, run.examples = data.splits, data.examples
         run.order = TrainOrder(run.splits["train"], t.batch_size, t.grad_accum, recipe.seed,
                                group_by_length=t.group_by_length)
     run.total_steps = t.max_steps or max(1, math.ceil(t.epochs * run.order.steps_per_epoch))
     if t.forgetting_eval:
         run.general = general_rows(t.forgetting_eval, tokenizer, length)
-
-
-def _labelled_examples(recipe: Recipe) -> dict[str, list[Example]]:
-    """The recipe's labelled sentences, split by the data seed into train, validation and test."""
-    d = recipe.data
-    examples = load_examples(d.source, subset=d.subset, text_column=d.text_column, label_column=d.label_column,
-                             labels=tuple(recipe.prompt.labels), synthetic_size=d.synthetic_size, seed=recipe.data_seed,
-                             split=d.split, config=d.config)
-    return stratified_split(examples, {"validation": d.validation_fraction, "test": d.test_fraction}, recipe.data_seed)
 
 
 def mixture_splits(recipe: Recipe, tokenizer, length: int) -> dict[str, dict[str, list[Encoded]]]:

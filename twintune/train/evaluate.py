@@ -5,7 +5,7 @@ of a report.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import numpy as np
 
@@ -13,9 +13,10 @@ from twintune.data.batching import Encoded, Encoder, eval_batches
 from twintune.data.shots import ShotIndex, draw_shots, with_shots
 from twintune.errors import TwintuneError
 from twintune.train.build import Run
-from twintune.train.distributed import mine
+from twintune.backends.base import Backend
+from twintune.train.distributed import ALONE, World, mine
 from twintune.train.features import compute_features, split_features
-from twintune.train.metrics import classification_report
+from twintune.tasks import ClassificationReport, PerplexityReport, Report
 
 
 def predict(run: Run, encoded: list[Encoded], features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -26,40 +27,84 @@ def predict(run: Run, encoded: list[Encoded], features: np.ndarray | None = None
             features = compute_features(run, encoded, run.classifier.pooling, run.classifier.layer)
         scores = run.classifier.log_probabilities(features)
         return scores.argmax(axis=1), scores
-    scores = np.zeros((len(encoded), len(run.encoder.first_label_ids)), np.float32)
-    with run.backend.whole_model():  # this process's batches, however many
-        for batch in mine(eval_batches(encoded, run.recipe.train.eval_batch_size), run.world):
-            scores[batch.example_index] = run.backend.label_logprobs(batch, run.encoder.first_label_ids)
-    if run.world.size > 1:  # each process filled its batches' rows; the rest are zeros
-        scores = run.backend.all_sum(scores).astype(np.float32)
+    scores = label_scores(run.backend, encoded, run.encoder.first_label_ids, run.recipe.train.eval_batch_size, run.world)
     return scores.argmax(axis=1), scores
 
 
-def evaluate(run: Run, split: str = "validation") -> dict:
-    """Accuracy, macro-F1, per-class precision/recall and confusion matrix on a split.
+def label_scores(backend: Backend, encoded: list[Encoded], label_ids: list[int], batch_size: int,
+                 world: World = ALONE) -> np.ndarray:
+    """The label words' (or a head's classes') log-probabilities (N, K) for encoded examples, in their
+    order: what a run's evaluation and prediction and `Model.predict` all read."""
+    scores = np.zeros((len(encoded), len(label_ids)), np.float32)
+    with backend.whole_model():  # this process's batches, however many
+        for batch in mine(eval_batches(encoded, batch_size), world):
+            scores[batch.example_index] = backend.label_logprobs(batch, label_ids)
+    if world.size > 1:  # each process filled its batches' rows; the rest are zeros
+        scores = backend.all_sum(scores).astype(np.float32)
+    return scores
+
+
+def labelled_texts(texts: list[str], scores: np.ndarray, labels: list[str]) -> list[dict]:
+    """Each text with its predicted label and the softmax of its scores over the labels.
+
+    Example:
+        >>> labelled_texts(["up"], np.log(np.array([[0.2, 0.8]])), ["down", "up"])[0]["label"]
+        'up'
+    """
+    probabilities = np.exp(scores - scores.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    return [{"text": text, "label": labels[k], "probabilities": dict(zip(labels, map(float, p)))}
+            for text, k, p in zip(texts, scores.argmax(axis=1), probabilities)]
+
+
+class RunScorer:
+    """What a task's evaluation asks of a run (tasks/task.py Scorer): a split's rows, its class scores
+    (a features run's from its cached features), the loss of rows' target tokens."""
+
+    def __init__(self, run: Run):
+        self.run, self.labels = run, list(run.encoder.prompt.labels)
+
+    def rows(self, split: str) -> list[Encoded]:
+        return self.run.splits[split]
+
+    def sources(self, split: str) -> dict[str, list[Encoded]]:
+        return {name: parts[split] for name, parts in self.run.sources.items()}
+
+    def class_scores(self, split: str) -> np.ndarray:
+        run, features = self.run, None
+        if run.classifier is not None:  # a features run reads the split's cached features
+            features = split_features(run, split, run.classifier.pooling, run.classifier.layer)
+        return predict(run, run.splits[split], features)[1]
+
+    def token_loss(self, rows: list[Encoded]) -> tuple[float, int]:
+        total, tokens = 0.0, 0
+        run = self.run
+        with run.backend.whole_model():
+            for batch in mine(eval_batches(rows, run.recipe.train.eval_batch_size), run.world):
+                total += run.backend.target_loss(batch)
+                tokens += batch.n_targets
+        if run.world.size > 1:
+            total, tokens = run.backend.all_sum(np.array([total, tokens], np.float64)).tolist()
+        return total, round(tokens)
+
+
+def evaluate(run: Run, split: str = "validation") -> Report:
+    """The task's report on a split (tasks/reports.py): accuracy, macro-F1, per-class figures and the
+    confusion matrix for a labelled task; loss and perplexity for a generative one.
 
     Example:
         >>> from twintune.recipe import load_recipe
         >>> from twintune.train.build import prepare
         >>> run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml"), "torch")
-        >>> len(evaluate(run, "validation")["confusion"])   # rows: true class, columns: predicted
+        >>> len(evaluate(run, "validation").confusion)   # rows: true class, columns: predicted
         3
     """
-    encoded = run.splits[split]
-    if not encoded:
+    if not run.splits[split]:
         raise TwintuneError(f"the {split} split is empty.")
-    if run.recipe.task.generative:
-        report = perplexity_report(run, encoded)
-        if run.sources:  # a mixture: each source's own figures beside the whole's
-            report["sources"] = {name: perplexity_report(run, parts[split]) for name, parts in run.sources.items()
-                                 if parts[split]}
-        return report
-    if run.classifier is not None:  # a features run reads the split's cached features
-        return _report(run, encoded, split_features(run, split, run.classifier.pooling, run.classifier.layer))
-    return _report(run, encoded)
+    return run.recipe.task.evaluate(RunScorer(run), split)
 
 
-def evaluate_with_shots(run: Run, split: str, shots: int, retrieve: bool = False) -> dict:
+def evaluate_with_shots(run: Run, split: str, shots: int, retrieve: bool = False) -> ClassificationReport:
     """`evaluate` with `shots` training sentences of each class before every sentence (in-context
     learning: data/shots.py), drawn with the recipe's seed, or with `retrieve` the ones nearest to
     each sentence by the model's own features (the features task's cache: RETRIEVAL_POOLING pooled
@@ -70,24 +115,18 @@ def evaluate_with_shots(run: Run, split: str, shots: int, retrieve: bool = False
     Example:
         >>> from twintune.recipe import load_recipe
         >>> from twintune.train.build import prepare
-        >>> evaluate_with_shots(prepare(load_recipe("recipes/demo-financial-sentiment.yaml"), "torch"), "test", 2)["shots"]
+        >>> evaluate_with_shots(prepare(load_recipe("recipes/demo-financial-sentiment.yaml"), "torch"), "test", 2).shots
         2
     """
     if shots < 0:
         raise TwintuneError(f"--shots must be 0 or more, got {shots}.")
-    if run.recipe.task.generative:
-        raise TwintuneError(f"--shots puts labelled sentences before each sentence; a {run.recipe.task.name} run has "
-                            "no labels (evaluate its perplexity without --shots).")
-    if run.classifier is not None:
-        raise TwintuneError("--shots puts labelled sentences with their label words before each sentence, but this "
-                            "is a features run, whose classifier reads no label words; evaluate it without --shots.")
-    if run.encoder.head:
-        raise TwintuneError("--shots puts labelled sentences with their label words before each sentence, but this "
-                            "run classifies with a linear head, which reads no label words; evaluate it without --shots.")
+    refusal = run.recipe.task.shots_refusal()
+    if refusal:
+        raise TwintuneError(f"{refusal}.")
     if shots == 0:
         if retrieve:
             raise TwintuneError("--retrieve chooses the --shots sentences; give --shots 1 or more.")
-        return {**evaluate(run, split), "shots": 0, "shots_asked": 0, "shots_note": None}
+        return evaluate(run, split).with_shots(0, 0, None)
     labels, seed = run.encoder.prompt.labels, run.recipe.seed
     report = _shots_report(run, split, shots, lambda used: [draw_shots(run.examples["train"], used, labels, seed)]
                            * len(run.examples[split]))
@@ -98,14 +137,13 @@ def evaluate_with_shots(run: Run, split: str, shots: int, retrieve: bool = False
     own = split == "train"  # a training sentence is not its own demonstration
     retrieved = _shots_report(run, split, shots, lambda used: [index.nearest(q, used, i if own else None)
                                                                for i, q in enumerate(queries)])
-    return {**retrieved, "retrieved": True,
-            "random_shots": {key: report[key] for key in ("accuracy", "macro_f1", "shots", "predictions")}}
+    return dataclasses.replace(retrieved, retrieved=True, random_shots=report)
 
 
 RETRIEVAL_POOLING = "mean"  # the pooling whose classifier reads the demo best (0.70, against 0.56 for last)
 
 
-def _shots_report(run: Run, split: str, shots: int, choose) -> dict:
+def _shots_report(run: Run, split: str, shots: int, choose) -> ClassificationReport:
     """The report with the most shots up to `shots` that fit the context; `choose(k)` gives each
     sentence's demonstrations (k of each class)."""
     encoder, context = run.encoder, run.encoder.context
@@ -119,35 +157,24 @@ def _shots_report(run: Run, split: str, shots: int, choose) -> dict:
             continue
         note = None if used == shots else (f"{shots} shots of each class do not fit the model's {context} positions "
                                            f"with the {split} split's longest sentence; {used} do")
-        return {**_report(run, encoded), "shots": used, "shots_asked": shots, "shots_note": note}
+        return _report(run, encoded).with_shots(used, shots, note)
     raise TwintuneError(f"not even one shot of each class fits the model's {context} positions with the {split} "
                         "split's longest sentence; use --shots 0 or shorter sentences.")
 
 
-def perplexity_report(run: Run, encoded: list[Encoded]) -> dict:
-    """The mean cross-entropy per target token and its exponential, the perplexity."""
-    total, tokens = 0.0, 0
-    with run.backend.whole_model():
-        for batch in mine(eval_batches(encoded, run.recipe.train.eval_batch_size), run.world):
-            total += run.backend.target_loss(batch)
-            tokens += batch.n_targets
-    if run.world.size > 1:
-        total, tokens = run.backend.all_sum(np.array([total, tokens], np.float64)).tolist()
-        tokens = round(tokens)
-    return {"loss": total / tokens, "perplexity": math.exp(total / tokens), "tokens": tokens}
+def perplexity_report(run: Run, rows: list[Encoded]) -> PerplexityReport:
+    """The mean cross-entropy per target token of rows, and its exponential, the perplexity."""
+    return PerplexityReport.of(*RunScorer(run).token_loss(rows))
 
 
-def _report(run: Run, encoded: list[Encoded], features: np.ndarray | None = None) -> dict:
+def _report(run: Run, encoded: list[Encoded], features: np.ndarray | None = None) -> ClassificationReport:
     predictions, _ = predict(run, encoded, features)
-    labels = np.array([e.label for e in encoded])
-    report = classification_report(labels, predictions, run.encoder.prompt.labels)
-    report["predictions"] = predictions.tolist()
-    return report
+    return ClassificationReport.of(np.array([e.label for e in encoded]), predictions, run.encoder.prompt.labels)
 
 
 def perplexity_of(run: Run, rows: list[Encoded]) -> float:
     """The model's perplexity on rows (every target token alike)."""
-    return perplexity_report(run, rows)["perplexity"]
+    return perplexity_report(run, rows).perplexity
 
 
 def better(metric: str, value: float, best: float) -> bool:

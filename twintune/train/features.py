@@ -28,6 +28,7 @@ import numpy as np
 from twintune.data.batching import eval_batches
 from twintune.errors import TwintuneError, TwintuneWarning
 from twintune.formats.safetensors_io import read_safetensors, write_safetensors
+from twintune.tasks import ClassificationReport, check_head_labels
 
 CACHE_ENV = "TWINTUNE_CACHE"  # where cached features live; default ~/.cache/twintune
 FEATURE_BATCH = 16
@@ -182,7 +183,6 @@ def save_classifier(directory: Path, classifier: FeatureClassifier) -> None:
 
 def load_classifier(directory: Path, labels, hidden_size: int) -> FeatureClassifier:
     """A features run's classifier, checked: whole files, the model's width, the labels given."""
-    from twintune.tasks import check_head_labels
 
     directory = Path(directory)
     try:
@@ -206,8 +206,6 @@ def load_classifier(directory: Path, labels, hidden_size: int) -> FeatureClassif
 def train_features(run, out: Path) -> dict:
     """The features task: the train and validation splits' features (cached), the classifier fitted on
     the train split's, saved in out/classifier, and its validation report. Returns the summary."""
-    from twintune.train.metrics import classification_report
-
     task = run.recipe.task
     index = task.check_layer(run.spec.num_layers)
     layer = None if index == run.spec.num_layers else index
@@ -220,13 +218,12 @@ def train_features(run, out: Path) -> dict:
     run.classifier = FeatureClassifier(model, task.pooling, layer, labels)
     fitted = time.perf_counter()
     save_classifier(out / "classifier", run.classifier)
-    report = classification_report(labels_of(run, "validation"), model.predict(features["validation"]), labels)
+    report = ClassificationReport.of(labels_of(run, "validation"), model.predict(features["validation"]), labels)
     tokens = sum(e.prompt_len for split in ("train", "validation") for e in run.splits[split])
     return {
         "feature_seconds": extracted - started, "fit_seconds": fitted - extracted,
         "train_seconds": fitted - started, "features_cached": cached, "layer": index,
         "trainable_params": run.classifier.parameters, "real_tokens": tokens,
         "real_tokens_per_second": tokens / (extracted - started) if not all(cached.values()) else None,
-        "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"], "val_per_class": report["per_class"],
-        "val_confusion": report["confusion"], "labels": report["labels"],
+        **report.logged(), **report.summary_fields(),
     }

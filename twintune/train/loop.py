@@ -18,6 +18,7 @@ from twintune.errors import TwintuneError
 from twintune.formats.adapter import save_adapter
 from twintune.formats.safetensors_io import write_json
 from twintune.recipe import Recipe, check_trains_something, recipe_from_dict
+from twintune.tasks import Report
 from twintune.train.build import Run, backend_cannot_run, prepare
 from twintune.train.checkpoints import find_checkpoint, load_checkpoint_state, save_checkpoint
 from twintune.train.distributed import check_world, launched_world
@@ -118,7 +119,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
             run.backend.set_trainable_state(best_values)
         report = evaluate(run)
         log.write({"step": state.best["step"] if best_values is not None else state.last_step,
-                   **recipe.task.logged(report)})
+                   **report.logged()})
     if bar:
         bar.close()
     trained = run.backend.trainable_state()  # on every process: a sharded model gathers its shards
@@ -183,7 +184,7 @@ def _evaluate_and_maybe_stop(run: Run, state: TrainingState, log: MetricsLog, st
                              best_values: dict | None) -> dict | None:
     """An evaluation logged at `step`; with early stopping, the best values kept and the stop decided."""
     t = run.recipe.train
-    log.write({"step": step, **run.recipe.task.logged(evaluate(run))})
+    log.write({"step": step, **evaluate(run).logged()})
     if not t.early_stopping_patience:
         return best_values
     value = state.log[-1][t.early_stopping_metric]
@@ -204,7 +205,7 @@ def _save_checkpoint(run: Run, state: TrainingState, out: Path, step: int, best_
                         run.recipe.train.keep_last, best_values)
 
 
-def _summary(run: Run, state: TrainingState, report: dict, first_step: int, trained: dict, out: Path) -> dict:
+def _summary(run: Run, state: TrainingState, report: Report, first_step: int, trained: dict, out: Path) -> dict:
     """summary.json: what the run was, what it reached, and what it cost."""
     recipe, t = run.recipe, run.recipe.train
     losses = [line["loss"] for line in state.log if "loss" in line]
@@ -225,9 +226,9 @@ def _summary(run: Run, state: TrainingState, report: dict, first_step: int, trai
         "trainable_params": int(sum(v.size for v in trained.values())),
         "final_train_loss": losses[-1],
         "train_losses": losses,
-        **recipe.task.logged(report),
-        **recipe.task.summary_fields(report),
-        "evals": [line for line in state.log if set(line) & {"val_accuracy", "val_perplexity"}],
+        **report.logged(),
+        **report.summary_fields(),
+        "evals": [line for line in state.log if set(line) & set(recipe.task.metrics)],
         **({"forgetting": forgetting_summary(t.forgetting_eval, state.forgetting_before,
                                              perplexity_of(run, run.general))} if t.forgetting_eval else {}),
         "train_seconds": seconds,

@@ -8,8 +8,8 @@ file (the base model with the recipe's method at its initial values, i.e. before
 from __future__ import annotations
 
 import dataclasses
-
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +19,14 @@ from twintune.formats.adapter import check_adapter_fits, check_adapter_method, l
 from twintune.formats.checkpoint import load_config
 from twintune.formats.merge import write_checkpoint
 from twintune.models import mlx_lm_has_family
-from twintune.recipe import load_recipe
+from twintune.methods import Method
+from twintune.models import GPTNeoSpec
+from twintune.recipe import Recipe, load_recipe
 from twintune.train.features import load_classifier
 from twintune.formats.head import check_head_fits
-from twintune.tasks import HEAD, split_head
+from twintune.tasks import HEAD, Report, split_head
 from twintune.train.build import Run, prepare, read_gpt_neo
-from twintune.train.evaluate import evaluate, evaluate_with_shots, predict
+from twintune.train.evaluate import evaluate, evaluate_with_shots, labelled_texts, predict
 
 
 def open_run(target: str | Path, backend: str | None = None, with_data: bool = True) -> Run:
@@ -49,26 +51,50 @@ def open_run(target: str | Path, backend: str | None = None, with_data: bool = T
     if not recipe.task.trains_in_steps:  # a fitted classifier, not an adapter
         run.classifier = load_classifier(path / "classifier", run.encoder.prompt.labels, run.spec.hidden_size)
         return run
-    method, state = load_adapter(path / "adapter", run.spec)
-    check_adapter_method(method, run.method, path / "adapter")
-    check_head_fits(state, run.recipe.task.linear_head, run.encoder.prompt.labels, path / "adapter")
+    method, state = read_run_adapter(path / "adapter", recipe, run.spec)
     check_adapter_fits(state, {k: v.shape for k, v in run.backend.trainable_state().items()}, method, path / "adapter")
     run.backend.set_trainable_state(state)
     return run
 
 
-def evaluate_target(target: str | Path, split: str = "validation", backend: str | None = None,
-                    shots: int | None = None, retrieve: bool = False) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix on a split; with
-    `shots`, that many training sentences of each class go before every sentence (a recipe's
-    untrained start with shots=0 is the zero-shot baseline); with `retrieve`, the ones nearest to
-    each sentence (the report then has the random shots' accuracy too, under "random_shots").
+def read_run_adapter(directory: Path, recipe: Recipe, spec: GPTNeoSpec) -> tuple[Method, dict[str, np.ndarray]]:
+    """A run's adapter, checked against the recipe that trained it: its method, and its head over the
+    recipe's labels (or none)."""
+    method, state = load_adapter(directory, spec)
+    check_adapter_method(method, recipe.method, directory)
+    check_head_fits(state, recipe.task.linear_head, recipe.prompt.labels, directory)
+    return method, state
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A run's report on a split, with what it was measured on: the JSON `twintune eval --json` prints
+    (`to_dict`) and its readable table (`text`)."""
+
+    report: Report
+    split: str
+    examples: int
+    backend: str
+
+    def to_dict(self) -> dict:
+        return {**self.report.to_dict(predictions=False), "split": self.split, "examples": self.examples,
+                "backend": self.backend}
+
+    def text(self) -> str:
+        return "\n".join(self.report.lines(self.split, self.examples, self.backend))
+
+
+def evaluate_split(target: str | Path, split: str = "validation", backend: str | None = None,
+                   shots: int | None = None, retrieve: bool = False) -> Evaluation:
+    """A run's (or a recipe's untrained start's) report on a split; with `shots`, that many training
+    sentences of each class go before every sentence (a recipe's untrained start with shots=0 is the
+    zero-shot baseline); with `retrieve`, the ones nearest to each sentence (the report then has the
+    random shots' report too, as `random_shots`).
 
     Example:
-        >>> 0 <= evaluate_target("runs/demo", "test", backend="torch")["macro_f1"] <= 1
-        True
-        >>> evaluate_target("recipes/demo-financial-sentiment.yaml", "test", shots=4)["shots"]
-        4
+        >>> evaluation = evaluate_split("recipes/demo-financial-sentiment.yaml", "test", "torch", shots=4)
+        >>> evaluation.report.shots, evaluation.text().startswith("test split, ")
+        (4, True)
     """
     if split not in ("train", "validation", "test"):
         raise TwintuneError(f"split must be train, validation or test, got {split!r}.")
@@ -78,11 +104,21 @@ def evaluate_target(target: str | Path, split: str = "validation", backend: str 
     if not run.splits.get(split):
         raise TwintuneError(f"the {split} split is empty; set data.{split}_fraction in the recipe.")
     report = evaluate(run, split) if shots is None else evaluate_with_shots(run, split, shots, retrieve)
-    report.pop("predictions", None)
-    if "random_shots" in report:
-        report["random_shots"].pop("predictions")
-    report.update(split=split, examples=len(run.splits[split]), backend=run.backend.name)
-    return report
+    return Evaluation(report, split, len(run.splits[split]), run.backend.name)
+
+
+def evaluate_target(target: str | Path, split: str = "validation", backend: str | None = None,
+                    shots: int | None = None, retrieve: bool = False) -> dict:
+    """`evaluate_split`'s evaluation as JSON values: accuracy, macro-F1, per-class precision/recall/F1
+    and the confusion matrix (or loss and perplexity), with the split, its size and the backend.
+
+    Example:
+        >>> 0 <= evaluate_target("runs/demo", "test", backend="torch")["macro_f1"] <= 1
+        True
+        >>> evaluate_target("recipes/demo-financial-sentiment.yaml", "test", shots=4)["shots"]
+        4
+    """
+    return evaluate_split(target, split, backend, shots, retrieve).to_dict()
 
 
 def predict_texts(target: str | Path, texts: list[str], backend: str | None = None) -> list[dict]:
@@ -97,16 +133,11 @@ def predict_texts(target: str | Path, texts: list[str], backend: str | None = No
     if not texts:
         raise TwintuneError("give at least one non-empty text to predict.")
     run = open_run(target, backend, with_data=False)
-    if run.recipe.task.generative:
-        raise TwintuneError(f"{target} is a {run.recipe.task.name} run: it predicts next tokens, not labels; evaluate "
-                            "its perplexity with twintune eval, or merge it and use the result as a recipe's model.")
+    if run.recipe.task.cannot_predict:
+        raise TwintuneError(f"{target} is a {run.recipe.task.name} run: {run.recipe.task.cannot_predict}.")
     labels = run.encoder.prompt.labels
     encoded = [run.encoder.encode(text, labels[0], f" (text {i + 1})") for i, text in enumerate(texts)]
-    predicted, scores = predict(run, encoded)
-    probabilities = np.exp(scores - scores.max(axis=1, keepdims=True))
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
-    return [{"text": text, "label": labels[k], "probabilities": dict(zip(labels, map(float, p)))}
-            for text, k, p in zip(texts, predicted, probabilities)]
+    return labelled_texts(texts, predict(run, encoded)[1], labels)
 
 
 def run_and_new_output(run_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
@@ -144,9 +175,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise TwintuneError(f"merge writes GPT-Neo checkpoints; this run's model is {model_type!r} "
                             "(an mlx-lm model): export the adapter with --format mlx-lm and fuse it with mlx-lm.")
     base, directory = read_gpt_neo(recipe)
-    method, adapter = load_adapter(run_dir / "adapter", base.spec)
-    check_adapter_method(method, recipe.method, run_dir / "adapter")
-    check_head_fits(adapter, recipe.task.linear_head, recipe.prompt.labels, run_dir / "adapter")
+    _, adapter = read_run_adapter(run_dir / "adapter", recipe, base.spec)
     adapter, head = split_head(adapter)
     # the recipe's method merges (or says why it cannot): a saved form (P-tuning's prompt) is not the method trained
     merged = recipe.method.merge(base, adapter)
@@ -190,32 +219,3 @@ def _export_mlx_lm(run_dir: Path, out: Path) -> Path:
     run = open_run(run_dir, "mlx", with_data=False)  # the adapter checked against the model, as for eval
     layers = config.get("num_hidden_layers") or config.get("n_layer")
     return write_mlx_lm_adapter(out, run.backend.trainable_state(), run.method, num_layers=int(layers))
-
-
-def format_report(report: dict) -> str:
-    """A readable table of an evaluation report."""
-    if "perplexity" in report:  # a generative task's, with a mixture's sources one per line
-        return "\n".join([f"{report['split']} split, {report['examples']} rows, {report['tokens']} target tokens "
-                          f"({report['backend']}): loss {report['loss']:.4f}, perplexity {report['perplexity']:.3f}"] +
-                         [f"  {name}: {figures['tokens']} target tokens, loss {figures['loss']:.4f}, "
-                          f"perplexity {figures['perplexity']:.3f}" for name, figures in report.get("sources", {}).items()])
-    labels = report["labels"]
-    width = max(len(label) for label in labels) + 2
-    shots = f", {report['shots']} shots of each class" if report.get("shots") is not None else ""
-    shots += ", retrieved by similarity" if report.get("retrieved") else ""
-    lines = [f"{report['split']} split, {report['examples']} examples ({report['backend']}{shots}): "
-             f"accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}", "",
-             f"{'':{width}}precision  recall     f1"]
-    for label in labels:
-        c = report["per_class"][label]
-        lines.append(f"{label:{width}}{c['precision']:9.4f} {c['recall']:7.4f} {c['f1']:6.4f}")
-    lines += ["", "confusion (rows: true, columns: predicted)", f"{'':{width}}" + "".join(f"{l:>{width}}" for l in labels)]
-    for label, row in zip(labels, report["confusion"]):
-        lines.append(f"{label:{width}}" + "".join(f"{n:>{width}}" for n in row))
-    if report.get("random_shots"):
-        random = report["random_shots"]
-        lines += ["", f"random shots ({random['shots']} of each class, drawn with the seed): accuracy "
-                      f"{random['accuracy']:.4f}, macro-F1 {random['macro_f1']:.4f}"]
-    if report.get("shots_note"):
-        lines += ["", f"note: {report['shots_note']}."]
-    return "\n".join(lines)
