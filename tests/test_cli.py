@@ -84,3 +84,30 @@ def test_methods_lists_every_method_with_its_keys_and_defaults(capsys):
         for key, default in method_keys(cls).items():
             assert f"{key}: {list(default) if isinstance(default, tuple) else default}" in shown
     assert "rank_pattern: {}" in shown and "n: 2" in shown and "feedforward_modules: ['c_proj']" in shown
+
+
+# ---- papercuts (issue 28) ----------------------------------------------------------------------------
+
+def test_version_names_the_installed_package(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out.strip() == f"twintune {version('twintune')}"
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(tmp_path):
+    """`twintune eval ... | head -1`: the pipe closes after one line; twintune stops quietly."""
+    proc = subprocess.run(f"{sys.executable} -m twintune eval recipes/demo-financial-sentiment.yaml --split test "
+                          "--backend torch | head -1", shell=True, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.startswith("test split, ") and proc.stdout.count("\n") == 1
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_a_csv_without_the_label_column_names_the_recipe_key(tmp_path, capsys):
+    data = tmp_path / "d.csv"
+    data.write_text("text,sentiment\nProfit rose .,positive\n")
+    assert main(["train", "recipes/demo-financial-sentiment.yaml", "--no-progress", "--out", str(tmp_path / "run"),
+                 "--set", f"data.source={data}"]) == 2
+    assert ("has no column 'label'; its columns are text, sentiment; set data.label_column to the column that "
+            "holds it.") in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -15,12 +16,15 @@ def build_parser() -> argparse.ArgumentParser:
     from twintune.compare import DEFAULT_METHODS, ENTRIES  # the entries' names, from the methods' registry
 
     parser = argparse.ArgumentParser(prog="twintune", description="Fine-tune GPT-Neo with PEFT methods on MLX or PyTorch.")
+    parser.add_argument("--version", action="version", version=f"twintune {_version()}")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     train = verbs.add_parser("train", help="train a recipe")
     train.add_argument("recipe", help="a YAML recipe, e.g. recipes/demo-financial-sentiment.yaml")
     train.add_argument("--backend", default=None, help="auto (default: the recipe's), mlx or torch")
     train.add_argument("--out", default=None, help="run directory (default: runs/NAME-BACKEND-TIME)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run --out holds (it stays whole until the new run is written)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe value, e.g. --set train.lr=1e-3 (repeatable)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.nproc is not None:
                 return _launch(recipe, args, argv if argv is not None else sys.argv[1:])
             summary = train(recipe, backend=args.backend, out_dir=args.out, progress=not args.no_progress,
-                            resume=args.resume)
+                            resume=args.resume, overwrite=args.overwrite)
             if summary.get("rank", 0) != 0:  # another process of a multi-process run: rank 0 reports
                 return 0
             shown = {k: summary[k] for k in ("backend", "method", "steps", "final_train_loss", *recipe.task.metrics,
@@ -194,6 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("twintune: interrupted; files already written are complete (they are written atomically).", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`twintune eval RUN | head -1`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit stays quiet
+        return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("twintune")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def _launch(recipe, args, argv: list[str]) -> int:

@@ -150,7 +150,7 @@ def _trained_row(recipe, backend: str, out: Path, progress: bool) -> dict:
     from twintune.train.loop import train
     from twintune.train.runs import evaluate_target
 
-    summary = train(recipe, backend, out, progress=progress)
+    summary = train(recipe, backend, out, progress=progress, overwrite=True)  # a row left unfinished is run again
     peak_rss = _peak_rss_mb()  # before evaluating: the training's peak
     report = evaluate_target(out, "test", backend)
     saved = out / ("classifier" if (out / "classifier").exists() else "adapter")

@@ -93,6 +93,8 @@ def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization
     if quantization:
         frozen += sum(quantized_bytes(out_f * in_f, quantization, e) for out_f, in_f in linear.values())
 
+    # Frozen tensors the method adds (shared random projections), held once in the adapters' dtype
+    frozen += sum(value.size for value in method.frozen_values(spec).values()) * precise
     trainable_parameters = sum(_size(shape) for shape in trainable_shapes.values())
     as_built = frozen  # the whole model as the backend builds it, before any parameter is unfrozen
     frozen -= sum(_size(shape) for name, shape in trainable_shapes.items() if name in shapes) * e  # unfrozen: counted as trainable

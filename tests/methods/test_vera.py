@@ -77,6 +77,30 @@ def test_the_same_steps_on_both_backends_in_float64():
         np.testing.assert_allclose(mlx[name], value, rtol=0, atol=1e-9 * max(np.abs(value).max(), 1e-12))
 
 
+def test_every_layer_reads_one_copy_of_the_projections():
+    """Each backend converts the plan's projections once and every adapted layer slices them, as PEFT
+    holds one vera_A and vera_B per model; the memory estimate counts them once."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from twintune.memory import estimate_memory
+
+    recipe = _recipe("method.r=1024")
+    layers = [m for m in prepare(recipe, "torch").backend.model.modules() if hasattr(m, "vera_lambda_d")]
+    assert len(layers) == 16  # four targets in each of the four blocks
+    for name in ("vera_A", "vera_B"):
+        assert len({getattr(m, name).untyped_storage().data_ptr() for m in layers}) == 1, name
+    before = mx.get_active_memory()
+    run = prepare(recipe, "mlx")
+    projections = [v for k, v in tree_flatten(run.backend.model.parameters()) if k.endswith(("vera_A", "vera_B"))]
+    mx.eval(projections)
+    sliced = sum(p.nbytes for p in projections)  # 29 MB as slices; the shared arrays are 2.1 MB
+    assert len(projections) == 2 * len(layers) and mx.get_active_memory() - before < sliced / 2
+    frozen = {r: estimate_memory(run.spec, METHODS["vera"](r=r, target_modules=TARGETS), None, 4, 32).frozen_weights
+              for r in (8, 1024)}
+    assert frozen[1024] - frozen[8] == 4 * (1024 - 8) * (256 + 256)  # A (r x 256) and B (256 x r), float32, once
+
+
 @pytest.fixture(scope="module", params=[True, False], ids=["saved-projections", "key-only"])
 def peft_adapter(request, tmp_path_factory, tiny):
     """A PEFT VeRA model with non-trivial lambdas, saved (with its projections, or with its key only);

@@ -47,7 +47,7 @@ def load_documents(source: str, *, text_column: str = "text", synthetic_size: in
             raise TwintuneError(f"data.source {source!r} is not a text source for task causal_lm: use synthetic, a .txt "
                                 "file (one document per line), .jsonl, .json, .parquet or hf:ORG/NAME.")
         documents = [_document(row.get(text_column), source, number, text_column)
-                     for number, row in enumerate(load_table(source, [text_column], split, config), start=1)]
+                     for number, row in enumerate(load_table(source, {text_column: "data.text_column"}, split, config), start=1)]
     if not documents:
         raise TwintuneError(f"{source} holds no documents.")
     return documents

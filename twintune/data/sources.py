@@ -158,7 +158,7 @@ def load_with_datasets(
     """
     import datasets
 
-    table = load_table(source, [text_column, label_column], split, config)
+    table = load_table(source, {text_column: "data.text_column", label_column: "data.label_column"}, split, config)
     where = f"data set '{source}' (split '{split}')" if source.startswith(HUB_PREFIX) else source
     feature = table.features[label_column]
     names = feature.names if isinstance(feature, datasets.ClassLabel) else None
@@ -169,9 +169,10 @@ def load_with_datasets(
     return _non_empty(examples, where)
 
 
-def load_table(source: str, columns: list[str], split: str = "train", config: str = ""):
+def load_table(source: str, columns: dict[str, str], split: str = "train", config: str = ""):
     """A `datasets` table of ``hf:ORG/NAME`` (its ``split`` and ``config``; no loading scripts, no
-    remote code) or of a local .parquet, .json, .jsonl or .csv file, with the ``columns`` checked."""
+    remote code) or of a local .parquet, .json, .jsonl or .csv file, with the ``columns`` checked (each
+    mapped to the recipe key that names it, which a refusal mentions)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -191,11 +192,16 @@ def load_table(source: str, columns: list[str], split: str = "train", config: st
             table = datasets.load_dataset(builder, data_files=source, split="train")
         except Exception as error:  # noqa: BLE001 - a file its reader cannot parse
             raise TwintuneError(f"{where} cannot be read as {builder}: {_first_line(error)}") from None
-    for column in columns:
+    for column, key in columns.items():
         if column not in table.column_names:
-            raise TwintuneError(f"{where} has no column '{column}'; its columns are "
-                                f"{', '.join(table.column_names) or '(none)'}.")
+            raise missing_column(where, column, table.column_names, key)
     return table
+
+
+def missing_column(where: str, column: str, columns: list[str], key: str) -> TwintuneError:
+    """The sentence for a table without the column a recipe key names (the key says how to name another)."""
+    return TwintuneError(f"{where} has no column '{column}'; its columns are {', '.join(columns) or '(none)'}; "
+                         f"set {key} to the column that holds it.")
 
 
 def _first_line(error: Exception) -> str:
@@ -226,11 +232,9 @@ def _parse_csv(
 ) -> list[Example]:
     reader = csv.DictReader(handle)
     columns = reader.fieldnames or []
-    for column in (text_column, label_column):
+    for column, key in ((text_column, "data.text_column"), (label_column, "data.label_column")):
         if column not in columns:
-            raise TwintuneError(
-                f"{name} has no column '{column}'; its columns are {', '.join(columns) or '(none)'}."
-            )
+            raise missing_column(name, column, columns, key)
     return [
         _example(row[text_column], row[label_column], labels, name, reader.line_num)
         for row in reader
@@ -244,7 +248,8 @@ def _parse_jsonl(
     for number, row in json_lines(handle, name):
         for column in (text_column, label_column):
             if column not in row:
-                raise TwintuneError(f"{name} line {number} has no key '{column}'.")
+                key = "data.text_column" if column == text_column else "data.label_column"
+                raise TwintuneError(f"{name} line {number} has no key '{column}'; set {key} to the key that holds it.")
         examples.append(_example(row[text_column], row[label_column], labels, name, number))
     return examples
 

@@ -29,13 +29,24 @@ from twintune.methods.base import (ALL_LINEAR, WRAP, BaseModel, Comparison, Laye
 
 
 @dataclass(frozen=True, eq=False)
+class Projections:
+    """The shared frozen projections: one object for every adapted layer of a plan, so each backend
+    converts them once and every layer reads a slice of the same arrays (PEFT keeps one vera_A and
+    vera_B per model too; a copy per layer would cost 200 MB at r 256 on GPT-Neo 1.3B's q and v)."""
+
+    vera_A: np.ndarray  # (r, largest in)
+    vera_B: np.ndarray  # (largest out, r)
+
+
+@dataclass(frozen=True, eq=False)
 class VeRALayer(Layer):
     """A linear layer plus lambda_b * B (lambda_d * A dropout(x)); A and B are this layer's slices of the
-    shared projections, frozen."""
+    shared projections (A[:, :in_features], B[:out_features]), frozen."""
 
     dropout: float
-    vera_A: np.ndarray  # (r, in)
-    vera_B: np.ndarray  # (out, r)
+    projections: Projections
+    in_features: int
+    out_features: int
 
 
 def projections(key: int, r: int, largest_in: int, largest_out: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,14 +122,13 @@ class VeRA(Method):
     def plan(self, base: BaseModel, seed: int) -> Plan:
         """Deterministic: the projections come from projection_prng_key, not the run's seed."""
         linear = base.spec.linear_layers()
-        shared = self.frozen_values(base.spec)
+        shared = Projections(**self.frozen_values(base.spec))
         surgeries = []
         for layer in self.targets(linear):
             out_features, in_features = linear[layer]
             values = {f"{layer}.vera_lambda_b": np.zeros(out_features, np.float32),
                       f"{layer}.vera_lambda_d": np.full(self.r, self.d_initial, np.float32)}
-            sliced = VeRALayer(self.dropout, shared["vera_A"][:, :in_features], shared["vera_B"][:out_features])
-            surgeries.append(Surgery(WRAP, layer, values, sliced))
+            surgeries.append(Surgery(WRAP, layer, values, VeRALayer(self.dropout, shared, in_features, out_features)))
         return Plan(self.name, tuple(surgeries))
 
     def kept_for_backward(self, shapes, linear) -> tuple[set[str], float]:

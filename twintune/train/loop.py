@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -83,11 +84,13 @@ def default_out_dir(recipe: Recipe, backend: str) -> Path:
 
 
 def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None = None,
-          progress: bool = True, resume: str | Path | None = None) -> dict:
+          progress: bool = True, resume: str | Path | None = None, overwrite: bool = False) -> dict:
     """Train a recipe on a backend; write the adapter, metrics.jsonl, a plot and summary.json to out_dir.
 
     With `resume` (a run directory or one of its checkpoints) training continues from the
-    checkpoint and ends with the same adapter and loss log as a run that was never stopped.
+    checkpoint and ends with the same adapter and loss log as a run that was never stopped. An
+    out_dir that holds another run is refused unless `overwrite` replaces it (the old run is moved
+    aside first and removed when the new one is written: never a mix of two runs).
 
     Example:
         >>> from twintune.recipe import load_recipe
@@ -102,11 +105,11 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     out = Path(out_dir) if out_dir else checkpoint[0].parent.parent if checkpoint else default_out_dir(recipe, name)
     world = launched_world()
     check_world(world, name, recipe)
-    if world.writes:
-        _check_writable(out)
+    resuming_here = checkpoint is not None and checkpoint[0].parent.parent.resolve() == out.resolve()
+    replaced = _claim_out(out, resuming_here, overwrite, world.writes)
     run = prepare(recipe, name, world=world)
     if not recipe.task.trains_in_steps:
-        return _train_features(run, out)
+        return _finished(_train_features(run, out), replaced)
     state, first_step, best_values = _start(run, name, checkpoint)
     if world.writes:
         write_json(out / "recipe.json", recipe.to_dict())
@@ -133,7 +136,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
         summary = {"backend": name, "rank": world.rank, "world_size": world.size, "out_dir": str(out)}
     if world.size > 1:  # the processes end together: none closes its connections while another still works
         run.backend.leave()
-    return summary
+    return _finished(summary, replaced)
 
 
 def _start(run: Run, backend: str, checkpoint: tuple | None) -> tuple[TrainingState, int, dict | None]:
@@ -300,14 +303,44 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+# What makes a directory a run's: a new run into it is refused unless it resumes it or overwrites it
+RUN_FILES = ("recipe.json", "summary.json", "metrics.jsonl", "checkpoints", "adapter", "classifier")
+
+
+def _claim_out(out: Path, resuming_here: bool, overwrite: bool, writes: bool) -> Path | None:
+    """The run directory checked before any slow work: one holding another run is refused, naming
+    --resume and --overwrite, with nothing touched; with `overwrite` the old run moves aside
+    (returned, to be removed once the new run is written). Every process checks, the writer moves."""
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    replaced = None
+    if held and not resuming_here:
+        if not overwrite:
+            raise TwintuneError(f"{out} already holds a run ({', '.join(held)}); continue it with --resume {out}, "
+                                "replace it with --overwrite, or choose another --out (nothing was touched).")
+        if writes:
+            replaced = out.parent / f".{out.name}.replaced-{os.getpid()}"
+            out.rename(replaced)  # one rename: out holds the old run or, from here on, only the new one's files
+    if writes:
+        _check_writable(out)
+    return replaced
+
+
+def _finished(summary: dict, replaced: Path | None) -> dict:
+    """The new run is written: the run it replaced goes."""
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    return summary
+
+
 def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise TwintuneError(f"output directory {out} is not writable ({e.strerror}).") from None
+    """The run directory can be made and written (checked without making it: a refused run leaves nothing)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TwintuneError(f"output directory {out} is not writable ({existing} is a file).")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TwintuneError(f"output directory {out} is not writable (permission denied on {existing}).")
 
 
 def _progress(total: int, enabled: bool, done: int = 0):

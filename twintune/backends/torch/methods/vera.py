@@ -3,20 +3,34 @@ it; A and B are this layer's slices of the shared frozen projections."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from twintune.backends.torch.dropout import dropout
 from twintune.backends.torch.methods.registry import builds
-from twintune.methods.vera import VeRALayer
+from twintune.methods.vera import Projections, VeRALayer
+
+
+_CONVERTED: "weakref.WeakKeyDictionary[Projections, dict]" = weakref.WeakKeyDictionary()
+
+
+def shared_projections(projections: Projections, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plan's projections as tensors, made once per dtype and device and shared by its layers."""
+    held = _CONVERTED.setdefault(projections, {})
+    if (dtype, device) not in held:
+        held[dtype, device] = tuple(torch.from_numpy(array).to(device, dtype)
+                                    for array in (projections.vera_A, projections.vera_B))
+    return held[dtype, device]
 
 
 @builds(VeRALayer)
 class VeRALinear(nn.Module):
     """The adapter computes in its own dtype (float32, or float64 in a float64 run), as LoRA's does;
-    the projections are buffers in that dtype, outside the state a checkpoint saves (the plan
-    draws them again from projection_prng_key)."""
+    the projections are views of the plan's shared tensors in that dtype, outside the state a
+    checkpoint saves (the plan draws them again from projection_prng_key)."""
 
     def __init__(self, base_layer: nn.Module, values: dict[str, torch.Tensor], layer: VeRALayer, stream: int = 0):
         super().__init__()
@@ -24,8 +38,9 @@ class VeRALinear(nn.Module):
         self.base_layer = base_layer
         self.vera_lambda_b = nn.Parameter(torch.empty(b.shape, dtype=b.dtype, device="meta"))
         self.vera_lambda_d = nn.Parameter(torch.empty(d.shape, dtype=d.dtype, device="meta"))
-        self.register_buffer("vera_A", torch.from_numpy(layer.vera_A).to(d.device, d.dtype), persistent=False)
-        self.register_buffer("vera_B", torch.from_numpy(layer.vera_B).to(d.device, d.dtype), persistent=False)
+        shared_a, shared_b = shared_projections(layer.projections, d.dtype, d.device)
+        self.vera_A = shared_a[:, : layer.in_features]  # views: not buffers, which .to() would copy per layer
+        self.vera_B = shared_b[: layer.out_features]
         self.dropout = layer.dropout
         self.stream = stream
 
