@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from twintune.errors import TwintuneError, TwintuneWarning
+from twintune.train.interrupt import Interrupted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     train = verbs.add_parser("train", help="train a recipe")
-    train.add_argument("recipe", help="a YAML recipe, e.g. recipes/demo-financial-sentiment.yaml")
+    train.add_argument("recipe", nargs="?", default=None,
+                       help="a YAML recipe, e.g. recipes/demo-financial-sentiment.yaml (with --resume: the run's own)")
     train.add_argument("--backend", default=None, help="auto (default: the recipe's), mlx or torch")
     train.add_argument("--out", default=None, help="run directory (default: runs/NAME-BACKEND-TIME)")
     train.add_argument("--overwrite", action="store_true",
@@ -126,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = one_line
     try:
         if args.verb == "train":
-            from twintune.recipe import load_recipe
-            from twintune.train.loop import train
+            from twintune.train.distributed import restore_stop_signals
+            from twintune.train.loop import recipe_to_train, train
 
-            recipe = load_recipe(args.recipe, args.overrides)
+            if "RANK" in os.environ or "MLX_RANK" in os.environ:  # one of several processes `--nproc` started
+                restore_stop_signals()
+            recipe = recipe_to_train(args.recipe, args.overrides, args.resume)
             if args.nproc is not None:
                 return _launch(recipe, args, argv if argv is not None else sys.argv[1:])
             summary = train(recipe, backend=args.backend, out_dir=args.out, progress=not args.no_progress,
@@ -192,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(write_tiny_model(args.out, seed=args.seed))
         return 0
+    except Interrupted as e:  # stopped by a signal, its checkpoint written
+        if str(e):
+            print(f"twintune: {e}", file=sys.stderr)
+        return e.exit_code
     except TwintuneError as e:
         print(f"twintune: error: {e}", file=sys.stderr)
         return 2

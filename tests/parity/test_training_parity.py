@@ -50,4 +50,4 @@ def test_final_lora_weights_agree(both):
 def test_validation_predictions_identical(both):
     (_, _, mlx_eval), (_, _, torch_eval) = both
     assert mlx_eval.predictions == torch_eval.predictions
-    assert mlx_eval["confusion"] == torch_eval["confusion"]
+    assert mlx_eval.confusion == torch_eval.confusion

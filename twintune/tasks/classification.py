@@ -49,8 +49,8 @@ class Classification(Labelled):
     def linear_head(self) -> bool:
         return self.head == "linear"
 
-    def surgeries(self, labels: int, hidden_size: int, seed: int) -> tuple[Surgery, ...]:
-        return (head_surgery(labels, hidden_size, seed),) if self.linear_head else ()
+    def surgeries(self, spec, labels: int, seed: int) -> tuple[Surgery, ...]:
+        return (head_surgery(labels, spec.hidden_size, seed),) if self.linear_head else ()
 
     def check_recipe(self, recipe) -> None:
         super().check_recipe(recipe)

@@ -99,8 +99,9 @@ class Task:
         rows of at most `length` tokens."""
         raise NotImplementedError
 
-    def surgeries(self, labels: int, hidden_size: int, seed: int) -> tuple[Surgery, ...]:
-        """What it puts on the model besides the method (a head), drawn from the seed."""
+    def surgeries(self, spec, labels: int, seed: int) -> tuple[Surgery, ...]:
+        """What it puts on the model (of `spec`) besides the method (a head for `labels` classes), drawn
+        from the seed."""
         return ()
 
     def evaluate(self, scorer: Scorer, split: str) -> Report:

@@ -154,7 +154,7 @@ def read_gpt_neo(recipe: Recipe) -> tuple[BaseModel, Path]:
 def run_plan(recipe: Recipe, base: BaseModel) -> Plan:
     """The recipe's method planned on the base, with what the task trains besides it (a linear head)."""
     plan = recipe.method.plan(base, recipe.seed)
-    extra = recipe.task.surgeries(len(recipe.prompt.labels), base.spec.hidden_size, recipe.seed)
+    extra = recipe.task.surgeries(base.spec, len(recipe.prompt.labels), recipe.seed)
     return Plan(plan.method, plan.surgeries + extra, plan.lr_scales) if extra else plan
 
 

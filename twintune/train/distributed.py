@@ -158,8 +158,12 @@ def launcher_command(backend: str, nproc: int, argv: list[str]) -> list[str]:
 def launch(backend: str, nproc: int, argv: list[str]) -> int:
     """Run `twintune ARGV` on `nproc` processes and wait. What the processes say passes through (their
     sentences and rank 0's progress bar); the launcher's own report is shown only when no process
-    said why it failed."""
-    import re
+    said why it failed.
+
+    SIGTERM and SIGINT reach every process at once: the launcher and its processes run in a group of
+    their own, the launcher deaf to both (it would kill its processes before they finish their
+    step), the processes each stopping at the same step with a checkpoint (train/interrupt.py)."""
+    import signal
     import subprocess
     import sys
 
@@ -167,21 +171,65 @@ def launch(backend: str, nproc: int, argv: list[str]) -> int:
         raise TwintuneError(f"--nproc must be 1 or more, got {nproc}.")
     env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
-    process = subprocess.Popen(launcher_command(backend, nproc, argv), env=env, stderr=subprocess.PIPE)
-    held, pending, said_why = [], "", False
+    process = subprocess.Popen(launcher_command(backend, nproc, argv), env=env, stderr=subprocess.PIPE,
+                               start_new_session=True, preexec_fn=_deaf_to_stops)
+    def forward(signum, frame):
+        os.killpg(process.pid, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        held, said = _pass_sentences(process)
+        code = process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for signum, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+        if said.startswith(f"twintune: stopped by {name} "):
+            return 128 + signum  # as one process stopped by it would (mlx.launch itself ends with 0)
+    if said.startswith("twintune: error: "):
+        return 2
+    if code == 0:
+        return 0
+    sys.stderr.write("".join(held[-30:]))
+    sys.stderr.write(f"twintune: error: the {nproc} processes ended with exit code {code} and none said why "
+                     "(the launcher's report is above).\n")
+    return 2
+
+
+def _deaf_to_stops() -> None:
+    """In the launcher's process before it starts: SIGTERM and SIGINT ignored (its processes, which
+    inherit that, take their own back: restore_stop_signals)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def restore_stop_signals() -> None:
+    """A launched process answers SIGTERM and SIGINT again (its launcher was started deaf to them)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _pass_sentences(process) -> tuple[list[str], bool]:
+    """The processes' sentences and progress bar written through as they come; the rest held back.
+    Returns what was held and the last sentence a process said ("" if none)."""
+    import re
+    import sys
+
+    held, pending, said, shown = [], "", "", set()
     while chunk := os.read(process.stderr.fileno(), 65536).decode(errors="replace"):
         *segments, pending = re.split(r"(?<=[\r\n])", pending + chunk)
         for segment in segments:
+            if segment.startswith("twintune: ") and segment in shown:  # the same refusal from every process: once
+                continue
             if segment.startswith("twintune: ") or segment.startswith("train:"):  # a sentence, the progress bar
-                said_why |= segment.startswith("twintune: error: ")
+                said = segment if segment.startswith(("twintune: error: ", "twintune: stopped by ")) else said
+                shown.add(segment)
                 sys.stderr.write(segment)
                 sys.stderr.flush()
             else:
                 held.append(segment)
-    code = process.wait()
-    if code == 0 or said_why:
-        return 0 if code == 0 else 2
-    sys.stderr.write("".join(held[-30:]) + pending)
-    sys.stderr.write(f"twintune: error: the {nproc} processes ended with exit code {code} and none said why "
-                     "(the launcher's report is above).\n")
-    return 2
+    return held + [pending], said

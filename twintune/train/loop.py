@@ -18,14 +18,15 @@ from twintune.backends import resolve_backend_name
 from twintune.errors import TwintuneError
 from twintune.formats.adapter import save_adapter
 from twintune.formats.safetensors_io import write_json
-from twintune.recipe import Recipe, check_trains_something, recipe_from_dict
+from twintune.recipe import Recipe, apply_override, check_trains_something, load_recipe, recipe_from_dict
 from twintune.tasks import Report
 from twintune.train.build import Run, backend_cannot_run, prepare
-from twintune.train.checkpoints import find_checkpoint, load_checkpoint_state, save_checkpoint
+from twintune.train.checkpoints import checkpoint_dir, find_checkpoint, load_checkpoint_state, save_checkpoint
 from twintune.train.distributed import check_world, launched_world
 from twintune.train.evaluate import better, evaluate, perplexity_of
 from twintune.train.features import train_features
 from twintune.train.guards import forgetting_summary
+from twintune.train.interrupt import Interrupted, StopRequests, stopped
 from twintune.train.loss_scale import LossScaler
 from twintune.train.plots import plot_run
 from twintune.train.step import train_step
@@ -79,6 +80,25 @@ class MetricsLog:
         self.file.close()
 
 
+def recipe_to_train(path: str | None, overrides: list[str], resume: str | None) -> Recipe:
+    """The recipe `twintune train` runs: the file given, with its --set values; or, with --resume alone,
+    the recipe the run was trained with (its newest checkpoint's), so a resume needs none of the first
+    command's --set values again (any given that change it are refused by name when it resumes)."""
+    if path is not None:
+        return load_recipe(path, overrides)
+    if resume is None:
+        raise TwintuneError("give a recipe to train (or --resume DIR alone to continue a run).")
+    checkpoint = find_checkpoint(resume)
+    try:
+        raw = json.loads((checkpoint / "state.json").read_text())["recipe"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise TwintuneError(f"checkpoint {checkpoint} is corrupt: its state.json cannot be read ({error}); resume from "
+                            "an earlier checkpoint or give the recipe.") from None
+    for item in overrides:
+        apply_override(raw, item)
+    return recipe_from_dict(raw)
+
+
 def default_out_dir(recipe: Recipe, backend: str) -> Path:
     return Path("runs") / f"{recipe.name}-{backend}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -116,8 +136,10 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     if recipe.train.forgetting_eval and state.forgetting_before is None:  # measured once, before the first step
         state.forgetting_before = perplexity_of(run, run.general)
     bar = _progress(run.total_steps, progress and world.writes, first_step)
-    with MetricsLog(out / "metrics.jsonl" if world.writes else None, state) as log:
-        best_values = _train_steps(run, state, log, out, first_step, best_values, bar)
+    with MetricsLog(out / "metrics.jsonl" if world.writes else None, state) as log, StopRequests() as stops:
+        best_values = _train_steps(run, state, log, out, first_step, best_values, bar, stops)
+        if stops.signum:
+            raise _stopped(run, stops.signum, state.last_step, out, bar)
         if best_values is not None:  # early stopping: the best evaluation's adapter is the result
             run.backend.set_trainable_state(best_values)
         report = evaluate(run)
@@ -157,9 +179,10 @@ def _start(run: Run, backend: str, checkpoint: tuple | None) -> tuple[TrainingSt
 
 
 def _train_steps(run: Run, state: TrainingState, log: MetricsLog, out: Path, first_step: int,
-                 best_values: dict | None, bar) -> dict | None:
+                 best_values: dict | None, bar, stops: StopRequests) -> dict | None:
     """The steps from first_step on, each logged; evaluations every train.eval_every steps (and early
-    stopping); checkpoints every train.save_every. Returns early stopping's best values (or None)."""
+    stopping); checkpoints every train.save_every, and at the step a stop was asked for (SIGTERM,
+    SIGINT: `stops.signum` then says which). Returns early stopping's best values (or None)."""
     t = run.recipe.train
     started = time.perf_counter()
     for step in range(first_step, first_step if state.stopped_early else run.total_steps):
@@ -169,18 +192,31 @@ def _train_steps(run: Run, state: TrainingState, log: MetricsLog, out: Path, fir
         log.write(record)
         if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < run.total_steps:
             best_values = _evaluate_and_maybe_stop(run, state, log, step + 1, best_values)
+        stop = stops.agree(run.backend, run.world)
         saves = t.save_every and ((step + 1) % t.save_every == 0 or step + 1 == run.total_steps or state.stopped_early)
-        if saves and (run.world.writes or run.backend.sharded):  # sharded: every process gathers its shards
+        if (saves or stop) and (run.world.writes or run.backend.sharded):  # sharded: every process gathers its shards
             state.train_seconds += time.perf_counter() - started
             started = time.perf_counter()
             _save_checkpoint(run, state, out, step + 1, best_values)
         if bar:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             bar.update(1)
-        if state.stopped_early:
+        if state.stopped_early or stop:
             break
     state.train_seconds += time.perf_counter() - started
     return best_values
+
+
+def _stopped(run: Run, signum: int, step: int, out: Path, bar) -> Interrupted:
+    """A run stopped by a signal, its checkpoint written: the processes end together, and rank 0 says
+    where the checkpoint is and how to resume (the others stop silently)."""
+    if bar:
+        bar.close()
+    if run.world.size > 1:
+        run.backend.leave()
+    command = f"twintune train --resume {out} --backend {run.backend.name}"
+    command += f" --nproc {run.world.size}" if run.world.size > 1 else ""
+    return stopped(signum, step, checkpoint_dir(out, step), command, quiet=not run.world.writes)
 
 
 def _evaluate_and_maybe_stop(run: Run, state: TrainingState, log: MetricsLog, step: int,

@@ -34,7 +34,7 @@ def open_run(target: str | Path, backend: str | None = None, with_data: bool = T
 
     Example:
         >>> run = open_run("runs/demo", backend="mlx")
-        >>> 0 <= evaluate(run, "test")["accuracy"] <= 1
+        >>> 0 <= evaluate(run, "test").accuracy <= 1
         True
     """
     path = Path(target)
