@@ -83,3 +83,28 @@ def test_an_overwrite_killed_midway_leaves_no_mix_of_two_runs(tmp_path):
     assert json.loads(new["recipe.json"])["method"]["name"] == "bitfit"
     assert "summary.json" not in new and not any(name.startswith("adapter/") for name in new)
     assert all(new[name] != old[name] for name in set(new) & set(old))  # every file is the new run's
+
+
+# ---- a run keeps its backend -----------------------------------------------------------------------
+
+def test_a_run_reopens_on_the_backend_that_trained_it(tmp_path, monkeypatch):
+    from twintune import api
+    from twintune.errors import TwintuneWarning
+    from twintune.train import runs
+
+    out = tmp_path / "mlx-run"
+    assert main(["train", DEMO, "--out", str(out), "--backend", "mlx", "--no-progress", "--set",
+                 "train.max_steps=2"]) == 0
+    assert runs.evaluate_target(out, "test")["backend"] == "mlx"
+    assert runs.evaluate_target(out, "test", "torch")["backend"] == "torch"  # unless told otherwise
+    assert api.load(None, adapter=out).backend.name == "mlx"
+    assert api.load(None, adapter=out, backend="torch").backend.name == "torch"
+
+    def absent(name):  # as on a machine without MLX
+        from twintune.errors import TwintuneError
+        raise TwintuneError(f"the {name} backend needs the package 'mlx'; pip install 'twintune[mlx]'.")
+
+    monkeypatch.setattr(runs, "backend_class", absent)
+    with pytest.warns(TwintuneWarning, match=r"was trained on mlx, which cannot run here \(the mlx backend needs the "
+                                             r"package 'mlx'"):
+        assert runs.evaluate_target(out, "test")["backend"] == "torch"

@@ -49,6 +49,7 @@ from twintune.tasks import HEAD, check_head_labels, head_surgery, with_head
 from twintune.train.build import open_base, prepare
 from twintune.train.evaluate import evaluate, label_scores, labelled_texts, predict
 from twintune.train.loop import train
+from twintune.train.runs import run_backend
 
 __all__ = ["load_checkpoint", "load_recipe", "prepare", "train", "evaluate", "predict", "load", "generate", "Model",
            "Adapter", "Generation"]
@@ -77,7 +78,8 @@ def load(model: str | None, adapter: str | Path | None = None, backend: str = "a
     or an adapter saved by PEFT (of any method twintune has in PEFT's layout). A run's recipe.json decides the prompt (unless
     `labels`/`template` are given), the dtype (unless `dtype` is) and the base's quantization, so
     the logits are the run's. Otherwise the base is float32 (`dtype="float64"`: the CPU proof
-    mode), unquantized. `backend`: "mlx", "torch" or "auto" (MLX on Apple Silicon, else torch).
+    mode), unquantized. `backend`: "mlx", "torch" or "auto" (a run's adapter: the backend that
+    trained it; otherwise MLX on Apple Silicon, else torch).
     `labels` maps each label to its verbalizer word ({"negative": " negative", ...}); a list of
     labels means the words " label".
 
@@ -91,6 +93,8 @@ def load(model: str | None, adapter: str | Path | None = None, backend: str = "a
         raise TwintuneError("name the base model (a directory, builtin:tiny-gpt-neo or a hub id); only a run "
                             "directory's adapter knows its own.")
     recipe = run_recipe or Recipe()
+    if run_recipe is not None:  # a run reopens on the backend that trained it, unless told otherwise
+        backend = run_backend(directory.parent, backend) or "auto"
     settings = dataclasses.replace(recipe, model=model or recipe.model, dtype=dtype or recipe.dtype)
     if settings.dtype not in DTYPES:
         raise TwintuneError(f"dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}.")

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = verbs.add_parser("eval", help="evaluate a run directory (or a recipe's untrained start) on a split")
     evaluation.add_argument("target", help="a run directory from `twintune train`, or a recipe file")
     evaluation.add_argument("--split", default="validation", help="validation (default), test or train")
-    evaluation.add_argument("--backend", default=None, help="auto (default: the recipe's), mlx or torch")
+    evaluation.add_argument("--backend", default=None, help="mlx or torch (default: the backend that trained the run)")
     evaluation.add_argument("--json", action="store_true", help="print the report as JSON")
     evaluation.add_argument("--shots", type=int, default=None,
                             help="K training sentences of each class before every sentence (0: zero-shot)")
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     prediction = verbs.add_parser("predict", help="label and probabilities for texts, from a run directory")
     prediction.add_argument("target", help="a run directory from `twintune train`")
     prediction.add_argument("texts", nargs="+", help="one or more sentences")
-    prediction.add_argument("--backend", default=None, help="auto (default: the recipe's), mlx or torch")
+    prediction.add_argument("--backend", default=None, help="mlx or torch (default: the backend that trained the run)")
 
     generating = verbs.add_parser("generate", help="continue a prompt with a run's model (or a base model)")
     generating.add_argument("target", help="a run directory from `twintune train`, or a model (directory, "
@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     generating.add_argument("--top-p", type=float, default=1.0, help="sample from the most likely tokens whose "
                                                                       "probability reaches this (default 1: all)")
     generating.add_argument("--seed", type=int, default=0, help="the sampling seed (default 0)")
-    generating.add_argument("--backend", default="auto", help="auto (default), mlx or torch")
+    generating.add_argument("--backend", default="auto",
+                            help="mlx or torch (default: the backend that trained the run; for a model, auto)")
 
     merging = verbs.add_parser("merge", help="fold a run's trained values into the base; write a Hugging Face checkpoint")
     merging.add_argument("target", help="a run directory from `twintune train`")

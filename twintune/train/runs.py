@@ -8,13 +8,16 @@ file (the base model with the recipe's method at its initial values, i.e. before
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from twintune.errors import TwintuneError
+from twintune.backends import backend_class, resolve_backend_name
+from twintune.errors import TwintuneError, TwintuneWarning
 from twintune.formats.adapter import check_adapter_fits, check_adapter_method, load_adapter
 from twintune.formats.checkpoint import load_config
 from twintune.formats.merge import write_checkpoint
@@ -26,7 +29,47 @@ from twintune.train.features import load_classifier
 from twintune.formats.head import check_head_fits
 from twintune.tasks import HEAD, Report, split_head
 from twintune.train.build import Run, prepare, read_gpt_neo
+from twintune.train.checkpoints import list_checkpoints
 from twintune.train.evaluate import evaluate, evaluate_with_shots, labelled_texts, predict
+
+
+def run_backend(run_dir: Path, asked: str | None) -> str | None:
+    """The backend a run reopens on: the one asked for; else the one that trained it (summary.json's,
+    or for a stopped run its newest checkpoint's), when its framework is installed here; else the
+    recipe's (None), with a warning naming why.
+
+    Example:
+        >>> run_backend(Path("runs/demo"), None), run_backend(Path("runs/demo"), "mlx")   # runs/demo: trained on torch
+        ('torch', 'mlx')
+    """
+    if asked not in (None, "auto"):
+        return asked
+    trained = _trained_backend(Path(run_dir))
+    if trained is None:
+        return asked
+    try:
+        backend_class(trained)
+    except TwintuneError as missing:
+        warnings.warn(f"{run_dir} was trained on {trained}, which cannot run here ({missing}); it reopens on "
+                      f"{resolve_backend_name('auto')}, with the same numbers.", TwintuneWarning, stacklevel=2)
+        return asked
+    return trained
+
+
+def _trained_backend(run_dir: Path) -> str | None:
+    """The backend of a run's last training segment (None: not a run, or one that never stepped)."""
+    sources = [run_dir / "summary.json"] + [checkpoint / "state.json" for checkpoint in
+                                            reversed(list_checkpoints(run_dir))][:1]
+    for path in sources:
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        segments = saved.get("history", {}).get("backends") if "history" in saved else None
+        trained = segments[-1]["backend"] if segments else saved.get("backend")
+        if trained in ("mlx", "torch"):
+            return trained
+    return None
 
 
 def open_run(target: str | Path, backend: str | None = None, with_data: bool = True) -> Run:
@@ -44,6 +87,7 @@ def open_run(target: str | Path, backend: str | None = None, with_data: bool = T
         return prepare(load_recipe(path), backend, with_data)
     if not (path / "recipe.json").exists():
         raise TwintuneError(f"{path} is not a run directory: it has no recipe.json.")
+    backend = run_backend(path, backend)
     recipe = load_recipe(path / "recipe.json")
     # the adapter holds the saved form of the method's values (P-tuning: its encoder's output)
     recipe = dataclasses.replace(recipe, method=recipe.method.saved_method())
