@@ -127,3 +127,30 @@ def test_every_method_is_counted_from_its_plan():
     assert estimates["bitfit"].frozen_weights + estimates["bitfit"].trainable_parameters * FLOAT32 == model_bytes
     # the backward stops at the lowest trained block: the last 2 of 4 keep about half of what full keeps
     assert estimates["last_blocks"].activations < 0.6 * estimates["full"].activations
+
+
+@pytest.mark.parametrize("recipe", ["recipes/gpt-neo-1.3b-financial-sentiment-lora.yaml",
+                                    "recipes/gpt-neo-1.3b-financial-sentiment-qlora.yaml"])
+def test_the_flagship_recipes_estimate_with_the_hub_unreachable(recipe, capsys, monkeypatch):
+    """GPT-Neo 1.3B's architecture ships with twintune (assets/configs): the estimate reads nothing else."""
+    import huggingface_hub
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("the network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    assert main(["estimate", recipe, "--json"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["training peak"] > 1000  # MB: a 1.3B model's
+    assert main(["estimate", recipe, "--set", "model=EleutherAI/gpt-neo-20B"]) == 2
+    assert ("cannot reach the Hugging Face hub to download model 'EleutherAI/gpt-neo-20B' (ConnectionError); pass a "
+            "local directory with its config.json (all that is read here) instead.") in capsys.readouterr().err
+
+
+def test_the_shipped_configs_are_the_architectures_transformers_builds():
+    from transformers import GPTNeoConfig
+
+    spec = GPTNeoSpec.from_config(load_config("EleutherAI/gpt-neo-1.3B"))
+    reference = GPTNeoConfig()  # transformers' defaults are GPT-Neo 1.3B's
+    assert (spec.hidden_size, spec.num_layers, spec.num_heads, spec.vocab_size, spec.max_positions) == (
+        reference.hidden_size, reference.num_layers, reference.num_heads, reference.vocab_size,
+        reference.max_position_embeddings)

@@ -93,10 +93,10 @@ def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization
     if quantization:
         frozen += sum(quantized_bytes(out_f * in_f, quantization, e) for out_f, in_f in linear.values())
 
-    # Frozen tensors the method adds (shared random projections), held once in the adapters' dtype
-    frozen += sum(value.size for value in method.frozen_values(spec).values()) * precise
     trainable_parameters = sum(_size(shape) for shape in trainable_shapes.values())
     as_built = frozen  # the whole model as the backend builds it, before any parameter is unfrozen
+    # Frozen tensors the method adds (shared random projections), held once in the adapters' dtype
+    frozen += sum(value.size for value in method.frozen_values(spec).values()) * precise
     frozen -= sum(_size(shape) for name, shape in trainable_shapes.items() if name in shapes) * e  # unfrozen: counted as trainable
     per_trainable = ADAM_BYTES_PER_TRAINABLE if optimizer == "adamw" else SGD_BYTES_PER_TRAINABLE
     trainable = trainable_parameters * per_trainable * precise // FLOAT32

@@ -64,27 +64,34 @@ def _download_from_hub(repo_id: str, config_only: bool = False) -> Path:
         name = type(e).__name__
         if "NotFound" in name and "Entry" not in name:
             raise TwintuneError(f"model {repo_id!r} is neither a local directory nor a model on the Hugging Face hub.") from None
-        raise TwintuneError(
-            f"cannot reach the Hugging Face hub to download model {repo_id!r} ({name}); "
-            "pass a local directory with config.json and *.safetensors instead."
-        ) from None
+        needed = "its config.json (all that is read here)" if config_only else "config.json and *.safetensors"
+        raise TwintuneError(f"cannot reach the Hugging Face hub to download model {repo_id!r} ({name}); "
+                            f"pass a local directory with {needed} instead.") from None
+
+
+# The configs of public models twintune's recipes name (EleutherAI's GPT-Neo sizes), so that what
+# needs only the architecture (twintune estimate) works offline
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "configs"
 
 
 def load_config(model: str) -> dict:
-    """A model's config.json, without its weights (from the hub, only the config is fetched).
+    """A model's config.json, without its weights (from the hub, only the config is fetched; GPT-Neo
+    125M, 1.3B and 2.7B's ship with twintune).
 
     Example:
         >>> load_config("builtin:tiny-gpt-neo")["model_type"]
         'gpt_neo'
     """
     path = Path(model).expanduser()
+    shipped = SHIPPED_CONFIGS / f"{model.replace('/', '--')}.json"
     if model.startswith("builtin:") or path.exists() or model.startswith((".", "/", "~")) or not _HUB_ID.match(model):
-        directory = resolve_model_dir(model)
+        config_file = resolve_model_dir(model) / "config.json"
+    elif shipped.is_file():  # a public model's architecture, offline
+        config_file = shipped
     else:
-        directory = _download_from_hub(model, config_only=True)
-    config_file = directory / "config.json"
+        config_file = _download_from_hub(model, config_only=True) / "config.json"
     if not config_file.is_file():
-        raise TwintuneError(f"model directory {directory} has no config.json.")
+        raise TwintuneError(f"model directory {config_file.parent} has no config.json.")
     try:
         return json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
