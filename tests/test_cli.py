@@ -27,6 +27,12 @@ def test_train_writes_run_directory(tmp_path, backend):
     assert config["peft_type"] == "LORA" and config["r"] == 8
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    # peak_memory_mb is the process's peak RSS on both backends; the framework's own peak is named apart
+    from twintune.machine import peak_rss_mb
+
+    assert 0 < summary["peak_memory_mb"] <= peak_rss_mb()
+    framework = summary["framework_peak_memory_mb"]
+    assert framework is None if backend == "torch" else 0 < framework < summary["peak_memory_mb"]
 
 
 BAD = [

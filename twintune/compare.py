@@ -19,7 +19,6 @@ import dataclasses
 import difflib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 from twintune.errors import TwintuneError
+from twintune.machine import peak_rss_mb
 from twintune.formats.adapter import write_json
 from twintune.formats.safetensors_io import write_atomically
 from twintune.methods import METHODS
@@ -151,14 +151,14 @@ def _trained_row(recipe, backend: str, out: Path, progress: bool) -> dict:
     from twintune.train.runs import evaluate_target
 
     summary = train(recipe, backend, out, progress=progress, overwrite=True)  # a row left unfinished is run again
-    peak_rss = _peak_rss_mb()  # before evaluating: the training's peak
+    peak_rss = peak_rss_mb()  # before evaluating: the training's peak
     report = evaluate_target(out, "test", backend)
     saved = out / ("classifier" if (out / "classifier").exists() else "adapter")
     steps = summary["steps"]
     return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "test_examples": report["examples"],
             "trainable_parameters": summary["trainable_params"],
             "adapter_bytes": sum(f.stat().st_size for f in saved.rglob("*") if f.is_file()),
-            "peak_rss_mb": peak_rss, "backend_peak_mb": summary["peak_memory_mb"], "steps": steps,
+            "peak_rss_mb": peak_rss, "backend_peak_mb": summary["framework_peak_memory_mb"], "steps": steps,
             "train_seconds": summary["train_seconds"],
             "seconds_per_step": summary["train_seconds"] / steps if steps else None,
             "tokens_per_second": summary.get("real_tokens_per_second")}
@@ -175,7 +175,7 @@ def _prompting_row(recipe, backend: str, shots: int) -> dict:
     report = evaluate_with_shots(run, "test", shots)
     return {"accuracy": report.accuracy, "macro_f1": report.macro_f1, "test_examples": len(run.splits["test"]),
             "shots": report.shots, "shots_note": report.shots_note, "trainable_parameters": 0,
-            "adapter_bytes": 0, "peak_rss_mb": _peak_rss_mb(), "backend_peak_mb": run.backend.peak_memory_mb(),
+            "adapter_bytes": 0, "peak_rss_mb": peak_rss_mb(), "backend_peak_mb": run.backend.framework_peak_mb(),
             "steps": 0, "train_seconds": 0.0, "seconds_per_step": None, "tokens_per_second": None,
             "eval_seconds": time.perf_counter() - started}
 
@@ -206,12 +206,6 @@ def _product(shape: tuple[int, ...]) -> int:
     for n in shape:
         size *= n
     return size
-
-
-def _peak_rss_mb() -> float:
-    """The process's peak resident memory: the same measure on both backends."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def row_main(directory: str) -> int:

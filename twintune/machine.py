@@ -33,6 +33,20 @@ def cpu_info() -> dict:
     return {"cpu_model": model, "cpu_flags": present, "cpu_kind": cpu_kind(present)}
 
 
+def peak_rss_mb() -> float:
+    """The process's peak resident memory in MiB: one measure on every backend and platform.
+
+    Example:
+        >>> peak_rss_mb() > 0
+        True
+    """
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
 def cpu_kind(flags: list[str]) -> str:
     """One word for the fastest float kernels the flags allow: avx512-bf16, avx512, avx2 or other."""
     if "avx512_bf16" in flags:

@@ -164,8 +164,9 @@ class ModelComputation(Protocol):
     def greedy_tokens(self, prompt_ids: list[int], cache: list, count: int) -> Iterator[int]:
         """Greedy tokens after the prompt, pipelined (capabilities.pipelined_greedy only)."""
 
-    def peak_memory_mb(self) -> float:
-        """Peak memory the backend's allocator saw, in MiB (process RSS peak where it has none)."""
+    def framework_peak_mb(self) -> float | None:
+        """The framework allocator's peak, in MiB (MLX's arrays, CUDA's tensors); None where it keeps no
+        count (torch on the CPU). summary.json's peak_memory_mb is the process's peak RSS on both."""
 
 
 class OptimizerState(Protocol):

@@ -17,6 +17,7 @@ from pathlib import Path
 from twintune.backends import resolve_backend_name
 from twintune.errors import TwintuneError
 from twintune.formats.adapter import save_adapter
+from twintune.machine import peak_rss_mb
 from twintune.formats.safetensors_io import write_json
 from twintune.recipe import Recipe, apply_override, check_trains_something, load_recipe, recipe_from_dict
 from twintune.tasks import Report
@@ -272,7 +273,8 @@ def _summary(run: Run, state: TrainingState, report: Report, first_step: int, tr
                                              perplexity_of(run, run.general))} if t.forgetting_eval else {}),
         "train_seconds": seconds,
         "real_tokens_per_second": state.real_tokens / seconds if seconds > 0 else 0.0,
-        "peak_memory_mb": run.backend.peak_memory_mb(),
+        "peak_memory_mb": peak_rss_mb(),  # the process's peak RSS, on every backend
+        "framework_peak_memory_mb": run.backend.framework_peak_mb(),  # MLX's or CUDA's allocator peak, else None
         "world_size": run.world.size,
         "engine": run.world.launcher,  # the launcher (summary key kept for older readers)
         "fsdp": run.backend.sharded,
@@ -286,7 +288,8 @@ def _train_features(run: Run, out: Path) -> dict:
     result = train_features(run, out)
     summary = {"backend": run.backend.name, "method": run.method.name, "task": run.recipe.task.to_dict(),
                "model": run.recipe.model, "recipe": run.recipe.name, "seed": run.recipe.seed, "steps": 0, **result,
-               "peak_memory_mb": run.backend.peak_memory_mb(), "out_dir": str(out)}
+               "peak_memory_mb": peak_rss_mb(), "framework_peak_memory_mb": run.backend.framework_peak_mb(),
+               "out_dir": str(out)}
     write_json(out / "summary.json", summary)
     return summary
 

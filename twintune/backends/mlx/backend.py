@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 from collections.abc import Iterator, Mapping
 
 import mlx.core as mx
@@ -429,8 +428,6 @@ class MLXBackend:
         hidden = self.model(mx.array(input_ids), cache=cache)
         return np.array(self.model.logits(hidden[0, -1]).astype(self.precise))
 
-    def peak_memory_mb(self) -> float:
-        peak = mx.get_peak_memory()
-        if peak:
-            return peak / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def framework_peak_mb(self) -> float | None:
+        """MLX's allocator peak: the arrays' memory, unified (what Metal or the CPU held at most)."""
+        return mx.get_peak_memory() / 2**20

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import resource
 import sys
 
 import numpy as np
@@ -471,7 +470,7 @@ class TorchBackend:
         hidden = self.model(self._tensor(input_ids), cache=cache)
         return self.model.logits(hidden[0, -1]).to(self.precise).cpu().numpy()
 
-    def peak_memory_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated() / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def framework_peak_mb(self) -> float | None:
+        """The CUDA allocator's peak; None on the CPU, where torch keeps no count (the process's peak RSS
+        is the measure there)."""
+        return torch.cuda.max_memory_allocated() / 2**20 if self.device.type == "cuda" else None
