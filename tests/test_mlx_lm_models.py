@@ -233,3 +233,41 @@ def test_a_recipe_trains_an_mlx_lm_model_evaluates_and_exports_it(tmp_path, caps
     assert main(["merge", str(run_dir), "--out", str(tmp_path / "merged")]) == 2
     err = capsys.readouterr().err
     assert "runs on the mlx backend only" in err and "merge writes GPT-Neo checkpoints" in err
+
+
+def test_an_mlx_lm_llama_adapter_on_some_blocks_goes_both_ways_with_peft(tmp_path):
+    """layers_pattern names the model's own block list: a llama's `layers` (GPT-Neo's is `h`), so PEFT
+    takes twintune's adapter of some blocks, and twintune takes PEFT's (issue 28)."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from model_helpers import torch_logits
+    from twintune.api import load
+    from twintune.cli import main
+    from twintune.train.runs import open_run
+
+    model_dir = write_tiny_llama(tmp_path / "tiny-llama")
+    run_dir = tmp_path / "run"
+    assert main(["train", "recipes/demo-financial-sentiment.yaml", "--backend", "mlx", "--out", str(run_dir),
+                 "--no-progress", "--set", f"model={model_dir}", "--set", "train.max_steps=4", "--set",
+                 "data.synthetic_size=120", "--set", "method.target_modules=[q_proj,v_proj]", "--set",
+                 "method.layers_to_transform=[1]", "--set", "train.lr=1e-2"]) == 0
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["layers_pattern"] == "layers" and config["layers_to_transform"] == [1]
+    ids = _batch(vocab=1024).input_ids
+    ours = open_run(run_dir, "mlx", with_data=False).backend.logits(ids)
+    hf = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    base = torch_logits(hf, ids)
+    theirs = torch_logits(PeftModel.from_pretrained(hf, str(run_dir / "adapter")), ids)
+    assert np.abs(ours - base).max() > 1e-4  # the adapter trained
+    assert np.abs(ours - theirs).max() < 1e-4 * np.abs(theirs).max()
+
+    torch.manual_seed(0)
+    peft = get_peft_model(LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[0],
+                                     layers_pattern="layers", init_lora_weights=False)).eval()
+    peft.save_pretrained(str(tmp_path / "peft"))
+    loaded = load(str(model_dir), adapter=tmp_path / "peft", backend="mlx").logits(ids)
+    theirs = torch_logits(peft, ids)
+    assert np.abs(loaded - theirs).max() < 1e-4 * np.abs(theirs).max()

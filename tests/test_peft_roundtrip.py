@@ -247,7 +247,7 @@ def test_corrupt_safetensors_is_refused(good, tiny_spec, corrupt):
     ({"use_dora": "yes"}, r"use_dora='yes'; it must be true or false"),
     ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern=\{'q_proj': 0\}; it must map layer names to positive numbers"),
     ({"alpha_pattern": ["v_proj"]}, r"alpha_pattern=\['v_proj'\]"),
-    ({"layers_to_transform": [0], "layers_pattern": "layers"}, r"layers_pattern='layers'; GPT-Neo's blocks are 'h'"),
+    ({"layers_to_transform": [0], "layers_pattern": "layers"}, r"layers_pattern='layers', but this model's blocks are 'h'"),
     ({"layers_to_transform": [0]}, r"weights for layer 'transformer\.h\.1\..*', which its target_modules"),
     ({"rank_pattern": {"q_proj": 2}}, r"has shape \(4, 64\) but layer .*q_proj.* with r=2 needs \(2, 64\)"),
     ({"use_dora": True}, r"no lora_magnitude_vector weight for layer"),

@@ -7,6 +7,7 @@ Hugging Face `GPTNeoForCausalLM` checkpoint (`transformer.h.0.attn.attention.q_p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -24,6 +25,8 @@ class GPTNeoSpec:
     attention_layers: tuple[str, ...]  # "global" or "local", one per block
     window_size: int
     layer_norm_eps: float
+
+    blocks: ClassVar[str] = "h"  # the block list's name in parameter names (PEFT's layers_pattern)
 
     @classmethod
     def from_config(cls, config: dict) -> "GPTNeoSpec":

@@ -59,7 +59,9 @@ def save_adapter(directory: str | Path, method: Method, state: dict[str, np.ndar
             tensors[head_file_name(method.layout, prompt_learning=bool(method.file_names))] = head
         directory.mkdir(parents=True, exist_ok=True)
         write_safetensors(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
-    config = method.adapter_config(base_model_name)
+    config = method.adapter_config(base_reference(base_model_name))
+    if config.get("layers_pattern"):  # the model's own block list: GPT-Neo's `h`, mlx-lm llama's `layers`
+        config["layers_pattern"] = spec.blocks if spec is not None else "h"
     if head is not None:
         write_head_config(directory, labels)
         if method.layout == "peft":  # PEFT's own SEQ_CLS adapter: the head is its `score` module to save
@@ -133,6 +135,31 @@ def _read_adapter_weights(directory: Path, method: Method) -> dict[str, np.ndarr
     raise TwintuneError(f"adapter directory {directory} has no adapter_model.safetensors (or adapter_model.bin).")
 
 
+def base_reference(model: str) -> str:
+    """What an adapter names as its base (`base_model_name_or_path`), so that PEFT finds it from any
+    working directory: a built-in model's or a local model's absolute path; a hub id as it is.
+
+    Example:
+        >>> base_reference("EleutherAI/gpt-neo-1.3B"), Path(base_reference("builtin:tiny-gpt-neo")).is_absolute()
+        ('EleutherAI/gpt-neo-1.3B', True)
+    """
+    if model.startswith("builtin:"):
+        from twintune.formats.tiny_model import builtin_model_dir
+
+        return str(builtin_model_dir(model.removeprefix("builtin:")))
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def _check_blocks(config: dict, spec, where: Path) -> None:
+    """PEFT's layers_pattern names the model's block list (GPT-Neo's `h`, a llama's `layers`)."""
+    pattern = config.get("layers_pattern")
+    pattern = pattern[0] if isinstance(pattern, list) and len(pattern) == 1 else pattern
+    if pattern not in (None, spec.blocks):
+        raise TwintuneError(f"adapter {where} has layers_pattern={config['layers_pattern']!r}, but this model's blocks "
+                            f"are {spec.blocks!r}; it was made for another model family.")
+
+
 def our_name(name: str) -> str:
     """A saved tensor's name as the backends name it: no `base_model.model.` prefix, no PEFT adapter
     name (`.default`), and DoRA's magnitude without the `.weight` PEFT keeps in memory."""
@@ -157,7 +184,9 @@ def load_adapter(directory: str | Path, spec: GPTNeoSpec) -> tuple[Method, dict[
         ('lora', 'transformer.h.0.attn.attention.k_proj.lora_A.weight')
     """
     directory = Path(directory)
-    method = method_of_adapter(read_adapter_config(directory), directory).saved_method()
+    config = read_adapter_config(directory)
+    method = method_of_adapter(config, directory).saved_method()
+    _check_blocks(config, spec, directory)
     expected = method.shapes(BaseModel(spec, {}))
     from_file = {file: ours for ours, file in method.file_names.items()}
     layers = spec.linear_layers()

@@ -293,8 +293,9 @@ def lora_from_peft_config(config: dict, where, cls: type[LoRA] = LoRA) -> LoRA:
     if not isinstance(layers, list) or not all(isinstance(i, int) and i >= 0 for i in layers):
         raise TwintuneError(f"adapter {where} has layers_to_transform={layers!r}; it must list block numbers.")
     pattern_name = config.get("layers_pattern")
-    if layers and pattern_name not in (None, "h", ["h"]):
-        raise TwintuneError(f"adapter {where} has layers_pattern={pattern_name!r}; GPT-Neo's blocks are 'h'.")
+    if layers and pattern_name not in (None, "h", ["h"], "layers", ["layers"]):  # load_adapter checks the model's
+        raise TwintuneError(f"adapter {where} has layers_pattern={pattern_name!r}; twintune's models' blocks are 'h' "
+                            "(GPT-Neo) or 'layers' (mlx-lm's families).")
     use_dora = config.get("use_dora", False)
     if not isinstance(use_dora, bool):
         raise TwintuneError(f"adapter {where} has use_dora={use_dora!r}; it must be true or false.")

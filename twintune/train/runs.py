@@ -19,14 +19,16 @@ import numpy as np
 from twintune.backends import backend_class, resolve_backend_name
 from twintune.errors import TwintuneError, TwintuneWarning
 from twintune.formats.adapter import check_adapter_fits, check_adapter_method, load_adapter
-from twintune.formats.checkpoint import load_config
-from twintune.formats.merge import write_checkpoint
+from twintune.formats.adapter import base_reference
+from twintune.formats.checkpoint import load_config, resolve_model_dir
+from twintune.formats.merge import BASE_FILES, classifier_config, write_checkpoint
+from twintune.formats.safetensors_io import write_json
 from twintune.models import mlx_lm_has_family
 from twintune.methods import Method
 from twintune.models import GPTNeoSpec
 from twintune.recipe import Recipe, load_recipe
 from twintune.train.features import load_classifier
-from twintune.formats.head import check_head_fits
+from twintune.formats.head import check_head_fits, read_head_labels
 from twintune.tasks import HEAD, Report, split_head
 from twintune.train.build import Run, prepare, read_gpt_neo
 from twintune.train.checkpoints import list_checkpoints
@@ -229,7 +231,10 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def export_run_adapter(run_dir: str | Path, fmt: str, out_dir: str | Path) -> Path:
-    """A run's adapter in `fmt`: "peft" (copied as saved), or "mlx-lm" (for models of mlx-lm's families).
+    """A run's adapter in `fmt`: "peft" (PEFT's own files, naming its base so that
+    `AutoPeftModelForCausalLM.from_pretrained(out_dir)` finds it from anywhere: a local base's absolute
+    path, a hub id; the built-in model is carried along in out_dir/base-model), or "mlx-lm" (for
+    models of mlx-lm's families).
 
     Example:
         >>> export_run_adapter("runs/demo", "peft", "adapters/demo")
@@ -240,12 +245,29 @@ def export_run_adapter(run_dir: str | Path, fmt: str, out_dir: str | Path) -> Pa
         return _export_mlx_lm(run_dir, out)
     if fmt != "peft":
         raise TwintuneError(f"export format {fmt!r} is unknown; choose peft or mlx-lm.")
-    method = load_recipe(run_dir / "recipe.json").method
-    if method.layout != "peft":
-        raise TwintuneError(f"method {method.name} has no PEFT format (PEFT does not have it); its adapter is in "
-                            f"{run_dir / 'adapter'}, in twintune's layout.")
+    recipe = load_recipe(run_dir / "recipe.json")
+    if recipe.method.layout != "peft":
+        raise TwintuneError(f"method {recipe.method.name} has no PEFT format (PEFT does not have it); its adapter is "
+                            f"in {run_dir / 'adapter'}, in twintune's layout.")
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(run_dir / "adapter", out, dirs_exist_ok=True)
+    base = base_reference(recipe.model)
+    if recipe.model.startswith("builtin:"):  # a base PEFT can load where twintune is not installed: carried along
+        labels = read_head_labels(out)  # a head's: the carried base is its classifier (id2label, padding)
+        base = str(_copy_base(resolve_model_dir(recipe.model), out / "base-model", labels).resolve())
+    config = json.loads((out / "adapter_config.json").read_text())
+    write_json(out / "adapter_config.json", {**config, "base_model_name_or_path": base})
+    return out
+
+
+def _copy_base(model_dir: Path, out: Path, labels: list[str] | None) -> Path:
+    """A Hugging Face model folder's files (weights, tokenizer, config: a classifier's over `labels`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", *BASE_FILES):
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, out / name)
+    config = json.loads((model_dir / "config.json").read_text())
+    write_json(out / "config.json", classifier_config(config, labels) if labels else config)
     return out
 
 

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -153,6 +154,8 @@ class MLXLMSpec:
     layers: tuple[tuple[str, tuple[int, int]], ...]
     max_positions: int = 2**31 - 1
     weights: tuple[tuple[str, tuple[int, ...]], ...] = ()  # every parameter: name -> shape
+
+    blocks: ClassVar[str] = "layers"  # mlx-lm's families' block list (PEFT's layers_pattern)
 
     @classmethod
     def of(cls, model: MLXLMModel) -> "MLXLMSpec":
