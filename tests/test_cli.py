@@ -117,3 +117,14 @@ def test_a_csv_without_the_label_column_names_the_recipe_key(tmp_path, capsys):
                  "--set", f"data.source={data}"]) == 2
     assert ("has no column 'label'; its columns are text, sentiment; set data.label_column to the column that "
             "holds it.") in capsys.readouterr().err
+
+
+def test_a_max_length_beyond_the_model_is_said_and_nf4_on_cpu_says_nothing_a_user_cannot_act_on(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "twintune", "train", "recipes/demo-financial-sentiment.yaml",
+                           "--backend", "torch", "--no-progress", "--out", str(tmp_path / "run"), "--set",
+                           "train.max_steps=1", "--set", "data.max_length=4096", "--set", "quantize.type=nf4"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert ("twintune: warning: data.max_length 4096 is beyond the model's 512 positions; rows are cut at 512."
+            in proc.stderr)
+    assert "kernels" not in proc.stderr and "trust_remote_code" not in proc.stderr, proc.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from twintune.backends.base import AdamW, Backend
 from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder
 from twintune.data.examples import Example
 from twintune.data.mixture import MixtureOrder, source_name
-from twintune.errors import TwintuneError
+from twintune.errors import TwintuneError, TwintuneWarning
 from twintune.formats.checkpoint import load_checkpoint, load_config, load_tokenizer, resolve_model_dir
 from twintune.methods import BaseModel, Method, Plan
 from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
@@ -176,6 +177,9 @@ def backend_cannot_run(recipe: Recipe, backend: str) -> str | None:
 def _finish(recipe: Recipe, opened: Opened, with_data: bool, world: World) -> Run:
     """Data, the adapter and the optimizer on a built model: the same for every model."""
     plan, context = opened.plan, opened.max_positions
+    if recipe.data.max_length > context:
+        warnings.warn(f"data.max_length {recipe.data.max_length} is beyond the model's {context} positions; rows are "
+                      f"cut at {context}.", TwintuneWarning, stacklevel=3)
     encoder = Encoder(opened.tokenizer, Prompt(recipe.prompt.template, recipe.prompt.labels),
                       max_length=min(recipe.data.max_length, context), method=recipe.method, context=context,
                       head=recipe.task.linear_head)

@@ -18,6 +18,7 @@ weights by another block's absmax. float64 (which bitsandbytes cannot compute in
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterable
 
@@ -152,8 +153,26 @@ class NF4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}"
 
 
+def import_bitsandbytes():
+    """bitsandbytes, imported quietly. On a CPU with AVX512-BF16 its import tries to fetch a bfloat16
+    kernel from the hub and logs "install kernels / trust_remote_code" (or, offline, that it skipped a
+    trust check) when it cannot. twintune never runs that kernel (support_avx512bf16_for_cpu stays
+    off below), so those lines are noise a user cannot act on; other messages pass."""
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes.backends.cpu.ops", "kernels")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    return bitsandbytes
+
+
 def quant_state(weight: NF4Tensor, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """bitsandbytes' QuantState describing a shared NF4Tensor."""
+    import_bitsandbytes()
     from bitsandbytes.functional import QuantState
 
     def tensor(array):
@@ -184,6 +203,7 @@ def bitsandbytes_dequantize(weight: NF4Tensor, dtype: torch.dtype = torch.float3
         >>> bitsandbytes_dequantize(quantize_nf4(np.ones((4, 64), np.float32))).unique().tolist()
         [1.0]
     """
+    import_bitsandbytes()
     from bitsandbytes.functional import dequantize_4bit
 
     return dequantize_4bit(_packed(weight, device), quant_state(weight, dtype, device))
@@ -192,6 +212,7 @@ def bitsandbytes_dequantize(weight: NF4Tensor, dtype: torch.dtype = torch.float3
 def _cpu_has_avx512f() -> bool:
     """Whether bitsandbytes' CPU library sees AVX-512F here (its kernel's vector path needs it)."""
     try:
+        import_bitsandbytes()
         from bitsandbytes.functional import lib
 
         return bool(lib.has_avx512f_cpu())
@@ -209,8 +230,7 @@ def _mismatch_reason(weight: NF4Tensor, device: str | torch.device) -> str:
 
 def _bitsandbytes_linear(weight: NF4Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
                          device: str | torch.device) -> nn.Module:
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     out_features, in_features = weight.shape
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
                               compress_statistics=weight.double_quant, quant_type="nf4", device="meta")
