@@ -32,6 +32,21 @@ def comparisons(tmp_path_factory):
             for backend in ("mlx", "torch")}
 
 
+def test_the_plot_s_legend_covers_no_point(comparisons):
+    import matplotlib.pyplot as plt
+
+    from twintune.compare import comparison_figure
+
+    figure = comparison_figure(comparisons["torch"])
+    figure.canvas.draw()
+    axis = figure.axes[0]
+    legend = axis.get_legend().get_window_extent()
+    points = axis.transData.transform([(x, y) for collection in axis.collections
+                                       for x, y in collection.get_offsets()])
+    assert len(points) >= 3 and not any(legend.contains(x, y) for x, y in points)
+    plt.close(figure)
+
+
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_a_comparison_writes_its_table_plot_and_rows(comparisons, backend):
     result = comparisons[backend]

@@ -391,6 +391,16 @@ def _size(n: float) -> str:
 def plot_comparison(path: str | Path, result: dict) -> Path:
     """Accuracy against the share of the model trained (log scale; untrained baselines at the left
     edge), marker area by peak memory, one colour per family, the spread over seeds as error bars."""
+    import matplotlib.pyplot as plt
+
+    figure = comparison_figure(result)
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png"))
+    plt.close(figure)
+    return Path(path)
+
+
+def comparison_figure(result: dict):
+    """compare.png's figure (matplotlib's Agg): the legend sits outside the axes, where it covers no point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -411,15 +421,14 @@ def plot_comparison(path: str | Path, result: dict) -> Path:
         axis.annotate(line["entry"], (x, line["accuracy"]), textcoords="offset points", xytext=(6, 6), fontsize=8)
     handles, labels = axis.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
-    axis.legend(unique.values(), unique.keys(), loc="lower right", fontsize=8, markerscale=0.5)
+    axis.legend(unique.values(), unique.keys(), loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
+                fontsize=8, markerscale=0.5)
     axis.set_xscale("log")
     axis.set_xlabel(f"trainable parameters, % of the model (log; untrained at {floor:.2g})")
     axis.set_ylabel("test accuracy")
     axis.set_title(f"{result['recipe_name']} on {result['backend']}: {result['seeds']} seed(s); marker area: peak memory")
     figure.tight_layout()
-    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png"))
-    plt.close(figure)
-    return Path(path)
+    return figure
 
 
 if __name__ == "__main__":
