@@ -76,6 +76,7 @@ def world(tmp_path_factory):
 
     (root / "empty.csv").write_text("text,label\n")
     (root / "unlabelled.json").write_text('[{"text": "Sales rose ."}, {"text": "Costs fell ."}]')
+    (root / "sentiment.csv").write_text("text,sentiment\n" + "Sales rose .,positive\n" * 40)
     (root / "bullish.csv").write_text("text,label\n" + "Sales rose .,bullish\n" * 40)
     (root / "blank.csv").write_text("text,label\n" + " ,positive\n,negative\n" * 30)
     (root / "notes.txt").write_text("not a recipe")
@@ -122,6 +123,15 @@ CASES = [
     case("train", DEMO, "--set", "data.max_length=12", match="longer than data.max_length=12"),
     case("train", DEMO, "--set", "train.lr=1e30", "--set", "train.max_grad_norm=0", match="training loss became"),
     case("train", DEMO, "--out", "{root}/blocker/run", match="not writable"),
+    case("train", DEMO, "--out", "{root}/run", match="{root}/run already holds a run (recipe.json, summary.json, "
+         "metrics.jsonl, checkpoints, adapter); continue it with --resume {root}/run, replace it with --overwrite"),
+    case("train", "--resume", "{root}/run", "--set", "train.lr=1e-3",
+         match="the recipe differs from the one it was trained with (train.lr)"),
+    case("train", match="give a recipe to train (or --resume DIR alone to continue a run)"),
+    case("train", DEMO, "--set", "data.source={root}/sentiment.csv",
+         match="has no column 'label'; its columns are text, sentiment; set data.label_column to the column"),
+    case("estimate", DEMO, "--set", "model=EleutherAI/gpt-neo-20B", env={"HF_HUB_OFFLINE": "1"},
+         match="pass a local directory with its config.json (all that is read here) instead"),
     case("train", "{root}/nope.yaml", match="nope.yaml"),
     case("train", "{root}/bad.yaml", match="bad.yaml"),
     case("train", "{root}/list.yaml", match="mapping"),
@@ -299,7 +309,7 @@ def test_bad_input_gets_one_line_and_a_nonzero_exit(world, argv, match, env):
     assert "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("twintune: error: "), result.stderr
-    assert match in lines[0], lines[0]
+    assert match.replace("{root}", str(world)) in lines[0], lines[0]
     assert _digest(world) == before
 
 
