@@ -1,8 +1,10 @@
 """How far the backends drift apart over the whole demo, against how far torch drifts from itself.
 
-    python -m benchmarks.parity_drift [--steps N] [--seeds 0,1,2,3] [--skip-float64]
+    python -m benchmarks.parity_drift [--steps N] [--seeds 0,1,2,3] [--skip-float64] [--set KEY=VALUE ...]
+                                      [--label NAME]
 
-Trains the float32 demo recipe (recipes/demo-financial-sentiment.yaml, 225 steps) four times,
+Trains the float32 demo recipe (recipes/demo-financial-sentiment.yaml, its whole run unless --steps;
+--set changes it for every run: `--set quantize.type=nf4 --label qlora` is the QLoRA demo) four times,
 each in its own process: on MLX (OpenBLAS preloaded, its default 2 threads), on MLX with OpenBLAS
 on 1 thread, on torch with 1 thread and on torch with 2 threads. Per step it compares the losses
 as |a - b| / |b|:
@@ -39,8 +41,8 @@ With a single --seeds value, that seed's verdicts are printed alone (the rules a
 Then, unless --skip-float64 (on the first seed), the same demo in float64 on MLX and torch: per-step losses within
 1e-8 relative, and each final trainable array within 1e-8 of its largest value.
 
-Prints a table, plots the per-step differences to results/parity_drift.png (log scale) and
-writes results/parity_drift.json; the last line is one JSON object with the verdicts.
+Prints a table, plots the per-step differences to results/parity_drift[_LABEL].png (log scale) and
+writes results/parity_drift[_LABEL].json; the last line is one JSON object with the verdicts.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ STYLES = {"cross-backend": ("MLX vs torch (1 thread), float32", "tab:red"),
           "same-backend (MLX)": ("MLX (OpenBLAS 1 thread) vs MLX (2 threads), float32", "tab:green")}
 
 
-def child(backend: str, threads: int, dtype: str, steps: int, state_path: str, seed: int = 0) -> dict:
+def child(backend: str, threads: int, dtype: str, steps: int, state_path: str, seed: int = 0,
+          overrides: list[str] = ()) -> dict:
     """Train the demo on one backend; per-step losses, validation predictions, the final adapter in an npz."""
     if backend == "torch":
         import torch
@@ -82,7 +85,9 @@ def child(backend: str, threads: int, dtype: str, steps: int, state_path: str, s
     from twintune.train.step import train_step
     from twintune.train.evaluate import evaluate
 
-    run = prepare(load_recipe(RECIPE, [f"dtype={dtype}", f"train.max_steps={steps}", f"seed={seed}"]), backend)
+    run = prepare(load_recipe(RECIPE, [*overrides, f"dtype={dtype}", f"seed={seed}",
+                                       *([f"train.max_steps={steps}"] if steps else [])]), backend)
+    steps = run.total_steps
     start = time.perf_counter()
     losses = [train_step(run, step)["loss"] for step in range(steps)]
     seconds = time.perf_counter() - start
@@ -93,13 +98,15 @@ def child(backend: str, threads: int, dtype: str, steps: int, state_path: str, s
             "val_accuracy": report.accuracy}
 
 
-def train(name: str, backend: str, threads: int, dtype: str, steps: int, scratch: Path, seed: int = 0) -> dict:
+def train(name: str, backend: str, threads: int, dtype: str, steps: int, scratch: Path, seed: int = 0,
+          overrides: list[str] = ()) -> dict:
     """One training run in its own process (its own thread pool); the final adapter is loaded back."""
     state_path = scratch / f"{name}-{dtype}-{seed}.npz"
     # OpenBLAS sizes its pool when it loads (preloaded, before Python runs): tell it by environment
     env = {"OPENBLAS_NUM_THREADS": str(threads)} if backend == "mlx" and threads else None
     row = run_child("benchmarks.parity_drift", ["--child", backend, "--threads", str(threads), "--dtype", dtype,
-                                                "--steps", str(steps), "--state", str(state_path), "--seed", str(seed)],
+                                                "--steps", str(steps), "--state", str(state_path), "--seed", str(seed),
+                                                *[f"--set={item}" for item in overrides]],
                     timeout=3600, mlx=backend == "mlx", env=env)
     with np.load(state_path) as state:
         row["state"] = {k: state[k] for k in state.files}
@@ -248,7 +255,10 @@ def over_seeds(per_seed: dict[int, dict[str, dict]], steps: int) -> dict[str, di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=225, help="optimizer steps (the demo's 225 by default)")
+    parser.add_argument("--steps", type=int, default=0, help="optimizer steps (default: the recipe's whole run)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for every run (repeatable), e.g. --set quantize.type=nf4")
+    parser.add_argument("--label", default="", help="results/parity_drift_LABEL.json instead of parity_drift.json")
     parser.add_argument("--seeds", default="0,1,2,3", help="comma-separated recipe seeds (the standard is judged over them)")
     parser.add_argument("--skip-float64", action="store_true", help="only the float32 drift")
     parser.add_argument("--child", default=None)
@@ -258,7 +268,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.threads, args.dtype, args.steps, args.state, args.seed)))
+        print(json.dumps(child(args.child, args.threads, args.dtype, args.steps, args.state, args.seed,
+                               args.overrides)))
         return
 
     announce_machine()
@@ -266,19 +277,20 @@ def main() -> None:
     per_seed_runs, per_seed_pairs = {}, {}
     with tempfile.TemporaryDirectory(prefix="parity-drift-") as scratch:
         for seed in seeds:
-            runs = {name: train(name, backend, threads, "float32", args.steps, Path(scratch), seed)
+            runs = {name: train(name, backend, threads, "float32", args.steps, Path(scratch), seed, args.overrides)
                     for name, (backend, threads) in FLOAT32_RUNS.items()}
+            args.steps = next(iter(runs.values()))["steps"]  # the recipe's, when not given
             per_seed_pairs[seed] = {name: compare(runs[a], runs[b]) for name, (a, b) in PAIRS.items()}
             for row in runs.values():
                 del row["state"]  # the adapters' differences are summarized in the pairs; the arrays stay out
             per_seed_runs[seed] = runs
         float64 = None
         if not args.skip_float64:
-            mlx64 = train("mlx", "mlx", 0, "float64", args.steps, Path(scratch), seeds[0])
-            torch64 = train("torch_1", "torch", 1, "float64", args.steps, Path(scratch), seeds[0])
+            mlx64 = train("mlx", "mlx", 0, "float64", args.steps, Path(scratch), seeds[0], args.overrides)
+            torch64 = train("torch_1", "torch", 1, "float64", args.steps, Path(scratch), seeds[0], args.overrides)
             float64 = float64_check(mlx64, torch64)
 
-    print(f"demo recipe, float32, {args.steps} steps; relative loss difference |a-b|/|b| per step; "
+    print(f"demo recipe{' with ' + ' '.join(args.overrides) if args.overrides else ''}, float32, {args.steps} steps; relative loss difference |a-b|/|b| per step; "
           f"adapter = max over arrays of max|diff| / max|value|")
     checks = {}
     for seed, pairs in per_seed_pairs.items():
@@ -302,11 +314,12 @@ def main() -> None:
               f"{float64['max_adapter_relative_difference']:.2e} of scale, predictions {agree}: "
               f"{'PASS' if float64['pass'] else 'FAIL'} (tolerance {FLOAT64_TOLERANCE:g})")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    png = RESULTS / "parity_drift.png"
+    name = f"parity_drift_{args.label}" if args.label else "parity_drift"
+    png = RESULTS / f"{name}.png"
     plot(per_seed_pairs[seeds[0]], float64, png)
     print(f"plot (seed {seeds[0]}): {png}")
     first = per_seed_pairs[seeds[0]]
-    write_result("parity_drift", {"recipe": RECIPE, "steps": args.steps, "threshold": THRESHOLD, "tail": TAIL,
+    write_result(name, {"recipe": RECIPE, "overrides": args.overrides, "steps": args.steps, "threshold": THRESHOLD, "tail": TAIL,
                                   "seeds": seeds, "runs": per_seed_runs, "pairs": per_seed_pairs,
                                   "verdicts": checks, "verdicts_over_seeds": seeds_verdict, "float64": float64})
     summary = {"first_step_past_1e-3": {name: pair["first_step_past_1e-3"] for name, pair in first.items()},

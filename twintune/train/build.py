@@ -74,7 +74,7 @@ def prepare(recipe: Recipe, backend: str | None = None, with_data: bool = True, 
     Example:
         >>> from twintune.recipe import load_recipe
         >>> run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml"), backend="mlx")
-        >>> run.total_steps   # 4 epochs of 1200 training examples in batches of 16
+        >>> run.total_steps   # 2 epochs of 2400 training examples in batches of 16
         300
     """
     opened = open_base(recipe, backend or recipe.backend, with_plan=True)
