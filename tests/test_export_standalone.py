@@ -1,7 +1,7 @@
 """Exports stand alone (issue 28): `twintune export RUN --format peft --out DIR` of a run on the built-in
 model carries its base, so `AutoPeftModelForCausalLM.from_pretrained(DIR)` (a head's:
 `AutoPeftModelForSequenceClassification`) loads it from another working directory in a Python where
-twintune cannot be imported, with twintune's logits; merged folders keep the base's generation config
+twintune cannot be imported, with twintune's logits (every method PEFT has); merged folders keep the base's generation config
 and get a folder's ordinary mode."""
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ DEMO = str(Path(__file__).resolve().parent.parent / "recipes" / "demo-financial-
 METHODS = {"lora": [], "dora": ["method={name: dora, r: 4}"], "ia3": ["method={name: ia3}"],
            "prompt": ["method={name: prompt, n: 4}"],
            "ptuning": ["method={name: ptuning, n: 4}"],
-           "prefix": ["method={name: prefix, n: 4}"], "head": ["task.head=linear"]}
+           "prefix": ["method={name: prefix, n: 4}"],
+           "vera": ["method={name: vera, r: 8, target_modules: [q_proj, v_proj]}"], "head": ["task.head=linear"]}
 IDS = [[833, 375, 420, 17, 96, 250]]
 
 # Run where twintune cannot be imported: PEFT and transformers only, from the export's directory alone
