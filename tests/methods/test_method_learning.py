@@ -38,6 +38,10 @@ from twintune.train.step import train_step
 from twintune.train.evaluate import evaluate
 
 ALL_LINEAR = "[q_proj, k_proj, v_proj, out_proj, c_fc, c_proj]"
+# The figures above were measured on the demo as it was then (1500 sentences, 4 epochs, lr 4e-3); the
+# cases keep those settings under their own, so that each bar stands on what was measured. (The
+# demo itself now trains on 3000 sentences for 2 epochs at lr 1.75e-3: tests/test_learning.py.)
+MEASURED_ON = ["data.synthetic_size=1500", "train.epochs=4", "train.lr=4e-3"]
 # method -> (recipe overrides, the bar, why that bar)
 CASES = {
     "dora": ([f"method={{name: dora, r: 8, alpha: 16, target_modules: {ALL_LINEAR}}}"], 0.9,
@@ -79,7 +83,7 @@ CASES = {
 @pytest.mark.parametrize("method", CASES)
 def test_method_learns_the_demo_task(method, backend):
     overrides, bar, reason = CASES[method]
-    run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml", overrides), backend)
+    run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml", MEASURED_ON + overrides), backend)
     before = evaluate(run).accuracy
     for step in range(run.total_steps):
         train_step(run, step)
