@@ -115,7 +115,7 @@ CASES = [
     case("train", DEMO, "--set", "data.source={root}/blank.csv", match="blank.csv"),
     case("train", DEMO, "--set", "data.source={root}/missing.csv", match="missing.csv"),
     case("train", DEMO, "--set", "data.source={root}/unlabelled.json", match="has no column 'label'; its columns are text"),
-    case("eval", DEMO, "--shots", "401", match="--shots 401 asks for 401 examples of each class"),
+    case("eval", DEMO, "--shots", "801", match="--shots 801 asks for 801 examples of each class"),
     case("eval", DEMO, "--shots", "-1", match="--shots must be 0 or more"),
     case("eval", DEMO, "--retrieve", match="--retrieve chooses the --shots sentences; give --shots K as well"),
     case("train", DEMO, "--set", "data.source=hf:takala/financial_phrasebank", "--set", "data.split=train",

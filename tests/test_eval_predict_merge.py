@@ -93,7 +93,9 @@ def test_missing_targets_are_named(tmp_path):
 def test_export_copies_the_peft_adapter_and_explains_mlx_lm(run_dir, tmp_path, capsys):
     run_dir, _ = run_dir
     assert main(["export", str(run_dir), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
-    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == sorted(p.name for p in (run_dir / "adapter").iterdir())
+    # the adapter's files, and the built-in base carried along (tests/test_export_standalone.py)
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == sorted(
+        [p.name for p in (run_dir / "adapter").iterdir()] + ["base-model"])
     assert main(["export", str(run_dir), "--format", "mlx-lm", "--out", str(tmp_path / "mlx")]) == 2
     err = capsys.readouterr().err
     assert "mlx-lm has no 'gpt_neo' model family" in err and "Traceback" not in err
