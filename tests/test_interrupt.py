@@ -86,11 +86,17 @@ def test_a_stopped_run_checkpoints_its_step_and_resumes_with_the_command_it_name
     assert _result(tmp_path / "stopped") == _result(tmp_path / "whole")
 
 
-def test_resume_alone_refuses_a_changed_value_by_name(tmp_path):
+def test_a_stopped_run_is_continued_not_evaluated_and_resume_alone_refuses_a_change(tmp_path):
     out = tmp_path / "run"
     code, _ = _interrupted([DEMO, "--backend", "torch", "--no-progress", "--set", f"train.max_steps={STEPS}"],
                            tmp_path, out, signal.SIGTERM, 3)
     assert code == 143
+    for verb in (["eval", str(out)], ["predict", str(out), "Sales rose ."], ["generate", str(out), "Sales"]):
+        refused = subprocess.run([sys.executable, "-m", "twintune", *verb], cwd=tmp_path, env=ENV, capture_output=True,
+                                 text=True, timeout=300)
+        assert refused.returncode == 2 and (f"{out} has no adapter yet: the run stopped before it finished (its newest "
+                                            "checkpoint is step-") in refused.stderr, refused.stderr
+        assert f"continue it with twintune train --resume {out}." in refused.stderr
     changed = subprocess.run([sys.executable, "-m", "twintune", "train", "--resume", str(out), "--set", "train.lr=1e-3"],
                              cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert changed.returncode == 2 and "the recipe differs from the one it was trained with (train.lr)" in changed.stderr

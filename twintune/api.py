@@ -49,7 +49,7 @@ from twintune.tasks import HEAD, check_head_labels, head_surgery, with_head
 from twintune.train.build import open_base, prepare
 from twintune.train.evaluate import evaluate, label_scores, labelled_texts, predict
 from twintune.train.loop import train
-from twintune.train.runs import run_backend
+from twintune.train.runs import check_finished, run_backend
 
 __all__ = ["load_checkpoint", "load_recipe", "prepare", "train", "evaluate", "predict", "load", "generate", "Model",
            "Adapter", "Generation"]
@@ -295,6 +295,7 @@ def locate_adapter(directory: str | Path) -> tuple[Path, Recipe | None]:
         if not recipe.task.trains_in_steps:
             raise TwintuneError(f"{path} is a {recipe.task.name} run: it holds a classifier on frozen features, not an "
                                 "adapter; use twintune eval / predict on it (twintune.train.runs.open_run from Python).")
+        check_finished(path)
         return path / "adapter", recipe
     if (path / "adapter_config.json").is_file() and (path.parent / "recipe.json").is_file():
         return path, load_recipe(path.parent / "recipe.json")

@@ -74,6 +74,15 @@ def _trained_backend(run_dir: Path) -> str | None:
     return None
 
 
+def check_finished(run_dir: Path) -> None:
+    """A run that stopped before it finished (SIGTERM, a crash) has checkpoints but no adapter yet:
+    said so, with the command that continues it."""
+    checkpoints = list_checkpoints(run_dir)
+    if not (run_dir / "adapter").exists() and checkpoints:
+        raise TwintuneError(f"{run_dir} has no adapter yet: the run stopped before it finished (its newest checkpoint "
+                            f"is {checkpoints[-1].name}); continue it with twintune train --resume {run_dir}.")
+
+
 def open_run(target: str | Path, backend: str | None = None, with_data: bool = True) -> Run:
     """A prepared run with a run directory's trained adapter loaded (or a recipe's initial values).
 
@@ -91,6 +100,8 @@ def open_run(target: str | Path, backend: str | None = None, with_data: bool = T
         raise TwintuneError(f"{path} is not a run directory: it has no recipe.json.")
     backend = run_backend(path, backend)
     recipe = load_recipe(path / "recipe.json")
+    if recipe.task.trains_in_steps:
+        check_finished(path)
     # the adapter holds the saved form of the method's values (P-tuning: its encoder's output)
     recipe = dataclasses.replace(recipe, method=recipe.method.saved_method())
     run = prepare(recipe, backend, with_data)
