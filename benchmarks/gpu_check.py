@@ -129,7 +129,8 @@ def speed_child(kind: str, shape: str, examples: int, repeats: int, quantized: b
     from twintune.train.step import train_step
 
     torch.manual_seed(0)
-    run = prepare(_recipe(shape, examples, quantized), "torch")
+    # the reference needs only the batches: its prepare skips quantizing (the data are the same)
+    run = prepare(_recipe(shape, examples, quantized and kind == "twintune"), "torch")
     encoded = run.splits["train"][:examples]
     if kind == "twintune":
         def epoch():
@@ -137,7 +138,8 @@ def speed_child(kind: str, shape: str, examples: int, repeats: int, quantized: b
                 train_step(run, step)
     else:
         run.backend = None  # the reference's model alone holds the GPU's memory
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         order = TrainOrder(encoded, 8, 1, run.recipe.seed)
         epoch = _peft_epoch(shape, [b for s in range(order.steps_per_epoch) for b in order.step_batches(s)], quantized)
     synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)

@@ -36,9 +36,8 @@ from twintune.train.evaluate import evaluate, evaluate_with_shots, labelled_text
 
 
 def run_backend(run_dir: Path, asked: str | None) -> str | None:
-    """The backend a run reopens on: the one asked for; else the one that trained it (summary.json's,
-    or for a stopped run its newest checkpoint's), when its framework is installed here; else the
-    recipe's (None), with a warning naming why.
+    """The backend a run reopens on: the one asked for; else the one that trained it (summary.json's),
+    when its framework is installed here; else the recipe's (None), with a warning naming why.
 
     Example:
         >>> run_backend(Path("runs/demo"), None), run_backend(Path("runs/demo"), "mlx")   # runs/demo: trained on torch
@@ -59,19 +58,12 @@ def run_backend(run_dir: Path, asked: str | None) -> str | None:
 
 
 def _trained_backend(run_dir: Path) -> str | None:
-    """The backend of a run's last training segment (None: not a run, or one that never stepped)."""
-    sources = [run_dir / "summary.json"] + [checkpoint / "state.json" for checkpoint in
-                                            reversed(list_checkpoints(run_dir))][:1]
-    for path in sources:
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        segments = saved.get("history", {}).get("backends") if "history" in saved else None
-        trained = segments[-1]["backend"] if segments else saved.get("backend")
-        if trained in ("mlx", "torch"):
-            return trained
-    return None
+    """The backend summary.json names (None without one: a stopped run, refused by check_finished)."""
+    try:
+        trained = json.loads((run_dir / "summary.json").read_text()).get("backend")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return trained if trained in ("mlx", "torch") else None
 
 
 def check_finished(run_dir: Path) -> None:
@@ -98,10 +90,10 @@ def open_run(target: str | Path, backend: str | None = None, with_data: bool = T
         return prepare(load_recipe(path), backend, with_data)
     if not (path / "recipe.json").exists():
         raise TwintuneError(f"{path} is not a run directory: it has no recipe.json.")
-    backend = run_backend(path, backend)
     recipe = load_recipe(path / "recipe.json")
     if recipe.task.trains_in_steps:
         check_finished(path)
+    backend = run_backend(path, backend)
     # the adapter holds the saved form of the method's values (P-tuning: its encoder's output)
     recipe = dataclasses.replace(recipe, method=recipe.method.saved_method())
     run = prepare(recipe, backend, with_data)
