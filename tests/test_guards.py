@@ -39,8 +39,8 @@ def test_the_loss_is_the_task_mean_and_the_replay_mean_weighted_by_their_shares(
     task = make_batch(rows[:1])
     replay = make_batch(rows[1:])
     replay.replay = True
-    assert loss_weights([task, replay], 0.25) == [0.75 / 3, 0.25 / 2]
-    assert loss_weights([task], 0.25) == [1 / 3]
+    assert loss_weights([task, replay], [3, 2], 0.25) == [0.75 / 3, 0.25 / 2]
+    assert loss_weights([task], [3], 0.25) == [1 / 3]
 
 
 @pytest.mark.parametrize("backend", ["mlx", "torch"])

@@ -198,7 +198,7 @@ def estimate_recipe(path: str, overrides: list[str] = (), tokens: int | None = N
     backend = resolve_backend_name(recipe.backend if backend in (None, "auto") else backend)
     estimate = estimate_memory(spec, recipe.method_spec(), recipe.quantization(), recipe.train.batch_size, length,
                                backend, gradient_checkpointing=recipe.train.gradient_checkpointing, dtype=recipe.dtype,
-                               head_labels=len(recipe.prompt.labels) if recipe.task.linear_head else 0,
+                               head_labels=len(recipe.task.head_labels(recipe) or []),
                                ewc=recipe.train.ewc.weight > 0, distill=recipe.train.distill.weight > 0)
     quant = recipe.quantize.type if recipe.quantize.type != "none" else recipe.dtype
     note = (f"{recipe.name}: GPT-Neo {spec.num_layers} layers x {spec.hidden_size}, {quant} base, method {recipe.method.name} "

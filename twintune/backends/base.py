@@ -119,6 +119,17 @@ class ModelComputation(Protocol):
         generator under `dropout_key` (twintune/dropout.py): a pure function of the key, so a
         resumed run draws what an uninterrupted one draws, with no random state to save."""
 
+    def objective_backward(self, batch: Batch, objective, loss_scale: float, dropout_key: int = 0) -> np.ndarray:
+        """Add the gradient of loss_scale * an objective's summed loss (tasks/objectives.py: a preference
+        loss, Bradley-Terry) to the accumulated gradients. The objective gets the model's values at the
+        batch's targets (its `reads`), with dropout, and this backend's Ops; returns float64
+        [loss, *figures], their unscaled sums."""
+
+    def target_values(self, batch: Batch, reads: str, reference: bool = False) -> np.ndarray:
+        """(N,) the model's values at the batch's targets, no dropout, no gradient: the target token's
+        log-probability (`reads` "logps") or a one-output head's score ("scores"); with `reference`,
+        of the base with the method off (set_base_view): a preference loss's reference model."""
+
     def take_gradients(self) -> dict[str, np.ndarray]:
         """The gradients accumulated since the last step, by name, then cleared (EWC's Fisher)."""
 

@@ -56,6 +56,11 @@ class Encoded:
     # A packed row of several examples (task instruction, packing): which tokens are targets (each
     # example's completion), in place of "every token after the prompt".
     target_mask: np.ndarray | None = None
+    # A preference pair (data/preferences.py): this row is the chosen answer, `rejected` the other;
+    # a batch puts the two in adjacent rows.
+    rejected: "Encoded | None" = None
+    # The reference model's log-probability of each target token, computed once (precompute_reference).
+    reference: np.ndarray | None = None
 
 
 @dataclass
@@ -76,6 +81,16 @@ class Batch:
     # draws one process's bits.
     first_row: int = 0
     width_pad: int = 0
+    group: int = 1  # rows per example: 2 for preference pairs (chosen, rejected), which a share never splits
+    reference: np.ndarray | None = None  # (N,) the reference model's log-probability of each target
+
+    @property
+    def examples(self) -> int:
+        return self.input_ids.shape[0] // self.group
+
+    def target_rows(self) -> np.ndarray:
+        """(N,) the row each target is in."""
+        return self.target_positions // self.input_ids.shape[1]
 
     @property
     def n_targets(self) -> int:
@@ -170,7 +185,11 @@ class Encoder:
 
 
 def make_batch(encoded: list[Encoded], pad_id: int = 0) -> Batch:
-    """Right-pad to the longest row and mark where the label tokens are predicted."""
+    """Right-pad to the longest row and mark where the label tokens are predicted; a preference pair
+    is two adjacent rows, chosen then rejected."""
+    group = 2 if encoded[0].rejected is not None else 1
+    if group == 2:
+        encoded = [row for e in encoded for row in (e, e.rejected)]
     width = max(len(e.ids) for e in encoded)
     input_ids = np.full((len(encoded), width), pad_id, np.int32)
     target_positions, targets, answers = [], [], []
@@ -193,6 +212,9 @@ def make_batch(encoded: list[Encoded], pad_id: int = 0) -> Batch:
         answer_positions=np.array(answers, np.int32),
         labels=np.array([e.label for e in encoded], np.int32),
         lengths=np.array([len(e.ids) for e in encoded], np.int32),
+        group=group,
+        reference=(np.concatenate([e.reference for e in encoded])
+                   if all(e.reference is not None for e in encoded) else None),
     )
 
 

@@ -245,9 +245,9 @@ def _checked_head(name: str, array: np.ndarray, spec: GPTNeoSpec) -> np.ndarray:
     if not np.issubdtype(array.dtype, np.floating):
         raise TwintuneError(f"adapter tensor {name!r} (the classification head) has dtype {array.dtype}; it must be "
                             "floating point.")
-    if array.ndim != 2 or array.shape[1] != spec.hidden_size or array.shape[0] < 2:
+    if array.ndim != 2 or array.shape[1] != spec.hidden_size or array.shape[0] < 1:
         raise TwintuneError(f"adapter tensor {name!r} (the classification head) has shape {tuple(array.shape)}, but "
-                            f"this model's head must be (labels, {spec.hidden_size}) with at least two labels; the "
+                            f"this model's head must be (labels, {spec.hidden_size}); the "
                             "adapter does not match this base model.")
     return np.ascontiguousarray(array, dtype=np.float64 if array.dtype == np.float64 else np.float32)
 

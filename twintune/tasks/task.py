@@ -56,6 +56,10 @@ class Scorer(Protocol):
     def token_loss(self, rows: list[Encoded]) -> tuple[float, int]:
         """The summed cross-entropy of the rows' target tokens, and how many there are."""
 
+    def objective_sums(self, split: str, objective) -> tuple[np.ndarray, int]:
+        """An objective's summed loss and figures over a split (no dropout, no gradient), and how many
+        examples (pairs) they sum over."""
+
 
 class Task:
     """A recipe's `task:` section: a dataclass whose fields are its keys (with defaults)."""
@@ -66,6 +70,8 @@ class Task:
     mixes: ClassVar[bool] = False  # whether data.mixture may mix sources of it
     trains_method: ClassVar[bool] = True  # False: the model stays frozen (its recipe's method defaults to none)
     cannot_predict: ClassVar[str | None] = None  # why `twintune predict` has no labels for a run of it
+    # Its loss when it is not the sum of its rows' target-token cross-entropies (tasks/objectives.py).
+    objective: ClassVar[object | None] = None
 
     def validate(self) -> None:
         """Range checks on the keys (types are checked when the recipe is read)."""
@@ -87,6 +93,10 @@ class Task:
     def linear_head(self) -> bool:
         """Whether it trains a linear classification head besides the method."""
         return False
+
+    def head_labels(self, recipe) -> list[str] | None:
+        """What the rows of its linear head score (None: no head): saved beside the adapter."""
+        return list(recipe.prompt.labels) if self.linear_head else None
 
     @property
     def trains_in_steps(self) -> bool:

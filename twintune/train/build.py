@@ -155,7 +155,7 @@ def read_gpt_neo(recipe: Recipe) -> tuple[BaseModel, Path]:
 def run_plan(recipe: Recipe, base: BaseModel) -> Plan:
     """The recipe's method planned on the base, with what the task trains besides it (a linear head)."""
     plan = recipe.method.plan(base, recipe.seed)
-    extra = recipe.task.surgeries(base.spec, len(recipe.prompt.labels), recipe.seed)
+    extra = recipe.task.surgeries(base.spec, len(recipe.task.head_labels(recipe) or []), recipe.seed)
     return Plan(plan.method, plan.surgeries + extra, plan.lr_scales) if extra else plan
 
 
@@ -188,6 +188,9 @@ def _finish(recipe: Recipe, opened: Opened, with_data: bool, world: World) -> Ru
     if with_data:
         _add_data(run, opened.tokenizer, row_length(recipe, context))
     _set_up_backend(run, plan)
+    objective = recipe.task.objective
+    if objective is not None and objective.needs_reference:  # the reference: the start, the method switched off
+        run.backend.set_base_view(plan, run.backend.trainable_state())
     if with_data:
         run.terms = _loss_terms(run, plan, opened.tokenizer, row_length(recipe, context))
     run.loss_scaler = LossScaler() if recipe.dtype == "float16" else None

@@ -96,7 +96,7 @@ def share(batch: Batch, world: World) -> Batch | None:
     (None: the batch has fewer rows than there are processes, and none are this one's)."""
     if world.size == 1:
         return batch
-    bounds = share_bounds(batch.input_ids.shape[0], world)
+    bounds = [bound * batch.group for bound in share_bounds(batch.examples, world)]
     start, stop = bounds[world.rank], bounds[world.rank + 1]
     return take_rows(batch, start, stop) if stop > start else None
 
@@ -123,7 +123,7 @@ def take_rows(batch: Batch, start: int, stop: int) -> Batch:
         targets=batch.targets[mine], answer_positions=answer_positions, labels=batch.labels[start:stop],
         lengths=batch.lengths[start:stop],
         example_index=None if batch.example_index is None else batch.example_index[start:stop],
-        first_row=batch.first_row + start, width_pad=batch.width_pad + width - keep)
+        reference=None if batch.reference is None else batch.reference[mine], first_row=batch.first_row + start, width_pad=batch.width_pad + width - keep)
 
 
 def free_port() -> int:

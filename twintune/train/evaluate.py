@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from twintune.data.batching import Encoded, Encoder, eval_batches
+from twintune.data.batching import Batch, Encoded, Encoder, eval_batches
 from twintune.data.shots import ShotIndex, draw_shots, with_shots
 from twintune.errors import TwintuneError
 from twintune.train.build import Run
@@ -17,6 +17,7 @@ from twintune.backends.base import Backend
 from twintune.train.distributed import ALONE, World, mine
 from twintune.train.features import compute_features, split_features
 from twintune.tasks import ClassificationReport, PerplexityReport, Report
+from twintune.tasks.objectives import NUMPY
 
 
 def predict(run: Run, encoded: list[Encoded], features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -86,6 +87,28 @@ class RunScorer:
         if run.world.size > 1:
             total, tokens = run.backend.all_sum(np.array([total, tokens], np.float64)).tolist()
         return total, round(tokens)
+
+
+    def objective_sums(self, split: str, objective) -> tuple[np.ndarray, int]:
+        run = self.run
+        sums, examples = np.zeros(1 + len(objective.figures)), 0
+        with run.backend.whole_model():
+            for batch in mine(eval_batches(run.splits[split], run.recipe.train.eval_batch_size), run.world):
+                sums += objective_values(run.backend, batch, objective)
+                examples += batch.examples
+        if run.world.size > 1:
+            totals = run.backend.all_sum(np.array([*sums, examples], np.float64))
+            sums, examples = totals[:-1], totals[-1]
+        return sums, round(examples)
+
+
+def objective_values(backend: Backend, batch: Batch, objective) -> np.ndarray:
+    """An objective's summed loss and figures on a batch, computed in numpy (float64) from the model's
+    values at its targets (and the reference's, where it needs them)."""
+    if objective.needs_reference and batch.reference is None:
+        batch = dataclasses.replace(batch, reference=backend.target_values(batch, "logps", reference=True))
+    loss, figures = objective.loss(NUMPY, backend.target_values(batch, objective.reads), batch)
+    return np.array([float(loss), *map(float, figures)])
 
 
 def evaluate(run: Run, split: str = "validation") -> Report:

@@ -77,11 +77,11 @@ def general_batch(rows: list[Encoded], per_step: int, step: int, seed: int, stre
     return make_batch(chosen, pad_id)
 
 
-def loss_weights(batches: list[Batch], fraction: float) -> list[float]:
-    """Each micro-batch's factor on its summed loss: 1 / the task's targets, or with replay
-    (1 - f) / the task's targets and f / the replay rows' targets."""
-    task = sum(b.n_targets for b in batches if not b.replay)
-    replay = sum(b.n_targets for b in batches if b.replay)
+def loss_weights(batches: list[Batch], counts: list[int], fraction: float) -> list[float]:
+    """Each micro-batch's factor on its summed loss: 1 / the task's count (its target tokens, or an
+    objective's examples), or with replay (1 - f) / the task's count and f / the replay rows' targets."""
+    task = sum(n for b, n in zip(batches, counts) if not b.replay)
+    replay = sum(n for b, n in zip(batches, counts) if b.replay)
     if not replay:
         return [1.0 / task] * len(batches)
     return [fraction / replay if b.replay else (1 - fraction) / task for b in batches]

@@ -151,7 +151,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     trained = run.backend.trainable_state()  # on every process: a sharded model gathers its shards
     if world.writes:  # the same model on every process; rank 0 saves it
         save_adapter(out / "adapter", run.method, trained, recipe.model, run.model_dir,
-                     labels=list(recipe.prompt.labels) if recipe.task.linear_head else None, spec=run.spec)
+                     labels=recipe.task.head_labels(recipe), spec=run.spec)
         summary = _summary(run, state, report, first_step, trained, out)
         write_json(out / "summary.json", summary)
         plot_run(out / "training.png", summary["train_losses"], summary["evals"], title=f"{recipe.name} ({name})")

@@ -111,7 +111,7 @@ def read_run_adapter(directory: Path, recipe: Recipe, spec: GPTNeoSpec) -> tuple
     recipe's labels (or none)."""
     method, state = load_adapter(directory, spec)
     check_adapter_method(method, recipe.method, directory)
-    check_head_fits(state, recipe.task.linear_head, recipe.prompt.labels, directory)
+    check_head_fits(state, recipe.task.linear_head, recipe.task.head_labels(recipe) or [], directory)
     return method, state
 
 
@@ -230,7 +230,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     merged = recipe.method.merge(base, adapter)
     if head is None:
         return write_checkpoint(out, directory, merged)
-    return write_checkpoint(out, directory, {**merged, HEAD: head}, labels=list(recipe.prompt.labels))
+    return write_checkpoint(out, directory, {**merged, HEAD: head}, labels=recipe.task.head_labels(recipe))
 
 
 def export_run_adapter(run_dir: str | Path, fmt: str, out_dir: str | Path) -> Path:

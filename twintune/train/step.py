@@ -7,6 +7,7 @@ with "skipped": true, and still counts as a step of the schedule.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -33,18 +34,24 @@ def train_step(run: Run, step: int) -> dict:
     t = run.recipe.train
     task, *extra = step_batches(run, step)  # the whole step's, on every process
     batches = [b for part in (task, *extra) for b in part]
+    objective = run.recipe.task.objective  # None: the loss is the rows' target tokens' cross-entropy
     scale = run.loss_scaler.scale if run.loss_scaler else 1.0
-    weights = loss_weights(batches, sum(term.share for term in run.terms))
+    counts = [b.examples if objective and not b.replay else b.n_targets for b in batches]
+    weights = loss_weights(batches, counts, sum(term.share for term in run.terms))
     # Each process runs its share of every micro-batch; the weights are the whole step's (global) counts.
-    sums = [_share_forward_backward(run, b, scale * weight, dropout_key(run.recipe.seed, step, i))
+    sums = [_share_forward_backward(run, b, scale * weight, dropout_key(run.recipe.seed, step, i),
+                                    None if b.replay else objective)
             for i, (b, weight) in enumerate(zip(batches, weights))]
     sync_seconds = None
     if run.world.size > 1:
         sums, sync_seconds = _sum_over_processes(run, sums)
-    loss = sum(sums[: len(task)]) / sum(b.n_targets for b in task)
+    examples = sum(counts[: len(task)])
+    task_sums = [sum(float(s[k]) for s in sums[: len(task)]) for k in range(len(sums[0]))]
+    loss = task_sums[0] / examples
     if not math.isfinite(loss):
         raise TwintuneError(f"the training loss became {loss} at step {step + 1}; lower train.lr "
                             "or set train.max_grad_norm (the last saved adapter, if any, is kept).")
+    sums = [float(s[0]) for s in sums]
     logged, start = {}, len(task)
     for term, own in zip(run.terms, extra):
         logged.update(term.logged(sums[start: start + len(own)], own))
@@ -60,10 +67,12 @@ def train_step(run: Run, step: int) -> dict:
     record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm if finite else None,
               "tokens": sum(b.n_real_tokens for b in batches)}
     if run.world.size > 1:  # the examples each process took
-        record["rank_examples"] = np.sum([np.diff(share_bounds(b.input_ids.shape[0], run.world)) for b in batches],
+        record["rank_examples"] = np.sum([np.diff(share_bounds(b.examples, run.world)) for b in batches],
                                          axis=0).tolist()
         record["sync_seconds"] = sync_seconds
     record.update(logged)
+    if objective:  # its figures, per example of the step (TRL's rewards/chosen, ...)
+        record.update({name: total / examples for name, total in zip(objective.figures, task_sums[1:])})
     if run.loss_scaler:
         run.loss_scaler.update(finite)
         record["skipped"] = not finite
@@ -76,22 +85,32 @@ def step_batches(run: Run, step: int) -> list[list[Batch]]:
     return [run.order.step_batches(step), *(term.batches(step) for term in run.terms)]
 
 
-def _sum_over_processes(run: Run, sums: list[float]) -> tuple[list[float], float]:
-    """The micro-batches' losses and the gradients summed over the processes; the seconds it took
-    (waiting for the slowest process included)."""
+def _sum_over_processes(run: Run, sums: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
+    """The micro-batches' losses (and an objective's figures) and the gradients summed over the
+    processes; the seconds it took (waiting for the slowest process included)."""
     started = time.perf_counter()
-    sums = run.backend.all_sum(np.array(sums, np.float64)).tolist()
+    sizes = [len(s) for s in sums]
+    flat = run.backend.all_sum(np.concatenate(sums).astype(np.float64))
     run.backend.sum_gradients()
-    return sums, time.perf_counter() - started
+    return np.split(flat, np.cumsum(sizes)[:-1]), time.perf_counter() - started
 
 
-def _share_forward_backward(run: Run, batch: Batch, loss_scale: float, key: int) -> float:
-    """This process's share of a micro-batch, forward and backward; its summed loss. A batch with fewer
-    rows than processes leaves some without a share: they add nothing, but a sharded model's
-    gathers need every process in every forward, so those run one row at weight zero."""
+def _share_forward_backward(run: Run, batch: Batch, loss_scale: float, key: int, objective=None) -> np.ndarray:
+    """This process's share of a micro-batch, forward and backward; its summed loss (and an objective's
+    summed figures). A batch with fewer rows than processes leaves some without a share: they add
+    nothing, but a sharded model's gathers need every process in every forward, so those run one
+    row at weight zero."""
     part = share(batch, run.world)
-    if part is not None:
-        return run.backend.forward_backward(part, loss_scale, key)
-    if run.backend.sharded:
-        run.backend.forward_backward(take_rows(batch, 0, 1), 0.0, key)
-    return 0.0
+    if part is None:
+        if run.backend.sharded:
+            _forward_backward(run.backend, take_rows(batch, 0, batch.group), 0.0, key, objective)
+        return np.zeros(1 + (len(objective.figures) if objective else 0))
+    return _forward_backward(run.backend, part, loss_scale, key, objective)
+
+
+def _forward_backward(backend, batch: Batch, loss_scale: float, key: int, objective) -> np.ndarray:
+    if objective is None:
+        return np.array([backend.forward_backward(batch, loss_scale, key)])
+    if objective.needs_reference and batch.reference is None:  # the base with the method off, no dropout
+        batch = dataclasses.replace(batch, reference=backend.target_values(batch, "logps", reference=True))
+    return backend.objective_backward(batch, objective, loss_scale, key)

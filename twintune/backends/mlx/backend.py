@@ -72,6 +72,43 @@ class WeightsAsNumpy(Mapping):
         return len(self.arrays)
 
 
+@mx.custom_function
+def log_sigmoid(x: mx.array) -> mx.array:
+    """log(1 / (1 + e^-x)) through `exp` (accurate in float64, where mx.exp is float32's), its gradient
+    sigmoid(-x) given outright: no branch point at 0 for autograd to split."""
+    return -(mx.maximum(-x, 0) + mx.log1p(exp(-mx.abs(x))))
+
+
+@log_sigmoid.vjp
+def _log_sigmoid_vjp(x, cotangent, output):
+    return cotangent * exp(log_sigmoid(-x))
+
+
+class MLXOps:
+    """tasks/objectives.py's Ops on MLX arrays of one dtype."""
+
+    def __init__(self, dtype: mx.Dtype):
+        self.dtype = dtype
+
+    def array(self, values: np.ndarray) -> mx.array:
+        return mx.array(values, dtype=self.dtype)
+
+    exp, log, log1p, log_sigmoid = staticmethod(exp), staticmethod(mx.log), staticmethod(mx.log1p), log_sigmoid
+    minimum, maximum, clip = staticmethod(mx.minimum), staticmethod(mx.maximum), staticmethod(mx.clip)
+
+    @staticmethod
+    def relu(x: mx.array) -> mx.array:
+        return mx.maximum(x, 0)
+
+    @staticmethod
+    def stop_gradient(x: mx.array) -> mx.array:
+        return mx.stop_gradient(x)
+
+    @staticmethod
+    def to_float(x: mx.array) -> float:
+        return x.item()
+
+
 class MLXBackend:
     name = "mlx"
     capabilities = CAPABILITIES["mlx"]
@@ -140,6 +177,7 @@ class MLXBackend:
         self.step = 0
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
         self._distill_and_grad = nn.value_and_grad(self.model, self._distill_loss)
+        self._objective_and_grad = nn.value_and_grad(self.model, self._objective_loss)
 
     def quantize_affine(self, bits: int, group_size: int) -> None:
         """MLX's own affine quantization of every block linear layer (fast on Macs; MLX only)."""
@@ -250,6 +288,57 @@ class MLXBackend:
         self.grads = grads if self.grads is None else tree_map(mx.add, self.grads, grads)
         mx.eval(loss, self.grads)
         return loss.item()
+
+    def _target_values(self, ids: mx.array, lengths: mx.array, positions: mx.array, targets: mx.array,
+                       reads: str) -> mx.array:
+        """(N,) at the batch's targets: the target token's log-probability, or a one-output head's score
+        (vocabulary logits in chunks, as _summed_cross_entropy takes them)."""
+        hidden = self._hidden_rows(ids, lengths, positions)
+        if reads == "scores":
+            return self.model.logits(hidden).astype(self.precise)[:, 0]
+
+        def logps(h, t):
+            logits = self.model.logits(h).astype(self.precise)
+            return mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - logsumexp(logits)[:, 0]
+
+        chunks = loss_chunks(hidden.shape[0], self.spec.vocab_size if self.model.score is None else 0)
+        if len(chunks) == 1:
+            return logps(hidden, targets)
+        layer = self.model.output_layer()
+
+        def chunk(start: int, stop: int) -> mx.array:
+            def run(parameters, h):
+                layer.update(parameters)
+                return logps(h, targets[start:stop])
+            return mx.checkpoint(run)(layer.trainable_parameters(), hidden[start:stop])
+
+        return mx.concatenate([chunk(start, stop) for start, stop in chunks])
+
+    def _batch_arrays(self, batch: Batch) -> tuple[mx.array, ...]:
+        return (mx.array(batch.input_ids), mx.array(batch.prompt_lengths), mx.array(batch.target_positions),
+                mx.array(batch.targets))
+
+    def target_values(self, batch: Batch, reads: str, reference: bool = False) -> np.ndarray:
+        self.model.eval()
+        with base_view(self.model, *self.view) if reference else contextlib.nullcontext():
+            values = self._target_values(*self._batch_arrays(batch), reads)
+            mx.eval(values)
+        return np.array(values)
+
+    def _objective_loss(self, ids, lengths, positions, targets, scale, dropout, objective, batch):
+        with dropout_masks(dropout[0], dropout[1], dropout[2]):
+            values = self._target_values(ids, lengths, positions, targets, objective.reads)
+        loss, figures = objective.loss(MLXOps(self.precise), values, batch)
+        return loss * scale, (loss, figures)
+
+    def objective_backward(self, batch: Batch, objective, loss_scale: float, dropout_key: int = 0) -> np.ndarray:
+        self.model.train()
+        (_, (loss, figures)), grads = self._objective_and_grad(
+            *self._batch_arrays(batch), mx.array(loss_scale, dtype=self.precise), self._dropout(batch, dropout_key),
+            objective, batch)
+        self.grads = grads if self.grads is None else tree_map(mx.add, self.grads, grads)
+        mx.eval(loss, figures, self.grads)
+        return np.array([loss.item(), *(f.item() for f in figures)], np.float64)
 
     def optimizer_step(self, lr: float, max_grad_norm: float, grad_scale: float = 1.0) -> float:
         grads = dict(tree_flatten(self.grads))

@@ -158,6 +158,28 @@ def _piece(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None).to_local().clone()
 
 
+class TorchOps:
+    """tasks/objectives.py's Ops on torch tensors of one dtype and device."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+
+    def array(self, values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(values)).to(self.device, self.dtype)
+
+    exp, log, log1p = staticmethod(torch.exp), staticmethod(torch.log), staticmethod(torch.log1p)
+    log_sigmoid, relu = staticmethod(F.logsigmoid), staticmethod(torch.relu)
+    minimum, maximum, clip = staticmethod(torch.minimum), staticmethod(torch.maximum), staticmethod(torch.clamp)
+
+    @staticmethod
+    def stop_gradient(x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
+    @staticmethod
+    def to_float(x: torch.Tensor) -> float:
+        return float(x)
+
+
 class TorchBackend:
     name = "torch"
     capabilities = CAPABILITIES["torch"]
@@ -264,6 +286,35 @@ class TorchBackend:
         if not torch.is_grad_enabled():
             return sum(summed(hidden[a:b], targets[a:b]) for a, b in chunks)
         return sum(checkpoint(summed, hidden[a:b], targets[a:b], use_reentrant=False) for a, b in chunks)
+
+    def _target_values(self, batch: Batch, reads: str) -> torch.Tensor:
+        """(N,) at the batch's targets: the target token's log-probability, or a one-output head's score."""
+        hidden = self._hidden_rows(batch, batch.target_positions)
+        if reads == "scores":
+            return self.model.logits(hidden).to(self.precise)[:, 0]
+        targets = self._tensor(batch.targets)
+
+        def logps(h, t):
+            return -F.cross_entropy(self.model.logits(h).to(self.precise), t, reduction="none")
+
+        chunks = loss_chunks(hidden.shape[0], self.spec.vocab_size if self.model.score is None else 0)
+        if len(chunks) == 1 or not torch.is_grad_enabled():
+            return torch.cat([logps(hidden[a:b], targets[a:b]) for a, b in chunks])
+        return torch.cat([checkpoint(logps, hidden[a:b], targets[a:b], use_reentrant=False) for a, b in chunks])
+
+    @torch.no_grad()
+    def target_values(self, batch: Batch, reads: str, reference: bool = False) -> np.ndarray:
+        self.model.eval()
+        with base_view(self.model, *self.view) if reference else contextlib.nullcontext():
+            return self._target_values(batch, reads).cpu().numpy()
+
+    def objective_backward(self, batch: Batch, objective, loss_scale: float, dropout_key: int = 0) -> np.ndarray:
+        self.model.train()
+        with self._dropout_masks(batch, dropout_key):
+            loss, figures = objective.loss(TorchOps(self.precise, self.device), self._target_values(batch, objective.reads),
+                                           batch)
+            (loss * loss_scale).backward()
+        return np.array([loss.item(), *(float(f) for f in figures)], np.float64)
 
     @torch.no_grad()
     def optimizer_step(self, lr: float, max_grad_norm: float, grad_scale: float = 1.0) -> float:

@@ -1,0 +1,93 @@
+"""A task's loss when it is not the sum of its rows' target-token cross-entropies: preference losses
+over pairs of rows, a reward model's Bradley-Terry loss.
+
+An `Objective` is written once, on arrays of any framework: the backend hands it the model's value
+at each target of a micro-batch (`reads`: the target token's log-probability, or a one-output head's
+score), with autograd on, and an `Ops` of its framework's functions; the objective returns its
+summed loss and the figures a run logs. Evaluation calls the same objective on numpy values with
+NUMPY. So MLX, torch and the tests' numpy formulas compute one algorithm, and a backend knows no
+preference loss by name.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+import numpy as np
+
+from twintune.data.batching import Batch
+
+
+class Ops(Protocol):
+    """The functions an objective computes with, each on one framework's arrays (backends/X/ops.py)."""
+
+    def array(self, values: np.ndarray):
+        """A numpy array as the framework's, in the run's precise dtype (float32; float64 in float64)."""
+
+    def exp(self, x): ...
+    def log(self, x): ...
+    def log1p(self, x): ...
+    def log_sigmoid(self, x):
+        """log(1 / (1 + e^-x)), accurate for large |x| (its gradient, sigmoid(-x), too)."""
+    def relu(self, x): ...
+    def minimum(self, x, y): ...
+    def maximum(self, x, y): ...
+    def clip(self, x, low: float, high: float): ...
+    def stop_gradient(self, x): ...
+    def to_float(self, x) -> float:
+        """A 0-d array's value."""
+
+
+class NumpyOps:
+    """Ops on numpy arrays, in float64: evaluation's, and the formulas' own check."""
+
+    def array(self, values):
+        return np.asarray(values, np.float64)
+
+    exp, log, log1p = staticmethod(np.exp), staticmethod(np.log), staticmethod(np.log1p)
+    minimum, maximum, clip = staticmethod(np.minimum), staticmethod(np.maximum), staticmethod(np.clip)
+
+    @staticmethod
+    def log_sigmoid(x):
+        return -np.logaddexp(0.0, -x)
+
+    @staticmethod
+    def relu(x):
+        return np.maximum(x, 0.0)
+
+    @staticmethod
+    def stop_gradient(x):
+        return x
+
+    @staticmethod
+    def to_float(x) -> float:
+        return float(x)
+
+
+NUMPY = NumpyOps()
+
+
+class Objective:
+    """A loss over a micro-batch's examples (a pair of rows, or one row), summed; the loop divides by
+    the step's global count of examples, so N processes and gradient accumulation equal one batch."""
+
+    reads: ClassVar[str] = "logps"  # per target: "logps" (the target token's log-probability) or "scores" (a head's)
+    figures: ClassVar[tuple[str, ...]] = ()  # what it sums besides the loss: mean per example in metrics.jsonl
+    needs_reference: bool = False  # whether batches carry the reference model's log-probabilities
+
+    def loss(self, ops: Ops, values, batch: Batch) -> tuple[object, list]:
+        """(the summed loss, the figures' sums), framework arrays, from `values` (N,) at the batch's targets."""
+        raise NotImplementedError
+
+
+def row_sums(ops: Ops, values, batch: Batch):
+    """(rows,) each row's sum of `values` (N,) over its targets: one matrix product, the same on every
+    framework, so a row's sum rounds alike wherever it is taken."""
+    rows = batch.target_rows()
+    onehot = (np.arange(batch.input_ids.shape[0])[:, None] == rows[None, :]).astype(np.float64)
+    return ops.array(onehot) @ values
+
+
+def row_counts(batch: Batch) -> np.ndarray:
+    """(rows,) how many targets each row has."""
+    return np.bincount(batch.target_rows(), minlength=batch.input_ids.shape[0]).astype(np.float64)
