@@ -25,8 +25,10 @@ class Ops(Protocol):
         """A numpy array as the framework's, in the run's precise dtype (float32; float64 in float64)."""
 
     def exp(self, x): ...
+    def expm1(self, x): ...
     def log(self, x): ...
     def log1p(self, x): ...
+    def where(self, condition, x, y): ...
     def log_sigmoid(self, x):
         """log(1 / (1 + e^-x)), accurate for large |x| (its gradient, sigmoid(-x), too)."""
     def relu(self, x): ...
@@ -44,7 +46,8 @@ class NumpyOps:
     def array(self, values):
         return np.asarray(values, np.float64)
 
-    exp, log, log1p = staticmethod(np.exp), staticmethod(np.log), staticmethod(np.log1p)
+    exp, expm1, log, log1p = staticmethod(np.exp), staticmethod(np.expm1), staticmethod(np.log), staticmethod(np.log1p)
+    where = staticmethod(np.where)
     minimum, maximum, clip = staticmethod(np.minimum), staticmethod(np.maximum), staticmethod(np.clip)
 
     @staticmethod
@@ -78,6 +81,11 @@ class Objective:
     def loss(self, ops: Ops, values, batch: Batch) -> tuple[object, list]:
         """(the summed loss, the figures' sums), framework arrays, from `values` (N,) at the batch's targets."""
         raise NotImplementedError
+
+
+def log1mexp(ops: Ops, x):
+    """log(1 - e^x) for x < 0, without cancellation on either side of -ln 2 (TRL's ORPO computes it so)."""
+    return ops.where(x < -0.6931471805599453, ops.log1p(-ops.exp(x)), ops.log(-ops.expm1(x)))
 
 
 def row_sums(ops: Ops, values, batch: Batch):

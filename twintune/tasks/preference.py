@@ -12,7 +12,7 @@ log-probability, `avg` that over its target count, `r = logp_policy - logp_refer
 - hinge: `relu(1 - βΔ)`;
 - robust: `(-(1-ε) log σ(βΔ) + ε log σ(-βΔ)) / (1 - 2ε)`;
 - orpo (no reference): `NLL(chosen) - β log σ(log_odds)`, `log_odds = (p_c - p_r) - (log(1 - e^p_c) -
-  log(1 - e^p_r))` with p the averaged log-probabilities; NLL(chosen) is the chosen answer's mean
+  log(1 - e^p_r))` (log1mexp) with p the averaged log-probabilities; NLL(chosen) is the chosen answer's mean
   cross-entropy per token (TRL averages over the batch's chosen tokens: the same when the answers
   of a batch have one length);
 - simpo (no reference): `-(1-ε) log σ(βz) - ε log σ(-βz)`, `z = avg_c - avg_r - γ/β`.
@@ -34,7 +34,7 @@ from twintune.data.documents import eos_id, random_splits
 from twintune.data.preferences import PAIRED, answer, load_rows
 from twintune.errors import TwintuneError
 from twintune.keys import check
-from twintune.tasks.objectives import Objective, Ops, row_counts, row_sums
+from twintune.tasks.objectives import Objective, Ops, log1mexp, row_counts, row_sums
 from twintune.tasks.reports import PreferenceReport
 from twintune.tasks.task import Scorer, Task, TaskData, refuse_general_text
 
@@ -101,7 +101,7 @@ class PreferenceLoss(Objective):
         if self.kind == "simpo":
             z = chosen_avg - rejected_avg - self.simpo_gamma / beta
             return -(1 - eps) * ops.log_sigmoid(beta * z) - eps * ops.log_sigmoid(-beta * z), []
-        log_odds = (chosen_avg - rejected_avg) - (ops.log1p(-ops.exp(chosen_avg)) - ops.log1p(-ops.exp(rejected_avg)))
+        log_odds = (chosen_avg - rejected_avg) - (log1mexp(ops, chosen_avg) - log1mexp(ops, rejected_avg))
         ratio = beta * ops.log_sigmoid(log_odds)
         nll = -chosen_avg
         return nll - ratio, [nll.sum(), ratio.sum(), log_odds.sum()]

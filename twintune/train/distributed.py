@@ -123,7 +123,8 @@ def take_rows(batch: Batch, start: int, stop: int) -> Batch:
         targets=batch.targets[mine], answer_positions=answer_positions, labels=batch.labels[start:stop],
         lengths=batch.lengths[start:stop],
         example_index=None if batch.example_index is None else batch.example_index[start:stop],
-        reference=None if batch.reference is None else batch.reference[mine], first_row=batch.first_row + start, width_pad=batch.width_pad + width - keep)
+        reference=None if batch.reference is None else batch.reference[mine],
+        first_row=batch.first_row + start, width_pad=batch.width_pad + width - keep)
 
 
 def free_port() -> int:

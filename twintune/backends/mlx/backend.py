@@ -93,7 +93,8 @@ class MLXOps:
     def array(self, values: np.ndarray) -> mx.array:
         return mx.array(values, dtype=self.dtype)
 
-    exp, log, log1p, log_sigmoid = staticmethod(exp), staticmethod(mx.log), staticmethod(mx.log1p), log_sigmoid
+    exp, expm1, log, log1p = staticmethod(exp), staticmethod(mx.expm1), staticmethod(mx.log), staticmethod(mx.log1p)
+    where, log_sigmoid = staticmethod(mx.where), log_sigmoid
     minimum, maximum, clip = staticmethod(mx.minimum), staticmethod(mx.maximum), staticmethod(mx.clip)
 
     @staticmethod

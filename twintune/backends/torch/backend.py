@@ -167,7 +167,9 @@ class TorchOps:
     def array(self, values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(values)).to(self.device, self.dtype)
 
-    exp, log, log1p = staticmethod(torch.exp), staticmethod(torch.log), staticmethod(torch.log1p)
+    exp, expm1 = staticmethod(torch.exp), staticmethod(torch.expm1)
+    log, log1p = staticmethod(torch.log), staticmethod(torch.log1p)
+    where = staticmethod(torch.where)
     log_sigmoid, relu = staticmethod(F.logsigmoid), staticmethod(torch.relu)
     minimum, maximum, clip = staticmethod(torch.minimum), staticmethod(torch.maximum), staticmethod(torch.clamp)
 
@@ -314,7 +316,7 @@ class TorchBackend:
             loss, figures = objective.loss(TorchOps(self.precise, self.device), self._target_values(batch, objective.reads),
                                            batch)
             (loss * loss_scale).backward()
-        return np.array([loss.item(), *(float(f) for f in figures)], np.float64)
+        return np.array([loss.item(), *(float(f.detach()) for f in figures)], np.float64)
 
     @torch.no_grad()
     def optimizer_step(self, lr: float, max_grad_norm: float, grad_scale: float = 1.0) -> float:
