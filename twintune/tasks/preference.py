@@ -69,12 +69,11 @@ class PreferenceLoss(Objective):
         if self.needs_reference:
             reference = row_sums(ops, ops.array(batch.reference), batch)
             chosen_ref, rejected_ref = reference[0::2], reference[1::2]
-            if self.kind == "ipo":  # IPO compares per-token averages
-                chosen_ratio = (chosen - chosen_ref) / n_chosen
-                rejected_ratio = (rejected - rejected_ref) / n_rejected
+            chosen_ratio, rejected_ratio = chosen - chosen_ref, rejected - rejected_ref
+            if self.kind == "ipo":  # IPO compares per-token averages (its rewards stay TRL's: summed)
+                losses = self._referenced(ops, chosen_ratio / n_chosen - rejected_ratio / n_rejected)
             else:
-                chosen_ratio, rejected_ratio = chosen - chosen_ref, rejected - rejected_ref
-            losses = self._referenced(ops, chosen_ratio - rejected_ratio)
+                losses = self._referenced(ops, chosen_ratio - rejected_ratio)
             chosen_reward, rejected_reward = self.beta * chosen_ratio, self.beta * rejected_ratio
             extra = []
         else:
