@@ -69,6 +69,9 @@ def world(tmp_path_factory):
                     str(root / "features-run"), "--set", "method={name: none}", "--set", "task.name=features",
                     *QUICK], check=True, capture_output=True, env={**os.environ, "TWINTUNE_CACHE": str(root / "cache")})
 
+    subprocess.run([sys.executable, "-m", "twintune", "train", DEMO, "--backend", "torch", "--out",
+                    str(root / "dpo-run"), "--set", "task=preference", *QUICK], check=True, capture_output=True)
+
     corrupt_ckpt = root / "corrupt-ckpt-run"
     shutil.copytree(run, corrupt_ckpt)
     for ckpt in (corrupt_ckpt / "checkpoints").iterdir():
@@ -84,6 +87,12 @@ def world(tmp_path_factory):
     (root / "no-completion.jsonl").write_text('{"prompt": "Q: 1+1?"}\n')
     (root / "robot.jsonl").write_text('{"messages": [{"role": "robot", "content": "Hi"}, '
                                       '{"role": "assistant", "content": "Hello"}]}\n')
+    (root / "no-chosen.jsonl").write_text('{"prompt": "Q:", "answer": " yes", "rejected": " no"}\n')
+    (root / "same.jsonl").write_text('{"prompt": "Q:", "chosen": " yes", "rejected": " yes"}\n' * 10)
+    (root / "long-prompt.jsonl").write_text(json.dumps({"prompt": "word " * 200, "chosen": " yes", "rejected": " no"})
+                                            + "\n")
+    (root / "chat-pairs.jsonl").write_text(json.dumps({"prompt": "Q:", "chosen": [{"role": "assistant", "content": "y"}],
+                                                       "rejected": " no"}) + "\n")
     (root / "bad.yaml").write_text("train: {lr: [1, 2\n")
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "no-text.yaml").write_text('prompt: {template: "Sentiment:"}\n')
@@ -277,6 +286,21 @@ CASES = [
          match="train.fsdp shards the model through torch's FSDP2; the mlx backend keeps the whole model"),
     case("train", DEMO, "--set", "method={name: full}", "--set", "train.fsdp=true", "--set",
          "train.distill={source: synthetic, weight: 1.0}", match="train.fsdp does not combine with train.distill"),
+    # preference tuning
+    case("train", DEMO, "--set", "task=preference", "--set", "data.source={root}/no-chosen.jsonl",
+         match="no-chosen.jsonl has no column 'chosen' (its columns are prompt, answer, rejected)"),
+    case("train", DEMO, "--set", "task=preference", "--set", "data.source={root}/same.jsonl",
+         match="row 1 of {root}/same.jsonl: chosen equals rejected, so the pair prefers nothing"),
+    case("train", DEMO, "--set", "task=reward", "--set", "data.source={root}/long-prompt.jsonl", "--set",
+         "data.max_length=64", match="its prompt is 401 tokens, leaving no room for an answer within data.max_length=64"),
+    case("train", DEMO, "--set", "task=preference", "--set", "data.source={root}/chat-pairs.jsonl",
+         match="column 'chosen' holds chat messages, and this model's tokenizer has no chat template"),
+    case("train", DEMO, "--set", "task={name: preference, beta: 0}", match="recipe key 'task.beta' must be above 0"),
+    case("train", DEMO, "--set", "task={name: preference, loss: kto}",
+         match="recipe key 'task.loss' must be one of dpo, ipo, hinge, robust, orpo, simpo, got 'kto'"),
+    case("train", DEMO, "--set", "task=preference", "--set", "train.replay={source: synthetic, fraction: 0.2}",
+         match="train.replay scores general text with the model's vocabulary, which task preference tunes by"),
+    case("predict", "{root}/dpo-run", "Sales rose .", match="is a preference run: it ranks answers to a prompt"),
     # compare (each refused before any row runs)
     case("compare", DEMO, "--methods", "lora,bitfti", match="--methods: 'bitfti' is not a comparison entry; did you mean 'bitfit'?"),
     case("compare", DEMO, "--methods", "lora,lora", match="--methods names an entry twice: lora"),

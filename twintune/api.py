@@ -263,6 +263,10 @@ class Model:
             saved = read_head_labels(adapter_dir)
             if saved is not None and "labels" not in prompt and recipe is None:
                 prompt = {**prompt, "labels": {label: f" {label}" for label in saved}}
+            elif recipe is not None and "labels" not in prompt:  # a reward model's one row, `reward`
+                wanted = recipe.task.head_labels(recipe)
+                if wanted != list(recipe.prompt.labels):
+                    prompt = {**prompt, "labels": {label: f" {label}" for label in wanted}}
             prompt_now = make_prompt(prompt, recipe)
             check_head_labels(head, saved, prompt_now.labels, adapter_dir)
             plan = with_head(plan, head_surgery(head.shape[0], self.base.spec.hidden_size, seed=0))

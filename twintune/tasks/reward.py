@@ -50,6 +50,9 @@ class Reward(PairTask):
 
     center_rewards_coefficient: float = 0.0
 
+    cannot_predict: ClassVar[str | None] = ("it scores an answer to a prompt with one number, not with labels; "
+                                            "evaluate its reward accuracy on held-out pairs with twintune eval")
+
     name: ClassVar[str] = "reward"
     description: ClassVar[str] = "a reward model: a scalar head trained on prompt/chosen/rejected pairs (Bradley-Terry)"
     metrics: ClassVar[tuple[str, ...]] = ("val_accuracy", "val_loss", "val_margin")
