@@ -203,7 +203,7 @@ def test_the_estimate_counts_what_each_guard_keeps():
     def rows(*overrides):
         return dict(estimate_recipe(DEMO, list(overrides))[0])
 
-    key = "guards (EWC's Fisher and start; distillation's frozen copy)"
+    key = "guards (EWC's Fisher and start; the base view's frozen copy)"
     plain = rows("method={name: full}")
     assert key not in plain
     distilled = rows("method={name: full}", DISTILL)  # full fine-tuning: the teacher reads a frozen copy of the model

@@ -188,6 +188,16 @@ def test_gradient_accumulation_equals_one_batch_of_pairs():
         np.testing.assert_allclose(two.backend.trainable_state()[name], value, rtol=1e-10, atol=1e-14)
 
 
+def test_the_estimate_counts_two_rows_a_pair_and_the_references_frozen_copy():
+    from twintune.memory import estimate_recipe
+
+    rows, note = estimate_recipe("recipes/demo-dpo.yaml", ["method={name: full}"])
+    assert "batch 32 x 128 tokens" in note  # 16 pairs
+    assert any(name.startswith("guards") and value > 1.0 for name, value in rows)  # the reference: the start's weights
+    rows, note = estimate_recipe("recipes/demo-dpo.yaml", ["method={name: full}", "task={name: preference, loss: orpo}"])
+    assert not any(name.startswith("guards") for name, _ in rows)  # ORPO needs no reference
+
+
 # ---- parity --------------------------------------------------------------------------------------
 
 PARITY_TASKS = [{"name": "preference", "loss": kind} for kind in LOSSES] + [{"name": "reward"}]

@@ -43,7 +43,7 @@ class MemoryEstimate:
     loading: int  # while the checkpoint is read: every float32 weight at once, before quantizing
     trainable_parameters: int
     tokens: int
-    guards: int = 0  # EWC's Fisher and start values; distillation's start values of unfrozen parameters
+    guards: int = 0  # EWC's Fisher and start values; the base view's (distillation, a preference reference) start values of unfrozen parameters
 
     @property
     def training_peak(self) -> int:
@@ -51,7 +51,7 @@ class MemoryEstimate:
 
     def rows(self) -> list[tuple[str, float]]:
         mb = 2**20
-        guards = [("guards (EWC's Fisher and start; distillation's frozen copy)", self.guards / mb)] if self.guards else []
+        guards = [("guards (EWC's Fisher and start; the base view's frozen copy)", self.guards / mb)] if self.guards else []
         return [("frozen weights", self.frozen_weights / mb), ("trainable + optimizer", self.trainable / mb),
                 ("activations", self.activations / mb), ("transient", self.transient / mb), *guards,
                 ("training peak", self.training_peak / mb), ("loading peak", self.loading / mb)]
@@ -196,12 +196,15 @@ def estimate_recipe(path: str, overrides: list[str] = (), tokens: int | None = N
     if length < 1:
         raise TwintuneError(f"--tokens must be at least 1, not {length}.")
     backend = resolve_backend_name(recipe.backend if backend in (None, "auto") else backend)
-    estimate = estimate_memory(spec, recipe.method_spec(), recipe.quantization(), recipe.train.batch_size, length,
+    rows = recipe.train.batch_size * recipe.task.rows_per_example  # a preference pair is two rows
+    objective = recipe.task.objective
+    base_view = recipe.train.distill.weight > 0 or (objective is not None and objective.needs_reference)
+    estimate = estimate_memory(spec, recipe.method_spec(), recipe.quantization(), rows, length,
                                backend, gradient_checkpointing=recipe.train.gradient_checkpointing, dtype=recipe.dtype,
                                head_labels=len(recipe.task.head_labels(recipe) or []),
-                               ewc=recipe.train.ewc.weight > 0, distill=recipe.train.distill.weight > 0)
+                               ewc=recipe.train.ewc.weight > 0, distill=base_view)
     quant = recipe.quantize.type if recipe.quantize.type != "none" else recipe.dtype
     note = (f"{recipe.name}: GPT-Neo {spec.num_layers} layers x {spec.hidden_size}, {quant} base, method {recipe.method.name} "
-            f"({estimate.trainable_parameters:,} trainable), {backend} backend, batch {recipe.train.batch_size} x {length} tokens, AdamW; "
+            f"({estimate.trainable_parameters:,} trainable), {backend} backend, batch {rows} x {length} tokens, AdamW; "
             "framework memory not included")
     return estimate.rows(), note

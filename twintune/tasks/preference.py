@@ -109,6 +109,8 @@ class PreferenceLoss(Objective):
 class PairTask(Task):
     """A task trained on preference pairs (data/preferences.py): its rows, splits and refusals."""
 
+    rows_per_example: ClassVar[int] = 2
+
     cannot_predict: ClassVar[str | None] = ("it ranks answers to a prompt, not labels; evaluate it with twintune "
                                             "eval, or generate with twintune generate")
 

@@ -70,6 +70,7 @@ class Task:
     mixes: ClassVar[bool] = False  # whether data.mixture may mix sources of it
     trains_method: ClassVar[bool] = True  # False: the model stays frozen (its recipe's method defaults to none)
     cannot_predict: ClassVar[str | None] = None  # why `twintune predict` has no labels for a run of it
+    rows_per_example: ClassVar[int] = 1  # a preference pair is two rows (chosen, rejected)
     # Its loss when it is not the sum of its rows' target-token cross-entropies (tasks/objectives.py).
     objective: ClassVar[object | None] = None
 
