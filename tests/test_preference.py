@@ -151,6 +151,19 @@ def test_a_pair_is_two_adjacent_rows_with_the_answers_and_end_of_text_as_targets
     assert pair.ids[:pair.prompt_len].tolist() == pair.rejected.ids[:pair.rejected.prompt_len].tolist()
 
 
+def test_a_processs_share_of_a_batch_is_whole_pairs_with_their_reference():
+    from twintune.train.distributed import World, share
+
+    run = prepare(_recipe({"name": "preference"}), "torch")
+    batch = make_batch(run.splits["train"][:3])
+    batch.reference = -np.arange(batch.n_targets, dtype=np.float64)
+    first, second = (share(batch, World(rank, 2)) for rank in range(2))
+    assert (first.input_ids.shape[0], second.input_ids.shape[0]) == (4, 2)  # pairs 0-1, pair 2
+    np.testing.assert_array_equal(np.concatenate([first.reference, second.reference]), batch.reference)
+    np.testing.assert_array_equal(second.targets, batch.targets[batch.target_rows() >= 4])
+    assert second.first_row == 4 and second.group == 2 and second.examples == 1
+
+
 def test_rows_come_from_jsonl_csv_and_parquet_with_trls_names(tmp_path):
     import pandas
 
