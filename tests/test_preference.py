@@ -295,3 +295,53 @@ def test_bad_preference_data_is_refused_by_one_sentence(tmp_path):
 def test_bad_preference_keys_are_refused(keys, message):
     with pytest.raises(TwintuneError, match=message):
         _recipe({"name": "preference", **keys})
+
+
+# ---- PEFT interop --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_reward_adapter_loads_in_peft_as_seq_cls_with_one_label_and_scores_alike(backend, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import GPTNeoForSequenceClassification
+
+    from twintune.formats.adapter import save_adapter
+
+    run = prepare(_recipe({"name": "reward"}, lr=3e-2, max_steps=5), backend)
+    for step in range(5):
+        train_step(run, step)
+    state = run.backend.trainable_state()
+    adapter = save_adapter(tmp_path / "adapter", run.method, state, run.recipe.model, labels=["reward"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    base = GPTNeoForSequenceClassification.from_pretrained(str(run.model_dir), num_labels=1, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    pairs = run.splits["validation"][:3]
+    ours = run.backend.target_values(make_batch(pairs), "scores")  # chosen, rejected, chosen, ...
+    for i, row in enumerate(r for pair in pairs for r in (pair, pair.rejected)):
+        with torch.no_grad():  # one row at a time: GPT-Neo has no pad token, so the last token is scored
+            theirs = peft_model(torch.tensor(row.ids[None], dtype=torch.long)).logits[0, 0].item()
+        assert theirs == pytest.approx(float(ours[i]), abs=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_peft_seq_cls_reward_adapter_with_one_label_gives_peft_scores(backend, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPTNeoForSequenceClassification
+
+    from twintune.api import load
+    from twintune.formats.tiny_model import builtin_model_dir
+
+    torch.manual_seed(0)
+    base = GPTNeoForSequenceClassification.from_pretrained(str(builtin_model_dir("tiny-gpt-neo")), num_labels=1,
+                                                           dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, init_lora_weights=False,
+                                                 target_modules=["q_proj", "v_proj"])).eval()
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    ids = [[833, 375, 420, 17, 99], [5, 6, 7]]
+    model = load("builtin:tiny-gpt-neo", adapter=tmp_path / "adapter", backend=backend, labels=["reward"])
+    for row in ids:
+        with torch.no_grad():
+            theirs = peft_model(torch.tensor([row])).logits[0, 0].item()
+        assert model.logits([row])[0, -1, 0] == pytest.approx(theirs, abs=2e-5)
