@@ -93,6 +93,7 @@ def world(tmp_path_factory):
                                             + "\n")
     (root / "chat-pairs.jsonl").write_text(json.dumps({"prompt": "Q:", "chosen": [{"role": "assistant", "content": "y"}],
                                                        "rejected": " no"}) + "\n")
+    (root / "all-good.jsonl").write_text('{"prompt": "Q:", "completion": " yes", "label": true}\n' * 10)
     (root / "bad.yaml").write_text("train: {lr: [1, 2\n")
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "no-text.yaml").write_text('prompt: {template: "Sentiment:"}\n')
@@ -300,6 +301,10 @@ CASES = [
          match="recipe key 'task.loss' must be one of dpo, ipo, hinge, robust, orpo, simpo, got 'kto'"),
     case("train", DEMO, "--set", "task=preference", "--set", "train.replay={source: synthetic, fraction: 0.2}",
          match="train.replay scores general text with the model's vocabulary, which task preference tunes by"),
+    case("train", DEMO, "--set", "task=kto", "--set", "data.source={root}/all-good.jsonl",
+         match="is labelled desirable (true); KTO weighs desirable against undesirable answers and needs rows of both"),
+    case("train", DEMO, "--set", "task={name: kto, undesirable_weight: 0}",
+         match="recipe key 'task.undesirable_weight' must be above 0, got 0"),
     case("predict", "{root}/dpo-run", "Sales rose .", match="is a preference run: it ranks answers to a prompt"),
     # compare (each refused before any row runs)
     case("compare", DEMO, "--methods", "lora,bitfti", match="--methods: 'bitfti' is not a comparison entry; did you mean 'bitfit'?"),

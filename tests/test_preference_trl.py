@@ -1,5 +1,6 @@
 """Our preference losses equal TRL's own code on the same log-probabilities: DPOTrainer's loss
-(sigmoid, hinge, ipo, robust), ORPOTrainer's odds-ratio term and CPOTrainer's SimPO loss.
+(sigmoid, hinge, ipo, robust), ORPOTrainer's odds-ratio term, CPOTrainer's SimPO loss and
+KTOTrainer's loss.
 
 TRL computes these inside its trainers' methods; each is called here on a stand-in for the trainer
 (the attributes the method reads) and a stand-in model whose per-token log-probabilities are ours.
@@ -106,3 +107,41 @@ def test_simpo_equals_trls_cpo_trainer_with_loss_type_simpo():
     ours, figures = _ours("simpo", **keys)
     assert ours == pytest.approx(losses.mean().item(), rel=1e-6)
     assert figures["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), rel=1e-6)
+
+
+def test_kto_equals_trls_kto_trainer():
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    from twintune.tasks.kto import KTOLoss
+
+    rows = 2 * PAIRS
+    labels = np.array([1, 0, 0, 1, 1, 0, 1, 1])
+    kl_policy, kl_reference = -RNG.uniform(0.5, 3.0, rows), -RNG.uniform(0.5, 3.0, rows)
+    beta, desirable_weight, undesirable_weight = 0.3, 1.0, 1.4
+    mask = torch.tensor(MASK.astype(np.int64))
+    per_token = torch.where(mask.bool(), torch.tensor(POLICY), 0.0)
+    completion_mask = torch.cat([torch.zeros(rows, 1, dtype=torch.long), mask], dim=1)
+    outputs = SimpleNamespace(log_probs=per_token, entropy=torch.zeros_like(per_token),
+                              mean_logits=torch.zeros_like(per_token))
+    accelerator = SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x)
+    trainer = SimpleNamespace(model=SimpleNamespace(training=False), accelerator=accelerator, aux_loss_enabled=False,
+                              precompute_ref_logps=True, calculate_KL=True, loss_type="kto", beta=beta,
+                              desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                              _metrics={"eval": defaultdict(list)}, _tp_size=1, _total_train_tokens=0,
+                              _compute_kl_logps=lambda model, batch: torch.tensor(kl_policy))
+    inputs = {"input_ids": torch.zeros_like(completion_mask), "attention_mask": torch.ones_like(completion_mask),
+              "completion_mask": completion_mask, "label": torch.tensor(labels.astype(bool)),
+              "ref_logps": torch.tensor((REFERENCE * MASK).sum(axis=1)), "ref_KL_logps": torch.tensor(kl_reference)}
+    theirs = KTOTrainer._compute_loss(trainer, lambda **kwargs: outputs, inputs, return_outputs=False).item()
+    metrics = {name: values[0] for name, values in trainer._metrics["eval"].items()}
+
+    positions = np.nonzero(MASK)
+    batch = Batch(np.zeros((rows, WIDTH + 1), np.int32), (positions[0] * (WIDTH + 1) + positions[1]).astype(np.int32),
+                  np.zeros(len(positions[0]), np.int32), np.zeros(rows, np.int32), labels.astype(np.int32),
+                  COUNTS.astype(np.int32), reference=REFERENCE[positions], kl=max(0.0, float(np.mean(kl_policy - kl_reference))))
+    objective = KTOLoss(beta, desirable_weight, undesirable_weight)
+    loss, figures = objective.loss(NUMPY, POLICY[positions], batch)
+    ours = objective.summarize(np.array([loss, *figures]), rows)
+    assert ours["loss"] == pytest.approx(theirs, rel=1e-6)
+    for name in ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins"):
+        assert ours[name] == pytest.approx(metrics[name], rel=1e-6, abs=1e-9), name

@@ -83,6 +83,7 @@ class Batch:
     width_pad: int = 0
     group: int = 1  # rows per example: 2 for preference pairs (chosen, rejected), which a share never splits
     reference: np.ndarray | None = None  # (N,) the reference model's log-probability of each target
+    kl: float = 0.0  # KTO's z0 for this micro-batch (tasks/kto.py)
 
     @property
     def examples(self) -> int:

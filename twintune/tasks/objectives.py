@@ -11,7 +11,8 @@ preference loss by name.
 
 from __future__ import annotations
 
-from typing import ClassVar, Protocol
+import dataclasses
+from typing import Callable, ClassVar, Protocol
 
 import numpy as np
 
@@ -81,6 +82,24 @@ class Objective:
     def loss(self, ops: Ops, values, batch: Batch) -> tuple[object, list]:
         """(the summed loss, the figures' sums), framework arrays, from `values` (N,) at the batch's targets."""
         raise NotImplementedError
+
+    def prepare(self, batch: Batch, values: Callable[..., np.ndarray]) -> Batch:
+        """The whole micro-batch with what the loss needs of it beforehand, computed without gradient
+        through `values(batch, reads, reference=False)` (the backend's target_values): called on every
+        process alike, before the batch is shared (KTO's z0)."""
+        return batch
+
+    def summarize(self, sums: np.ndarray, examples: int) -> dict[str, float]:
+        """What a run logs of summed [loss, *figures] over `examples`: each a mean per example."""
+        return {name: float(total) / examples for name, total in zip(("loss", *self.figures), sums)}
+
+
+def with_reference(batch: Batch, values: Callable[..., np.ndarray]) -> Batch:
+    """The batch with its reference log-probabilities (the base with the method off, no dropout), unless
+    it carries them already (precomputed)."""
+    if batch.reference is not None:
+        return batch
+    return dataclasses.replace(batch, reference=values(batch, "logps", reference=True))
 
 
 def log1mexp(ops: Ops, x):

@@ -156,7 +156,7 @@ class PairTask(Task):
 
     def evaluate(self, scorer: Scorer, split: str) -> PreferenceReport:
         sums, count = scorer.objective_sums(split, self.objective)
-        return PreferenceReport.of(sums, count, ("loss", *self.objective.figures))
+        return PreferenceReport(self.objective.summarize(sums, count), count)
 
 
 @dataclass(frozen=True)

@@ -148,22 +148,17 @@ class PerplexityReport:
 
 @dataclass(frozen=True)
 class PreferenceReport:
-    """A preference task's loss and figures, each a mean per pair (TRL's names: rewards/chosen,
-    rewards/accuracies, ...; a reward model's accuracy and margin).
+    """A preference task's loss and figures over a split's examples (pairs; KTO's rows), with TRL's
+    names: rewards/chosen, rewards/accuracies, ...; a reward model's accuracy and margin.
 
     Example:
-        >>> report = PreferenceReport.of(np.array([1.2, 3.0]), 4, ("loss", "rewards/accuracies"))
-        >>> report.logged()
+        >>> PreferenceReport({"loss": 0.3, "rewards/accuracies": 0.75}, 4).logged()
         {'val_loss': 0.3, 'val_rewards/accuracies': 0.75}
     """
 
     figures: dict[str, float]
-    pairs: int
-
-    @classmethod
-    def of(cls, sums: np.ndarray, pairs: int, names: Sequence[str]) -> "PreferenceReport":
-        """The report of figures summed over `pairs` pairs, in the order of `names`."""
-        return cls({name: float(total) / pairs for name, total in zip(names, sums)}, pairs)
+    examples: int
+    unit: str = "pairs"
 
     @property
     def loss(self) -> float:
@@ -176,11 +171,11 @@ class PreferenceReport:
         return {}
 
     def to_dict(self, predictions: bool = True) -> dict:
-        return {**self.figures, "pairs": self.pairs}
+        return {**self.figures, self.unit: self.examples}
 
     def lines(self, split: str, examples: int, backend: str) -> list[str]:
         width = max(len(name) for name in self.figures) + 2
-        return ([f"{split} split, {self.pairs} pairs ({backend}):"] +
+        return ([f"{split} split, {self.examples} {self.unit} ({backend}):"] +
                 [f"  {name:{width}}{value: .6f}" for name, value in self.figures.items()])
 
 

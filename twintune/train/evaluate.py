@@ -17,7 +17,7 @@ from twintune.backends.base import Backend
 from twintune.train.distributed import ALONE, World, mine
 from twintune.train.features import compute_features, split_features
 from twintune.tasks import ClassificationReport, PerplexityReport, Report
-from twintune.tasks.objectives import NUMPY
+from twintune.tasks.objectives import NUMPY, with_reference
 
 
 def predict(run: Run, encoded: list[Encoded], features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -105,8 +105,9 @@ class RunScorer:
 def objective_values(backend: Backend, batch: Batch, objective) -> np.ndarray:
     """An objective's summed loss and figures on a batch, computed in numpy (float64) from the model's
     values at its targets (and the reference's, where it needs them)."""
-    if objective.needs_reference and batch.reference is None:
-        batch = dataclasses.replace(batch, reference=backend.target_values(batch, "logps", reference=True))
+    batch = objective.prepare(batch, backend.target_values)
+    if objective.needs_reference:
+        batch = with_reference(batch, backend.target_values)
     loss, figures = objective.loss(NUMPY, backend.target_values(batch, objective.reads), batch)
     return np.array([float(loss), *map(float, figures)])
 

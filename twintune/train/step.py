@@ -7,7 +7,6 @@ with "skipped": true, and still counts as a step of the schedule.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -16,6 +15,7 @@ import numpy as np
 from twintune.data.batching import Batch
 from twintune.dropout import dropout_key
 from twintune.errors import TwintuneError
+from twintune.tasks.objectives import with_reference
 from twintune.train.build import Run
 from twintune.train.distributed import share, share_bounds, take_rows
 from twintune.train.guards import loss_weights
@@ -72,7 +72,8 @@ def train_step(run: Run, step: int) -> dict:
         record["sync_seconds"] = sync_seconds
     record.update(logged)
     if objective:  # its figures, per example of the step (TRL's rewards/chosen, ...)
-        record.update({name: total / examples for name, total in zip(objective.figures, task_sums[1:])})
+        record.update({name: value for name, value in objective.summarize(np.array(task_sums), examples).items()
+                       if name != "loss"})
     if run.loss_scaler:
         run.loss_scaler.update(finite)
         record["skipped"] = not finite
@@ -100,6 +101,8 @@ def _share_forward_backward(run: Run, batch: Batch, loss_scale: float, key: int,
     summed figures). A batch with fewer rows than processes leaves some without a share: they add
     nothing, but a sharded model's gathers need every process in every forward, so those run one
     row at weight zero."""
+    if objective is not None:  # what the loss needs of the whole micro-batch (KTO's z0), alike on every process
+        batch = objective.prepare(batch, run.backend.target_values)
     part = share(batch, run.world)
     if part is None:
         if run.backend.sharded:
@@ -111,6 +114,6 @@ def _share_forward_backward(run: Run, batch: Batch, loss_scale: float, key: int,
 def _forward_backward(backend, batch: Batch, loss_scale: float, key: int, objective) -> np.ndarray:
     if objective is None:
         return np.array([backend.forward_backward(batch, loss_scale, key)])
-    if objective.needs_reference and batch.reference is None:  # the base with the method off, no dropout
-        batch = dataclasses.replace(batch, reference=backend.target_values(batch, "logps", reference=True))
+    if objective.needs_reference:
+        batch = with_reference(batch, backend.target_values)
     return backend.objective_backward(batch, objective, loss_scale, key)
