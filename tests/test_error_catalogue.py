@@ -305,6 +305,12 @@ CASES = [
          match="is labelled desirable (true); KTO weighs desirable against undesirable answers and needs rows of both"),
     case("train", DEMO, "--set", "task={name: kto, undesirable_weight: 0}",
          match="recipe key 'task.undesirable_weight' must be above 0, got 0"),
+    case("train", DEMO, "--set", "task={name: preference, reference: {root}/merged}",
+         match="task.reference {root}/merged is not a run directory: it has no recipe.json"),
+    case("train", DEMO, "--set", "task={name: preference, reference: {root}/head-run}",
+         match="is a classification run with a linear head, which scores answers instead of predicting their tokens"),
+    case("train", DEMO, "--set", "task={name: preference, loss: simpo, reference: {root}/dpo-run}",
+         match="recipe key 'task.reference' sets a reference model, which loss simpo does not use; drop it"),
     case("predict", "{root}/dpo-run", "Sales rose .", match="is a preference run: it ranks answers to a prompt"),
     # compare (each refused before any row runs)
     case("compare", DEMO, "--methods", "lora,bitfti", match="--methods: 'bitfti' is not a comparison entry; did you mean 'bitfit'?"),

@@ -3,6 +3,7 @@ log-probabilities on numpy, torch and MLX (gradients too), the two backends agre
 (float64 to 1e-9, float32 to 1e-3), a reward model separates held-out pairs, DPO raises held-out
 reward accuracy, and bad preference data is refused by one sentence."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -270,6 +271,52 @@ def test_the_estimate_counts_two_rows_a_pair_and_the_references_frozen_copy():
     assert any(name.startswith("guards") and value > 1.0 for name, value in rows)  # the reference: the start's weights
     rows, note = estimate_recipe("recipes/demo-dpo.yaml", ["method={name: full}", "task={name: preference, loss: orpo}"])
     assert not any(name.startswith("guards") for name, _ in rows)  # ORPO needs no reference
+
+
+# ---- the reference computed once ----------------------------------------------------------------
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TWINTUNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "references"
+
+
+@pytest.mark.parametrize("task", [{"name": "preference"}, {"name": "kto"}], ids=["dpo", "kto"])
+def test_a_precomputed_reference_gives_the_live_references_losses_and_is_cached(cache, task):
+    live = prepare(_recipe(task, dtype="float64"), "torch")
+    once = prepare(_recipe({**task, "precompute_reference": True}, dtype="float64"), "torch")
+    assert len(list(cache.iterdir())) == 3  # one file a split
+    assert all(row.reference is not None for row in once.splits["train"])
+    for step in range(4):
+        a, b = train_step(live, step), train_step(once, step)
+        assert abs(a["loss"] - b["loss"]) < 1e-12, step
+    again = prepare(_recipe({**task, "precompute_reference": True}, dtype="float64"), "torch")  # from the cache
+    np.testing.assert_array_equal(again.splits["validation"][0].reference, once.splits["validation"][0].reference)
+
+
+def test_another_runs_adapter_is_the_reference(cache, tmp_path):
+    from twintune.train.loop import train
+    from twintune.train.runs import open_run
+
+    first = tmp_path / "sft"
+    train(_recipe({"name": "preference"}, max_steps=5, lr=1e-2), "torch", first, progress=False)
+    run = prepare(_recipe({"name": "preference", "reference": str(first)}), "torch")
+    reference = open_run(first, "torch", with_data=False)
+    pair = run.splits["train"][0]
+    for row in (pair, pair.rejected):
+        alone = make_batch([dataclasses.replace(row, rejected=None, reference=None)])
+        np.testing.assert_allclose(row.reference, reference.backend.target_values(alone, "logps"), atol=1e-5)
+    assert abs(train_step(run, 0)["loss"] - np.log(2)) > 1e-3  # the policy starts at the base, not at the reference
+
+
+@pytest.mark.parametrize("task,message", [
+    ({"name": "preference", "loss": "orpo", "precompute_reference": True},
+     "'task.precompute_reference' sets a reference model, which loss orpo does not use"),
+    ({"name": "preference", "reference": "/no/such/run"}, "task.reference /no/such/run is not a run directory"),
+])
+def test_bad_references_are_refused(cache, task, message):
+    with pytest.raises(TwintuneError, match=message):
+        prepare(_recipe(task), "torch")
 
 
 # ---- parity --------------------------------------------------------------------------------------

@@ -103,6 +103,7 @@ class KTO(PairTask):
     beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    precompute_reference: bool = False  # the rows' own; z0's mismatched rows are scored every step
 
     rows_per_example: ClassVar[int] = 1
     name: ClassVar[str] = "kto"

@@ -167,6 +167,8 @@ class Preference(PairTask):
     beta: float = 0.1
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
+    reference: str = ""  # another run's directory: its adapter, frozen, is the reference
+    precompute_reference: bool = False
 
     name: ClassVar[str] = "preference"
     description: ClassVar[str] = "prompt/chosen/rejected pairs: DPO, IPO, hinge, robust, ORPO or SimPO"
@@ -178,6 +180,10 @@ class Preference(PairTask):
         check(0 <= self.label_smoothing < 0.5,
               f"recipe key 'task.label_smoothing' must be in [0, 0.5), got {self.label_smoothing}.")
         check(self.simpo_gamma >= 0, f"recipe key 'task.simpo_gamma' must be 0 or more, got {self.simpo_gamma}.")
+        if self.loss in REFERENCE_FREE:
+            for key, used in (("reference", bool(self.reference)), ("precompute_reference", self.precompute_reference)):
+                check(not used, f"recipe key 'task.{key}' sets a reference model, which loss {self.loss} does not "
+                                "use; drop it.")
 
     @property
     def objective(self) -> PreferenceLoss:

@@ -71,6 +71,10 @@ class Task:
     trains_method: ClassVar[bool] = True  # False: the model stays frozen (its recipe's method defaults to none)
     cannot_predict: ClassVar[str | None] = None  # why `twintune predict` has no labels for a run of it
     rows_per_example: ClassVar[int] = 1  # a preference pair is two rows (chosen, rejected)
+    # A preference task's reference computed once per split (train/references.py): another run's
+    # directory (reference), or the base with the method off (precompute_reference).
+    reference: str = ""
+    precompute_reference: bool = False
     # Its loss when it is not the sum of its rows' target-token cross-entropies (tasks/objectives.py).
     objective: ClassVar[object | None] = None
 

@@ -19,15 +19,17 @@ from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder
 from twintune.data.examples import Example
 from twintune.data.mixture import MixtureOrder, source_name
 from twintune.errors import TwintuneError, TwintuneWarning
+from twintune.formats.adapter import check_adapter_fits, check_adapter_method, load_adapter
 from twintune.formats.checkpoint import load_checkpoint, load_config, load_tokenizer, resolve_model_dir
 from twintune.methods import BaseModel, Method, Plan
 from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.quant import quantize_linear_layers
-from twintune.recipe import Recipe
+from twintune.recipe import Recipe, load_recipe
 from twintune.tasks import task_from_dict
 from twintune.train.distributed import ALONE, World
 from twintune.train.guards import DISTILL, EWC, REPLAY, general_rows
 from twintune.train.loss_scale import LossScaler
+from twintune.train.references import fill_references, reference_identity
 from twintune.train.terms import Distillation, ElasticWeights, LossTerm, Replay
 
 
@@ -191,11 +193,67 @@ def _finish(recipe: Recipe, opened: Opened, with_data: bool, world: World) -> Ru
     objective = recipe.task.objective
     if objective is not None and objective.needs_reference:  # the reference: the start, the method switched off
         run.backend.set_base_view(plan, run.backend.trainable_state())
+        if with_data and (recipe.task.reference or recipe.task.precompute_reference):
+            _precompute_references(run)
     if with_data:
         run.terms = _loss_terms(run, plan, opened.tokenizer, row_length(recipe, context))
     run.loss_scaler = LossScaler() if recipe.dtype == "float16" else None
     run.plan = plan.released()  # the run does not keep the base's numpy weights: the backend holds the model now
     return run
+
+
+def _precompute_references(run: Run) -> None:
+    """The reference log-probabilities of every split's rows, once (train/references.py): the base view's,
+    or those of the run task.reference names (opened only when the cache lacks them, then let go)."""
+    recipe = run.recipe
+    settings = f"{recipe.quantization()}|{recipe.dtype}"
+    if not recipe.task.reference:
+        fill_references(run.splits, lambda batch: run.backend.target_values(batch, "logps", reference=True),
+                        recipe.train.eval_batch_size, reference_identity(run.model_dir, settings))
+        return
+    path = Path(recipe.task.reference)
+    other = _reference_recipe(path, recipe)  # checked before anything is read
+    opened: list[Backend] = []
+
+    def values(batch):
+        if not opened:
+            opened.append(_open_reference_run(path, other, run.backend.name))
+        return opened[0].target_values(batch, "logps")
+
+    fill_references(run.splits, values, recipe.train.eval_batch_size,
+                    reference_identity(run.model_dir, settings, path / "adapter"))
+
+
+def _reference_recipe(path: Path, recipe: Recipe) -> Recipe:
+    """The recipe of the run task.reference names, checked: a finished run on this base whose model
+    generates; made to run on this recipe's base (its quantization and dtype)."""
+    where = f"task.reference {path}"
+    if not (path / "recipe.json").is_file():
+        raise TwintuneError(f"{where} is not a run directory: it has no recipe.json.")
+    other = load_recipe(path / "recipe.json")
+    if other.model != recipe.model:
+        raise TwintuneError(f"{where} was trained on {other.model}, but this run's model is {recipe.model}; a reference "
+                            "run must share the base model (and its tokenizer).")
+    if other.task.head_labels(other) is not None:
+        raise TwintuneError(f"{where} is a {other.task.name} run with a linear head, which scores answers instead of "
+                            "predicting their tokens; name a run whose model generates.")
+    if not (path / "adapter").is_dir():
+        raise TwintuneError(f"{where} has no adapter: it has not finished (continue it with twintune train --resume).")
+    return dataclasses.replace(other, model=recipe.model, quantize=recipe.quantize, dtype=recipe.dtype,
+                               method=other.method.saved_method())
+
+
+def _open_reference_run(path: Path, other: Recipe, backend: str) -> Backend:
+    """The run at `path` (its recipe `other`, from _reference_recipe) as a reference: its trained adapter
+    on the base, frozen."""
+    opened = open_base(other, backend, with_plan=True)
+    opened.backend.apply_method(opened.plan)
+    method, state = load_adapter(path / "adapter", opened.base.spec)
+    check_adapter_method(method, other.method, path / "adapter")
+    check_adapter_fits(state, {k: v.shape for k, v in opened.backend.trainable_state().items()}, method,
+                       path / "adapter")
+    opened.backend.set_trainable_state(state)
+    return opened.backend
 
 
 def row_length(recipe: Recipe, max_positions: int) -> int:

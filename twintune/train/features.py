@@ -34,8 +34,21 @@ CACHE_ENV = "TWINTUNE_CACHE"  # where cached features live; default ~/.cache/twi
 FEATURE_BATCH = 16
 
 
+def cache_root() -> Path:
+    """Where twintune caches what it computes once (features, reference log-probabilities)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "twintune")
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "twintune") / "features"
+    return cache_root() / "features"
+
+
+def hash_model_files(digest, directory: Path) -> None:
+    """Add a model directory's files (names, sizes, modification times) to a hashlib digest."""
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
 
 
 def features_key(run, split: str, pooling: str, layer: int | None = None) -> str:
@@ -43,10 +56,7 @@ def features_key(run, split: str, pooling: str, layer: int | None = None) -> str
     method's trainable values, the split's token ids (data, template and tokenizer in one), the
     pooling, the layer and the dtype. Any change gives another key, so a stale file is never read."""
     digest = hashlib.sha256()
-    for path in sorted(Path(run.model_dir).iterdir()):
-        if path.is_file():
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    hash_model_files(digest, run.model_dir)
     for name, value in sorted(run.backend.trainable_state().items()):
         digest.update(name.encode() + np.ascontiguousarray(value).tobytes())
     for example in run.splits[split]:
