@@ -348,6 +348,24 @@ def test_both_backends_agree_step_by_step_in_float64_and_float32(task):
                 assert abs(mlx_report.figures[name] - value) <= tolerance * max(1.0, abs(value)), name
 
 
+METHODS = ["lora", "dora", "ia3", "bitfit", "vera", "last_blocks", "full", "adapter", "prompt", "ptuning", "prefix",
+           "loreft"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_each_preference_task_alike_on_both_backends(method):
+    """float64, 3 steps: the same algorithm on both backends for every method (the reference of a
+    method that changes the model from its start, prompt tuning's virtual tokens say, is the base
+    without it, as PEFT's disabled adapter is)."""
+    for task in ({"name": "preference"}, {"name": "kto"}, {"name": "reward"}):
+        losses = {}
+        for backend in BACKENDS:
+            run = prepare(_recipe(task, size=60, method={"name": method}, dtype="float64", lr=1e-3), backend)
+            losses[backend] = np.array([train_step(run, step)["loss"] for step in range(3)])
+        assert np.abs(losses["mlx"] - losses["torch"]).max() <= 1e-9 * np.abs(losses["torch"]).max(), (task, losses)
+        assert losses["torch"][2] != losses["torch"][0], task  # the method trained
+
+
 # ---- learning ------------------------------------------------------------------------------------
 
 def test_a_reward_model_separates_held_out_pairs():
