@@ -19,10 +19,10 @@ SETTINGS = ["train.max_steps=60", "train.save_every=10", "train.keep_last=2", "d
             "train.batch_size=8", "train.eval_every=20"]
 
 
-def _cli(backend, out, *extra):
+def _cli(backend, out, *extra, settings=SETTINGS):
     args = [sys.executable, "-m", "twintune", "train", "recipes/demo-financial-sentiment.yaml", "--backend", backend,
             "--out", str(out), "--no-progress", *extra]
-    for item in SETTINGS:
+    for item in settings:
         args += ["--set", item]
     return args
 
@@ -31,13 +31,16 @@ def _adapter(run_dir):
     return read_safetensors(run_dir / "adapter" / "adapter_model.safetensors")
 
 
+@pytest.mark.parametrize("task", ["classification", "preference"])
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
-def test_sigkill_then_resume_equals_an_uninterrupted_run(backend, tmp_path):
-    whole = train(load_recipe("recipes/demo-financial-sentiment.yaml", SETTINGS), backend, tmp_path / "whole",
+def test_sigkill_then_resume_equals_an_uninterrupted_run(backend, task, tmp_path):
+    settings = [*SETTINGS, f"task={task}"]  # preference: DPO on the synthetic pairs, its reference the base view
+    whole = train(load_recipe("recipes/demo-financial-sentiment.yaml", settings), backend, tmp_path / "whole",
                   progress=False)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_cli(backend, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(_cli(backend, killed, settings=settings), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step-00000020").exists():
         assert process.poll() is None, process.stderr.read().decode()
@@ -47,7 +50,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(backend, tmp_path):
     process.wait()
     assert not (killed / "summary.json").exists()  # it really died mid-training
 
-    resumed = subprocess.run(_cli(backend, killed, "--resume", str(killed)), capture_output=True, text=True)
+    resumed = subprocess.run(_cli(backend, killed, "--resume", str(killed), settings=settings), capture_output=True,
+                             text=True)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["resumed_from_step"] >= 20
