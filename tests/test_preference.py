@@ -179,12 +179,16 @@ def test_ktos_z0_is_the_clamped_mean_log_ratio_of_rows_with_the_previous_rows_co
         expected = np.concatenate([rows[i].ids[:rows[i].prompt_len], rows[j].ids[rows[j].prompt_len:]])
         assert mismatched.input_ids[i, :mismatched.lengths[i]].tolist() == expected[:batch.input_ids.shape[1]].tolist()
 
-    def values(b, reads, reference=False):  # the policy 0.5 above the reference at every target
-        return np.full(b.n_targets, -1.0 if reference else -0.5)
+    class Model:  # the policy 0.5 above the reference at every target
+        gap = 0.5
 
-    z0 = KTOLoss().prepare(batch, values).kl
+        def values(self, b, reads, reference=False):
+            return np.full(b.n_targets, -1.0 if reference else -1.0 + self.gap)
+
+    z0 = KTOLoss().prepare(batch, Model(), 0).kl
     assert z0 == pytest.approx(0.5 * mismatched.n_targets / 3)
-    assert KTOLoss().prepare(batch, lambda b, r, reference=False: np.full(b.n_targets, 0.5 if reference else 0.0)).kl == 0
+    Model.gap = -0.5  # below: z0 is clamped at 0
+    assert KTOLoss().prepare(batch, Model(), 0).kl == 0
 
 
 @pytest.mark.parametrize("coefficient", [0.0, 0.01])

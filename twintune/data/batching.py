@@ -9,7 +9,7 @@ so padding is never attended to (attention is causal) and never counted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -61,6 +61,7 @@ class Encoded:
     rejected: "Encoded | None" = None
     # The reference model's log-probability of each target token, computed once (precompute_reference).
     reference: np.ndarray | None = None
+    columns: dict | None = None  # a prompt's other columns (GRPO's reward function reads them)
 
 
 @dataclass
@@ -84,6 +85,8 @@ class Batch:
     group: int = 1  # rows per example: 2 for preference pairs (chosen, rejected), which a share never splits
     reference: np.ndarray | None = None  # (N,) the reference model's log-probability of each target
     kl: float = 0.0  # KTO's z0 for this micro-batch (tasks/kto.py)
+    row_data: dict = field(default_factory=dict)  # an objective's per-row arrays (GRPO's advantages), (B,) each
+    columns: list | None = None  # each row's other columns (Encoded.columns)
 
     @property
     def examples(self) -> int:
@@ -216,6 +219,7 @@ def make_batch(encoded: list[Encoded], pad_id: int = 0) -> Batch:
         group=group,
         reference=(np.concatenate([e.reference for e in encoded])
                    if all(e.reference is not None for e in encoded) else None),
+        columns=[e.columns for e in encoded] if any(e.columns is not None for e in encoded) else None,
     )
 
 

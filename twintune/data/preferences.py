@@ -2,7 +2,7 @@
 
 - pairs (`reward`, `preference`): `prompt`, `chosen`, `rejected`;
 - unpaired (`kto`): `prompt`, `completion`, `label` (true: a desirable completion);
-- prompts alone (`ppo`, `grpo`): `prompt`.
+- prompts (`grpo`): `prompt`, its other columns kept for the reward function.
 
 Rows come from JSONL and CSV files, and through `datasets` from .parquet, .json and `hf:ORG/NAME`.
 A column of chat messages (a list of `{role, content}`) is refused by name: GPT-Neo's tokenizer has
@@ -41,6 +41,8 @@ def load_rows(source: str, columns: tuple[str, ...], *, synthetic_size: int = 15
         [['chosen', 'prompt', 'rejected']]
     """
     if source == "synthetic":
+        if columns == PROMPTS:
+            return synthetic_prompts(synthetic_size, seed)
         return synthetic_unpaired(synthetic_size, seed) if columns == UNPAIRED else \
             [{k: row[k] for k in columns} for row in synthetic_pairs(synthetic_size, seed)]
     table, where = _read(source, split, config)
@@ -51,7 +53,9 @@ def load_rows(source: str, columns: tuple[str, ...], *, synthetic_size: int = 15
         if column not in present:
             raise TwintuneError(f"{where} has no column '{column}' (its columns are {', '.join(present) or '(none)'}); "
                                 f"this task reads {', '.join(columns)}, TRL's names.")
-    return [{column: _value(row.get(column), column, where, number) for column in columns} for number, row in table]
+    keep = columns == PROMPTS  # a prompt's other columns go to GRPO's reward function
+    return [{**({k: v for k, v in row.items() if k not in columns} if keep else {}),
+             **{column: _value(row.get(column), column, where, number) for column in columns}} for number, row in table]
 
 
 def _read(source: str, split: str, config: str) -> tuple[list[tuple[int, dict]], str]:
@@ -112,6 +116,18 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
         pairs.append({"prompt": SYNTHETIC_PROMPT.format(text=example.text), "chosen": f" {example.label}",
                       "rejected": f" {wrong}"})
     return pairs
+
+
+def synthetic_prompts(n: int, seed: int = 0) -> list[dict]:
+    """`n` openings of synthetic financial sentences (their first three words) to continue, each with its
+    sentence's sentiment as a `label` column.
+
+    Example:
+        >>> synthetic_prompts(1, seed=0)
+        [{'prompt': '...', 'label': '...'}]
+    """
+    return [{"prompt": " ".join(example.text.split()[:3]), "label": example.label}
+            for example in synthetic_financial_sentiment(n=n, seed=SYNTHETIC_STREAM + seed)]
 
 
 def synthetic_unpaired(n: int, seed: int = 0) -> list[dict]:

@@ -32,6 +32,7 @@ from twintune.tasks.classification import HEAD, Classification, check_head_label
 from twintune.tasks.causal_lm import CausalLM
 from twintune.tasks.features import Features
 from twintune.tasks.instruction import Instruction
+from twintune.tasks.grpo import GRPO
 from twintune.tasks.kto import KTO
 from twintune.tasks.preference import Preference
 from twintune.tasks.reward import Reward
@@ -39,11 +40,11 @@ from twintune.tasks.reports import ClassificationReport, PerplexityReport, Prefe
 from twintune.tasks.task import Generative, Labelled, Scorer, Task, TaskData
 
 __all__ = ["TASKS", "Task", "Labelled", "Generative", "Classification", "Features", "CausalLM", "Instruction",
-           "Preference", "Reward", "KTO", "PreferenceReport", "task_from_dict", "TaskData", "Scorer", "Report", "ClassificationReport", "PerplexityReport", "HEAD",
+           "Preference", "Reward", "KTO", "GRPO", "PreferenceReport", "task_from_dict", "TaskData", "Scorer", "Report", "ClassificationReport", "PerplexityReport", "HEAD",
            "check_head_labels", "head_surgery", "split_head", "with_head"]
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Classification, Features, CausalLM, Instruction, Reward,
-                                                                 Preference, KTO)}
+                                                                 Preference, KTO, GRPO)}
 
 
 def task_from_dict(raw, where: str = "task") -> Task:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from twintune.data.documents import eos_id, random_splits
 from twintune.data.preferences import UNPAIRED, answer, load_rows
 from twintune.errors import TwintuneError
 from twintune.keys import check
-from twintune.tasks.objectives import Objective, Ops, row_sums, with_reference
+from twintune.tasks.objectives import ModelAccess, Objective, Ops, row_sums
 from twintune.tasks.preference import PairTask
 from twintune.tasks.task import TaskData
 
@@ -49,11 +49,11 @@ class KTOLoss(Objective):
     figures: ClassVar[tuple[str, ...]] = ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected",
                                           "desirable", "undesirable")
 
-    def prepare(self, batch: Batch, values: Callable[..., np.ndarray]) -> Batch:
+    def prepare(self, batch: Batch, model: ModelAccess, seed: int) -> Batch:
         mismatched = mismatched_rows(batch)
-        policy = np.bincount(mismatched.target_rows(), values(mismatched, "logps"), mismatched.input_ids.shape[0])
-        reference = np.bincount(mismatched.target_rows(), values(mismatched, "logps", reference=True),
-                                mismatched.input_ids.shape[0])
+        rows, owners = mismatched.input_ids.shape[0], mismatched.target_rows()
+        policy = np.bincount(owners, model.values(mismatched, "logps"), rows)
+        reference = np.bincount(owners, model.values(mismatched, "logps", reference=True), rows)
         return dataclasses.replace(batch, kl=max(0.0, float(np.mean(policy - reference))))
 
     def loss(self, ops: Ops, values, batch: Batch) -> tuple[object, list]:

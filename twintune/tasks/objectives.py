@@ -41,6 +41,22 @@ class Ops(Protocol):
         """A 0-d array's value."""
 
 
+class ModelAccess(Protocol):
+    """What an objective's `prepare` may ask of the run's model, with no gradient (train/step.py gives it)."""
+
+    eos_id: int
+
+    def values(self, batch: Batch, reads: str, reference: bool = False) -> np.ndarray:
+        """(N,) the model's values at the batch's targets (the backend's target_values)."""
+
+    def sample(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int) -> list[int]:
+        """New token ids after the prompt, sampled with the KV cache from numpy's generator seeded with
+        `seed` (the same tokens on both backends); the end-of-text token last where it ended there."""
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids as text."""
+
+
 class NumpyOps:
     """Ops on numpy arrays, in float64: evaluation's, and the formulas' own check."""
 
@@ -83,11 +99,15 @@ class Objective:
         """(the summed loss, the figures' sums), framework arrays, from `values` (N,) at the batch's targets."""
         raise NotImplementedError
 
-    def prepare(self, batch: Batch, values: Callable[..., np.ndarray]) -> Batch:
+    def prepare(self, batch: Batch, model: ModelAccess, seed: int) -> Batch:
         """The whole micro-batch with what the loss needs of it beforehand, computed without gradient
-        through `values(batch, reads, reference=False)` (the backend's target_values): called on every
-        process alike, before the batch is shared (KTO's z0)."""
+        (KTO's z0; GRPO's completions, sampled from `seed`, and their advantages): called on every
+        process alike, before the batch is shared and counted."""
         return batch
+
+    def count(self, batch: Batch) -> int:
+        """What the step's loss is a mean over: the batch's examples (pairs, rows)."""
+        return batch.examples
 
     def summarize(self, sums: np.ndarray, examples: int) -> dict[str, float]:
         """What a run logs of summed [loss, *figures] over `examples`: each a mean per example."""

@@ -13,6 +13,7 @@ from twintune.data.batching import Batch, Encoded, Encoder, eval_batches
 from twintune.data.shots import ShotIndex, draw_shots, with_shots
 from twintune.errors import TwintuneError
 from twintune.train.build import Run
+from twintune.train.step import RunModel
 from twintune.backends.base import Backend
 from twintune.train.distributed import ALONE, World, mine
 from twintune.train.features import compute_features, split_features
@@ -92,20 +93,24 @@ class RunScorer:
     def objective_sums(self, split: str, objective) -> tuple[np.ndarray, int]:
         run = self.run
         sums, examples = np.zeros(1 + len(objective.figures)), 0
+        model = RunModel(run)
         with run.backend.whole_model():
             for batch in mine(eval_batches(run.splits[split], run.recipe.train.eval_batch_size), run.world):
+                batch = objective.prepare(batch, model, EVAL_SEED)
                 sums += objective_values(run.backend, batch, objective)
-                examples += batch.examples
+                examples += objective.count(batch)
         if run.world.size > 1:
             totals = run.backend.all_sum(np.array([*sums, examples], np.float64))
             sums, examples = totals[:-1], totals[-1]
         return sums, round(examples)
 
 
+EVAL_SEED = 0  # an objective's sampling in evaluation (GRPO's completions): the same draws at every evaluation
+
+
 def objective_values(backend: Backend, batch: Batch, objective) -> np.ndarray:
-    """An objective's summed loss and figures on a batch, computed in numpy (float64) from the model's
-    values at its targets (and the reference's, where it needs them)."""
-    batch = objective.prepare(batch, backend.target_values)
+    """An objective's summed loss and figures on a (prepared) batch, computed in numpy (float64) from the
+    model's values at its targets (and the reference's, where it needs them)."""
     if objective.needs_reference:
         batch = with_reference(batch, backend.target_values)
     loss, figures = objective.loss(NUMPY, backend.target_values(batch, objective.reads), batch)

@@ -15,6 +15,8 @@ import numpy as np
 from twintune.data.batching import Batch
 from twintune.dropout import dropout_key
 from twintune.errors import TwintuneError
+from twintune.data.documents import eos_id
+from twintune.generation import generate_ids
 from twintune.tasks.objectives import with_reference
 from twintune.train.build import Run
 from twintune.train.distributed import share, share_bounds, take_rows
@@ -35,8 +37,12 @@ def train_step(run: Run, step: int) -> dict:
     task, *extra = step_batches(run, step)  # the whole step's, on every process
     batches = [b for part in (task, *extra) for b in part]
     objective = run.recipe.task.objective  # None: the loss is the rows' target tokens' cross-entropy
+    if objective is not None:  # what its loss needs of each whole micro-batch, alike on every process
+        model = RunModel(run)
+        task = [objective.prepare(b, model, dropout_key(run.recipe.seed, step, i)) for i, b in enumerate(task)]
+        batches = [*task, *batches[len(task):]]
     scale = run.loss_scaler.scale if run.loss_scaler else 1.0
-    counts = [b.examples if objective and not b.replay else b.n_targets for b in batches]
+    counts = [objective.count(b) if objective and not b.replay else b.n_targets for b in batches]
     weights = loss_weights(batches, counts, sum(term.share for term in run.terms))
     # Each process runs its share of every micro-batch; the weights are the whole step's (global) counts.
     sums = [_share_forward_backward(run, b, scale * weight, dropout_key(run.recipe.seed, step, i),
@@ -80,6 +86,27 @@ def train_step(run: Run, step: int) -> dict:
     return record
 
 
+class RunModel:
+    """What an objective's `prepare` asks of a run's model (tasks/objectives.py ModelAccess): values at
+    targets and seeded sampling with the KV cache (twintune/generation.py), no gradient."""
+
+    def __init__(self, run: Run):
+        self.run, self.eos_id = run, eos_id(run.encoder.tokenizer)
+
+    def values(self, batch: Batch, reads: str, reference: bool = False) -> np.ndarray:
+        return self.run.backend.target_values(batch, reads, reference=reference)
+
+    def sample(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int) -> list[int]:
+        run = self.run
+        ids, reason = generate_ids(run.backend, prompt_ids, context=run.spec.max_positions,
+                                   virtual_tokens=run.method.virtual_tokens, eos_id=self.eos_id, max_tokens=max_tokens,
+                                   temperature=temperature, top_p=top_p, seed=seed)
+        return ids + [self.eos_id] if reason == "eos" else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.run.encoder.tokenizer.decode(ids)
+
+
 def step_batches(run: Run, step: int) -> list[list[Batch]]:
     """The micro-batches of a step, in parts: the task's (its training order's), then each loss term's
     (replay's rows; distillation and EWC have none)."""
@@ -101,8 +128,6 @@ def _share_forward_backward(run: Run, batch: Batch, loss_scale: float, key: int,
     summed figures). A batch with fewer rows than processes leaves some without a share: they add
     nothing, but a sharded model's gathers need every process in every forward, so those run one
     row at weight zero."""
-    if objective is not None:  # what the loss needs of the whole micro-batch (KTO's z0), alike on every process
-        batch = objective.prepare(batch, run.backend.target_values)
     part = share(batch, run.world)
     if part is None:
         if run.backend.sharded:
