@@ -311,6 +311,12 @@ CASES = [
          match="is a classification run with a linear head, which scores answers instead of predicting their tokens"),
     case("train", DEMO, "--set", "task={name: preference, loss: simpo, reference: {root}/dpo-run}",
          match="recipe key 'task.reference' sets a reference model, which loss simpo does not use; drop it"),
+    case("train", DEMO, "--set", "task={name: grpo, reward: 'python:no_such_module.score'}",
+         match="task.reward python:no_such_module.score: module 'no_such_module' cannot be imported"),
+    case("train", DEMO, "--set", "task={name: grpo, reward: 'python:json.dumps'}", "--set", "task.max_new_tokens=2",
+         match="task.reward python:json.dumps raised TypeError (dumps() takes 1 positional argument but 2 were given) "
+               "when called as f(prompts, completions, label=...)"),
+    case("train", DEMO, "--set", "task={name: grpo}", match="task grpo needs a reward: name a function as task.reward"),
     case("predict", "{root}/dpo-run", "Sales rose .", match="is a preference run: it ranks answers to a prompt"),
     # compare (each refused before any row runs)
     case("compare", DEMO, "--methods", "lora,bitfti", match="--methods: 'bitfti' is not a comparison entry; did you mean 'bitfit'?"),

@@ -106,8 +106,15 @@ class GRPOLoss(Objective):
     def rewards(self, prompts: list[str], completions: list[str], columns: list[dict]) -> np.ndarray:
         """The reward function's numbers for the completions, checked: one finite number each."""
         keys = sorted({key for c in columns for key in c if key != "prompt"})
-        given = reward_function(self.reward)(prompts, completions, **{key: [c.get(key) for c in columns]
-                                                                      for key in keys})
+        try:
+            given = reward_function(self.reward)(prompts, completions, **{key: [c.get(key) for c in columns]
+                                                                          for key in keys})
+        except TwintuneError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the user's function: its failure as one sentence
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise TwintuneError(f"task.reward {self.reward} raised {type(error).__name__} ({first}) when called as "
+                                f"f(prompts, completions, {', '.join(f'{k}=...' for k in keys) or '**columns'}).") from None
         try:
             values = np.asarray(given, np.float64)
         except (TypeError, ValueError):
