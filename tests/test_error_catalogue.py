@@ -316,7 +316,9 @@ CASES = [
     case("train", DEMO, "--set", "task={name: grpo, reward: 'python:json.dumps'}", "--set", "task.max_new_tokens=2",
          match="task.reward python:json.dumps raised TypeError (dumps() takes 1 positional argument but 2 were given) "
                "when called as f(prompts, completions, label=...)"),
-    case("train", DEMO, "--set", "task={name: grpo}", match="task grpo needs a reward: name a function as task.reward"),
+    case("train", DEMO, "--set", "task={name: grpo, reward_model: {root}/dpo-run}",
+         match="task.reward_model {root}/dpo-run is a preference run; a reward model is a run of task reward"),
+    case("train", DEMO, "--set", "task={name: grpo}", match="task grpo needs one reward: a function as task.reward: python:module.function"),
     case("predict", "{root}/dpo-run", "Sales rose .", match="is a preference run: it ranks answers to a prompt"),
     # compare (each refused before any row runs)
     case("compare", DEMO, "--methods", "lora,bitfti", match="--methods: 'bitfti' is not a comparison entry; did you mean 'bitfit'?"),

@@ -432,7 +432,7 @@ def test_grpos_advantages_are_each_completions_reward_against_its_group():
     ({"reward": "python:no_such_module.f"}, "module 'no_such_module' cannot be imported"),
     ({"reward": "python:twintune.rewards.nothing"}, "module 'twintune.rewards' has no 'nothing'"),
     ({"reward": "twintune.rewards.upbeat"}, "task.reward must name a function as python:module.function"),
-    ({}, "task grpo needs a reward"),
+    ({}, "task grpo needs one reward"),
     ({"reward": UPBEAT, "group_size": 1}, "'task.group_size' must be 2 or more"),
 ])
 def test_bad_grpo_keys_are_refused(keys, message):
@@ -465,6 +465,58 @@ def test_grpo_samples_the_same_completions_and_agrees_on_both_backends(beta):
             if beta:
                 assert abs(a["kl"] - b["kl"]) < max(tolerance, relative * abs(b["kl"])), dtype  # a small e^x - x - 1
         assert len({r["reward"] for r in torch_}) > 1  # it sampled something worth agreeing on
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    from twintune.train.loop import train
+
+    out = tmp_path_factory.mktemp("reward") / "run"
+    train(_recipe({"name": "reward"}, max_steps=10, lr=3e-2), "torch", out, progress=False)
+    return out
+
+
+def test_grpo_scores_completions_with_a_reward_run_alike_on_both_backends(reward_run):
+    from twintune.train.runs import open_run
+    from twintune.train.step import RunModel
+
+    records = {}
+    for backend in BACKENDS:
+        run = prepare(_recipe({"name": "grpo", "reward_model": str(reward_run), "max_new_tokens": 4}, size=60,
+                              dtype="float64"), backend)
+        records[backend] = [train_step(run, step) for step in range(3)]
+    for a, b in zip(records["mlx"], records["torch"]):
+        assert abs(a["reward"] - b["reward"]) < 1e-9 and abs(a["loss"] - b["loss"]) < 1e-12
+    # the scores are the reward run's own: its head at the last token of prompt + completion
+    rows = [[5, 6, 7, 8], [9, 10]]
+    scored = RunModel(run).reward_scores(rows)
+    own = open_run(reward_run, "torch", with_data=False).backend
+    for ids, score in zip(rows, scored):
+        batch = make_batch([Encoded(np.array(ids, np.int32), len(ids), 0, class_target=True)])
+        assert score == pytest.approx(float(own.target_values(batch, "scores")[0]), abs=1e-5)
+
+
+def test_a_reward_model_must_be_a_reward_run_with_this_tokenizer(reward_run, tmp_path):
+    import shutil
+
+    from twintune.formats.tiny_model import builtin_model_dir
+    from twintune.train.loop import train
+
+    dpo = tmp_path / "dpo"
+    train(_recipe({"name": "preference"}, max_steps=2), "torch", dpo, progress=False)
+    with pytest.raises(TwintuneError, match="is a preference run; a reward model is a run of task reward"):
+        prepare(_recipe({"name": "grpo", "reward_model": str(dpo)}), "torch")
+    other = tmp_path / "other-tokenizer"  # the same weights, a tokenizer with one more token
+    shutil.copytree(builtin_model_dir("tiny-gpt-neo"), other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    tokenizer["added_tokens"].append({**tokenizer["added_tokens"][0], "id": 1023, "content": "<|other|>"})
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    recipe = json.loads((reward_run / "recipe.json").read_text())
+    foreign = tmp_path / "foreign-reward"
+    shutil.copytree(reward_run, foreign)
+    (foreign / "recipe.json").write_text(json.dumps({**recipe, "model": str(other)}))
+    with pytest.raises(TwintuneError, match="reads text with another tokenizer"):
+        prepare(_recipe({"name": "grpo", "reward_model": str(foreign)}), "torch")
 
 
 # ---- learning ------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def reward_function(name: str) -> Callable:
 class GRPOLoss(Objective):
     """GRPO's clipped, group-relative policy loss over sampled completions (see the module)."""
 
-    reward: str
+    reward: str  # python:module.function, or "" for the run's reward model
     group_size: int = 4
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -92,9 +92,12 @@ class GRPOLoss(Objective):
                                           seed=hash((seed, j, k)) % 2**63)
                 rows.append(Encoded(np.array(prompt + completion, np.int32), len(prompt), 0))
             columns.append((batch.columns or [None] * len(prompts))[j] or {})
-        texts = [model.decode(row.ids[row.prompt_len:].tolist()) for row in rows]
-        rewards = self.rewards([p for p in prompts for _ in range(self.group_size)], texts,
-                               [c for c in columns for _ in range(self.group_size)])
+        if self.reward:
+            texts = [model.decode(row.ids[row.prompt_len:].tolist()) for row in rows]
+            rewards = self.rewards([p for p in prompts for _ in range(self.group_size)], texts,
+                                   [c for c in columns for _ in range(self.group_size)])
+        else:  # the reward model's score of prompt + completion, at its last token
+            rewards = model.reward_scores([row.ids.tolist() for row in rows])
         groups = rewards.reshape(-1, self.group_size)
         spread = groups.std(axis=1, ddof=1) if self.group_size > 1 else np.zeros(len(groups))
         advantages = ((groups - groups.mean(axis=1, keepdims=True)) / (spread[:, None] + 1e-4)).reshape(-1)
@@ -162,6 +165,7 @@ class GRPO(PairTask):
     """GRPO on prompts: sampled groups of completions, a reward function, group-relative advantages."""
 
     reward: str = ""
+    reward_model: str = ""
     group_size: int = 4
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -177,9 +181,12 @@ class GRPO(PairTask):
     metrics: ClassVar[tuple[str, ...]] = ("val_reward", "val_loss")
 
     def validate(self) -> None:
-        check(bool(self.reward), "task grpo needs a reward: name a function as task.reward: python:module.function "
-                                 "(e.g. python:twintune.rewards.upbeat).")
-        reward_function(self.reward)
+        check(bool(self.reward) != bool(self.reward_model),
+              "task grpo needs one reward: a function as task.reward: python:module.function (e.g. "
+              "python:twintune.rewards.upbeat), or a reward run as task.reward_model: RUN" +
+              ("; it has both." if self.reward else "."))
+        if self.reward:
+            reward_function(self.reward)
         check(self.group_size >= 2, f"recipe key 'task.group_size' must be 2 or more (advantages compare a group's "
                                     f"completions), got {self.group_size}.")
         check(self.max_new_tokens >= 1, f"recipe key 'task.max_new_tokens' must be 1 or more, got {self.max_new_tokens}.")

@@ -56,6 +56,9 @@ class ModelAccess(Protocol):
     def decode(self, ids: list[int]) -> str:
         """Token ids as text."""
 
+    def reward_scores(self, rows: list[list[int]]) -> np.ndarray:
+        """(rows,) the task's reward model's scores of token rows (prompt and completion), at each last token."""
+
 
 class NumpyOps:
     """Ops on numpy arrays, in float64: evaluation's, and the formulas' own check."""

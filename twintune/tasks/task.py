@@ -75,6 +75,7 @@ class Task:
     # directory (reference), or the base with the method off (precompute_reference).
     reference: str = ""
     precompute_reference: bool = False
+    reward_model: str = ""  # a reward run whose head scores sampled completions (train/build.py opens it)
     # Its loss when it is not the sum of its rows' target-token cross-entropies (tasks/objectives.py).
     objective: ClassVar[object | None] = None
 

@@ -26,6 +26,7 @@ from twintune.models import GPTNeoSpec, gpt_neo_weights, mlx_lm_has_family
 from twintune.quant import quantize_linear_layers
 from twintune.recipe import Recipe, load_recipe
 from twintune.tasks import task_from_dict
+from twintune.tasks.reward import REWARD_LABELS
 from twintune.train.distributed import ALONE, World
 from twintune.train.guards import DISTILL, EWC, REPLAY, general_rows
 from twintune.train.loss_scale import LossScaler
@@ -54,6 +55,7 @@ class Run:
     general: list[Encoded] = field(default_factory=list)  # train.forgetting_eval's text, as causal-LM rows
     terms: list[LossTerm] = field(default_factory=list)  # replay, distillation, EWC: the step's loss beside the task's
     world: World = ALONE  # the processes training together (train/distributed.py); joined in prepare()
+    reward_model: Backend | None = None  # task.reward_model's run, frozen: it scores sampled completions
 
     def term(self, cls: type) -> LossTerm | None:
         """The run's loss term of a kind (Replay, Distillation, ElasticWeights), or None."""
@@ -195,6 +197,8 @@ def _finish(recipe: Recipe, opened: Opened, with_data: bool, world: World) -> Ru
         run.backend.set_base_view(plan, run.backend.trainable_state())
         if with_data and (recipe.task.reference or recipe.task.precompute_reference):
             _precompute_references(run)
+    if with_data and recipe.task.reward_model:
+        run.reward_model = _open_reward_model(Path(recipe.task.reward_model), recipe, run.backend.name, opened.tokenizer)
     if with_data:
         run.terms = _loss_terms(run, plan, opened.tokenizer, row_length(recipe, context))
     run.loss_scaler = LossScaler() if recipe.dtype == "float16" else None
@@ -217,7 +221,7 @@ def _precompute_references(run: Run) -> None:
 
     def values(batch):
         if not opened:
-            opened.append(_open_reference_run(path, other, run.backend.name))
+            opened.append(_open_trained(path, other, run.backend.name))
         return opened[0].target_values(batch, "logps")
 
     fill_references(run.splits, values, recipe.train.eval_batch_size,
@@ -243,9 +247,29 @@ def _reference_recipe(path: Path, recipe: Recipe) -> Recipe:
                                method=other.method.saved_method())
 
 
-def _open_reference_run(path: Path, other: Recipe, backend: str) -> Backend:
-    """The run at `path` (its recipe `other`, from _reference_recipe) as a reference: its trained adapter
-    on the base, frozen."""
+def _open_reward_model(path: Path, recipe: Recipe, backend: str, tokenizer) -> Backend:
+    """The reward-model run task.reward_model names, on its own base in this run's dtype, frozen: checked to be a finished
+    reward run whose tokenizer is this model's (it scores this run's token ids)."""
+    where = f"task.reward_model {path}"
+    if not (path / "recipe.json").is_file():
+        raise TwintuneError(f"{where} is not a run directory: it has no recipe.json.")
+    other = load_recipe(path / "recipe.json")
+    if other.task.head_labels(other) != REWARD_LABELS:
+        raise TwintuneError(f"{where} is a {other.task.name} run; a reward model is a run of task reward (a one-output "
+                            "head that scores an answer).")
+    if not (path / "adapter").is_dir():
+        raise TwintuneError(f"{where} has no adapter: it has not finished (continue it with twintune train --resume).")
+    if load_tokenizer(resolve_model_dir(other.model)).to_str() != tokenizer.to_str():
+        raise TwintuneError(f"{where} reads text with another tokenizer ({other.model}'s) than this run's model "
+                            f"({recipe.model}); it would score other tokens than these completions: train the reward "
+                            "model on a model with this tokenizer.")
+    # in this run's dtype (float64 proof runs stay float64 throughout), on its own base and quantization
+    return _open_trained(path, dataclasses.replace(other, method=other.method.saved_method(), dtype=recipe.dtype),
+                         backend)
+
+
+def _open_trained(path: Path, other: Recipe, backend: str) -> Backend:
+    """The run at `path` (its recipe `other`): its trained adapter (and head) on its base, frozen."""
     opened = open_base(other, backend, with_plan=True)
     opened.backend.apply_method(opened.plan)
     method, state = load_adapter(path / "adapter", opened.base.spec)

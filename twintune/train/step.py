@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from twintune.data.batching import Batch
+from twintune.data.batching import Batch, Encoded, eval_batches
 from twintune.dropout import dropout_key
 from twintune.errors import TwintuneError
 from twintune.data.documents import eos_id
@@ -105,6 +105,13 @@ class RunModel:
 
     def decode(self, ids: list[int]) -> str:
         return self.run.encoder.tokenizer.decode(ids)
+
+    def reward_scores(self, rows: list[list[int]]) -> np.ndarray:
+        scores = np.zeros(len(rows))
+        encoded = [Encoded(np.array(ids, np.int32), len(ids), 0, class_target=True) for ids in rows]
+        for batch in eval_batches(encoded, self.run.recipe.train.eval_batch_size):
+            scores[batch.example_index] = self.run.reward_model.target_values(batch, "scores")
+        return scores
 
 
 def step_batches(run: Run, step: int) -> list[list[Batch]]:
