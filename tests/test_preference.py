@@ -519,6 +519,34 @@ def test_a_reward_model_must_be_a_reward_run_with_this_tokenizer(reward_run, tmp
         prepare(_recipe({"name": "grpo", "reward_model": str(foreign)}), "torch")
 
 
+def test_the_offline_rlhf_chain_runs_each_stage_on_the_previous_stages_run(tmp_path):
+    """recipes/rlhf-*.yaml as their comments say, from a working directory of their own: supervised
+    tuning, merge, a reward model on the merged model, GRPO scored by that reward model; each stage
+    names the previous one's run (here a few steps each)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.getcwd()
+    quick = ["--backend", "torch", "--no-progress", "--set", "train.max_steps=3", "--set", "data.synthetic_size=120"]
+
+    def twintune(*argv):
+        result = subprocess.run([sys.executable, "-m", "twintune", *argv], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    twintune("train", f"{repo}/recipes/rlhf-1-sft.yaml", "--out", "runs/rlhf-1-sft", *quick)
+    twintune("merge", "runs/rlhf-1-sft", "--out", "runs/rlhf-1-sft-merged")
+    twintune("train", f"{repo}/recipes/rlhf-2-reward.yaml", "--out", "runs/rlhf-2-reward", *quick)
+    twintune("train", f"{repo}/recipes/rlhf-3-grpo.yaml", "--out", "runs/rlhf-3-grpo", *quick)
+    reward = json.loads((tmp_path / "runs/rlhf-2-reward/summary.json").read_text())
+    grpo = json.loads((tmp_path / "runs/rlhf-3-grpo/summary.json").read_text())
+    assert "val_accuracy" in reward and "val_reward" in grpo and grpo["model"] == "runs/rlhf-1-sft-merged"
+    assert "Sentiment:" in twintune("generate", "runs/rlhf-3-grpo", "Sentence: Sales rose .\nSentiment:",
+                                    "--max-tokens", "2")
+
+
 # ---- learning ------------------------------------------------------------------------------------
 
 def test_a_reward_model_separates_held_out_pairs():

@@ -5,6 +5,8 @@ other data columns as keyword lists.
 Example:
     >>> upbeat(["Net sales", "Costs"], [" rose 5 % .", " fell ."])
     [1.0, -1.0]
+    >>> right_sentiment(["Sales rose .", "Sales rose ."], [" positive", " neutral"], label=["positive"] * 2)
+    [1.0, 0.0]
 """
 
 from __future__ import annotations
@@ -21,3 +23,10 @@ def upbeat(prompts: list[str], completions: list[str], **columns) -> list[float]
         words = set(completion.lower().replace(",", " ").replace(".", " ").split())
         rewards.append(float(bool(words & set(UP))) - float(bool(words & set(DOWN))))
     return rewards
+
+
+def right_sentiment(prompts: list[str], completions: list[str], label: list[str], **columns) -> list[float]:
+    """1 for a completion whose first word is the prompt's `label` column (the synthetic questions'
+    right answer), else 0."""
+    return [float(bool(c.split()) and c.split()[0].strip(".,").lower() == lab.lower())
+            for c, lab in zip(completions, label)]

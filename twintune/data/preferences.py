@@ -32,7 +32,7 @@ LABELS = ("negative", "neutral", "positive")
 
 
 def load_rows(source: str, columns: tuple[str, ...], *, synthetic_size: int = 1500, seed: int = 0,
-              split: str = "train", config: str = "") -> list[dict]:
+              split: str = "train", config: str = "", synthetic: str = "openings") -> list[dict]:
     """The rows of a preference source, each a dict of `columns` (text, or a bool `label`); a missing
     column is refused naming the columns there are, an empty text or a chat-message list by its row.
 
@@ -41,7 +41,10 @@ def load_rows(source: str, columns: tuple[str, ...], *, synthetic_size: int = 15
         [['chosen', 'prompt', 'rejected']]
     """
     if source == "synthetic":
-        if columns == PROMPTS:
+        if columns == PROMPTS:  # `synthetic`: openings to continue, or the pairs' sentiment questions
+            if synthetic == "questions":
+                return [{"prompt": row["prompt"], "label": row["chosen"].strip()}
+                        for row in synthetic_pairs(synthetic_size, seed)]
             return synthetic_prompts(synthetic_size, seed)
         return synthetic_unpaired(synthetic_size, seed) if columns == UNPAIRED else \
             [{k: row[k] for k in columns} for row in synthetic_pairs(synthetic_size, seed)]

@@ -5,7 +5,9 @@ Each micro-batch of prompts becomes, before its forward (`prepare`, on every pro
 `group_size` completions per prompt: sampled with the KV cache at `temperature` and `top_p` from
 numpy's generator seeded by (the recipe's seed, the step, the micro-batch, the prompt, the
 sample), so both backends sample the same tokens; ended by end-of-text (kept, as a target) or
-after `max_new_tokens`. The reward function `reward: python:module.function` gets the prompts,
+after `max_new_tokens`. `source: synthetic` gives openings of synthetic sentences to continue
+(`synthetic_prompts: openings`) or the preference pairs' sentiment questions with the right answer
+as a `label` column (`questions`). The reward function `reward: python:module.function` gets the prompts,
 the completions' texts and the prompts' other columns (TRL's signature) and returns one number a
 completion. Advantages: `A = (r - mean of its group) / (std of its group + 1e-4)` (std with
 Bessel's correction, as torch's). Per completion token, ρ = exp(logp - logp_old) (one update per
@@ -173,6 +175,7 @@ class GRPO(PairTask):
     beta: float = 0.0
     epsilon: float = 0.2
     epsilon_high: float = 0.2
+    synthetic_prompts: str = "openings"  # data.source synthetic: openings to continue | questions (the pairs')
 
     cannot_predict: ClassVar[str | None] = ("it generates completions for a reward function, not labels; evaluate "
                                             "its reward with twintune eval, or generate with twintune generate")
@@ -193,6 +196,8 @@ class GRPO(PairTask):
         check(self.temperature > 0, f"recipe key 'task.temperature' must be above 0 (GRPO samples), got {self.temperature}.")
         check(0 < self.top_p <= 1, f"recipe key 'task.top_p' must be in (0, 1], got {self.top_p}.")
         check(self.beta >= 0, f"recipe key 'task.beta' must be 0 or more, got {self.beta}.")
+        check(self.synthetic_prompts in ("openings", "questions"), "recipe key 'task.synthetic_prompts' must be "
+              f"openings or questions, got {self.synthetic_prompts!r}.")
         check(self.epsilon > 0 and self.epsilon_high > 0, "recipe keys 'task.epsilon' and 'task.epsilon_high' must be "
                                                           "above 0.")
 
@@ -207,7 +212,7 @@ class GRPO(PairTask):
 
     def data(self, data, seed: int, encoder: Encoder, length: int) -> TaskData:
         rows = load_rows(data.source, PROMPTS, synthetic_size=data.synthetic_size, seed=seed, split=data.split,
-                         config=data.config)
+                         config=data.config, synthetic=self.synthetic_prompts)
         encoded = []
         for i, row in enumerate(rows, 1):
             prompt = encoder.tokenizer.encode(row["prompt"], add_special_tokens=False).ids

@@ -154,7 +154,8 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
                      labels=recipe.task.head_labels(recipe), spec=run.spec)
         summary = _summary(run, state, report, first_step, trained, out)
         write_json(out / "summary.json", summary)
-        plot_run(out / "training.png", summary["train_losses"], summary["evals"], title=f"{recipe.name} ({name})")
+        plot_run(out / "training.png", summary["train_losses"], summary["evals"], title=f"{recipe.name} ({name})",
+                 metrics=recipe.task.metrics)
     else:
         summary = {"backend": name, "rank": world.rank, "world_size": world.size, "out_dir": str(out)}
     if world.size > 1:  # the processes end together: none closes its connections while another still works
