@@ -15,7 +15,7 @@ from twintune.data.preferences import PAIRED, load_rows, synthetic_pairs
 from twintune.errors import TwintuneError
 from twintune.recipe import recipe_from_dict
 from twintune.tasks.objectives import NUMPY
-from twintune.tasks.preference import LOSSES, PreferenceLoss
+from twintune.tasks.preference import LOSSES, Preference
 from twintune.tasks.reward import BradleyTerry
 from twintune.train.build import prepare
 from twintune.train.evaluate import evaluate
@@ -97,7 +97,7 @@ def test_each_loss_equals_its_formula_on_numpy_torch_and_mlx(kind, keys):
     from twintune.backends.mlx.backend import MLXOps
     from twintune.backends.torch.backend import TorchOps
 
-    objective = PreferenceLoss(kind, **keys)
+    objective = Preference(loss=kind, **keys).objective
     expected = _expected(kind, keys.get("beta", 0.1), keys.get("label_smoothing", 0.0), keys.get("simpo_gamma", 0.5))
     loss, figures = objective.loss(NUMPY, TOKENS, BATCH)
     assert abs(loss - expected) <= 1e-12 * abs(expected)
@@ -115,8 +115,9 @@ def test_each_loss_equals_its_formula_on_numpy_torch_and_mlx(kind, keys):
 
 def test_the_figures_are_trls_metrics():
     beta = 0.1
-    _, figures = PreferenceLoss("dpo", beta).loss(NUMPY, TOKENS, BATCH)
-    named = dict(zip(PreferenceLoss("dpo").figures, figures))
+    objective = Preference(loss="dpo", beta=beta).objective
+    _, figures = objective.loss(NUMPY, TOKENS, BATCH)
+    named = dict(zip(objective.figures, figures))
     c, r = _rows(TOKENS)
     c_ref, r_ref = _rows(REFERENCE)
     assert np.isclose(named["rewards/chosen"], (beta * (c - c_ref)).sum())
@@ -143,11 +144,11 @@ def test_kto_equals_its_formula_on_numpy_torch_and_mlx(weights):
 
     from twintune.backends.mlx.backend import MLXOps
     from twintune.backends.torch.backend import TorchOps
-    from twintune.tasks.kto import KTOLoss
+    from twintune.tasks.kto import KTO
 
     batch, values = _kto_batch()
     beta = 0.2
-    objective = KTOLoss(beta, *weights)
+    objective = KTO(beta=beta, desirable_weight=weights[0], undesirable_weight=weights[1]).objective
     policy = np.bincount(batch.target_rows(), values)
     ratio = policy - np.bincount(batch.target_rows(), batch.reference)
     sigmoid = 1 / (1 + np.exp(-beta * (ratio - 0.37)))
@@ -169,7 +170,7 @@ def test_kto_equals_its_formula_on_numpy_torch_and_mlx(weights):
 
 
 def test_ktos_z0_is_the_clamped_mean_log_ratio_of_rows_with_the_previous_rows_completion():
-    from twintune.tasks.kto import KTOLoss, mismatched_rows
+    from twintune.tasks.kto import KTO, mismatched_rows
 
     run = prepare(_recipe({"name": "kto"}), "torch")
     batch = make_batch(run.splits["train"][:3])
@@ -185,10 +186,10 @@ def test_ktos_z0_is_the_clamped_mean_log_ratio_of_rows_with_the_previous_rows_co
         def values(self, b, reads, reference=False):
             return np.full(b.n_targets, -1.0 if reference else -1.0 + self.gap)
 
-    z0 = KTOLoss().prepare(batch, Model(), 0).kl
+    z0 = KTO().objective.prepare(batch, Model(), 0).kl
     assert z0 == pytest.approx(0.5 * mismatched.n_targets / 3)
     Model.gap = -0.5  # below: z0 is clamped at 0
-    assert KTOLoss().prepare(batch, Model(), 0).kl == 0
+    assert KTO().objective.prepare(batch, Model(), 0).kl == 0
 
 
 @pytest.mark.parametrize("coefficient", [0.0, 0.01])
@@ -411,11 +412,12 @@ class FixedModel:
 
 
 def test_grpos_advantages_are_each_completions_reward_against_its_group():
-    from twintune.tasks.grpo import GRPOLoss
+    from twintune.tasks.grpo import GRPO
 
     prompts = make_batch([Encoded(np.array([1, 2, 3], np.int32), 3, 0, columns={"label": "positive"}),
                           Encoded(np.array([4, 5], np.int32), 2, 0, columns={"label": "neutral"})])
-    batch = GRPOLoss("python:test_preference.length_reward", group_size=4).prepare(prompts, FixedModel(), 0)
+    objective = GRPO(reward="python:test_preference.length_reward", group_size=4).objective
+    batch = objective.prepare(prompts, FixedModel(), 0)
     rewards = np.array([101, 102, 103, 104, 1, 2, 3, 4], float)
     np.testing.assert_array_equal(batch.row_data["rewards"], rewards)
     groups = rewards.reshape(2, 4)
@@ -424,7 +426,7 @@ def test_grpos_advantages_are_each_completions_reward_against_its_group():
     assert batch.group == 4 and batch.input_ids.shape[0] == 8 and batch.n_targets == 2 * (1 + 2 + 3 + 4)
     assert batch.input_ids[5, :4].tolist() == [4, 5, 7, 7]  # the prompt, then its completion
     # the loss: -A per completion token (the ratio is 1), summed; GRPOLoss.count is the tokens
-    loss, _ = GRPOLoss("python:test_preference.length_reward").loss(NUMPY, np.zeros(batch.n_targets), batch)
+    loss, _ = objective.loss(NUMPY, np.zeros(batch.n_targets), batch)
     assert loss == pytest.approx(-(np.repeat(batch.row_data["advantages"], [1, 2, 3, 4] * 2)).sum())
 
 

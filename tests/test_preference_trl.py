@@ -15,7 +15,7 @@ import torch
 
 from twintune.data.batching import Batch
 from twintune.tasks.objectives import NUMPY
-from twintune.tasks.preference import PreferenceLoss
+from twintune.tasks.preference import Preference
 
 PAIRS, WIDTH = 4, 6
 RNG = np.random.default_rng(11)
@@ -31,8 +31,9 @@ def _ours(kind, **keys):
     batch = Batch(np.zeros((2 * PAIRS, WIDTH + 1), np.int32), (rows * (WIDTH + 1) + columns).astype(np.int32),
                   np.zeros(len(rows), np.int32), np.zeros(2 * PAIRS, np.int32), np.zeros(2 * PAIRS, np.int32),
                   COUNTS.astype(np.int32), group=2, reference=REFERENCE[rows, columns])
-    loss, figures = PreferenceLoss(kind, **keys).loss(NUMPY, POLICY[rows, columns], batch)
-    return loss / PAIRS, dict(zip(PreferenceLoss(kind, **keys).figures, np.array(figures) / PAIRS))
+    objective = Preference(loss=kind, **keys).objective
+    loss, figures = objective.loss(NUMPY, POLICY[rows, columns], batch)
+    return loss / PAIRS, dict(zip(objective.figures, np.array(figures) / PAIRS))
 
 
 def _trl_order(rows):
@@ -112,7 +113,7 @@ def test_simpo_equals_trls_cpo_trainer_with_loss_type_simpo():
 def test_kto_equals_trls_kto_trainer():
     from trl.trainer.kto_trainer import KTOTrainer
 
-    from twintune.tasks.kto import KTOLoss
+    from twintune.tasks.kto import KTO
 
     rows = 2 * PAIRS
     labels = np.array([1, 0, 0, 1, 1, 0, 1, 1])
@@ -139,7 +140,7 @@ def test_kto_equals_trls_kto_trainer():
     batch = Batch(np.zeros((rows, WIDTH + 1), np.int32), (positions[0] * (WIDTH + 1) + positions[1]).astype(np.int32),
                   np.zeros(len(positions[0]), np.int32), np.zeros(rows, np.int32), labels.astype(np.int32),
                   COUNTS.astype(np.int32), reference=REFERENCE[positions], kl=max(0.0, float(np.mean(kl_policy - kl_reference))))
-    objective = KTOLoss(beta, desirable_weight, undesirable_weight)
+    objective = KTO(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight).objective
     loss, figures = objective.loss(NUMPY, POLICY[positions], batch)
     ours = objective.summarize(np.array([loss, *figures]), rows)
     assert ours["loss"] == pytest.approx(theirs, rel=1e-6)

@@ -64,68 +64,60 @@ def reward_function(name: str) -> Callable:
 
 @dataclass(frozen=True)
 class GRPOLoss(Objective):
-    """GRPO's clipped, group-relative policy loss over sampled completions (see the module)."""
+    """The task's clipped, group-relative policy loss over sampled completions (see the module)."""
 
-    reward: str  # python:module.function, or "" for the run's reward model
-    group_size: int = 4
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    beta: float = 0.0
-    epsilon: float = 0.2
-    epsilon_high: float = 0.2
+    task: "GRPO"
 
     figures: ClassVar[tuple[str, ...]] = ("reward", "reward_std", "kl", "completions", "tokens")
 
     @property
     def needs_reference(self) -> bool:
-        return self.beta > 0
+        return self.task.beta > 0
 
     def count(self, batch: Batch) -> int:
         return batch.n_targets
 
     def prepare(self, batch: Batch, model: ModelAccess, seed: int) -> Batch:
-        prompts, rows, columns = [], [], []
+        task, prompts, rows, columns = self.task, [], [], []
         for j in range(batch.input_ids.shape[0]):
             prompt = batch.input_ids[j, :batch.lengths[j]].tolist()
             prompts.append(model.decode(prompt))
-            for k in range(self.group_size):
-                completion = model.sample(prompt, self.max_new_tokens, self.temperature, self.top_p,
+            for k in range(task.group_size):
+                completion = model.sample(prompt, task.max_new_tokens, task.temperature, task.top_p,
                                           seed=hash((seed, j, k)) % 2**63)
                 rows.append(Encoded(np.array(prompt + completion, np.int32), len(prompt), 0))
             columns.append((batch.columns or [None] * len(prompts))[j] or {})
-        if self.reward:
+        size = task.group_size
+        if task.reward:
             texts = [model.decode(row.ids[row.prompt_len:].tolist()) for row in rows]
-            rewards = self.rewards([p for p in prompts for _ in range(self.group_size)], texts,
-                                   [c for c in columns for _ in range(self.group_size)])
+            rewards = self.rewards([p for p in prompts for _ in range(size)], texts,
+                                   [c for c in columns for _ in range(size)])
         else:  # the reward model's score of prompt + completion, at its last token
             rewards = model.reward_scores([row.ids.tolist() for row in rows])
-        groups = rewards.reshape(-1, self.group_size)
-        spread = groups.std(axis=1, ddof=1) if self.group_size > 1 else np.zeros(len(groups))
+        groups = rewards.reshape(-1, size)
+        spread = groups.std(axis=1, ddof=1)
         advantages = ((groups - groups.mean(axis=1, keepdims=True)) / (spread[:, None] + 1e-4)).reshape(-1)
-        sampled = make_batch(rows)
-        return dataclasses.replace(sampled, group=self.group_size,
-                                   row_data={"advantages": advantages, "rewards": rewards,
-                                             "spread": np.repeat(spread, self.group_size)})
+        return dataclasses.replace(make_batch(rows), group=size, row_data={
+            "advantages": advantages, "rewards": rewards, "spread": np.repeat(spread, size)})
 
     def rewards(self, prompts: list[str], completions: list[str], columns: list[dict]) -> np.ndarray:
         """The reward function's numbers for the completions, checked: one finite number each."""
         keys = sorted({key for c in columns for key in c if key != "prompt"})
         try:
-            given = reward_function(self.reward)(prompts, completions, **{key: [c.get(key) for c in columns]
+            given = reward_function(self.task.reward)(prompts, completions, **{key: [c.get(key) for c in columns]
                                                                           for key in keys})
         except TwintuneError:
             raise
         except Exception as error:  # noqa: BLE001 - the user's function: its failure as one sentence
             first = (str(error).strip().splitlines() or [""])[0]
-            raise TwintuneError(f"task.reward {self.reward} raised {type(error).__name__} ({first}) when called as "
+            raise TwintuneError(f"task.reward {self.task.reward} raised {type(error).__name__} ({first}) when called as "
                                 f"f(prompts, completions, {', '.join(f'{k}=...' for k in keys) or '**columns'}).") from None
         try:
             values = np.asarray(given, np.float64)
         except (TypeError, ValueError):
             values = None
         if values is None or values.shape != (len(completions),) or not np.isfinite(values).all():
-            raise TwintuneError(f"task.reward {self.reward} must return one finite number for each of the "
+            raise TwintuneError(f"task.reward {self.task.reward} must return one finite number for each of the "
                                 f"{len(completions)} completions it is given; it returned {_shape(given)}.")
         return values
 
@@ -133,13 +125,13 @@ class GRPOLoss(Objective):
         owners = batch.target_rows()
         advantage = ops.array(batch.row_data["advantages"][owners])
         ratio = ops.exp(values - ops.stop_gradient(values))
-        clipped = ops.clip(ratio, 1 - self.epsilon, 1 + self.epsilon_high)
+        clipped = ops.clip(ratio, 1 - self.task.epsilon, 1 + self.task.epsilon_high)
         losses = -ops.minimum(ratio * advantage, clipped * advantage)
         kl = ops.array(np.zeros(1))
-        if self.beta > 0:
+        if self.task.beta > 0:
             gap = ops.array(batch.reference) - values
             per_token = ops.exp(gap) - gap - 1
-            losses = losses + self.beta * per_token
+            losses = losses + self.task.beta * per_token
             kl = per_token
         rows = batch.input_ids.shape[0]
         return losses.sum(), [ops.array(batch.row_data["rewards"].sum()), ops.array(batch.row_data["spread"].sum()),
@@ -151,7 +143,7 @@ class GRPOLoss(Objective):
         figures = {"loss": named["loss"] / examples, "reward": named["reward"] / completions,
                    "reward_std": named["reward_std"] / completions,
                    "completion_length": named["tokens"] / completions}
-        if self.beta > 0:
+        if self.task.beta > 0:
             figures["kl"] = named["kl"] / max(named["tokens"], 1.0)
         return figures
 
@@ -207,8 +199,7 @@ class GRPO(PairTask):
 
     @property
     def objective(self) -> GRPOLoss:
-        return GRPOLoss(self.reward, self.group_size, self.max_new_tokens, self.temperature, self.top_p, self.beta,
-                        self.epsilon, self.epsilon_high)
+        return GRPOLoss(self)
 
     def data(self, data, seed: int, encoder: Encoder, length: int) -> TaskData:
         rows = load_rows(data.source, PROMPTS, synthetic_size=data.synthetic_size, seed=seed, split=data.split,

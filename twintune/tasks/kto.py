@@ -39,11 +39,10 @@ from twintune.tasks.task import TaskData
 
 @dataclass(frozen=True)
 class KTOLoss(Objective):
-    """KTO's loss over a batch of labelled rows (Batch.labels: 1 desirable, 0 undesirable); Batch.kl is z0."""
+    """The task's KTO loss over a batch of labelled rows (Batch.labels: 1 desirable, 0 undesirable);
+    Batch.kl is z0."""
 
-    beta: float = 0.1
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
+    task: "KTO"
 
     needs_reference: ClassVar[bool] = True
     figures: ClassVar[tuple[str, ...]] = ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected",
@@ -62,11 +61,12 @@ class KTOLoss(Objective):
         desirable = ops.array(batch.labels.astype(np.float64))
         undesirable = 1 - desirable
         # 1 - σ(x) = σ(-x), taken as exp(log σ(-x)): accurate where σ(x) is near 1
-        chosen_losses = ops.exp(ops.log_sigmoid(-self.beta * (ratio - batch.kl)))
-        rejected_losses = ops.exp(ops.log_sigmoid(-self.beta * (batch.kl - ratio)))
-        losses = (self.desirable_weight * desirable * chosen_losses
-                  + self.undesirable_weight * undesirable * rejected_losses)
-        rewards = self.beta * ratio
+        beta = self.task.beta
+        chosen_losses = ops.exp(ops.log_sigmoid(-beta * (ratio - batch.kl)))
+        rejected_losses = ops.exp(ops.log_sigmoid(-beta * (batch.kl - ratio)))
+        losses = (self.task.desirable_weight * desirable * chosen_losses
+                  + self.task.undesirable_weight * undesirable * rejected_losses)
+        rewards = beta * ratio
         rows = batch.input_ids.shape[0]
         return losses.sum(), [ops.array(np.array(batch.kl * rows)), (desirable * rewards).sum(),
                               (undesirable * rewards).sum(), (desirable * logps).sum(), (undesirable * logps).sum(),
@@ -117,7 +117,7 @@ class KTO(PairTask):
 
     @property
     def objective(self) -> KTOLoss:
-        return KTOLoss(self.beta, self.desirable_weight, self.undesirable_weight)
+        return KTOLoss(self)
 
     def data(self, data, seed: int, encoder: Encoder, length: int) -> TaskData:
         rows = load_rows(data.source, UNPAIRED, synthetic_size=data.synthetic_size, seed=seed, split=data.split,

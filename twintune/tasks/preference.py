@@ -46,12 +46,17 @@ PAIR_FIGURES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
 
 @dataclass(frozen=True)
 class PreferenceLoss(Objective):
-    """One of LOSSES over a batch of pairs (rows chosen, rejected, chosen, ...)."""
+    """The task's loss (one of LOSSES, with its keys) over a batch of pairs (rows chosen, rejected, ...)."""
 
-    kind: str = "dpo"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
+    task: "Preference"
+
+    @property
+    def kind(self) -> str:
+        return self.task.loss
+
+    @property
+    def beta(self) -> float:
+        return self.task.beta
 
     @property
     def needs_reference(self) -> bool:
@@ -85,7 +90,7 @@ class PreferenceLoss(Objective):
         return losses.sum(), figures
 
     def _referenced(self, ops: Ops, delta):
-        beta, eps = self.beta, self.label_smoothing
+        beta, eps = self.beta, self.task.label_smoothing
         if self.kind == "dpo":
             return -(1 - eps) * ops.log_sigmoid(beta * delta) - eps * ops.log_sigmoid(-beta * delta)
         if self.kind == "ipo":
@@ -96,9 +101,9 @@ class PreferenceLoss(Objective):
         return (-(1 - eps) * ops.log_sigmoid(beta * delta) + eps * ops.log_sigmoid(-beta * delta)) / (1 - 2 * eps)
 
     def _reference_free(self, ops: Ops, chosen_avg, rejected_avg):
-        beta, eps = self.beta, self.label_smoothing
+        beta, eps = self.beta, self.task.label_smoothing
         if self.kind == "simpo":
-            z = chosen_avg - rejected_avg - self.simpo_gamma / beta
+            z = chosen_avg - rejected_avg - self.task.simpo_gamma / beta
             return -(1 - eps) * ops.log_sigmoid(beta * z) - eps * ops.log_sigmoid(-beta * z), []
         log_odds = (chosen_avg - rejected_avg) - (log1mexp(ops, chosen_avg) - log1mexp(ops, rejected_avg))
         ratio = beta * ops.log_sigmoid(log_odds)
@@ -187,5 +192,5 @@ class Preference(PairTask):
 
     @property
     def objective(self) -> PreferenceLoss:
-        return PreferenceLoss(self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
+        return PreferenceLoss(self)
 
