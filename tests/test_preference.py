@@ -590,9 +590,9 @@ def test_grpo_raises_the_held_out_reward_and_beta_keeps_the_kl_bounded(beta):
     before = evaluate(run).figures
     records = [train_step(run, step) for step in range(run.total_steps)]
     after = evaluate(run).figures
-    assert after["reward"] > before["reward"] + 0.15, (before, after)  # measured 0.28 -> 0.52 and 0.51
+    assert after["reward"] > before["reward"] + 0.15, (before, after)  # measured 0.075 -> 0.58 and 0.54
     if beta:
-        assert 0 < after["kl"] < 0.5 and max(r["kl"] for r in records) < 0.5, after  # measured 0.16
+        assert 0 < after["kl"] < 0.5 and max(r["kl"] for r in records) < 0.5, after  # measured 0.19
 
 
 # ---- refusals ------------------------------------------------------------------------------------

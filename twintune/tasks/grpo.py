@@ -83,8 +83,8 @@ class GRPOLoss(Objective):
             prompt = batch.input_ids[j, :batch.lengths[j]].tolist()
             prompts.append(model.decode(prompt))
             for k in range(task.group_size):
-                completion = model.sample(prompt, task.max_new_tokens, task.temperature, task.top_p,
-                                          seed=hash((seed, j, k)) % 2**63)
+                draw = int(np.random.SeedSequence([seed, j, k]).generate_state(1, np.uint64)[0])  # stable anywhere
+                completion = model.sample(prompt, task.max_new_tokens, task.temperature, task.top_p, seed=draw)
                 rows.append(Encoded(np.array(prompt + completion, np.int32), len(prompt), 0))
             columns.append((batch.columns or [None] * len(prompts))[j] or {})
         size = task.group_size
