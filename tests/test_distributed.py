@@ -106,22 +106,28 @@ def test_two_processes_give_one_process_steps(runs, backend, method):
     assert all(sum(line["rank_examples"]) == 8 and len(line["rank_examples"]) == 2 for line in steps)
 
 
-@pytest.mark.parametrize("task", ["preference", "kto"])
+PREFERENCE_TASKS = {"preference": "{name: preference}", "kto": "{name: kto}",
+                    "grpo": "{name: grpo, reward: 'python:twintune.rewards.upbeat', max_new_tokens: 4}"}
+
+
+@pytest.mark.parametrize("task", list(PREFERENCE_TASKS))
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_two_processes_give_one_process_preference_steps(tmp_path, backend, task):
-    """Pairs are never split between processes and the loss is over the step's global pairs (KTO's z0
-    over the whole micro-batch on every process): float64, the same steps and figures to 1e-9."""
+    """Pairs (GRPO's groups) are never split between processes and the loss is over the step's global
+    pairs, rows or completion tokens (KTO's z0 and GRPO's samples taken on the whole micro-batch on
+    every process): float64, the same steps and figures to 1e-9."""
     one, two = tmp_path / "one", tmp_path / "two"
     for out, nproc in ((one, None), (two, 2)):
-        _train(out, backend, "lora64", nproc, extra=[f"task={{name: {task}}}"])
+        _train(out, backend, "lora64", nproc, extra=[f"task={PREFERENCE_TASKS[task]}"])
     (loss_one, lines_one), (loss_two, lines_two) = _losses(one), _losses(two)
-    assert len(loss_one) == 10 and np.abs(loss_two - loss_one).max() / np.abs(loss_one).max() < 1e-9
+    # (absolute where the loss is near 0: GRPO's is a sum of advantages that cancel, about 1e-17)
+    assert len(loss_one) == 10 and np.abs(loss_two - loss_one).max() < 1e-9 * max(1.0, np.abs(loss_one).max())
     for a, b in zip(lines_one, lines_two):
-        for name in ("rewards/margins", "logps/chosen", "val_rewards/margins", "val_loss"):
+        for name in ("rewards/margins", "logps/chosen", "val_rewards/margins", "val_loss", "reward", "val_reward"):
             if name in a:
                 assert abs(a[name] - b[name]) <= 1e-9 * max(1.0, abs(a[name])), name
     steps = [line for line in lines_two if "loss" in line]
-    assert all(line["rank_examples"] == [4, 4] for line in steps)  # 8 pairs (or rows), 4 a process
+    assert all(line["rank_examples"] == [4, 4] for line in steps)  # 8 pairs (rows, prompts' groups), 4 a process
     _close(_values(two), _values(one), "trained values", 1e-9)
 
 

@@ -31,10 +31,16 @@ def _adapter(run_dir):
     return read_safetensors(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("task", ["classification", "preference"])
+TASKS = {"classification": "classification", "preference": "preference",  # DPO, its reference the base view
+         "grpo": "{name: grpo, reward: 'python:twintune.rewards.upbeat', max_new_tokens: 2, group_size: 2}"}
+
+
+@pytest.mark.parametrize("task", list(TASKS))
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(backend, task, tmp_path):
-    settings = [*SETTINGS, f"task={task}"]  # preference: DPO on the synthetic pairs, its reference the base view
+    """GRPO too: its completions are drawn from (seed, step, micro-batch, prompt, sample) and the restored
+    model, so the resumed run samples what the uninterrupted one did."""
+    settings = [*SETTINGS, f"task={TASKS[task]}"]
     whole = train(load_recipe("recipes/demo-financial-sentiment.yaml", settings), backend, tmp_path / "whole",
                   progress=False)
 
