@@ -34,11 +34,8 @@ class Ops(Protocol):
         """log(1 / (1 + e^-x)), accurate for large |x| (its gradient, sigmoid(-x), too)."""
     def relu(self, x): ...
     def minimum(self, x, y): ...
-    def maximum(self, x, y): ...
     def clip(self, x, low: float, high: float): ...
     def stop_gradient(self, x): ...
-    def to_float(self, x) -> float:
-        """A 0-d array's value."""
 
 
 class ModelAccess(Protocol):
@@ -68,7 +65,7 @@ class NumpyOps:
 
     exp, expm1, log, log1p = staticmethod(np.exp), staticmethod(np.expm1), staticmethod(np.log), staticmethod(np.log1p)
     where = staticmethod(np.where)
-    minimum, maximum, clip = staticmethod(np.minimum), staticmethod(np.maximum), staticmethod(np.clip)
+    minimum, clip = staticmethod(np.minimum), staticmethod(np.clip)
 
     @staticmethod
     def log_sigmoid(x):
@@ -82,9 +79,6 @@ class NumpyOps:
     def stop_gradient(x):
         return x
 
-    @staticmethod
-    def to_float(x) -> float:
-        return float(x)
 
 
 NUMPY = NumpyOps()

@@ -228,21 +228,26 @@ def _precompute_references(run: Run) -> None:
                     reference_identity(run.model_dir, settings, path / "adapter"))
 
 
+def _finished_run_recipe(path: Path, where: str) -> Recipe:
+    """The recipe of the run directory a task key (`where`) names, which must have finished (an adapter)."""
+    if not (path / "recipe.json").is_file():
+        raise TwintuneError(f"{where} is not a run directory: it has no recipe.json.")
+    if not (path / "adapter").is_dir():
+        raise TwintuneError(f"{where} has no adapter: it has not finished (continue it with twintune train --resume).")
+    return load_recipe(path / "recipe.json")
+
+
 def _reference_recipe(path: Path, recipe: Recipe) -> Recipe:
     """The recipe of the run task.reference names, checked: a finished run on this base whose model
     generates; made to run on this recipe's base (its quantization and dtype)."""
     where = f"task.reference {path}"
-    if not (path / "recipe.json").is_file():
-        raise TwintuneError(f"{where} is not a run directory: it has no recipe.json.")
-    other = load_recipe(path / "recipe.json")
+    other = _finished_run_recipe(path, where)
     if other.model != recipe.model:
         raise TwintuneError(f"{where} was trained on {other.model}, but this run's model is {recipe.model}; a reference "
                             "run must share the base model (and its tokenizer).")
     if other.task.head_labels(other) is not None:
         raise TwintuneError(f"{where} is a {other.task.name} run with a linear head, which scores answers instead of "
                             "predicting their tokens; name a run whose model generates.")
-    if not (path / "adapter").is_dir():
-        raise TwintuneError(f"{where} has no adapter: it has not finished (continue it with twintune train --resume).")
     return dataclasses.replace(other, model=recipe.model, quantize=recipe.quantize, dtype=recipe.dtype,
                                method=other.method.saved_method())
 
@@ -251,14 +256,10 @@ def _open_reward_model(path: Path, recipe: Recipe, backend: str, tokenizer) -> B
     """The reward-model run task.reward_model names, on its own base in this run's dtype, frozen: checked to be a finished
     reward run whose tokenizer is this model's (it scores this run's token ids)."""
     where = f"task.reward_model {path}"
-    if not (path / "recipe.json").is_file():
-        raise TwintuneError(f"{where} is not a run directory: it has no recipe.json.")
-    other = load_recipe(path / "recipe.json")
+    other = _finished_run_recipe(path, where)
     if other.task.head_labels(other) != REWARD_LABELS:
         raise TwintuneError(f"{where} is a {other.task.name} run; a reward model is a run of task reward (a one-output "
                             "head that scores an answer).")
-    if not (path / "adapter").is_dir():
-        raise TwintuneError(f"{where} has no adapter: it has not finished (continue it with twintune train --resume).")
     if load_tokenizer(resolve_model_dir(other.model)).to_str() != tokenizer.to_str():
         raise TwintuneError(f"{where} reads text with another tokenizer ({other.model}'s) than this run's model "
                             f"({recipe.model}); it would score other tokens than these completions: train the reward "

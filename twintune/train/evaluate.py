@@ -89,7 +89,6 @@ class RunScorer:
             total, tokens = run.backend.all_sum(np.array([total, tokens], np.float64)).tolist()
         return total, round(tokens)
 
-
     def objective_sums(self, split: str, objective) -> tuple[np.ndarray, int]:
         run = self.run
         sums, examples = np.zeros(1 + len(objective.figures)), 0

@@ -95,7 +95,7 @@ class MLXOps:
 
     exp, expm1, log, log1p = staticmethod(exp), staticmethod(mx.expm1), staticmethod(mx.log), staticmethod(mx.log1p)
     where, log_sigmoid = staticmethod(mx.where), log_sigmoid
-    minimum, maximum, clip = staticmethod(mx.minimum), staticmethod(mx.maximum), staticmethod(mx.clip)
+    minimum, clip = staticmethod(mx.minimum), staticmethod(mx.clip)
 
     @staticmethod
     def relu(x: mx.array) -> mx.array:
@@ -104,10 +104,6 @@ class MLXOps:
     @staticmethod
     def stop_gradient(x: mx.array) -> mx.array:
         return mx.stop_gradient(x)
-
-    @staticmethod
-    def to_float(x: mx.array) -> float:
-        return x.item()
 
 
 class MLXBackend:

@@ -171,15 +171,11 @@ class TorchOps:
     log, log1p = staticmethod(torch.log), staticmethod(torch.log1p)
     where = staticmethod(torch.where)
     log_sigmoid, relu = staticmethod(F.logsigmoid), staticmethod(torch.relu)
-    minimum, maximum, clip = staticmethod(torch.minimum), staticmethod(torch.maximum), staticmethod(torch.clamp)
+    minimum, clip = staticmethod(torch.minimum), staticmethod(torch.clamp)
 
     @staticmethod
     def stop_gradient(x: torch.Tensor) -> torch.Tensor:
         return x.detach()
-
-    @staticmethod
-    def to_float(x: torch.Tensor) -> float:
-        return float(x)
 
 
 class TorchBackend:
