@@ -46,6 +46,7 @@ from twintune.methods import BaseModel, Method, Plan
 from twintune.recipe import DTYPES, PromptConfig, Recipe, load_recipe
 from twintune.formats.head import read_head_labels
 from twintune.tasks import HEAD, check_head_labels, head_surgery, with_head
+from twintune.tasks.ppo import split_value_head
 from twintune.train.build import open_base, prepare
 from twintune.train.evaluate import evaluate, label_scores, labelled_texts, predict
 from twintune.train.loop import train
@@ -255,6 +256,7 @@ class Model:
         if recipe is not None:
             check_same_base(recipe, self.base, directory)
         method, state = load_adapter(adapter_dir, self.base.spec)
+        state, _ = split_value_head(state)  # a PPO run's value head: the model generates without it
         if recipe is not None:
             check_adapter_method(method, recipe.method, adapter_dir)
         plan = method.plan(self.base, seed=0)

@@ -125,10 +125,12 @@ class ModelComputation(Protocol):
         batch's targets (its `reads`), with dropout, and this backend's Ops; returns float64
         [loss, *figures], their unscaled sums."""
 
-    def target_values(self, batch: Batch, reads: str, reference: bool = False) -> np.ndarray:
+    def target_values(self, batch: Batch, reads: str, reference: bool = False, temperature: float = 1.0) -> np.ndarray:
         """(N,) the model's values at the batch's targets, no dropout, no gradient: the target token's
-        log-probability (`reads` "logps") or a one-output head's score ("scores"); with `reference`,
-        of the base with the method off (set_base_view): a preference loss's reference model."""
+        log-probability of softmax(logits / temperature) (`reads` "logps"), a one-output head's score
+        ("scores"), or (N, 2) both the log-probability and the value head's estimate ("logps_values",
+        PPO); with `reference`, of the base with the method off (set_base_view): a preference loss's
+        reference model."""
 
     def take_gradients(self) -> dict[str, np.ndarray]:
         """The gradients accumulated since the last step, by name, then cleared (EWC's Fisher)."""

@@ -62,6 +62,10 @@ class Encoded:
     # The reference model's log-probability of each target token, computed once (precompute_reference).
     reference: np.ndarray | None = None
     columns: dict | None = None  # a prompt's other columns (GRPO's reward function reads them)
+    # An objective's figures of a row made during training (PPO's rollout): per target, (targets,)
+    # arrays; per row, numbers. make_batch gathers them into Batch.target_data and Batch.row_data.
+    target_data: dict | None = None
+    row_data: dict | None = None
 
 
 @dataclass
@@ -87,6 +91,7 @@ class Batch:
     kl: float = 0.0  # KTO's z0 for this micro-batch (tasks/kto.py)
     row_data: dict = field(default_factory=dict)  # an objective's per-row arrays (GRPO's advantages), (B,) each
     columns: list | None = None  # each row's other columns (Encoded.columns)
+    target_data: dict = field(default_factory=dict)  # an objective's per-target arrays (PPO's advantages), (N,) each
 
     @property
     def examples(self) -> int:
@@ -220,7 +225,24 @@ def make_batch(encoded: list[Encoded], pad_id: int = 0) -> Batch:
         reference=(np.concatenate([e.reference for e in encoded])
                    if all(e.reference is not None for e in encoded) else None),
         columns=[e.columns for e in encoded] if any(e.columns is not None for e in encoded) else None,
+        target_data=({key: np.concatenate([e.target_data[key] for e in encoded]) for key in encoded[0].target_data}
+                     if encoded[0].target_data else {}),
+        row_data=({key: np.array([e.row_data[key] for e in encoded]) for key in encoded[0].row_data}
+                  if encoded[0].row_data else {}),
     )
+
+
+def batch_rows(batch: Batch) -> list[Encoded]:
+    """A (single-row-group) batch's rows as Encoded again, with their per-target and per-row data:
+    what make_batch of some of them rebuilds (PPO regroups its rollout's rows every epoch)."""
+    owners, rows = batch.target_rows(), []
+    for j in range(batch.input_ids.shape[0]):
+        mine = owners == j
+        rows.append(Encoded(batch.input_ids[j, :batch.lengths[j]].copy(), int(batch.prompt_lengths[j]), 0,
+                            reference=None if batch.reference is None else batch.reference[mine],
+                            target_data={key: values[mine] for key, values in batch.target_data.items()},
+                            row_data={key: values[j] for key, values in batch.row_data.items()}))
+    return rows
 
 
 class TrainOrder:

@@ -23,6 +23,7 @@ from twintune.formats.safetensors_io import read_safetensors, write_json, write_
 from twintune.methods import METHODS, BaseModel, Method, method_from_dict
 from twintune.models import GPTNeoSpec
 from twintune.tasks.classification import HEAD, split_head
+from twintune.tasks.ppo import VALUE_HEAD, VALUE_HEAD_FILE, split_value_head
 
 PEFT_PREFIX = "base_model.model."
 
@@ -44,6 +45,7 @@ def save_adapter(directory: str | Path, method: Method, state: dict[str, np.ndar
     """
     directory = Path(directory)
     prefix = PEFT_PREFIX if method.layout == "peft" else ""
+    state, value_head = split_value_head(state)
     state, head = split_head(state)
     state = method.saved_values(state)
     if head is not None and labels is None:
@@ -62,6 +64,10 @@ def save_adapter(directory: str | Path, method: Method, state: dict[str, np.ndar
     config = method.adapter_config(base_reference(base_model_name))
     if config.get("layers_pattern"):  # the model's own block list: GPT-Neo's `h`, mlx-lm llama's `layers`
         config["layers_pattern"] = spec.blocks if spec is not None else "h"
+    if value_head:  # PPO's, beside the method's own files (which PEFT, merge and generate read alone)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_safetensors(directory / VALUE_HEAD_FILE, {TRL_VALUE_HEAD[k]: v for k, v in value_head.items()},
+                          metadata={"format": "pt"})
     if head is not None:
         write_head_config(directory, labels)
         if method.layout == "peft":  # PEFT's own SEQ_CLS adapter: the head is its `score` module to save
@@ -229,7 +235,26 @@ def load_adapter(directory: str | Path, spec: GPTNeoSpec) -> tuple[Method, dict[
     missing = [k for k in expected if k not in state and k != HEAD]
     if missing:
         raise TwintuneError(method.missing_message(missing, state))
+    if (directory / VALUE_HEAD_FILE).is_file():
+        state.update(_read_value_head(directory / VALUE_HEAD_FILE, spec))
     return method, state
+
+
+TRL_VALUE_HEAD = dict(zip(VALUE_HEAD, ("v_head.summary.weight", "v_head.summary.bias")))  # TRL's ValueHead names
+
+
+def _read_value_head(path: Path, spec: GPTNeoSpec) -> dict[str, np.ndarray]:
+    """A PPO run's value head (TRL's v_head.summary names): (1, width) and (1,), floating point."""
+    saved = read_safetensors(path)
+    shapes = {VALUE_HEAD[0]: (1, spec.hidden_size), VALUE_HEAD[1]: (1,)}
+    state = {}
+    for ours, name in TRL_VALUE_HEAD.items():
+        array = saved.get(name)
+        if array is None or tuple(array.shape) != shapes[ours] or not np.issubdtype(array.dtype, np.floating):
+            raise TwintuneError(f"{path} must hold {name} of shape {shapes[ours]} (floating point) for this model; it "
+                                f"holds {', '.join(f'{k} {tuple(v.shape)}' for k, v in saved.items()) or 'nothing'}.")
+        state[ours] = np.ascontiguousarray(array, dtype=np.float64 if array.dtype == np.float64 else np.float32)
+    return state
 
 
 def _check_frozen(name: str, array: np.ndarray, expected: np.ndarray, method: Method) -> None:

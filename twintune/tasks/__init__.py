@@ -34,17 +34,18 @@ from twintune.tasks.features import Features
 from twintune.tasks.instruction import Instruction
 from twintune.tasks.grpo import GRPO
 from twintune.tasks.kto import KTO
+from twintune.tasks.ppo import PPO
 from twintune.tasks.preference import Preference
 from twintune.tasks.reward import Reward
 from twintune.tasks.reports import ClassificationReport, PerplexityReport, PreferenceReport, Report
 from twintune.tasks.task import Generative, Labelled, Scorer, Task, TaskData
 
 __all__ = ["TASKS", "Task", "Labelled", "Generative", "Classification", "Features", "CausalLM", "Instruction",
-           "Preference", "Reward", "KTO", "GRPO", "PreferenceReport", "task_from_dict", "TaskData", "Scorer", "Report", "ClassificationReport", "PerplexityReport", "HEAD",
+           "Preference", "Reward", "KTO", "GRPO", "PPO", "PreferenceReport", "task_from_dict", "TaskData", "Scorer", "Report", "ClassificationReport", "PerplexityReport", "HEAD",
            "check_head_labels", "head_surgery", "split_head", "with_head"]
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Classification, Features, CausalLM, Instruction, Reward,
-                                                                 Preference, KTO, GRPO)}
+                                                                 Preference, KTO, GRPO, PPO)}
 
 
 def task_from_dict(raw, where: str = "task") -> Task:

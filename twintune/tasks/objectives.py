@@ -34,6 +34,7 @@ class Ops(Protocol):
         """log(1 / (1 + e^-x)), accurate for large |x| (its gradient, sigmoid(-x), too)."""
     def relu(self, x): ...
     def minimum(self, x, y): ...
+    def maximum(self, x, y): ...
     def clip(self, x, low: float, high: float): ...
     def stop_gradient(self, x): ...
 
@@ -43,8 +44,9 @@ class ModelAccess(Protocol):
 
     eos_id: int
 
-    def values(self, batch: Batch, reads: str, reference: bool = False) -> np.ndarray:
-        """(N,) the model's values at the batch's targets (the backend's target_values)."""
+    def values(self, batch: Batch, reads: str, reference: bool = False, temperature: float = 1.0) -> np.ndarray:
+        """(N,) the model's values at the batch's targets (the backend's target_values); (N, 2) for
+        "logps_values"."""
 
     def sample(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int) -> list[int]:
         """New token ids after the prompt, sampled with the KV cache from numpy's generator seeded with
@@ -65,7 +67,7 @@ class NumpyOps:
 
     exp, expm1, log, log1p = staticmethod(np.exp), staticmethod(np.expm1), staticmethod(np.log), staticmethod(np.log1p)
     where = staticmethod(np.where)
-    minimum, clip = staticmethod(np.minimum), staticmethod(np.clip)
+    minimum, maximum, clip = staticmethod(np.minimum), staticmethod(np.maximum), staticmethod(np.clip)
 
     @staticmethod
     def log_sigmoid(x):
@@ -88,7 +90,10 @@ class Objective:
     """A loss over a micro-batch's examples (a pair of rows, or one row), summed; the loop divides by
     the step's global count of examples, so N processes and gradient accumulation equal one batch."""
 
-    reads: ClassVar[str] = "logps"  # per target: "logps" (the target token's log-probability) or "scores" (a head's)
+    # Per target: "logps" (the target token's log-probability), "scores" (a one-output head's), or
+    # "logps_values" ((N, 2): the log-probability and the value head's estimate, PPO's).
+    reads: ClassVar[str] = "logps"
+    temperature: float = 1.0  # the log-probabilities are of softmax(logits / temperature): a sampler's own
     figures: ClassVar[tuple[str, ...]] = ()  # what it sums besides the loss: mean per example in metrics.jsonl
     needs_reference: bool = False  # whether batches carry the reference model's log-probabilities
 
@@ -111,12 +116,12 @@ class Objective:
         return {name: float(total) / examples for name, total in zip(("loss", *self.figures), sums)}
 
 
-def with_reference(batch: Batch, values: Callable[..., np.ndarray]) -> Batch:
+def with_reference(batch: Batch, values: Callable[..., np.ndarray], temperature: float = 1.0) -> Batch:
     """The batch with its reference log-probabilities (the base with the method off, no dropout), unless
     it carries them already (precomputed)."""
     if batch.reference is not None:
         return batch
-    return dataclasses.replace(batch, reference=values(batch, "logps", reference=True))
+    return dataclasses.replace(batch, reference=values(batch, "logps", reference=True, temperature=temperature))
 
 
 def log1mexp(ops: Ops, x):

@@ -78,6 +78,8 @@ class Task:
     reward_model: str = ""  # a reward run whose head scores sampled completions (train/build.py opens it)
     # Its loss when it is not the sum of its rows' target-token cross-entropies (tasks/objectives.py).
     objective: ClassVar[object | None] = None
+    # Whether it trains on rollouts it samples and keeps for several optimizer steps (PPO: train/rollouts.py).
+    learns_from_rollouts: ClassVar[bool] = False
 
     def validate(self) -> None:
         """Range checks on the keys (types are checked when the recipe is read)."""
@@ -103,6 +105,11 @@ class Task:
     def head_labels(self, recipe) -> list[str] | None:
         """What the rows of its linear head score (None: no head): saved beside the adapter."""
         return list(recipe.prompt.labels) if self.linear_head else None
+
+    def optimizer_steps(self, data_steps: int) -> int:
+        """How many optimizer steps `data_steps` steps of its training order make (PPO's rollouts train
+        several epochs on theirs)."""
+        return data_steps
 
     @property
     def trains_in_steps(self) -> bool:

@@ -31,6 +31,7 @@ from twintune.train.distributed import ALONE, World
 from twintune.train.guards import DISTILL, EWC, REPLAY, general_rows
 from twintune.train.loss_scale import LossScaler
 from twintune.train.references import fill_references, reference_identity
+from twintune.train.rollouts import Rollouts
 from twintune.train.terms import Distillation, ElasticWeights, LossTerm, Replay
 
 
@@ -56,6 +57,7 @@ class Run:
     terms: list[LossTerm] = field(default_factory=list)  # replay, distillation, EWC: the step's loss beside the task's
     world: World = ALONE  # the processes training together (train/distributed.py); joined in prepare()
     reward_model: Backend | None = None  # task.reward_model's run, frozen: it scores sampled completions
+    rollouts: Rollouts | None = None  # PPO's current rollout (train/rollouts.py)
 
     def term(self, cls: type) -> LossTerm | None:
         """The run's loss term of a kind (Replay, Distillation, ElasticWeights), or None."""
@@ -301,7 +303,9 @@ def _add_data(run: Run, tokenizer, length: int) -> None:
         run.splits, run.examples = data.splits, data.examples
         run.order = TrainOrder(run.splits["train"], t.batch_size, t.grad_accum, recipe.seed,
                                group_by_length=t.group_by_length)
-    run.total_steps = t.max_steps or max(1, math.ceil(t.epochs * run.order.steps_per_epoch))
+    run.total_steps = t.max_steps or max(1, recipe.task.optimizer_steps(math.ceil(t.epochs * run.order.steps_per_epoch)))
+    if recipe.task.learns_from_rollouts:
+        run.rollouts = Rollouts(recipe.task, run.order, t.batch_size, recipe.seed)
     if t.forgetting_eval:
         run.general = general_rows(t.forgetting_eval, tokenizer, length)
 

@@ -5,6 +5,7 @@ A checkpoint is a directory RUN/checkpoints/step-00000050/ holding
     trainable.safetensors   the trainable values (LoRA A/B), twintune names
     optimizer.safetensors   AdamW's m and v per value, and its step
     best.safetensors        with early stopping: the values at the best evaluation so far
+    rollout.safetensors     PPO: the current rollout's rows (train/rollouts.py)
     state.json              format, step, the recipe, the history so far (every step's record,
                             evaluations, tokens, seconds) and the sha256 of both files
 
@@ -37,7 +38,8 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, np.ndarray], optimizer: dict[str, np.ndarray],
-                    recipe: dict, history: dict, keep_last: int, best: dict[str, np.ndarray] | None = None) -> Path:
+                    recipe: dict, history: dict, keep_last: int, best: dict[str, np.ndarray] | None = None,
+                    rollout: dict[str, np.ndarray] | None = None) -> Path:
     """Write one checkpoint atomically and keep only the newest `keep_last`.
 
     Example:
@@ -58,6 +60,9 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, np.ndarray], 
     if best is not None:  # early stopping: the best evaluation's values so far
         write_safetensors(tmp / "best.safetensors", best)
         files.append("best.safetensors")
+    if rollout:  # PPO: the rollout the next steps train on, which its sampling model can no longer make
+        write_safetensors(tmp / "rollout.safetensors", rollout)
+        files.append("rollout.safetensors")
     state = {"format": FORMAT, "step": step, "recipe": recipe, "history": history,
              "sha256": {name: _sha256(tmp / name) for name in files}}
     (tmp / "state.json").write_text(json.dumps(state))
@@ -92,8 +97,9 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
-def load_checkpoint_state(path: Path) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray], dict | None]:
-    """(state, trainable, optimizer, best or None) of a checkpoint, after checking every file is whole."""
+def load_checkpoint_state(path: Path) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray], dict | None, dict]:
+    """(state, trainable, optimizer, best or None, rollout or {}) of a checkpoint, after checking every
+    file is whole."""
     earlier = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
     advice = f" An earlier checkpoint is {earlier[-1]}; resume from it." if earlier else ""
     try:
@@ -109,7 +115,9 @@ def load_checkpoint_state(path: Path) -> tuple[dict, dict[str, np.ndarray], dict
             raise TwintuneError(f"checkpoint {path} is corrupt: {name} does not match its checksum "
                                 f"(truncated or changed).{advice}")
     best = read_safetensors(path / "best.safetensors") if "best.safetensors" in state["sha256"] else None
-    return state, read_safetensors(path / "trainable.safetensors"), read_safetensors(path / "optimizer.safetensors"), best
+    rollout = read_safetensors(path / "rollout.safetensors") if "rollout.safetensors" in state["sha256"] else {}
+    return (state, read_safetensors(path / "trainable.safetensors"), read_safetensors(path / "optimizer.safetensors"),
+            best, rollout)
 
 
 def _sha256(path: Path) -> str:

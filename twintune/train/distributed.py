@@ -125,6 +125,7 @@ def take_rows(batch: Batch, start: int, stop: int) -> Batch:
         example_index=None if batch.example_index is None else batch.example_index[start:stop],
         reference=None if batch.reference is None else batch.reference[mine],
         row_data={name: values[start:stop] for name, values in batch.row_data.items()},
+        target_data={name: values[mine] for name, values in batch.target_data.items()},
         columns=None if batch.columns is None else batch.columns[start:stop],
         first_row=batch.first_row + start, width_pad=batch.width_pad + width - keep)
 

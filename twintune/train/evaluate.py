@@ -111,8 +111,9 @@ def objective_values(backend: Backend, batch: Batch, objective) -> np.ndarray:
     """An objective's summed loss and figures on a (prepared) batch, computed in numpy (float64) from the
     model's values at its targets (and the reference's, where it needs them)."""
     if objective.needs_reference:
-        batch = with_reference(batch, backend.target_values)
-    loss, figures = objective.loss(NUMPY, backend.target_values(batch, objective.reads), batch)
+        batch = with_reference(batch, backend.target_values, objective.temperature)
+    loss, figures = objective.loss(NUMPY, backend.target_values(batch, objective.reads, temperature=objective.temperature),
+                                   batch)
     return np.array([float(loss), *map(float, figures)])
 
 

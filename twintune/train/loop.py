@@ -168,9 +168,11 @@ def _start(run: Run, backend: str, checkpoint: tuple | None) -> tuple[TrainingSt
     one), the first step to run, and early stopping's best values so far; a segment for this backend."""
     state, first_step, best_values = TrainingState(), 0, None
     if checkpoint:
-        saved, trainable, optimizer, best_values = checkpoint[1]
+        saved, trainable, optimizer, best_values, rollout = checkpoint[1]
         run.backend.set_trainable_state(trainable)
         run.backend.set_optimizer_state(optimizer)
+        if run.rollouts is not None:
+            run.rollouts.load(rollout)
         state, first_step = TrainingState.from_dict(saved["history"]), saved["step"]
         if run.loss_scaler:
             run.loss_scaler = LossScaler(**state.loss_scale)
@@ -243,7 +245,7 @@ def _save_checkpoint(run: Run, state: TrainingState, out: Path, step: int, best_
     trainable, optimizer = run.backend.trainable_state(), run.backend.optimizer_state()
     if run.world.writes:
         save_checkpoint(out, step, trainable, optimizer, run.recipe.to_dict(), state.to_dict(),
-                        run.recipe.train.keep_last, best_values)
+                        run.recipe.train.keep_last, best_values, run.rollouts.state() if run.rollouts else None)
 
 
 def _summary(run: Run, state: TrainingState, report: Report, first_step: int, trained: dict, out: Path) -> dict:

@@ -30,6 +30,7 @@ from twintune.recipe import Recipe, load_recipe
 from twintune.train.features import load_classifier
 from twintune.formats.head import check_head_fits, read_head_labels
 from twintune.tasks import HEAD, Report, split_head
+from twintune.tasks.ppo import split_value_head
 from twintune.train.build import Run, prepare, read_gpt_neo
 from twintune.train.checkpoints import list_checkpoints
 from twintune.train.evaluate import evaluate, evaluate_with_shots, labelled_texts, predict
@@ -225,6 +226,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
                             "(an mlx-lm model): export the adapter with --format mlx-lm and fuse it with mlx-lm.")
     base, directory = read_gpt_neo(recipe)
     _, adapter = read_run_adapter(run_dir / "adapter", recipe, base.spec)
+    adapter, _ = split_value_head(adapter)  # PPO's value head estimates values: the merged model generates
     adapter, head = split_head(adapter)
     # the recipe's method merges (or says why it cannot): a saved form (P-tuning's prompt) is not the method trained
     merged = recipe.method.merge(base, adapter)
@@ -287,4 +289,5 @@ def _export_mlx_lm(run_dir: Path, out: Path) -> Path:
         raise TwintuneError(f"export to mlx-lm writes LoRA adapters; this run's method is {recipe.method.name}.")
     run = open_run(run_dir, "mlx", with_data=False)  # the adapter checked against the model, as for eval
     layers = config.get("num_hidden_layers") or config.get("n_layer")
-    return write_mlx_lm_adapter(out, run.backend.trainable_state(), run.method, num_layers=int(layers))
+    return write_mlx_lm_adapter(out, split_value_head(run.backend.trainable_state())[0], run.method,
+                                num_layers=int(layers))

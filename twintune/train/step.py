@@ -35,12 +35,11 @@ def train_step(run: Run, step: int) -> dict:
     """
     t = run.recipe.train
     task, *extra = step_batches(run, step)  # the whole step's, on every process
-    batches = [b for part in (task, *extra) for b in part]
     objective = run.recipe.task.objective  # None: the loss is the rows' target tokens' cross-entropy
-    if objective is not None:  # what its loss needs of each whole micro-batch, alike on every process
-        model = RunModel(run)
+    if objective is not None and run.rollouts is None:  # what its loss needs of each whole micro-batch,
+        model = RunModel(run)                           # alike on every process (a rollout's rows have it)
         task = [objective.prepare(b, model, dropout_key(run.recipe.seed, step, i)) for i, b in enumerate(task)]
-        batches = [*task, *batches[len(task):]]
+    batches = [b for part in (task, *extra) for b in part]
     scale = run.loss_scaler.scale if run.loss_scaler else 1.0
     counts = [objective.count(b) if objective and not b.replay else b.n_targets for b in batches]
     weights = loss_weights(batches, counts, sum(term.share for term in run.terms))
@@ -93,8 +92,8 @@ class RunModel:
     def __init__(self, run: Run):
         self.run, self.eos_id = run, eos_id(run.encoder.tokenizer)
 
-    def values(self, batch: Batch, reads: str, reference: bool = False) -> np.ndarray:
-        return self.run.backend.target_values(batch, reads, reference=reference)
+    def values(self, batch: Batch, reads: str, reference: bool = False, temperature: float = 1.0) -> np.ndarray:
+        return self.run.backend.target_values(batch, reads, reference=reference, temperature=temperature)
 
     def sample(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int) -> list[int]:
         run = self.run
@@ -115,9 +114,10 @@ class RunModel:
 
 
 def step_batches(run: Run, step: int) -> list[list[Batch]]:
-    """The micro-batches of a step, in parts: the task's (its training order's), then each loss term's
-    (replay's rows; distillation and EWC have none)."""
-    return [run.order.step_batches(step), *(term.batches(step) for term in run.terms)]
+    """The micro-batches of a step, in parts: the task's (its training order's; PPO's, of its rollout),
+    then each loss term's (replay's rows; distillation and EWC have none)."""
+    task = run.rollouts.step_batches(step, RunModel(run)) if run.rollouts else run.order.step_batches(step)
+    return [task, *(term.batches(step) for term in run.terms)]
 
 
 def _sum_over_processes(run: Run, sums: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
@@ -147,5 +147,5 @@ def _forward_backward(backend, batch: Batch, loss_scale: float, key: int, object
     if objective is None:
         return np.array([backend.forward_backward(batch, loss_scale, key)])
     if objective.needs_reference:
-        batch = with_reference(batch, backend.target_values)
+        batch = with_reference(batch, backend.target_values, objective.temperature)
     return backend.objective_backward(batch, objective, loss_scale, key)

@@ -95,7 +95,7 @@ class MLXOps:
 
     exp, expm1, log, log1p = staticmethod(exp), staticmethod(mx.expm1), staticmethod(mx.log), staticmethod(mx.log1p)
     where, log_sigmoid = staticmethod(mx.where), log_sigmoid
-    minimum, clip = staticmethod(mx.minimum), staticmethod(mx.clip)
+    minimum, maximum, clip = staticmethod(mx.minimum), staticmethod(mx.maximum), staticmethod(mx.clip)
 
     @staticmethod
     def relu(x: mx.array) -> mx.array:
@@ -287,44 +287,50 @@ class MLXBackend:
         return loss.item()
 
     def _target_values(self, ids: mx.array, lengths: mx.array, positions: mx.array, targets: mx.array,
-                       reads: str) -> mx.array:
-        """(N,) at the batch's targets: the target token's log-probability, or a one-output head's score
-        (vocabulary logits in chunks, as _summed_cross_entropy takes them)."""
+                       reads: str, temperature: float = 1.0) -> mx.array:
+        """(N,) at the batch's targets: the target token's log-probability (of softmax(logits /
+        temperature)), or a one-output head's score; "logps_values": (N, 2), the log-probability and
+        the value head's estimate (PPO). Vocabulary logits go in chunks, as _summed_cross_entropy takes them."""
         hidden = self._hidden_rows(ids, lengths, positions)
         if reads == "scores":
             return self.model.logits(hidden).astype(self.precise)[:, 0]
 
         def logps(h, t):
             logits = self.model.logits(h).astype(self.precise)
+            logits = logits if temperature == 1.0 else logits / temperature
             return mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - logsumexp(logits)[:, 0]
 
         chunks = loss_chunks(hidden.shape[0], self.spec.vocab_size if self.model.score is None else 0)
         if len(chunks) == 1:
-            return logps(hidden, targets)
-        layer = self.model.output_layer()
+            found = logps(hidden, targets)
+        else:
+            layer = self.model.output_layer()
 
-        def chunk(start: int, stop: int) -> mx.array:
-            def run(parameters, h):
-                layer.update(parameters)
-                return logps(h, targets[start:stop])
-            return mx.checkpoint(run)(layer.trainable_parameters(), hidden[start:stop])
+            def chunk(start: int, stop: int) -> mx.array:
+                def run(parameters, h):
+                    layer.update(parameters)
+                    return logps(h, targets[start:stop])
+                return mx.checkpoint(run)(layer.trainable_parameters(), hidden[start:stop])
 
-        return mx.concatenate([chunk(start, stop) for start, stop in chunks])
+            found = mx.concatenate([chunk(start, stop) for start, stop in chunks])
+        if reads == "logps_values":
+            return mx.stack([found, self.model.v_head(hidden).astype(self.precise)[:, 0]], axis=1)
+        return found
 
     def _batch_arrays(self, batch: Batch) -> tuple[mx.array, ...]:
         return (mx.array(batch.input_ids), mx.array(batch.prompt_lengths), mx.array(batch.target_positions),
                 mx.array(batch.targets))
 
-    def target_values(self, batch: Batch, reads: str, reference: bool = False) -> np.ndarray:
+    def target_values(self, batch: Batch, reads: str, reference: bool = False, temperature: float = 1.0) -> np.ndarray:
         self.model.eval()
         with base_view(self.model, *self.view) if reference else contextlib.nullcontext():
-            values = self._target_values(*self._batch_arrays(batch), reads)
+            values = self._target_values(*self._batch_arrays(batch), reads, temperature)
             mx.eval(values)
         return np.array(values)
 
     def _objective_loss(self, ids, lengths, positions, targets, scale, dropout, objective, batch):
         with dropout_masks(dropout[0], dropout[1], dropout[2]):
-            values = self._target_values(ids, lengths, positions, targets, objective.reads)
+            values = self._target_values(ids, lengths, positions, targets, objective.reads, objective.temperature)
         loss, figures = objective.loss(MLXOps(self.precise), values, batch)
         return loss * scale, (loss, figures)
 

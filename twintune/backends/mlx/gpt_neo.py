@@ -315,6 +315,7 @@ class GPTNeoForCausalLM(nn.Module):
         self.spec = spec
         self.transformer = GPTNeoModel(spec)
         self.score = None
+        self.v_head = None  # the slot of PPO's value head (tasks/ppo.py)
 
     def __call__(self, input_ids: mx.array, prompt_lengths: mx.array | None = None,
                  layer: int | None = None, cache: list[KVCache] | None = None,

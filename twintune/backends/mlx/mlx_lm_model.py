@@ -47,6 +47,7 @@ class MLXLMModel(nn.Module):
         # positions the model was built for (learned position tables); None: rotary, no fixed limit
         self.max_positions = getattr(args, "max_position_embeddings", None) or getattr(args, "n_positions", None)
         self.score = None  # the slot of a classification head (twintune/tasks.py)
+        self.v_head = None  # the slot of PPO's value head (tasks/ppo.py)
         self._cache_maker = getattr(inner, "make_cache", None)  # models with sliding windows make their own
 
     def __call__(self, input_ids: mx.array, prompt_lengths: mx.array | None = None,

@@ -171,7 +171,7 @@ class TorchOps:
     log, log1p = staticmethod(torch.log), staticmethod(torch.log1p)
     where = staticmethod(torch.where)
     log_sigmoid, relu = staticmethod(F.logsigmoid), staticmethod(torch.relu)
-    minimum, clip = staticmethod(torch.minimum), staticmethod(torch.clamp)
+    minimum, maximum, clip = staticmethod(torch.minimum), staticmethod(torch.maximum), staticmethod(torch.clamp)
 
     @staticmethod
     def stop_gradient(x: torch.Tensor) -> torch.Tensor:
@@ -285,32 +285,39 @@ class TorchBackend:
             return sum(summed(hidden[a:b], targets[a:b]) for a, b in chunks)
         return sum(checkpoint(summed, hidden[a:b], targets[a:b], use_reentrant=False) for a, b in chunks)
 
-    def _target_values(self, batch: Batch, reads: str) -> torch.Tensor:
-        """(N,) at the batch's targets: the target token's log-probability, or a one-output head's score."""
+    def _target_values(self, batch: Batch, reads: str, temperature: float = 1.0) -> torch.Tensor:
+        """(N,) at the batch's targets: the target token's log-probability (of softmax(logits /
+        temperature)), or a one-output head's score; "logps_values": (N, 2), the log-probability and
+        the value head's estimate (PPO)."""
         hidden = self._hidden_rows(batch, batch.target_positions)
         if reads == "scores":
             return self.model.logits(hidden).to(self.precise)[:, 0]
         targets = self._tensor(batch.targets)
 
         def logps(h, t):
-            return -F.cross_entropy(self.model.logits(h).to(self.precise), t, reduction="none")
+            logits = self.model.logits(h).to(self.precise)
+            return -F.cross_entropy(logits if temperature == 1.0 else logits / temperature, t, reduction="none")
 
         chunks = loss_chunks(hidden.shape[0], self.spec.vocab_size if self.model.score is None else 0)
         if len(chunks) == 1 or not torch.is_grad_enabled():
-            return torch.cat([logps(hidden[a:b], targets[a:b]) for a, b in chunks])
-        return torch.cat([checkpoint(logps, hidden[a:b], targets[a:b], use_reentrant=False) for a, b in chunks])
+            found = torch.cat([logps(hidden[a:b], targets[a:b]) for a, b in chunks])
+        else:
+            found = torch.cat([checkpoint(logps, hidden[a:b], targets[a:b], use_reentrant=False) for a, b in chunks])
+        if reads == "logps_values":
+            return torch.stack([found, self.model.v_head(hidden).to(self.precise)[:, 0]], dim=1)
+        return found
 
     @torch.no_grad()
-    def target_values(self, batch: Batch, reads: str, reference: bool = False) -> np.ndarray:
+    def target_values(self, batch: Batch, reads: str, reference: bool = False, temperature: float = 1.0) -> np.ndarray:
         self.model.eval()
         with base_view(self.model, *self.view) if reference else contextlib.nullcontext():
-            return self._target_values(batch, reads).cpu().numpy()
+            return self._target_values(batch, reads, temperature).cpu().numpy()
 
     def objective_backward(self, batch: Batch, objective, loss_scale: float, dropout_key: int = 0) -> np.ndarray:
         self.model.train()
         with self._dropout_masks(batch, dropout_key):
-            loss, figures = objective.loss(TorchOps(self.precise, self.device), self._target_values(batch, objective.reads),
-                                           batch)
+            values = self._target_values(batch, objective.reads, objective.temperature)
+            loss, figures = objective.loss(TorchOps(self.precise, self.device), values, batch)
             (loss * loss_scale).backward()
         return np.array([loss.item(), *(float(f.detach()) for f in figures)], np.float64)
 

@@ -299,6 +299,7 @@ class GPTNeoForCausalLM(nn.Module):
         if unexpected or missing:
             raise RuntimeError(f"weights do not fit GPT-Neo: missing {missing}, unexpected {unexpected}")
         self.score = None
+        self.v_head = None  # the slot of PPO's value head (tasks/ppo.py)
         self.eval()  # GPT-Neo has no dropout of its own; only adapters' dropout is trained with
 
     def checkpoint_blocks(self) -> None:

@@ -1,5 +1,6 @@
-"""The linear classification head for MLX: the module of the model's `score` slot (mirrors
-backends/torch/methods/head.py). transformers' GPTNeoForSequenceClassification's `score`: no bias."""
+"""The heads for MLX (mirrors backends/torch/methods/head.py): the linear classification head, the
+module of the model's `score` slot (transformers' GPTNeoForSequenceClassification's `score`: no
+bias), and PPO's value head, of its `v_head` slot (TRL's ValueHead: with a bias)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from twintune.backends.mlx.methods.registry import builds
 from twintune.tasks.classification import LinearHeadLayer
+from twintune.tasks.ppo import ValueHeadLayer
 
 
 @builds(LinearHeadLayer)
@@ -20,3 +22,16 @@ class LinearHead(nn.Module):
 
     def __call__(self, hidden: mx.array) -> mx.array:
         return hidden.astype(self.weight.dtype) @ self.weight.T
+
+
+@builds(ValueHeadLayer)
+class ValueHead(nn.Module):
+    """The value (..., 1) of hidden states, in the trainable dtype."""
+
+    def __init__(self, values: dict[str, mx.array], layer: ValueHeadLayer, stream: int = 0):
+        super().__init__()
+        self.weight = mx.zeros(values["weight"].shape, dtype=values["weight"].dtype)
+        self.bias = mx.zeros(values["bias"].shape, dtype=values["bias"].dtype)
+
+    def __call__(self, hidden: mx.array) -> mx.array:
+        return hidden.astype(self.weight.dtype) @ self.weight.T + self.bias

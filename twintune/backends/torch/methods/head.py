@@ -1,5 +1,6 @@
-"""The linear classification head for torch: the module of the model's `score` slot (mirrors
-backends/mlx/methods/head.py). transformers' GPTNeoForSequenceClassification's `score`: no bias."""
+"""The heads for torch (mirrors backends/mlx/methods/head.py): the linear classification head, the
+module of the model's `score` slot (transformers' GPTNeoForSequenceClassification's `score`: no
+bias), and PPO's value head, of its `v_head` slot (TRL's ValueHead: with a bias)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 from twintune.backends.torch.methods.registry import builds
 from twintune.tasks.classification import LinearHeadLayer
+from twintune.tasks.ppo import ValueHeadLayer
 
 
 @builds(LinearHeadLayer)
@@ -22,3 +24,17 @@ class LinearHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden.to(self.weight.dtype), self.weight)
+
+
+@builds(ValueHeadLayer)
+class ValueHead(nn.Module):
+    """The value (..., 1) of hidden states, in the trainable dtype."""
+
+    def __init__(self, values: dict[str, torch.Tensor], layer: ValueHeadLayer, stream: int = 0):
+        super().__init__()
+        weight, bias = values["weight"], values["bias"]
+        self.weight = nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"))
+        self.bias = nn.Parameter(torch.empty(bias.shape, dtype=bias.dtype, device="meta"))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
