@@ -41,3 +41,19 @@ def torch_logits(model, ids: np.ndarray) -> np.ndarray:
     model.eval()
     with torch.no_grad():
         return model(torch.from_numpy(ids).long()).logits.float().numpy()
+
+
+def objective_on_both_frameworks(objective, values: np.ndarray, batch):
+    """An objective's loss and its gradient with respect to `values`, float64, under torch's autograd
+    and MLX's: ((torch loss, torch gradient), (MLX loss, MLX gradient)) as floats and numpy arrays."""
+    import mlx.core as mx
+
+    from twintune.backends.mlx.backend import MLXOps
+    from twintune.backends.torch.backend import TorchOps
+
+    tensor = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+    torch_loss, _ = objective.loss(TorchOps(torch.float64, torch.device("cpu")), tensor, batch)
+    torch_loss.backward()
+    mlx_loss, mlx_grad = mx.value_and_grad(lambda v: objective.loss(MLXOps(mx.float64), v, batch)[0])(
+        mx.array(values, dtype=mx.float64))
+    return (torch_loss.item(), tensor.grad.numpy()), (mlx_loss.item(), np.array(mlx_grad))

@@ -50,8 +50,8 @@ def _losses(out):
     return np.array([line["loss"] for line in lines if "loss" in line]), lines
 
 
-def _values(out):
-    return read_safetensors(next((out / "adapter").glob("*.safetensors")))
+def _values(out):  # the adapter's values, and a head's saved beside them (PPO's value head)
+    return {k: v for path in sorted((out / "adapter").glob("*.safetensors")) for k, v in read_safetensors(path).items()}
 
 
 def _close(a, b, what, tolerance=1e-5):
@@ -107,15 +107,16 @@ def test_two_processes_give_one_process_steps(runs, backend, method):
 
 
 PREFERENCE_TASKS = {"preference": "{name: preference}", "kto": "{name: kto}",
-                    "grpo": "{name: grpo, reward: 'python:twintune.rewards.upbeat', max_new_tokens: 4}"}
+                    "grpo": "{name: grpo, reward: 'python:twintune.rewards.upbeat', max_new_tokens: 4}",
+                    "ppo": "{name: ppo, reward: 'python:twintune.rewards.upbeat', max_new_tokens: 4, num_ppo_epochs: 2}"}
 
 
 @pytest.mark.parametrize("task", list(PREFERENCE_TASKS))
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_two_processes_give_one_process_preference_steps(tmp_path, backend, task):
     """Pairs (GRPO's groups) are never split between processes and the loss is over the step's global
-    pairs, rows or completion tokens (KTO's z0 and GRPO's samples taken on the whole micro-batch on
-    every process): float64, the same steps and figures to 1e-9."""
+    pairs, rows or completion tokens (KTO's z0, GRPO's samples and PPO's rollouts taken on the whole
+    micro-batch on every process): float64, the same steps and figures to 1e-9."""
     one, two = tmp_path / "one", tmp_path / "two"
     for out, nproc in ((one, None), (two, 2)):
         _train(out, backend, "lora64", nproc, extra=[f"task={PREFERENCE_TASKS[task]}"])
@@ -123,7 +124,8 @@ def test_two_processes_give_one_process_preference_steps(tmp_path, backend, task
     # (absolute where the loss is near 0: GRPO's is a sum of advantages that cancel, about 1e-17)
     assert len(loss_one) == 10 and np.abs(loss_two - loss_one).max() < 1e-9 * max(1.0, np.abs(loss_one).max())
     for a, b in zip(lines_one, lines_two):
-        for name in ("rewards/margins", "logps/chosen", "val_rewards/margins", "val_loss", "reward", "val_reward"):
+        for name in ("rewards/margins", "logps/chosen", "val_rewards/margins", "val_loss", "reward", "val_reward",
+                     "objective/scores", "loss/value_avg", "val_objective/scores"):
             if name in a:
                 assert abs(a[name] - b[name]) <= 1e-9 * max(1.0, abs(a[name])), name
     steps = [line for line in lines_two if "loss" in line]

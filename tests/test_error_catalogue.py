@@ -71,6 +71,17 @@ def world(tmp_path_factory):
 
     subprocess.run([sys.executable, "-m", "twintune", "train", DEMO, "--backend", "torch", "--out",
                     str(root / "dpo-run"), "--set", "task=preference", *QUICK], check=True, capture_output=True)
+    # a PPO run whose value head was saved for another model (a width of 32, not 64)
+    subprocess.run([sys.executable, "-m", "twintune", "train", DEMO, "--backend", "torch", "--out",
+                    str(root / "ppo-run"), "--set", "task={name: ppo, reward: 'python:twintune.rewards.upbeat', "
+                    "max_new_tokens: 2}", *QUICK], check=True, capture_output=True)
+    from twintune.formats.safetensors_io import write_safetensors
+
+    import numpy as np
+
+    write_safetensors(root / "ppo-run" / "adapter" / "value_head.safetensors",
+                      {"v_head.summary.weight": np.zeros((1, 32), np.float32),
+                       "v_head.summary.bias": np.zeros(1, np.float32)})
 
     corrupt_ckpt = root / "corrupt-ckpt-run"
     shutil.copytree(run, corrupt_ckpt)
@@ -320,6 +331,16 @@ CASES = [
          match="task.reward_model {root}/dpo-run is a preference run; a reward model is a run of task reward"),
     case("train", DEMO, "--set", "task={name: grpo}", match="task grpo needs one reward: a function as task.reward: python:module.function"),
     case("predict", "{root}/dpo-run", "Sales rose .", match="is a preference run: it ranks answers to a prompt"),
+    case("train", DEMO, "--set", "task={name: ppo}", match="task ppo needs one reward: a function as task.reward"),
+    case("train", DEMO, "--set", "task={name: ppo, reward_model: {root}/dpo-run}",
+         match="task.reward_model {root}/dpo-run is a preference run; a reward model is a run of task reward"),
+    case("train", DEMO, "--set", "task={name: ppo, reward: 'python:twintune.rewards.upbeat', kl_estimator: k2}",
+         match="recipe key 'task.kl_estimator' must be k1 or k3, got 'k2'"),
+    case("train", DEMO, "--set", "task={name: ppo, reward: 'python:twintune.rewards.upbeat', num_ppo_epochs: 0}",
+         match="recipe key 'task.num_ppo_epochs' must be 1 or more, got 0"),
+    case("train", DEMO, "--set", "task={name: ppo, reward: 'python:twintune.rewards.upbeat', group_size: 4}",
+         match="recipe key 'task.group_size' belongs to task grpo, not to ppo"),
+    case("eval", "{root}/ppo-run", match="value_head.safetensors must hold v_head.summary.weight of shape (1, 64)"),
     # compare (each refused before any row runs)
     case("compare", DEMO, "--methods", "lora,bitfti", match="--methods: 'bitfti' is not a comparison entry; did you mean 'bitfit'?"),
     case("compare", DEMO, "--methods", "lora,lora", match="--methods names an entry twice: lora"),

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import yaml
+from model_helpers import objective_on_both_frameworks
 
 from twintune.data.batching import Encoded, make_batch
 from twintune.errors import TwintuneError
@@ -112,12 +113,6 @@ def _loss_batch():
 
 
 def test_the_clipped_losses_equal_their_formulas_on_numpy_torch_and_mlx():
-    import mlx.core as mx
-    import torch
-
-    from twintune.backends.mlx.backend import MLXOps
-    from twintune.backends.torch.backend import TorchOps
-
     batch, values = _loss_batch()
     task = PPO(reward=UPBEAT, cliprange=0.2, cliprange_value=0.3, vf_coef=0.1)
     d = batch.target_data
@@ -137,16 +132,12 @@ def test_the_clipped_losses_equal_their_formulas_on_numpy_torch_and_mlx():
     assert summary["objective/rlhf_reward"] == pytest.approx(
         batch.row_data["scores"].mean() - task.kl_coef * batch.row_data["kl"].mean())
     assert summary["val/ratio"] == pytest.approx(ratio.mean())
-    tensor = torch.tensor(values, dtype=torch.float64, requires_grad=True)
-    torch_loss, _ = objective.loss(TorchOps(torch.float64, torch.device("cpu")), tensor, batch)
-    torch_loss.backward()
-    mlx_loss, mlx_grad = mx.value_and_grad(lambda v: objective.loss(MLXOps(mx.float64), v, batch)[0])(
-        mx.array(values, dtype=mx.float64))
-    assert abs(torch_loss.item() - expected) < 1e-12 and abs(mlx_loss.item() - expected) < 1e-12
-    np.testing.assert_allclose(np.array(mlx_grad), tensor.grad.numpy(), rtol=1e-10, atol=1e-14)
+    (torch_loss, torch_grad), (mlx_loss, mlx_grad) = objective_on_both_frameworks(objective, values, batch)
+    assert abs(torch_loss - expected) < 1e-12 and abs(mlx_loss - expected) < 1e-12
+    np.testing.assert_allclose(mlx_grad, torch_grad, rtol=1e-10, atol=1e-14)
     # the gradient of the policy term is -A ρ where ρ is inside the clip or on the advantage's good side
     active = (ratio == np.clip(ratio, 0.8, 1.2)) | (-d["advantages"] * ratio > -d["advantages"] * np.clip(ratio, 0.8, 1.2))
-    np.testing.assert_allclose(tensor.grad.numpy()[:, 0], np.where(active, -d["advantages"] * ratio, 0.0), atol=1e-12)
+    np.testing.assert_allclose(torch_grad[:, 0], np.where(active, -d["advantages"] * ratio, 0.0), atol=1e-12)
 
 
 # ---- rollouts ------------------------------------------------------------------------------------
@@ -272,3 +263,20 @@ def test_the_value_head_is_saved_beside_the_adapter_with_trls_names(tmp_path):
 def test_bad_ppo_keys_are_refused(keys, message):
     with pytest.raises(TwintuneError, match=message):
         _recipe(keys)
+
+
+def test_the_estimate_counts_the_value_head_and_the_rollout(tmp_path):
+    from twintune.memory import estimate_recipe
+
+    recipe = tmp_path / "ppo.yaml"
+    recipe.write_text(yaml.safe_dump({**_recipe({}).to_dict(), "train": {**DEMO["train"], "batch_size": 16}}))
+    rows, note = estimate_recipe(str(recipe), backend="torch")
+    assert dict(rows)["PPO rollout"] * 2**20 == 16 * 64 * (8 + 5 * 8)  # 16 rows of 64 tokens: ids, 5 numbers a token
+    grpo = ["task={name: grpo, reward: 'python:twintune.rewards.upbeat'}"]
+    grpo_rows, grpo_note = estimate_recipe(str(recipe), grpo, backend="torch")
+    assert "PPO rollout" not in dict(grpo_rows)
+    assert _trainable(note) == _trainable(grpo_note) + 64 + 1  # the value head: a (1 x 64) weight and a bias
+
+
+def _trainable(note):
+    return int(note.split(" trainable)")[0].rsplit("(", 1)[1].replace(",", ""))

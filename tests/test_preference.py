@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import yaml
+from model_helpers import objective_on_both_frameworks
 
 from twintune.data.batching import Batch, Encoded, make_batch
 from twintune.data.preferences import PAIRED, load_rows, synthetic_pairs
@@ -91,26 +92,16 @@ KEYS = [("dpo", {}), ("dpo", {"label_smoothing": 0.2}), ("ipo", {"beta": 0.5}), 
 
 @pytest.mark.parametrize("kind,keys", KEYS)
 def test_each_loss_equals_its_formula_on_numpy_torch_and_mlx(kind, keys):
-    import mlx.core as mx
-    import torch
-
-    from twintune.backends.mlx.backend import MLXOps
-    from twintune.backends.torch.backend import TorchOps
-
     objective = Preference(loss=kind, **keys).objective
     expected = _expected(kind, keys.get("beta", 0.1), keys.get("label_smoothing", 0.0), keys.get("simpo_gamma", 0.5))
     loss, figures = objective.loss(NUMPY, TOKENS, BATCH)
     assert abs(loss - expected) <= 1e-12 * abs(expected)
     assert len(figures) == len(objective.figures)
     # The same objective under both frameworks' autograd, float64: the same value and gradient.
-    values = torch.tensor(TOKENS, dtype=torch.float64, requires_grad=True)
-    torch_loss, _ = objective.loss(TorchOps(torch.float64, torch.device("cpu")), values, BATCH)
-    torch_loss.backward()
-    mlx_loss, mlx_grad = mx.value_and_grad(lambda v: objective.loss(MLXOps(mx.float64), v, BATCH)[0])(
-        mx.array(TOKENS, dtype=mx.float64))
-    assert abs(torch_loss.item() - expected) <= 1e-12 * abs(expected)
-    assert abs(mlx_loss.item() - expected) <= 1e-12 * abs(expected)
-    np.testing.assert_allclose(np.array(mlx_grad), values.grad.numpy(), rtol=1e-10, atol=1e-14)
+    (torch_loss, torch_grad), (mlx_loss, mlx_grad) = objective_on_both_frameworks(objective, TOKENS, BATCH)
+    assert abs(torch_loss - expected) <= 1e-12 * abs(expected)
+    assert abs(mlx_loss - expected) <= 1e-12 * abs(expected)
+    np.testing.assert_allclose(mlx_grad, torch_grad, rtol=1e-10, atol=1e-14)
 
 
 def test_the_figures_are_trls_metrics():
@@ -139,11 +130,6 @@ def _kto_batch():
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.33)])
 def test_kto_equals_its_formula_on_numpy_torch_and_mlx(weights):
-    import mlx.core as mx
-    import torch
-
-    from twintune.backends.mlx.backend import MLXOps
-    from twintune.backends.torch.backend import TorchOps
     from twintune.tasks.kto import KTO
 
     batch, values = _kto_batch()
@@ -160,13 +146,9 @@ def test_kto_equals_its_formula_on_numpy_torch_and_mlx(weights):
     assert summary["kl"] == pytest.approx(0.37) and summary["rewards/chosen"] == pytest.approx(beta * ratio[good].mean())
     assert summary["logps/rejected"] == pytest.approx(policy[~good].mean())
     assert summary["rewards/margins"] == pytest.approx(beta * (ratio[good].mean() - ratio[~good].mean()))
-    tensor = torch.tensor(values, dtype=torch.float64, requires_grad=True)
-    torch_loss, _ = objective.loss(TorchOps(torch.float64, torch.device("cpu")), tensor, batch)
-    torch_loss.backward()
-    mlx_loss, mlx_grad = mx.value_and_grad(lambda v: objective.loss(MLXOps(mx.float64), v, batch)[0])(
-        mx.array(values, dtype=mx.float64))
-    assert abs(torch_loss.item() - expected) < 1e-12 and abs(mlx_loss.item() - expected) < 1e-12
-    np.testing.assert_allclose(np.array(mlx_grad), tensor.grad.numpy(), rtol=1e-10, atol=1e-14)
+    (torch_loss, torch_grad), (mlx_loss, mlx_grad) = objective_on_both_frameworks(objective, values, batch)
+    assert abs(torch_loss - expected) < 1e-12 and abs(mlx_loss - expected) < 1e-12
+    np.testing.assert_allclose(mlx_grad, torch_grad, rtol=1e-10, atol=1e-14)
 
 
 def test_ktos_z0_is_the_clamped_mean_log_ratio_of_rows_with_the_previous_rows_completion():
@@ -361,8 +343,9 @@ METHODS = ["lora", "dora", "ia3", "bitfit", "vera", "last_blocks", "full", "adap
 def test_every_method_trains_each_preference_task_alike_on_both_backends(method):
     """float64, 3 steps: the same algorithm on both backends for every method (the reference of a
     method that changes the model from its start, prompt tuning's virtual tokens say, is the base
-    without it, as PEFT's disabled adapter is)."""
-    for task in ({"name": "preference"}, {"name": "kto"}, {"name": "reward"}):
+    without it, as PEFT's disabled adapter is); PPO's rollouts sample through each method."""
+    ppo = {"name": "ppo", "reward": UPBEAT, "max_new_tokens": 3}
+    for task in ({"name": "preference"}, {"name": "kto"}, {"name": "reward"}, ppo):
         losses = {}
         for backend in BACKENDS:
             run = prepare(_recipe(task, size=60, method={"name": method}, dtype="float64", lr=1e-3), backend)
@@ -374,7 +357,8 @@ def test_every_method_trains_each_preference_task_alike_on_both_backends(method)
 def test_nf4_bases_train_each_preference_task_alike_on_both_backends():
     """The shared NF4 codes dequantize to the same numbers on both backends: float32 to 1e-5 over 10 steps
     (measured 3.4e-7)."""
-    for task in ({"name": "preference"}, {"name": "kto"}, {"name": "reward"}):
+    for task in ({"name": "preference"}, {"name": "kto"}, {"name": "reward"},
+                 {"name": "ppo", "reward": UPBEAT, "max_new_tokens": 4}):
         losses = {}
         for backend in BACKENDS:
             recipe = recipe_from_dict({**_recipe(task, size=100).to_dict(), "quantize": {"type": "nf4"}})
@@ -523,8 +507,8 @@ def test_a_reward_model_must_be_a_reward_run_with_this_tokenizer(reward_run, tmp
 
 def test_the_offline_rlhf_chain_runs_each_stage_on_the_previous_stages_run(tmp_path):
     """recipes/rlhf-*.yaml as their comments say, from a working directory of their own: supervised
-    tuning, merge, a reward model on the merged model, GRPO scored by that reward model; each stage
-    names the previous one's run (here a few steps each)."""
+    tuning, merge, a reward model on the merged model, PPO (and GRPO) scored by that reward model; each
+    stage names the previous one's run (here a few steps each)."""
     import os
     import subprocess
     import sys
@@ -542,11 +526,14 @@ def test_the_offline_rlhf_chain_runs_each_stage_on_the_previous_stages_run(tmp_p
     twintune("merge", "runs/rlhf-1-sft", "--out", "runs/rlhf-1-sft-merged")
     twintune("train", f"{repo}/recipes/rlhf-2-reward.yaml", "--out", "runs/rlhf-2-reward", *quick)
     twintune("train", f"{repo}/recipes/rlhf-3-grpo.yaml", "--out", "runs/rlhf-3-grpo", *quick)
+    twintune("train", f"{repo}/recipes/rlhf-3-ppo.yaml", "--out", "runs/rlhf-3-ppo", *quick)
     reward = json.loads((tmp_path / "runs/rlhf-2-reward/summary.json").read_text())
     grpo = json.loads((tmp_path / "runs/rlhf-3-grpo/summary.json").read_text())
+    ppo = json.loads((tmp_path / "runs/rlhf-3-ppo/summary.json").read_text())
     assert "val_accuracy" in reward and "val_reward" in grpo and grpo["model"] == "runs/rlhf-1-sft-merged"
-    assert "Sentiment:" in twintune("generate", "runs/rlhf-3-grpo", "Sentence: Sales rose .\nSentiment:",
-                                    "--max-tokens", "2")
+    assert "val_objective/scores" in ppo and ppo["model"] == "runs/rlhf-1-sft-merged"
+    for stage in ("runs/rlhf-3-grpo", "runs/rlhf-3-ppo"):
+        assert "Sentiment:" in twintune("generate", stage, "Sentence: Sales rose .\nSentiment:", "--max-tokens", "2")
 
 
 # ---- learning ------------------------------------------------------------------------------------

@@ -32,14 +32,16 @@ def _adapter(run_dir):
 
 
 TASKS = {"classification": "classification", "preference": "preference",  # DPO, its reference the base view
-         "grpo": "{name: grpo, reward: 'python:twintune.rewards.upbeat', max_new_tokens: 2, group_size: 2}"}
+         "grpo": "{name: grpo, reward: 'python:twintune.rewards.upbeat', max_new_tokens: 2, group_size: 2}",
+         # three epochs a rollout: checkpoints at steps 10 and 20 fall inside rollouts, which they keep
+         "ppo": "{name: ppo, reward: 'python:twintune.rewards.upbeat', max_new_tokens: 2, num_ppo_epochs: 3}"}
 
 
 @pytest.mark.parametrize("task", list(TASKS))
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(backend, task, tmp_path):
     """GRPO too: its completions are drawn from (seed, step, micro-batch, prompt, sample) and the restored
-    model, so the resumed run samples what the uninterrupted one did."""
+    model, so the resumed run samples what the uninterrupted one did; PPO's rollout is in the checkpoint."""
     settings = [*SETTINGS, f"task={TASKS[task]}"]
     whole = train(load_recipe("recipes/demo-financial-sentiment.yaml", settings), backend, tmp_path / "whole",
                   progress=False)

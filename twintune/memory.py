@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from twintune.methods import BaseModel, Method
 from twintune.methods.base import block_index
 from twintune.tasks import HEAD
+from twintune.tasks.ppo import VALUE_HEAD
 from twintune.models import GPTNeoSpec
 from twintune.quant import Quantization
 
@@ -44,23 +45,29 @@ class MemoryEstimate:
     trainable_parameters: int
     tokens: int
     guards: int = 0  # EWC's Fisher and start values; the base view's (distillation, a preference reference) start values of unfrozen parameters
+    scorers: int = 0  # a reward run's model, opened beside this one to score completions (GRPO, PPO)
+    rollouts: int = 0  # PPO's rollout: its rows' tokens and five float64 numbers per completion token
 
     @property
     def training_peak(self) -> int:
-        return self.frozen_weights + self.trainable + self.activations + self.transient + self.guards
+        return (self.frozen_weights + self.trainable + self.activations + self.transient + self.guards + self.scorers
+                + self.rollouts)
 
     def rows(self) -> list[tuple[str, float]]:
         mb = 2**20
         guards = [("guards (EWC's Fisher and start; the base view's frozen copy)", self.guards / mb)] if self.guards else []
+        scorers = [("reward model (frozen)", self.scorers / mb)] if self.scorers else []
+        rollouts = [("PPO rollout", self.rollouts / mb)] if self.rollouts else []
         return [("frozen weights", self.frozen_weights / mb), ("trainable + optimizer", self.trainable / mb),
-                ("activations", self.activations / mb), ("transient", self.transient / mb), *guards,
+                ("activations", self.activations / mb), ("transient", self.transient / mb), *guards, *scorers, *rollouts,
                 ("training peak", self.training_peak / mb), ("loading peak", self.loading / mb)]
 
 
 def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization | None, batch_size: int,
                     sequence_length: int, backend: str = "torch", optimizer: str = "adamw",
                     gradient_checkpointing: bool = False, dtype: str = "float32", head_labels: int = 0,
-                    ewc: bool = False, distill: bool = False) -> MemoryEstimate:
+                    ewc: bool = False, distill: bool = False, value_head: bool = False, reward_model: bool = False,
+                    rollout_rows: int = 0) -> MemoryEstimate:
     """Estimated bytes of one training step of `method` on `spec`, for batches of batch_size x sequence_length.
 
     `dtype` is the frozen model's (the recipe's `dtype`): its weights and most activations take
@@ -83,6 +90,8 @@ def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization
     trainable_shapes = method.shapes(BaseModel(spec, {}, quantization=quantization, dtype=dtype))
     if head_labels:
         trainable_shapes = {**trainable_shapes, HEAD: (head_labels, spec.hidden_size)}
+    if value_head:
+        trainable_shapes = {**trainable_shapes, **dict(zip(VALUE_HEAD, ((1, spec.hidden_size), (1,))))}
 
     shapes = spec.weight_shapes()
     float_weights = sum(_size(shape) for name, shape in shapes.items()
@@ -127,7 +136,10 @@ def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization
     guards = 2 * trainable_parameters * precise if ewc else 0
     if distill:
         guards += sum(_size(shape) for name, shape in trainable_shapes.items() if name in shapes) * precise
-    return MemoryEstimate(frozen, trainable, activations, transient, loading, trainable_parameters, tokens, guards)
+    scorers = as_built if reward_model else 0
+    rollouts = rollout_rows * sequence_length * (8 + 5 * 8)  # ids (int64 in a checkpoint); old, ref, V, A, R
+    return MemoryEstimate(frozen, trainable, activations, transient, loading, trainable_parameters, tokens, guards,
+                          scorers, rollouts)
 
 
 # Which input each linear layer reads (q, k and v read the same ln_1 output: kept once).
@@ -202,9 +214,18 @@ def estimate_recipe(path: str, overrides: list[str] = (), tokens: int | None = N
     estimate = estimate_memory(spec, recipe.method_spec(), recipe.quantization(), rows, length,
                                backend, gradient_checkpointing=recipe.train.gradient_checkpointing, dtype=recipe.dtype,
                                head_labels=len(recipe.task.head_labels(recipe) or []),
-                               ewc=recipe.train.ewc.weight > 0, distill=base_view)
+                               ewc=recipe.train.ewc.weight > 0, distill=base_view,
+                               value_head=recipe.task.learns_from_rollouts, reward_model=bool(recipe.task.reward_model),
+                               rollout_rows=_rollout_rows(recipe))
     quant = recipe.quantize.type if recipe.quantize.type != "none" else recipe.dtype
     note = (f"{recipe.name}: GPT-Neo {spec.num_layers} layers x {spec.hidden_size}, {quant} base, method {recipe.method.name} "
             f"({estimate.trainable_parameters:,} trainable), {backend} backend, batch {rows} x {length} tokens, AdamW; "
             "framework memory not included")
     return estimate.rows(), note
+
+
+def _rollout_rows(recipe) -> int:
+    """The rows of a PPO rollout (none for other tasks): a completion of each of num_mini_batches steps' prompts."""
+    if not recipe.task.learns_from_rollouts:
+        return 0
+    return recipe.train.batch_size * recipe.train.grad_accum * recipe.task.num_mini_batches

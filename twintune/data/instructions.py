@@ -88,9 +88,21 @@ SYNTHETIC_INSTRUCTION = ("Instruction: Is the sentiment of this sentence negativ
                          "Input: {text}\nOutput:")
 
 
-def synthetic_instructions(n: int, seed: int) -> list[tuple[str, str]]:
-    """The offline instruction set: each synthetic sentence with the instruction to name its sentiment."""
+def synthetic_instructions(n: int, seed: int, template: str = "{prompt}") -> list[tuple[str, str]]:
+    """The offline instruction set: each synthetic sentence with the instruction to name its sentiment
+    (SYNTHETIC_INSTRUCTION), or in `template` as its field `text`; the completion the label word.
+
+    Example:
+        >>> prompt, completion = synthetic_instructions(1, seed=0, template="Q: {text} A:")[0]
+        >>> prompt.startswith("Q: "), completion in (" negative", " neutral", " positive")
+        (True, True)
+    """
     from twintune.data.sources import load_examples
 
-    return [(SYNTHETIC_INSTRUCTION.format(text=e.text), " " + e.label)
+    if template == "{prompt}":  # the task's default template: the built-in instruction
+        template = SYNTHETIC_INSTRUCTION
+    elif template_fields(template) != ["text"]:
+        raise TwintuneError(f"task.template {template!r} must name the one field source synthetic has, {{text}} (the "
+                            "sentence), or be left out for the built-in instruction.")
+    return [(template.format(text=e.text), " " + e.label)
             for e in load_examples("synthetic", synthetic_size=n, seed=seed)]

@@ -9,7 +9,7 @@ completion and end-of-text only. An example then attends to the ones before it i
 model has no per-example attention mask), as with TRL's `packing=True`.
 
 `source: synthetic` gives an offline set: the synthetic sentences with the instruction to name
-their sentiment, the label word as the completion.
+their sentiment (or in `template` as its field `{text}`), the label word as the completion.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Instruction(Generative):
         """Prompt + completion + end-of-text per example, the targets the completion and end-of-text
         (`mask_prompt`) or every token after the first; split by the seed."""
         if data.source == "synthetic":
-            pairs = synthetic_instructions(data.synthetic_size, seed)
+            pairs = synthetic_instructions(data.synthetic_size, seed, self.template)
         elif data.source.endswith(".jsonl"):
             pairs = load_pairs(data.source, self.template, self.completion)
         else:

@@ -271,3 +271,12 @@ class PPO(SamplingTask):
     @property
     def objective(self) -> PPOLoss:
         return PPOLoss(self)
+
+    def evaluate(self, scorer, split: str):
+        """The split's prompts sampled (a fixed seed) and scored: the score, the KL and the value loss
+        (the ratio, its clipping and the policy loss are those of an update, which evaluation makes none of)."""
+        report = super().evaluate(scorer, split)
+        return dataclasses.replace(report, figures={k: v for k, v in report.figures.items() if k not in UPDATE_FIGURES})
+
+
+UPDATE_FIGURES = ("loss/policy_avg", "policy/clipfrac_avg", "val/clipfrac_avg", "policy/approxkl_avg", "val/ratio")
