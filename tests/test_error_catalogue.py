@@ -100,6 +100,8 @@ def world(tmp_path_factory):
                                       '{"role": "assistant", "content": "Hello"}]}\n')
     (root / "no-chosen.jsonl").write_text('{"prompt": "Q:", "answer": " yes", "rejected": " no"}\n')
     (root / "same.jsonl").write_text('{"prompt": "Q:", "chosen": " yes", "rejected": " yes"}\n' * 10)
+    (root / "bad-margin.jsonl").write_text('{"prompt": "Q:", "chosen": " yes", "rejected": " no", "margin": 1}\n'
+                                           '{"prompt": "Q:", "chosen": " yes", "rejected": " no", "margin": "wide"}\n')
     (root / "long-prompt.jsonl").write_text(json.dumps({"prompt": "word " * 200, "chosen": " yes", "rejected": " no"})
                                             + "\n")
     (root / "chat-pairs.jsonl").write_text(json.dumps({"prompt": "Q:", "chosen": [{"role": "assistant", "content": "y"}],
@@ -332,6 +334,8 @@ CASES = [
     case("train", DEMO, "--set", "task={name: grpo}", match="task grpo needs one reward: a function as task.reward: python:module.function"),
     case("predict", "{root}/dpo-run", "Sales rose .", match="is a preference run: it ranks answers to a prompt"),
     case("train", DEMO, "--set", "task={name: ppo}", match="task ppo needs one reward: a function as task.reward"),
+    case("train", DEMO, "--set", "task=reward", "--set", "data.source={root}/bad-margin.jsonl",
+         match="{root}/bad-margin.jsonl row 2 has margin 'wide'; it must be a finite number"),
     case("train", DEMO, "--set", "task={name: ppo, reward_model: {root}/dpo-run}",
          match="task.reward_model {root}/dpo-run is a preference run; a reward model is a run of task reward"),
     case("train", DEMO, "--set", "task={name: ppo, reward: 'python:twintune.rewards.upbeat', kl_estimator: k2}",

@@ -669,3 +669,19 @@ def test_a_peft_seq_cls_reward_adapter_with_one_label_gives_peft_scores(backend,
         with torch.no_grad():
             theirs = peft_model(torch.tensor([row])).logits[0, 0].item()
         assert model.logits([row])[0, -1, 0] == pytest.approx(theirs, abs=2e-5)
+
+
+def test_a_reward_models_margin_column_is_read_and_raises_its_loss(tmp_path):
+    rows = [{**row, "margin": 1.0} for row in synthetic_pairs(60, seed=0)]
+    with_margin = _jsonl(tmp_path / "m.jsonl", rows)
+    without = _jsonl(tmp_path / "n.jsonl", [{k: v for k, v in row.items() if k != "margin"} for row in rows])
+    losses = {}
+    for name, source in (("margin", with_margin), ("none", without)):
+        run = prepare(recipe_from_dict({**_recipe({"name": "reward"}).to_dict(), "data": {"source": source}}), "torch")
+        losses[name] = train_step(run, 0)["loss"]
+        if name == "margin":
+            assert run.order.step_batches(0)[0].row_data["margin"].tolist() == [1.0] * 16  # on both rows of a pair
+    assert losses["margin"] > losses["none"]  # -log σ(x - 1) > -log σ(x)
+    bad = _jsonl(tmp_path / "b.jsonl", [{**rows[0], "margin": "big"}, *rows[1:]])
+    with pytest.raises(TwintuneError, match="row 1 has margin 'big'; it must be a finite number"):
+        load_rows(bad, PAIRED, numbers=("margin",))

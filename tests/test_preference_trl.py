@@ -146,3 +146,30 @@ def test_kto_equals_trls_kto_trainer():
     assert ours["loss"] == pytest.approx(theirs, rel=1e-6)
     for name in ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins"):
         assert ours[name] == pytest.approx(metrics[name], rel=1e-6, abs=1e-9), name
+
+
+@pytest.mark.parametrize("coefficient", [0.0, 0.01])
+def test_bradley_terry_with_a_margin_equals_trls_reward_trainer(coefficient):
+    from trl.trainer.reward_trainer import RewardTrainer
+
+    from twintune.tasks.reward import BradleyTerry
+
+    scores = RNG.normal(0, 2, 2 * PAIRS)  # rows chosen, rejected, chosen, ...
+    margins = RNG.uniform(0, 1.5, PAIRS)
+    batch = Batch(np.zeros((2 * PAIRS, 2), np.int32), (np.arange(2 * PAIRS) * 2).astype(np.int32),
+                  np.zeros(2 * PAIRS, np.int32), np.zeros(2 * PAIRS, np.int32), np.zeros(2 * PAIRS, np.int32),
+                  np.full(2 * PAIRS, 2, np.int32), group=2, row_data={"margin": np.repeat(margins, 2)})
+    objective = BradleyTerry(coefficient)
+    ours, figures = objective.loss(NUMPY, scores, batch)
+    accelerator = SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x)
+    trainer = SimpleNamespace(model=SimpleNamespace(training=False), accelerator=accelerator, _tp_size=1,
+                              args=SimpleNamespace(center_rewards_coefficient=coefficient or None),
+                              _metrics={"eval": defaultdict(list)}, _total_train_tokens=0)
+    logits = _trl_order(scores)[:, None]
+    inputs = {"input_ids": torch.zeros(2 * PAIRS, 2), "attention_mask": torch.ones(2 * PAIRS, 2),
+              "margin": torch.tensor(margins)}
+    theirs = RewardTrainer.compute_loss(trainer, lambda **kwargs: SimpleNamespace(logits=logits), inputs)
+    assert ours / PAIRS == pytest.approx(theirs.item(), rel=1e-12)
+    metrics = trainer._metrics["eval"]
+    assert figures[0] / PAIRS == pytest.approx(metrics["accuracy"][0]) and figures[1] / PAIRS == pytest.approx(
+        metrics["margin"][0], rel=1e-6)

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import math
 import random
 
 from twintune.data.synthetic import synthetic_financial_sentiment
@@ -32,9 +33,12 @@ LABELS = ("negative", "neutral", "positive")
 
 
 def load_rows(source: str, columns: tuple[str, ...], *, synthetic_size: int = 1500, seed: int = 0,
-              split: str = "train", config: str = "", synthetic: str = "openings") -> list[dict]:
-    """The rows of a preference source, each a dict of `columns` (text, or a bool `label`); a missing
-    column is refused naming the columns there are, an empty text or a chat-message list by its row.
+              split: str = "train", config: str = "", synthetic: str = "openings",
+              numbers: tuple[str, ...] = ()) -> list[dict]:
+    """The rows of a preference source, each a dict of `columns` (text, or a bool `label`), and of the
+    optional number columns `numbers` where the source has them (a reward model's `margin`: then in
+    every row); a missing column is refused naming the columns there are, an empty text, a
+    chat-message list or a number that is not one by its row.
 
     Example:
         >>> [sorted(row) for row in load_rows("synthetic", PAIRED, synthetic_size=1)]
@@ -57,8 +61,21 @@ def load_rows(source: str, columns: tuple[str, ...], *, synthetic_size: int = 15
             raise TwintuneError(f"{where} has no column '{column}' (its columns are {', '.join(present) or '(none)'}); "
                                 f"this task reads {', '.join(columns)}, TRL's names.")
     keep = columns == PROMPTS  # a prompt's other columns go to GRPO's reward function
+    given = [column for column in numbers if column in present]
     return [{**({k: v for k, v in row.items() if k not in columns} if keep else {}),
-             **{column: _value(row.get(column), column, where, number) for column in columns}} for number, row in table]
+             **{column: _value(row.get(column), column, where, number) for column in columns},
+             **{column: _number(row.get(column), column, where, number) for column in given}} for number, row in table]
+
+
+def _number(value, column: str, where: str, number: int) -> float:
+    """A finite number (CSV's text of one too)."""
+    try:
+        found = float(value)
+    except (TypeError, ValueError):
+        found = float("nan")
+    if isinstance(value, bool) or not math.isfinite(found):
+        raise TwintuneError(f"{where} row {number} has {column} {value!r}; it must be a finite number.")
+    return found
 
 
 def _read(source: str, split: str, config: str) -> tuple[list[tuple[int, dict]], str]:

@@ -115,6 +115,7 @@ class PairTask(Task):
     """A task trained on preference pairs (data/preferences.py): its rows, splits and refusals."""
 
     rows_per_example: ClassVar[int] = 2
+    number_columns: ClassVar[tuple[str, ...]] = ()  # optional columns of numbers it reads (the reward's margin)
 
     cannot_predict: ClassVar[str | None] = ("it ranks answers to a prompt, not labels; evaluate it with twintune "
                                             "eval, or generate with twintune generate")
@@ -130,7 +131,7 @@ class PairTask(Task):
 
     def data(self, data, seed: int, encoder: Encoder, length: int) -> TaskData:
         rows = load_rows(data.source, PAIRED, synthetic_size=data.synthetic_size, seed=seed, split=data.split,
-                         config=data.config)
+                         config=data.config, numbers=self.number_columns)
         pairs = [self.encode_pair(row, encoder, length, f"row {i} of {data.source}") for i, row in enumerate(rows, 1)]
         parts = random_splits(len(pairs), data.validation_fraction, data.test_fraction, seed, data.source, "pairs")
         return TaskData({split: [pairs[i] for i in idx] for split, idx in parts.items()})

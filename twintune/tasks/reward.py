@@ -1,7 +1,8 @@
 """A reward model: a scalar head on the last token (transformers' sequence classifier with one label,
 `score`), trained on preference pairs to score the chosen answer above the rejected one.
 
-Bradley-Terry, as TRL's RewardTrainer: per pair `-log σ(s_c - s_r)`, plus, with
+Bradley-Terry, as TRL's RewardTrainer: per pair `-log σ(s_c - s_r - m)`, m the pair's `margin` column
+where the data has one (TRL's name; 0 otherwise), plus, with
 `center_rewards_coefficient` c > 0, `c (s_c + s_r)²`, which keeps the scores centred on zero (TRL
 recommends 0.01). Scored by reward accuracy (the share of held-out pairs whose chosen answer scores
 higher), the mean margin `s_c - s_r` and the mean reward.
@@ -37,7 +38,8 @@ class BradleyTerry(Objective):
     def loss(self, ops: Ops, values, batch: Batch) -> tuple[object, list]:
         scores = row_sums(ops, values, batch)
         chosen, rejected = scores[0::2], scores[1::2]
-        losses = -ops.log_sigmoid(chosen - rejected)
+        margin = batch.row_data.get("margin")  # per row, the pair's: read from its chosen row
+        losses = -ops.log_sigmoid(chosen - rejected if margin is None else chosen - rejected - ops.array(margin[0::2]))
         if self.center_rewards_coefficient:
             total = chosen + rejected
             losses = losses + self.center_rewards_coefficient * (total * total)
@@ -50,6 +52,7 @@ class Reward(PairTask):
 
     center_rewards_coefficient: float = 0.0
 
+    number_columns: ClassVar[tuple[str, ...]] = ("margin",)
     cannot_predict: ClassVar[str | None] = ("it scores an answer to a prompt with one number, not with labels; "
                                             "evaluate its reward accuracy on held-out pairs with twintune eval")
 
@@ -77,6 +80,13 @@ class Reward(PairTask):
     @property
     def objective(self) -> BradleyTerry:
         return BradleyTerry(self.center_rewards_coefficient)
+
+    def encode_pair(self, row: dict, encoder: Encoder, length: int, where: str) -> Encoded:
+        """The pair, with its `margin` on both rows when the data has one."""
+        pair = super().encode_pair(row, encoder, length, where)
+        if "margin" in row:
+            pair.row_data = pair.rejected.row_data = {"margin": row["margin"]}
+        return pair
 
     def encode_row(self, prompt: list[int], completion: list[int], encoder: Encoder, length: int, where: str) -> Encoded:
         """The whole row is the "prompt": its one target is the head's score at its last token."""
