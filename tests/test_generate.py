@@ -70,8 +70,8 @@ def greedy(run, prompt=PROMPT, new=NEW, **settings):
 def step_scores(backend, ids: list[int], prompt_length: int) -> np.ndarray:
     """The scores after each position from the prompt's last on, computed through the cache."""
     cache = backend.make_cache()
-    scores = [backend.next_token_logits(np.array([ids[:prompt_length]], np.int32), cache)]
-    scores += [backend.next_token_logits(np.array([[token]], np.int32), cache) for token in ids[prompt_length:]]
+    scores = [backend.next_token_logits(np.array([ids[:prompt_length]], np.int32), cache)[0]]
+    scores += [backend.next_token_logits(np.array([[token]], np.int32), cache)[0] for token in ids[prompt_length:]]
     return np.stack(scores)
 
 
@@ -138,8 +138,8 @@ class Scripted:
 
     def next_token_logits(self, ids, cache):
         self.calls.append(ids.tolist())
-        scores = np.zeros(self.vocabulary)
-        scores[self.script.pop(0) if self.script else 7] = 5.0
+        scores = np.zeros((1, self.vocabulary))
+        scores[0, self.script.pop(0) if self.script else 7] = 5.0
         return scores
 
 
@@ -211,3 +211,18 @@ def test_mlxs_pipelined_greedy_decoding_chooses_what_the_numpy_loop_chooses_and_
     stop = piped[2]  # as if the third token were end-of-text: both backends stop there, before it
     for backend in BACKENDS:
         assert greedy(runs(method, backend), eos_id=stop) == (piped[:piped.index(stop)], "eos")
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_prompts_sampled_together_draw_what_each_draws_alone(backend):
+    """generate_batch (GRPO's and PPO's sampling): rows of one length in one forward, each from its own
+    seeded generator; in float64 the batch's scores round as each row's alone, so the tokens are the same."""
+    from twintune.generation import generate_batch
+
+    run = prepare(load_recipe(DEMO, ["dtype=float64"]), backend, with_data=False)
+    run.backend.set_trainable_state(perturbed(run.backend.trainable_state()))
+    prompts, seeds = [[5, 6, 7], [8, 9, 10], [5, 6, 7]], [11, 12, 13]
+    options = dict(context=512, virtual_tokens=0, eos_id=0, max_tokens=12, temperature=1.0, top_p=0.9)
+    together = generate_batch(run.backend, prompts, seeds=seeds, **options)
+    alone = [generate_ids(run.backend, p, seed=s, **options) for p, s in zip(prompts, seeds)]
+    assert together == alone and together[0] != together[2]  # one prompt, two seeds: two draws

@@ -63,7 +63,10 @@ class FixedModel:
 
     eos_id = 0
 
-    def sample(self, prompt_ids, max_tokens, temperature, top_p, seed):
+    def sample(self, prompts, max_tokens, temperature, top_p, seeds):
+        return [self.one() for _ in prompts]
+
+    def one(self):
         self.draws = getattr(self, "draws", 0) + 1
         return [7] * self.draws + ([0] if self.draws == 2 else [])
 

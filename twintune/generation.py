@@ -100,12 +100,58 @@ def sampled_tokens(backend: Backend, prompt_ids: list[int], cache, count: int, r
                    top_p: float) -> Iterator[int]:
     """Up to `count` tokens, each chosen from the scores after the last (choose_token), the prompt run once
     and each token after it alone through the cache."""
-    scores = backend.next_token_logits(np.array([prompt_ids], np.int32), cache)
+    scores = backend.next_token_logits(np.array([prompt_ids], np.int32), cache)[0]
     for i in range(count):
         token = choose_token(scores, rng, temperature, top_p)
         yield token
         if i + 1 < count:
-            scores = backend.next_token_logits(np.array([[token]], np.int32), cache)
+            scores = backend.next_token_logits(np.array([[token]], np.int32), cache)[0]
+
+
+def generate_batch(backend: Backend, prompts: list[list[int]], *, context: int, virtual_tokens: int, eos_id: int,
+                   max_tokens: int, temperature: float, top_p: float, seeds: list[int]) -> list[tuple[list[int], str]]:
+    """generate_ids for several prompts of one length at once: one forward a token for all of them
+    (a batch needs no padding when its rows are one length), each row's tokens drawn from its own
+    generator seeded by its seed, as generate_ids draws them. A row that has ended is carried along
+    (its tokens ignored) until every row has ended or the budget is spent.
+
+    Example:
+        >>> from twintune.recipe import load_recipe
+        >>> from twintune.train.build import prepare
+        >>> run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml"), "torch", with_data=False)
+        >>> [len(ids) <= 3 for ids, _ in generate_batch(run.backend, [[5, 6], [7, 8]], context=512, virtual_tokens=0,
+        ...     eos_id=0, max_tokens=3, temperature=1.0, top_p=1.0, seeds=[1, 2])]
+        [True, True]
+    """
+    check_settings(max_tokens, temperature, top_p)
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("generate_batch takes prompts of one length")
+    room = context - virtual_tokens - len(prompts[0])
+    if room < 1:
+        raise TwintuneError(f"the prompt is {len(prompts[0])} tokens" + (f" after {virtual_tokens} virtual tokens"
+                            if virtual_tokens else "") + f", but the model reads at most {context} positions; "
+                            "shorten it.")
+    budget = min(max_tokens, room)
+    rngs = [np.random.default_rng(seed) for seed in seeds]
+    new: list[list[int]] = [[] for _ in prompts]
+    reasons: list[str | None] = [None] * len(prompts)
+    cache = backend.make_cache()
+    scores = backend.next_token_logits(np.array(prompts, np.int32), cache)
+    for i in range(budget):
+        tokens = []
+        for row, rng in enumerate(rngs):
+            token = eos_id if reasons[row] else choose_token(scores[row], rng, temperature, top_p)
+            if not reasons[row]:
+                if token == eos_id:
+                    reasons[row] = "eos"
+                else:
+                    new[row].append(token)
+            tokens.append(token)
+        if all(reasons) or i + 1 == budget:
+            break
+        scores = backend.next_token_logits(np.array(tokens, np.int32)[:, None], cache)
+    ended = "max_tokens" if budget == max_tokens else "context"
+    return [(ids, reason or ended) for ids, reason in zip(new, reasons)]
 
 
 def generate_text(backend: Backend, tokenizer, prompt: str, *, context: int, virtual_tokens: int, eos_id: int,

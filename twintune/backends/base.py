@@ -171,8 +171,8 @@ class ModelComputation(Protocol):
         """An empty key/value cache for next_token_logits."""
 
     def next_token_logits(self, input_ids: np.ndarray, cache: list) -> np.ndarray:
-        """The vocabulary scores after the last of `input_ids` (1, tokens), which continue the positions
-        `cache` holds and are added to it."""
+        """The vocabulary scores (rows, vocabulary) after the last of each row of `input_ids` (rows,
+        tokens), which continue the positions `cache` holds and are added to it."""
 
     def greedy_tokens(self, prompt_ids: list[int], cache: list, count: int) -> Iterator[int]:
         """Greedy tokens after the prompt, pipelined (capabilities.pipelined_greedy only)."""

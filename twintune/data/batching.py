@@ -137,11 +137,12 @@ class Encoder:
     """Tokenizes examples for one prompt and tokenizer; checks the verbalizer is usable."""
 
     def __init__(self, tokenizer, prompt: Prompt, max_length: int, pad_id: int = 0, method=None,
-                 context: int | None = None, head: bool = False):
+                 context: int | None = None, head: bool = False, chat: dict | None = None):
         """`method` (a twintune Method) may put virtual tokens before each example, which with it
         must fit the model's `context` positions, and may need prompts of some length. With `head`
         (a linear classification head), examples are prompts alone and the label words are unused."""
         self.tokenizer = tokenizer
+        self.chat = chat  # the tokenizer's chat template (data/chat.py read_chat_template), or None
         self.prompt = prompt
         self.max_length = max_length
         self.pad_id = pad_id

@@ -22,6 +22,7 @@ import math
 import random
 
 from twintune.data.synthetic import synthetic_financial_sentiment
+from twintune.data.chat import render_row
 from twintune.errors import TwintuneError
 
 PAIRED = ("prompt", "chosen", "rejected")
@@ -34,11 +35,13 @@ LABELS = ("negative", "neutral", "positive")
 
 def load_rows(source: str, columns: tuple[str, ...], *, synthetic_size: int = 1500, seed: int = 0,
               split: str = "train", config: str = "", synthetic: str = "openings",
-              numbers: tuple[str, ...] = ()) -> list[dict]:
+              numbers: tuple[str, ...] = (), chat: dict | None = None) -> list[dict]:
     """The rows of a preference source, each a dict of `columns` (text, or a bool `label`), and of the
     optional number columns `numbers` where the source has them (a reward model's `margin`: then in
-    every row); a missing column is refused naming the columns there are, an empty text, a
-    chat-message list or a number that is not one by its row.
+    every row). Chat-message columns (TRL's conversational format) are rendered to text with the
+    tokenizer's chat template `chat` (data/chat.py; such a row has "conversational": True), and refused
+    by name where there is none. A missing column is refused naming the columns there are, an empty
+    text or a number that is not one by its row.
 
     Example:
         >>> [sorted(row) for row in load_rows("synthetic", PAIRED, synthetic_size=1)]
@@ -62,9 +65,16 @@ def load_rows(source: str, columns: tuple[str, ...], *, synthetic_size: int = 15
                                 f"this task reads {', '.join(columns)}, TRL's names.")
     keep = columns == PROMPTS  # a prompt's other columns go to GRPO's reward function
     given = [column for column in numbers if column in present]
-    return [{**({k: v for k, v in row.items() if k not in columns} if keep else {}),
-             **{column: _value(row.get(column), column, where, number) for column in columns},
-             **{column: _number(row.get(column), column, where, number) for column in given}} for number, row in table]
+    texts = tuple(column for column in columns if column != "label")
+    rows = []
+    for number, row in table:
+        if any(isinstance(row.get(column), list) for column in texts):
+            row = render_row(row, chat, texts, f"{where} row {number}")
+        rows.append({**({k: v for k, v in row.items() if k not in columns} if keep else {}),
+                     **{column: _value(row.get(column), column, where, number) for column in columns},
+                     **{column: _number(row.get(column), column, where, number) for column in given},
+                     **({"conversational": True} if row.get("conversational") else {})})
+    return rows
 
 
 def _number(value, column: str, where: str, number: int) -> float:
@@ -100,9 +110,6 @@ def _read(source: str, split: str, config: str) -> tuple[list[tuple[int, dict]],
 def _value(value, column: str, where: str, number: int):
     if column == "label":
         return _desirable(value, where, number)
-    if isinstance(value, list):
-        raise TwintuneError(f"{where} row {number}: column '{column}' holds chat messages, and this model's tokenizer "
-                            "has no chat template to render them with; give the texts as plain strings.")
     if not isinstance(value, str) or (column != "prompt" and not value.strip()):
         raise TwintuneError(f"{where} row {number} has an empty '{column}'.")
     return value
@@ -120,9 +127,12 @@ def _desirable(value, where: str, number: int) -> bool:
                         "or false.")
 
 
-def answer(prompt: str, text: str) -> str:
+def answer(prompt: str, text: str, conversational: bool = False) -> str:
     """An answer as it follows its prompt: with a space between them unless one has it (as TRL's
-    plain-text rows are concatenated, the space being the writer's)."""
+    plain-text rows are concatenated, the space being the writer's); a chat template's rendering
+    as it is."""
+    if conversational:
+        return text
     return text if text[:1].isspace() or prompt[-1:].isspace() or not prompt else " " + text
 
 

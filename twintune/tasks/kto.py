@@ -121,7 +121,7 @@ class KTO(PairTask):
 
     def data(self, data, seed: int, encoder: Encoder, length: int) -> TaskData:
         rows = load_rows(data.source, UNPAIRED, synthetic_size=data.synthetic_size, seed=seed, split=data.split,
-                         config=data.config)
+                         config=data.config, chat=encoder.chat)
         desirable = sum(row["label"] for row in rows)
         if desirable in (0, len(rows)):
             kind = "desirable (true)" if desirable else "undesirable (false)"
@@ -135,7 +135,8 @@ class KTO(PairTask):
             if len(prompt) >= length:
                 raise TwintuneError(f"{where}: its prompt is {len(prompt)} tokens, leaving no room for an answer within "
                                     f"data.max_length={length}; raise data.max_length or shorten the prompt.")
-            completion = tokenizer.encode(answer(row["prompt"], row["completion"]), add_special_tokens=False).ids
+            text = answer(row["prompt"], row["completion"], row.get("conversational", False))
+            completion = tokenizer.encode(text, add_special_tokens=False).ids
             row_ids = self.encode_row(prompt, completion + [eos], encoder, length, where)
             encoded.append(dataclasses.replace(row_ids, label=int(row["label"])))
         parts = random_splits(len(encoded), data.validation_fraction, data.test_fraction, seed, data.source, "rows")

@@ -48,9 +48,11 @@ class ModelAccess(Protocol):
         """(N,) the model's values at the batch's targets (the backend's target_values); (N, 2) for
         "logps_values"."""
 
-    def sample(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int) -> list[int]:
-        """New token ids after the prompt, sampled with the KV cache from numpy's generator seeded with
-        `seed` (the same tokens on both backends); the end-of-text token last where it ended there."""
+    def sample(self, prompts: list[list[int]], max_tokens: int, temperature: float, top_p: float,
+               seeds: list[int]) -> list[list[int]]:
+        """New token ids after each of the prompts (one length), sampled together with the KV cache, each
+        from numpy's generator seeded with its seed (the same tokens on both backends); the
+        end-of-text token last where it ended there."""
 
     def decode(self, ids: list[int]) -> str:
         """Token ids as text."""

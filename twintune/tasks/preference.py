@@ -131,7 +131,7 @@ class PairTask(Task):
 
     def data(self, data, seed: int, encoder: Encoder, length: int) -> TaskData:
         rows = load_rows(data.source, PAIRED, synthetic_size=data.synthetic_size, seed=seed, split=data.split,
-                         config=data.config, numbers=self.number_columns)
+                         config=data.config, numbers=self.number_columns, chat=encoder.chat)
         pairs = [self.encode_pair(row, encoder, length, f"row {i} of {data.source}") for i, row in enumerate(rows, 1)]
         parts = random_splits(len(pairs), data.validation_fraction, data.test_fraction, seed, data.source, "pairs")
         return TaskData({split: [pairs[i] for i in idx] for split, idx in parts.items()})
@@ -145,8 +145,8 @@ class PairTask(Task):
         if len(prompt) >= length:
             raise TwintuneError(f"{where}: its prompt is {len(prompt)} tokens, leaving no room for an answer within "
                                 f"data.max_length={length}; raise data.max_length or shorten the prompt.")
-        chosen, rejected = (self.encode_row(prompt, tokenizer.encode(answer(row["prompt"], row[key]),
-                                                                     add_special_tokens=False).ids + [eos],
+        texts = {key: answer(row["prompt"], row[key], row.get("conversational", False)) for key in ("chosen", "rejected")}
+        chosen, rejected = (self.encode_row(prompt, tokenizer.encode(texts[key], add_special_tokens=False).ids + [eos],
                                             encoder, length, f"{where} ({key})") for key in ("chosen", "rejected"))
         chosen.rejected = rejected
         return chosen

@@ -93,7 +93,7 @@ class SamplingTask(PairTask):
 
     def data(self, data, seed: int, encoder: Encoder, length: int) -> TaskData:
         rows = load_rows(data.source, PROMPTS, synthetic_size=data.synthetic_size, seed=seed, split=data.split,
-                         config=data.config, synthetic=self.synthetic_prompts)
+                         config=data.config, synthetic=self.synthetic_prompts, chat=encoder.chat)
         encoded = []
         for i, row in enumerate(rows, 1):
             prompt = encoder.tokenizer.encode(row["prompt"], add_special_tokens=False).ids
@@ -104,23 +104,27 @@ class SamplingTask(PairTask):
                                     f"row {i} of {data.source} has an empty prompt.")
             encoder.check_method_fits(len(prompt) + self.max_new_tokens, len(prompt), f" row {i} of {data.source}")
             encoded.append(Encoded(np.array(prompt, np.int32), len(prompt), 0,
-                                   columns={k: v for k, v in row.items() if k != "prompt"}))
+                                   columns={k: v for k, v in row.items() if k not in ("prompt", "conversational")}))
         parts = random_splits(len(encoded), data.validation_fraction, data.test_fraction, seed, data.source, "prompts")
         return TaskData({split: [encoded[i] for i in idx] for split, idx in parts.items()})
 
     def sample(self, batch: Batch, model: ModelAccess, seed: int, per_prompt: int) -> Sampled:
         """`per_prompt` completions of each of a batch's prompts, each drawn from numpy's generator
-        seeded by (seed, prompt, sample): a stable number anywhere (not Python's hash())."""
-        prompts, rows, columns = [], [], []
-        for j in range(batch.input_ids.shape[0]):
-            prompt = batch.input_ids[j, :batch.lengths[j]].tolist()
-            prompts.append(model.decode(prompt))
-            for k in range(per_prompt):
-                draw = int(np.random.SeedSequence([seed, j, k]).generate_state(1, np.uint64)[0])
-                completion = model.sample(prompt, self.max_new_tokens, self.temperature, self.top_p, seed=draw)
-                rows.append(Encoded(np.array(prompt + completion, np.int32), len(prompt), 0))
-            columns.append((batch.columns or [None] * len(prompts))[j] or {})
-        return Sampled(rows, prompts, columns, per_prompt)
+        seeded by (seed, prompt, sample): a stable number anywhere (not Python's hash()). Prompts of one
+        length are sampled together (one forward a token for all, no padding), in the order their
+        lengths first appear."""
+        prompts = [batch.input_ids[j, :batch.lengths[j]].tolist() for j in range(batch.input_ids.shape[0])]
+        draws = {(j, k): int(np.random.SeedSequence([seed, j, k]).generate_state(1, np.uint64)[0])
+                 for j in range(len(prompts)) for k in range(per_prompt)}
+        completions = {}
+        for length in dict.fromkeys(len(p) for p in prompts):
+            mine = [(j, k) for (j, k) in draws if len(prompts[j]) == length]
+            found = model.sample([prompts[j] for j, _ in mine], self.max_new_tokens, self.temperature, self.top_p,
+                                 seeds=[draws[key] for key in mine])
+            completions.update(zip(mine, found))
+        rows = [Encoded(np.array(prompts[j] + completions[j, k], np.int32), len(prompts[j]), 0) for j, k in draws]
+        columns = [(batch.columns or [None] * len(prompts))[j] or {} for j in range(len(prompts))]
+        return Sampled(rows, [model.decode(p) for p in prompts], columns, per_prompt)
 
     def rewards(self, sampled: Sampled, model: ModelAccess) -> np.ndarray:
         """(rows,) each completion's reward: the reward function's (given the prompts, the completions'

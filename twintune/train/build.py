@@ -16,6 +16,7 @@ from pathlib import Path
 from twintune.backends import CAPABILITIES, backend_class, capabilities, resolve_backend_name
 from twintune.backends.base import AdamW, Backend
 from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder
+from twintune.data.chat import read_chat_template
 from twintune.data.examples import Example
 from twintune.data.mixture import MixtureOrder, source_name
 from twintune.errors import TwintuneError, TwintuneWarning
@@ -188,7 +189,7 @@ def _finish(recipe: Recipe, opened: Opened, with_data: bool, world: World) -> Ru
                       f"cut at {context}.", TwintuneWarning, stacklevel=3)
     encoder = Encoder(opened.tokenizer, Prompt(recipe.prompt.template, recipe.prompt.labels),
                       max_length=min(recipe.data.max_length, context), method=recipe.method, context=context,
-                      head=recipe.task.linear_head)
+                      head=recipe.task.linear_head, chat=read_chat_template(opened.directory))
     run = Run(recipe, opened.backend, opened.base.spec, recipe.method, plan, encoder, {}, None, 0, opened.directory,
               world=world)
     if with_data:

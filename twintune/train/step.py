@@ -16,7 +16,7 @@ from twintune.data.batching import Batch, Encoded, eval_batches
 from twintune.dropout import dropout_key
 from twintune.errors import TwintuneError
 from twintune.data.documents import eos_id
-from twintune.generation import generate_ids
+from twintune.generation import generate_batch
 from twintune.tasks.objectives import with_reference
 from twintune.train.build import Run
 from twintune.train.distributed import share, share_bounds, take_rows
@@ -95,12 +95,13 @@ class RunModel:
     def values(self, batch: Batch, reads: str, reference: bool = False, temperature: float = 1.0) -> np.ndarray:
         return self.run.backend.target_values(batch, reads, reference=reference, temperature=temperature)
 
-    def sample(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int) -> list[int]:
+    def sample(self, prompts: list[list[int]], max_tokens: int, temperature: float, top_p: float,
+               seeds: list[int]) -> list[list[int]]:
         run = self.run
-        ids, reason = generate_ids(run.backend, prompt_ids, context=run.spec.max_positions,
-                                   virtual_tokens=run.method.virtual_tokens, eos_id=self.eos_id, max_tokens=max_tokens,
-                                   temperature=temperature, top_p=top_p, seed=seed)
-        return ids + [self.eos_id] if reason == "eos" else ids
+        found = generate_batch(run.backend, prompts, context=run.spec.max_positions,
+                               virtual_tokens=run.method.virtual_tokens, eos_id=self.eos_id, max_tokens=max_tokens,
+                               temperature=temperature, top_p=top_p, seeds=seeds)
+        return [ids + [self.eos_id] if reason == "eos" else ids for ids, reason in found]
 
     def decode(self, ids: list[int]) -> str:
         return self.run.encoder.tokenizer.decode(ids)

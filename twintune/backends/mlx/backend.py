@@ -514,11 +514,11 @@ class MLXBackend:
             token = following
 
     def next_token_logits(self, input_ids: np.ndarray, cache: list) -> np.ndarray:
-        """The vocabulary scores (vocabulary,) after the last of `input_ids` (1, tokens), which continue
-        the positions `cache` holds and are added to it."""
+        """The vocabulary scores (rows, vocabulary) after the last of each row of `input_ids` (rows,
+        tokens), which continue the positions `cache` holds and are added to it."""
         self.model.eval()
         hidden = self.model(mx.array(input_ids), cache=cache)
-        return np.array(self.model.logits(hidden[0, -1]).astype(self.precise))
+        return np.array(self.model.logits(hidden[:, -1]).astype(self.precise))
 
     def framework_peak_mb(self) -> float | None:
         """MLX's allocator peak: the arrays' memory, unified (what Metal or the CPU held at most)."""

@@ -520,11 +520,11 @@ class TorchBackend:
 
     @torch.no_grad()
     def next_token_logits(self, input_ids: np.ndarray, cache: list) -> np.ndarray:
-        """The vocabulary scores (vocabulary,) after the last of `input_ids` (1, tokens), which continue
-        the positions `cache` holds and are added to it."""
+        """The vocabulary scores (rows, vocabulary) after the last of each row of `input_ids` (rows,
+        tokens), which continue the positions `cache` holds and are added to it."""
         self.model.eval()
         hidden = self.model(self._tensor(input_ids), cache=cache)
-        return self.model.logits(hidden[0, -1]).to(self.precise).cpu().numpy()
+        return self.model.logits(hidden[:, -1]).to(self.precise).cpu().numpy()
 
     def framework_peak_mb(self) -> float | None:
         """The CUDA allocator's peak; None on the CPU, where torch keeps no count (the process's peak RSS

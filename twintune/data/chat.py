@@ -1,0 +1,102 @@
+"""Chat templates: a tokenizer's own Jinja template (tokenizer_config.json's `chat_template`, as
+transformers reads it) rendering lists of `{role, content}` messages to text, with transformers'
+settings (a sandboxed environment, trim_blocks, lstrip_blocks, `raise_exception`, `tojson`), so the
+text and its token ids are what `tokenizer.apply_chat_template` gives.
+
+Conversational preference rows (TRL's format: `prompt` a list of messages, `chosen`/`rejected`/
+`completion` lists of the assistant's) become text as TRL's `maybe_apply_chat_template` makes it:
+the prompt rendered with the generation prompt, an answer the rendering of prompt + answer less
+the prompt's text.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from itertools import takewhile
+from pathlib import Path
+
+from twintune.errors import TwintuneError
+
+
+def read_chat_template(model_dir: str | Path) -> dict | None:
+    """A model directory's chat template and the special tokens it may name ({"template", "bos_token",
+    "eos_token"}), or None where tokenizer_config.json has none (a named list: its "default")."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if not isinstance(template, str):
+        return None
+    return {"template": template, **{k: _token_text(config.get(k)) for k in ("bos_token", "eos_token")}}
+
+
+def _token_text(token) -> str:
+    return token.get("content", "") if isinstance(token, dict) else (token or "")
+
+
+def render(messages: list[dict], chat: dict, add_generation_prompt: bool = False) -> str:
+    """The messages as the template writes them.
+
+    Example:
+        >>> chat = {"template": "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+        ...         "{% if add_generation_prompt %}<assistant>{% endif %}", "bos_token": "", "eos_token": ""}
+        >>> render([{"role": "user", "content": "Hi"}], chat, add_generation_prompt=True)
+        '<user>Hi<assistant>'
+    """
+    try:
+        return _compiled(chat["template"]).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                  bos_token=chat["bos_token"], eos_token=chat["eos_token"])
+    except TwintuneError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the template's own complaint, as one sentence
+        raise TwintuneError(f"the tokenizer's chat template cannot render these messages ({error}).") from None
+
+
+@lru_cache(maxsize=8)
+def _compiled(template: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TwintuneError(f"the tokenizer's chat template refuses these messages: {message}")
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+    environment.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
+    environment.globals["raise_exception"] = raise_exception
+    return environment.from_string(template)
+
+
+def messages_of(value, column: str, where: str) -> list[dict]:
+    """A column's list of {role, content} messages, checked."""
+    if not value or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                            for m in value):
+        raise TwintuneError(f"{where}: column '{column}' must be a list of {{role, content}} messages.")
+    return value
+
+
+def render_row(row: dict, chat: dict | None, texts: tuple[str, ...], where: str) -> dict:
+    """A row whose text columns are lists of messages, as text, as TRL's apply_chat_template makes it:
+    the prompt rendered with the generation prompt (unless its last message is the assistant's), each
+    answer column the rendering of prompt + answer after the longest start they all share with the
+    prompt's; `conversational` marks the row (its answers follow their prompt exactly: no space is put
+    between them)."""
+    if chat is None:
+        column = next(c for c in texts if isinstance(row.get(c), list))
+        raise TwintuneError(f"{where}: column '{column}' holds chat messages, and this model's tokenizer has no chat "
+                            "template to render them with; give the texts as plain strings.")
+    if not isinstance(row["prompt"], list):
+        raise TwintuneError(f"{where}: the answers are chat messages but 'prompt' is plain text; give the prompt as "
+                            "messages too (TRL's conversational format).")
+    prompt = messages_of(row["prompt"], "prompt", where)
+    text = render(prompt, chat, add_generation_prompt=prompt[-1]["role"] != "assistant")
+    wholes = {column: render(prompt + messages_of(row[column], column, where), chat)
+              for column in texts if column != "prompt" and column in row}
+    for whole in wholes.values():  # DeepSeek-R1's generation prompt differs from its rendered turn: TRL's rule
+        text = "".join(a for a, _ in takewhile(lambda pair: pair[0] == pair[1], zip(text, whole)))
+    return {**row, "prompt": text, **{column: whole[len(text):] for column, whole in wholes.items()},
+            "conversational": True}
