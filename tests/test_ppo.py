@@ -253,6 +253,13 @@ def test_the_value_head_is_saved_beside_the_adapter_with_trls_names(tmp_path):
     assert config["task_type"] == "CAUSAL_LM" and not config.get("modules_to_save")
     run = open_run(out, "mlx", with_data=False)  # the value head loads back, on the other backend too
     np.testing.assert_array_equal(run.backend.trainable_state()["v_head.weight"], saved["v_head.summary.weight"])
+    # PEFT reads the adapter as any LoRA adapter (the value head's file beside it is not its concern)
+    from model_helpers import hf_model, torch_logits
+    from peft import PeftModel
+
+    ids = np.array([[5, 9, 30, 2, 77, 4]], np.int32)
+    theirs = torch_logits(PeftModel.from_pretrained(hf_model(run.model_dir), str(out / "adapter")), ids)
+    np.testing.assert_allclose(run.backend.logits(ids), theirs, atol=1e-4 * np.abs(theirs).max())
 
 
 @pytest.mark.parametrize("keys,message", [

@@ -437,7 +437,7 @@ def test_a_reward_of_the_wrong_shape_is_one_sentence():
         train_step(run, 0)
 
 
-def _grpo_steps(backend, dtype, steps=8, **keys):
+def _grpo_steps(backend, dtype, steps=20, **keys):
     task = {"name": "grpo", "reward": UPBEAT, "max_new_tokens": 6, **keys}
     run = prepare(_recipe(task, size=100, dtype=dtype, max_steps=steps, lr=1e-2, warmup_steps=1), backend)
     return [train_step(run, step) for step in range(steps)]
