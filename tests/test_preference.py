@@ -343,15 +343,24 @@ METHODS = ["lora", "dora", "ia3", "bitfit", "vera", "last_blocks", "full", "adap
 def test_every_method_trains_each_preference_task_alike_on_both_backends(method):
     """float64, 3 steps: the same algorithm on both backends for every method (the reference of a
     method that changes the model from its start, prompt tuning's virtual tokens say, is the base
-    without it, as PEFT's disabled adapter is); PPO's rollouts sample through each method."""
+    without it, as PEFT's disabled adapter is); GRPO's and PPO's samples are drawn through each method."""
     ppo = {"name": "ppo", "reward": UPBEAT, "max_new_tokens": 3}
-    for task in ({"name": "preference"}, {"name": "kto"}, {"name": "reward"}, ppo):
-        losses = {}
+    grpo = {"name": "grpo", "reward": UPBEAT, "max_new_tokens": 3, "group_size": 2, "beta": 0.04}
+    for task in ({"name": "preference"}, {"name": "kto"}, {"name": "reward"}, ppo, grpo):
+        losses, records = {}, {}
         for backend in BACKENDS:
             run = prepare(_recipe(task, size=60, method={"name": method}, dtype="float64", lr=1e-3), backend)
-            losses[backend] = np.array([train_step(run, step)["loss"] for step in range(3)])
-        assert np.abs(losses["mlx"] - losses["torch"]).max() <= 1e-9 * np.abs(losses["torch"]).max(), (task, losses)
+            records[backend] = [train_step(run, step) for step in range(3)]
+            losses[backend] = np.array([r["loss"] for r in records[backend]])
+        # (GRPO's loss is a mean of advantages that cancel within each group, ~1e-17 at first: 1e-12 absolute)
+        assert np.abs(losses["mlx"] - losses["torch"]).max() <= max(1e-9 * np.abs(losses["torch"]).max(), 1e-12), \
+            (task, losses)
         assert losses["torch"][2] != losses["torch"][0], task  # the method trained
+        if task is grpo:  # the same samples, and the KL to the base view that they moved
+            assert [r["reward"] for r in records["mlx"]] == [r["reward"] for r in records["torch"]]
+            kl = np.array([[r["kl"] for r in records[b]] for b in BACKENDS])
+            # (e^x - x - 1 of x ~ 1e-4 cancels down to ~1e-16 absolute in float64, on any framework)
+            assert kl[1, 2] > 0 and np.abs(kl[0] - kl[1]).max() <= max(1e-9 * kl[1].max(), 1e-15), kl
 
 
 def test_nf4_bases_train_each_preference_task_alike_on_both_backends():

@@ -194,7 +194,7 @@ def launch(backend: str, nproc: int, argv: list[str]) -> int:
         return 2
     if code == 0:
         return 0
-    sys.stderr.write("".join(held[-30:]))
+    sys.stderr.write("".join(held[-150:]))  # the failing process's traceback, then the launcher's report
     sys.stderr.write(f"twintune: error: the {nproc} processes ended with exit code {code} and none said why "
                      "(the launcher's report is above).\n")
     return 2
