@@ -26,6 +26,7 @@ from twintune.tasks.classification import HEAD, split_head
 from twintune.tasks.ppo import VALUE_HEAD, VALUE_HEAD_FILE, split_value_head
 
 PEFT_PREFIX = "base_model.model."
+SEQ_CLS_MODULES = {"score", "classifier", "pre_classifier"}  # what PEFT's SEQ_CLS lists in modules_to_save
 
 
 def save_adapter(directory: str | Path, method: Method, state: dict[str, np.ndarray], base_model_name: str,
@@ -117,8 +118,9 @@ def method_of_adapter(config: dict, where: Path) -> Method:
 
 def _without_head(config: dict) -> dict:
     """A PEFT SEQ_CLS adapter's config as its method reads it: the `score` module it saves (PEFT lists
-    `classifier` too, for other models) is the classification head, which load_adapter reads apart."""
-    if config.get("task_type") == "SEQ_CLS" and set(config.get("modules_to_save") or ()) <= {"score", "classifier"}:
+    `classifier` too, and from 0.22 `pre_classifier`, for other models' heads) is the classification
+    head, which load_adapter reads apart."""
+    if config.get("task_type") == "SEQ_CLS" and set(config.get("modules_to_save") or ()) <= SEQ_CLS_MODULES:
         return {**config, "task_type": "CAUSAL_LM", "modules_to_save": None}
     return config
 
