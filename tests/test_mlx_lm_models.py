@@ -271,3 +271,32 @@ def test_an_mlx_lm_llama_adapter_on_some_blocks_goes_both_ways_with_peft(tmp_pat
     loaded = load(str(model_dir), adapter=tmp_path / "peft", backend="mlx").logits(ids)
     theirs = torch_logits(peft, ids)
     assert np.abs(loaded - theirs).max() < 1e-4 * np.abs(theirs).max()
+
+
+def length_reward(prompts, completions, **columns):
+    """A reward that differs between a random model's completions (GRPO learns nothing from equal ones)."""
+    return [float(len(c)) for c in completions]
+
+
+@pytest.mark.parametrize("task,head", [
+    ("{name: classification, head: linear}", "score.weight"), ("{name: reward}", "score.weight"), ("preference", None),
+    ("kto", None), ("{name: grpo, reward: 'python:test_mlx_lm_models.length_reward', max_new_tokens: 3}", None),
+    ("{name: ppo, reward: 'python:twintune.rewards.upbeat', max_new_tokens: 3}", "v_head.weight")])
+def test_every_head_and_preference_task_trains_an_mlx_lm_model_and_reopens(tmp_path, task, head):
+    """A head (a classifier's, a reward model's, PPO's value head) reads the model's width from the
+    wrapped mlx-lm model's spec; each run is saved and opens again with the values it trained."""
+    from twintune.cli import main
+    from twintune.formats.adapter import load_adapter
+    from twintune.train.runs import open_run
+
+    model_dir = write_tiny_llama(tmp_path / "tiny-llama")
+    run_dir = tmp_path / "run"
+    assert main(["train", "recipes/demo-financial-sentiment.yaml", "--backend", "mlx", "--out", str(run_dir),
+                 "--no-progress", "--set", f"model={model_dir}", "--set", f"task={task}", "--set", "train.max_steps=2",
+                 "--set", "data.synthetic_size=60", "--set", "train.batch_size=4",
+                 "--set", "method.target_modules=[q_proj,v_proj]"]) == 0
+    run = open_run(run_dir, "mlx", with_data=False)  # its plan (heads included) takes the saved values
+    _, saved = load_adapter(run_dir / "adapter", run.spec)
+    assert head is None or head in saved
+    start = run.plan.initial_values()
+    assert saved.keys() == start.keys() and any(not np.array_equal(saved[k], start[k]) for k in saved)  # it trained

@@ -154,6 +154,7 @@ class MLXLMSpec:
     vocab_size: int
     layers: tuple[tuple[str, tuple[int, int]], ...]
     max_positions: int = 2**31 - 1
+    hidden_size: int = 0  # the width of the final hidden states (a head's input)
     weights: tuple[tuple[str, tuple[int, ...]], ...] = ()  # every parameter: name -> shape
 
     blocks: ClassVar[str] = "layers"  # mlx-lm's families' block list (PEFT's layers_pattern)
@@ -166,7 +167,7 @@ class MLXLMSpec:
         vocab = model.logits(mx.zeros((1, 1, _hidden_size(model)))).shape[-1]
         shapes = tuple((name, tuple(value.shape)) for name, value in tree_flatten(model.parameters()))
         return cls(vocab_size=vocab, layers=tuple(sorted(linear, key=lambda item: _natural_key(item[0]))),
-                   max_positions=model.max_positions or 2**31 - 1, weights=shapes)
+                   max_positions=model.max_positions or 2**31 - 1, weights=shapes, hidden_size=_hidden_size(model))
 
     @property
     def LINEAR_NAMES(self) -> tuple[str, ...]:  # noqa: N802 (the same name as GPTNeoSpec's constant)
