@@ -158,32 +158,26 @@ class PPOLoss(Objective):
 
     def finish(self, batches: list[Batch]) -> list[Batch]:
         """The rollout's per-token rewards, advantages (whitened over all its completion tokens) and
-        returns, from each batch's scores, log-probabilities and values."""
-        task, rewards, gaps = self.task, [], []
-        for batch in batches:
-            old, values = batch.target_data["old_logps"], batch.target_data["old_values"]
-            gap = batch.reference - old
-            kl = -gap if task.kl_estimator == "k1" else np.expm1(gap) - gap
-            reward = -task.kl_coef * kl
-            last = np.flatnonzero(np.diff(np.append(batch.target_rows(), -1)))  # each row's last target
-            reward[last] += batch.row_data["scores"]
-            rewards.append(reward)
-            gaps.append(kl)
+        returns, from its batches' scores, log-probabilities and values (taken as one list of rows)."""
+        task = self.task
+        old, values = (np.concatenate([b.target_data[key] for b in batches]) for key in ("old_logps", "old_values"))
+        gap = np.concatenate([b.reference for b in batches]) - old
+        kl = -gap if task.kl_estimator == "k1" else np.expm1(gap) - gap
+        firsts = np.cumsum([0] + [b.input_ids.shape[0] for b in batches])
+        owners = np.concatenate([b.target_rows() + first for b, first in zip(batches, firsts)])
+        ends = np.flatnonzero(np.diff(np.append(owners, -1))) + 1  # where each row's targets end
+        reward = -task.kl_coef * kl
+        reward[ends - 1] += np.concatenate([b.row_data["scores"] for b in batches])
         if task.whiten_rewards:
-            rewards = np.split(whiten(np.concatenate(rewards), shift_mean=False), np.cumsum([len(r) for r in rewards])[:-1])
-        advantages = []
-        for batch, reward in zip(batches, rewards):
-            owners, values = batch.target_rows(), batch.target_data["old_values"]
-            advantage = np.zeros_like(reward)
-            for row in np.unique(owners):
-                mine = owners == row
-                advantage[mine] = discounted_advantages(reward[mine], values[mine], task.gamma, task.lam)
-            advantages.append(advantage)
-        whitened = np.split(whiten(np.concatenate(advantages)), np.cumsum([len(a) for a in advantages])[:-1])
-        return [dataclasses.replace(batch, target_data={
-                    **batch.target_data, "advantages": w, "returns": a + batch.target_data["old_values"]},
-                    row_data={**batch.row_data, "kl": np.bincount(batch.target_rows(), kl, batch.input_ids.shape[0])})
-                for batch, w, a, kl in zip(batches, whitened, advantages, gaps)]
+            reward = whiten(reward, shift_mean=False)
+        advantages = np.concatenate([discounted_advantages(r, v, task.gamma, task.lam)
+                                     for r, v in zip(np.split(reward, ends[:-1]), np.split(values, ends[:-1]))])
+        cut = np.cumsum([b.n_targets for b in batches])[:-1]
+        row_kl = np.bincount(owners, kl, firsts[-1])
+        return [dataclasses.replace(batch, target_data={**batch.target_data, "advantages": w, "returns": a + v},
+                                    row_data={**batch.row_data, "kl": row_kl[first:first + batch.input_ids.shape[0]]})
+                for batch, w, a, v, first in zip(batches, np.split(whiten(advantages), cut), np.split(advantages, cut),
+                                                 np.split(values, cut), firsts)]
 
     def loss(self, ops: Ops, values, batch: Batch) -> tuple[object, list]:
         task, data = self.task, batch.target_data
