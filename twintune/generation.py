@@ -71,18 +71,30 @@ def choose_token(scores: np.ndarray, rng: np.random.Generator, temperature: floa
     return int(order[min(index, len(kept) - 1)])
 
 
+def token_budget(prompt_tokens: int, context: int, virtual_tokens: int, max_tokens: int) -> int:
+    """How many tokens may follow a prompt: max_tokens, or fewer where prompt and continuation would
+    pass the model's positions (`virtual_tokens` of them a prompt or prefix method's); a prompt that
+    leaves no room is refused in one sentence.
+
+    Example:
+        >>> token_budget(10, context=12, virtual_tokens=0, max_tokens=5)
+        2
+    """
+    room = context - virtual_tokens - prompt_tokens
+    if room < 1:
+        raise TwintuneError(f"the prompt is {prompt_tokens} tokens" + (f" after {virtual_tokens} virtual tokens"
+                            if virtual_tokens else "") + f", but the model reads at most {context} positions; "
+                            "shorten it.")
+    return min(max_tokens, room)
+
+
 def generate_ids(backend: Backend, prompt_ids: list[int], *, context: int, virtual_tokens: int, eos_id: int,
                  max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0) -> tuple[list[int], str]:
     """New token ids after `prompt_ids` and why decoding stopped; `context` is the model's positions,
     of which `virtual_tokens` go to a prompt or prefix method."""
     check_settings(max_tokens, temperature, top_p)
-    room = context - virtual_tokens - len(prompt_ids)  # the prompt and its continuation fit the model's positions
-    if room < 1:
-        raise TwintuneError(f"the prompt is {len(prompt_ids)} tokens" + (f" after {virtual_tokens} virtual tokens"
-                            if virtual_tokens else "") + f", but the model reads at most {context} positions; "
-                            "shorten it.")
-    budget = min(max_tokens, room)
+    budget = token_budget(len(prompt_ids), context, virtual_tokens, max_tokens)
     cache = backend.make_cache()
     if temperature == 0 and backend.capabilities.pipelined_greedy:  # the backend's own greedy decoding (MLX)
         tokens = backend.greedy_tokens(prompt_ids, cache, budget)
@@ -126,12 +138,7 @@ def generate_batch(backend: Backend, prompts: list[list[int]], *, context: int, 
     check_settings(max_tokens, temperature, top_p)
     if len({len(p) for p in prompts}) != 1:
         raise ValueError("generate_batch takes prompts of one length")
-    room = context - virtual_tokens - len(prompts[0])
-    if room < 1:
-        raise TwintuneError(f"the prompt is {len(prompts[0])} tokens" + (f" after {virtual_tokens} virtual tokens"
-                            if virtual_tokens else "") + f", but the model reads at most {context} positions; "
-                            "shorten it.")
-    budget = min(max_tokens, room)
+    budget = token_budget(len(prompts[0]), context, virtual_tokens, max_tokens)
     rngs = [np.random.default_rng(seed) for seed in seeds]
     new: list[list[int]] = [[] for _ in prompts]
     reasons: list[str | None] = [None] * len(prompts)
