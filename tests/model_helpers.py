@@ -57,3 +57,29 @@ def objective_on_both_frameworks(objective, values: np.ndarray, batch):
     mlx_loss, mlx_grad = mx.value_and_grad(lambda v: objective.loss(MLXOps(mx.float64), v, batch)[0])(
         mx.array(values, dtype=mx.float64))
     return (torch_loss.item(), tensor.grad.numpy()), (mlx_loss.item(), np.array(mlx_grad))
+
+
+def hidden_at(backend, batch, targets=None) -> np.ndarray:
+    """The final hidden states at a batch's targets (those of index `targets` only, through the
+    model's `rows` argument: its last block then runs at those rows alone), float64 numpy; rows
+    that share a prompt pass their positions and segments."""
+    shared = {} if batch.segments is None else {"positions": batch.positions, "segments": batch.segments}
+    ids, lengths = batch.input_ids, batch.prompt_lengths
+    rows = batch.target_positions if targets is None else batch.target_positions[targets]
+    if backend.name == "torch":
+        def tensor(a):
+            return torch.from_numpy(np.asarray(a, np.int64))
+
+        with torch.no_grad():
+            args = {k: tensor(v) for k, v in shared.items()}
+            if targets is not None:
+                return backend.model(tensor(ids), tensor(lengths), rows=tensor(rows), **args).double().numpy()
+            hidden = backend.model(tensor(ids), tensor(lengths), **args)
+            return hidden.reshape(-1, hidden.shape[-1])[tensor(rows)].double().numpy()
+    import mlx.core as mx
+
+    args = {k: mx.array(v) for k, v in shared.items()}
+    if targets is not None:
+        return np.array(backend.model(mx.array(ids), mx.array(lengths), rows=mx.array(rows), **args)).astype(np.float64)
+    hidden = backend.model(mx.array(ids), mx.array(lengths), **args)
+    return np.array(hidden.reshape(-1, hidden.shape[-1])[mx.array(rows)]).astype(np.float64)

@@ -187,11 +187,16 @@ def test_bradley_terry_with_its_centring_term(coefficient):
 
 # ---- data ----------------------------------------------------------------------------------------
 
+def _unshared(pairs):
+    return [dataclasses.replace(pair, shares_prompt=False) for pair in pairs]
+
+
 def test_a_pair_is_two_adjacent_rows_with_the_answers_and_end_of_text_as_targets():
-    run = prepare(_recipe({"name": "preference"}), "torch")
+    run = prepare(_recipe({"name": "preference"}, method={"name": "prompt"}), "torch")  # virtual tokens: unshared
     pair = run.splits["train"][0]
+    assert not pair.shares_prompt
     batch = make_batch([pair, run.splits["train"][1]])
-    assert batch.group == 2 and batch.input_ids.shape[0] == 4 and batch.examples == 2
+    assert batch.group == 2 and batch.input_ids.shape[0] == 4 and batch.examples == 2 and batch.answers == 4
     tokenizer = run.encoder.tokenizer
     eos = tokenizer.token_to_id("<|endoftext|>")
     for row, encoded in enumerate((pair, pair.rejected)):
@@ -200,17 +205,88 @@ def test_a_pair_is_two_adjacent_rows_with_the_answers_and_end_of_text_as_targets
     assert pair.ids[:pair.prompt_len].tolist() == pair.rejected.ids[:pair.rejected.prompt_len].tolist()
 
 
+def test_on_gpt_neo_a_pair_is_one_row_its_prompt_once_then_both_answers():
+    run = prepare(_recipe({"name": "preference"}), "torch")
+    pairs = run.splits["train"][:2]
+    assert all(pair.shares_prompt for pair in pairs)
+    shared, unshared = make_batch(pairs), make_batch(_unshared(pairs))
+    assert shared.input_ids.shape[0] == 2 and shared.examples == 2 and shared.answers == 4
+    np.testing.assert_array_equal(shared.targets, unshared.targets)  # the same targets, in the same order
+    np.testing.assert_array_equal(shared.target_answers(), unshared.target_rows())
+    for row, pair in enumerate(pairs):
+        prompt, chosen, rejected = pair.prompt_len, len(pair.ids) - pair.prompt_len, len(pair.rejected.ids) - pair.prompt_len
+        length = prompt + chosen + rejected
+        assert shared.lengths[row] == length
+        np.testing.assert_array_equal(shared.input_ids[row, :length],
+                                      np.concatenate([pair.ids, pair.rejected.ids[prompt:]]))
+        np.testing.assert_array_equal(shared.positions[row, :length],
+                                      np.r_[np.arange(prompt + chosen), prompt + np.arange(rejected)])
+        assert shared.segments[row, :length].tolist() == [0] * prompt + [1] * chosen + [2] * rejected
+        # each target is predicted by the token before it in its own answer; both answers' first by the prompt's last
+        width = shared.input_ids.shape[1]
+        for answer, start in ((2 * row, prompt), (2 * row + 1, prompt + chosen)):
+            places = shared.target_positions[shared.target_answers() == answer] - row * width
+            assert places.tolist() == [prompt - 1] + list(range(start, start + len(places) - 1))
+
+
 def test_a_processs_share_of_a_batch_is_whole_pairs_with_their_reference():
     from twintune.train.distributed import World, share
 
     run = prepare(_recipe({"name": "preference"}), "torch")
-    batch = make_batch(run.splits["train"][:3])
-    batch.reference = -np.arange(batch.n_targets, dtype=np.float64)
-    first, second = (share(batch, World(rank, 2)) for rank in range(2))
-    assert (first.input_ids.shape[0], second.input_ids.shape[0]) == (4, 2)  # pairs 0-1, pair 2
-    np.testing.assert_array_equal(np.concatenate([first.reference, second.reference]), batch.reference)
-    np.testing.assert_array_equal(second.targets, batch.targets[batch.target_rows() >= 4])
-    assert second.first_row == 4 and second.group == 2 and second.examples == 1
+    for pairs, rows in ((run.splits["train"][:3], (2, 1)), (_unshared(run.splits["train"][:3]), (4, 2))):
+        batch = make_batch(pairs)
+        batch.reference = -np.arange(batch.n_targets, dtype=np.float64)
+        first, second = (share(batch, World(rank, 2)) for rank in range(2))
+        assert (first.input_ids.shape[0], second.input_ids.shape[0]) == rows  # pairs 0-1, pair 2
+        np.testing.assert_array_equal(np.concatenate([first.reference, second.reference]), batch.reference)
+        np.testing.assert_array_equal(second.targets, batch.targets[batch.target_answers() >= 4])
+        np.testing.assert_array_equal(second.target_answers(), batch.target_answers()[batch.target_answers() >= 4] - 4)
+        assert second.first_row == rows[0] and second.group == 2 and second.examples == 1 and second.answers == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_rows_compute_each_answer_as_its_own_row_does_in_a_local_window_too(backend, tiny_window_dir):
+    """float64: the model's hidden states at every target, shared and unshared, through the whole model
+    and through the last block at the target rows only (at_rows), on a model whose local window (8)
+    is shorter than the rows, so the window counts positions, not places in the row."""
+    from model_helpers import hidden_at
+
+    recipe = recipe_from_dict({**_recipe({"name": "preference"}, size=40, dtype="float64").to_dict(),
+                               "model": str(tiny_window_dir)})
+    run = prepare(recipe, backend)
+    pairs = run.splits["train"][:4]
+    shared, unshared = make_batch(pairs), make_batch(_unshared(pairs))
+    assert shared.input_ids.shape[1] > 8
+    some = np.arange(shared.n_targets)[1::2]  # chosen's and rejected's, few enough for at_rows
+    assert len(some) <= 2 * shared.input_ids.shape[0]
+    for rows in (None, some):
+        a, b = hidden_at(run.backend, shared, rows), hidden_at(run.backend, unshared, rows)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("method,checkpointing", [(SMALL_LORA, False), (SMALL_LORA, True), ({"name": "loreft"}, False),
+                                                  ({"name": "full"}, False)],
+                         ids=["lora", "lora-checkpointed", "loreft", "full"])
+def test_shared_prompts_train_and_evaluate_as_unshared_pairs_do(method, checkpointing):
+    """float64, 4 steps with the reference on every step, then held-out figures: running each prompt once
+    changes no number (to 1e-12), on both backends (LoReFT's intervention on prompt positions too, and
+    with gradient checkpointing's recompute)."""
+    for backend in BACKENDS:
+        results = {}
+        for shared in (True, False):
+            run = prepare(_recipe({"name": "preference"}, size=60, method=method, dtype="float64", lr=1e-2,
+                                  gradient_checkpointing=checkpointing), backend)
+            for split, pairs in run.splits.items():
+                assert all(pair.shares_prompt for pair in pairs)
+                pairs[:] = pairs if shared else _unshared(pairs)
+            assert (run.order.step_batches(0)[0].segments is not None) == shared
+            records = [train_step(run, step) for step in range(4)]
+            results[shared] = ([r["loss"] for r in records] + [r["rewards/margins"] for r in records],
+                               evaluate(run).figures)
+        np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-12, atol=1e-14)
+        assert results[True][0][3] != results[True][0][0]  # it trained
+        for name, value in results[False][1].items():
+            assert results[True][1][name] == pytest.approx(value, rel=1e-12, abs=1e-14), (backend, name)
 
 
 def test_rows_come_from_jsonl_csv_and_parquet_with_trls_names(tmp_path):

@@ -208,7 +208,8 @@ def estimate_recipe(path: str, overrides: list[str] = (), tokens: int | None = N
     if length < 1:
         raise TwintuneError(f"--tokens must be at least 1, not {length}.")
     backend = resolve_backend_name(recipe.backend if backend in (None, "auto") else backend)
-    rows = recipe.train.batch_size * recipe.task.rows_per_example  # a preference pair is two rows
+    # A preference pair counts as two rows (GPT-Neo runs it as one row of its prompt and both answers: fewer tokens)
+    rows = recipe.train.batch_size * recipe.task.rows_per_example
     objective = recipe.task.objective
     base_view = recipe.train.distill.weight > 0 or (objective is not None and objective.needs_reference)
     estimate = estimate_memory(spec, recipe.method_spec(), recipe.quantization(), rows, length,

@@ -57,8 +57,10 @@ class Encoded:
     # example's completion), in place of "every token after the prompt".
     target_mask: np.ndarray | None = None
     # A preference pair (data/preferences.py): this row is the chosen answer, `rejected` the other;
-    # a batch puts the two in adjacent rows.
+    # a batch puts the two in adjacent rows, or with `shares_prompt` in one row: the prompt once, then
+    # both answers (make_batch).
     rejected: "Encoded | None" = None
+    shares_prompt: bool = False
     # The reference model's log-probability of each target token, computed once (precompute_reference).
     reference: np.ndarray | None = None
     columns: dict | None = None  # a prompt's other columns (GRPO's reward function reads them)
@@ -92,14 +94,36 @@ class Batch:
     row_data: dict = field(default_factory=dict)  # an objective's per-row arrays (GRPO's advantages), (B,) each
     columns: list | None = None  # each row's other columns (Encoded.columns)
     target_data: dict = field(default_factory=dict)  # an objective's per-target arrays (PPO's advantages), (N,) each
+    # Pairs that share their prompt (make_batch): one row a pair, prompt + chosen + rejected. `positions`
+    # (B, T) each token's position (every answer starts right after the prompt), `segments` (B, T) 0 on
+    # the prompt (and padding), k on answer k: a token sees the prompt and its own answer only.
+    # `target_answer` (N,): the answer each target scores, numbered as the rows of unshared pairs.
+    positions: np.ndarray | None = None
+    segments: np.ndarray | None = None
+    target_answer: np.ndarray | None = None
+
+    @property
+    def rows_per_example(self) -> int:
+        """Rows an example takes: 1, or a pair's 2 where it does not share its prompt."""
+        return 1 if self.segments is not None else self.group
 
     @property
     def examples(self) -> int:
-        return self.input_ids.shape[0] // self.group
+        return self.input_ids.shape[0] // self.rows_per_example
+
+    @property
+    def answers(self) -> int:
+        """The answers the batch scores: its rows, or two a row where pairs share their prompts."""
+        return self.examples * self.group
 
     def target_rows(self) -> np.ndarray:
         """(N,) the row each target is in."""
         return self.target_positions // self.input_ids.shape[1]
+
+    def target_answers(self) -> np.ndarray:
+        """(N,) the answer each target scores (chosen 2k, rejected 2k + 1 for pair k): its row, unless
+        pairs share their prompts."""
+        return self.target_rows() if self.target_answer is None else self.target_answer
 
     @property
     def n_targets(self) -> int:
@@ -137,11 +161,13 @@ class Encoder:
     """Tokenizes examples for one prompt and tokenizer; checks the verbalizer is usable."""
 
     def __init__(self, tokenizer, prompt: Prompt, max_length: int, pad_id: int = 0, method=None,
-                 context: int | None = None, head: bool = False, chat: dict | None = None):
+                 context: int | None = None, head: bool = False, chat: dict | None = None, share_prompts: bool = False):
         """`method` (a twintune Method) may put virtual tokens before each example, which with it
         must fit the model's `context` positions, and may need prompts of some length. With `head`
-        (a linear classification head), examples are prompts alone and the label words are unused."""
+        (a linear classification head), examples are prompts alone and the label words are unused.
+        `share_prompts`: the model runs a pair's prompt once for both answers (shared_prompt_batch)."""
         self.tokenizer = tokenizer
+        self.share_prompts = share_prompts
         self.chat = chat  # the tokenizer's chat template (data/chat.py read_chat_template), or None
         self.prompt = prompt
         self.max_length = max_length
@@ -196,8 +222,10 @@ class Encoder:
 
 def make_batch(encoded: list[Encoded], pad_id: int = 0) -> Batch:
     """Right-pad to the longest row and mark where the label tokens are predicted; a preference pair
-    is two adjacent rows, chosen then rejected."""
+    is two adjacent rows, chosen then rejected (or one row, shared_prompt_batch)."""
     group = 2 if encoded[0].rejected is not None else 1
+    if group == 2 and encoded[0].shares_prompt:
+        return shared_prompt_batch(encoded, pad_id)
     if group == 2:
         encoded = [row for e in encoded for row in (e, e.rejected)]
     width = max(len(e.ids) for e in encoded)
@@ -231,6 +259,39 @@ def make_batch(encoded: list[Encoded], pad_id: int = 0) -> Batch:
         row_data=({key: np.array([e.row_data[key] for e in encoded]) for key in encoded[0].row_data}
                   if encoded[0].row_data else {}),
     )
+
+
+def shared_prompt_batch(pairs: list[Encoded], pad_id: int = 0) -> Batch:
+    """Preference pairs one row each, `prompt + chosen + rejected`, right-padded: the prompt runs once,
+    not once per answer. The rejected answer's positions restart after the prompt, and its tokens do
+    not see the chosen answer's (Batch.segments), so each answer's targets get what they would in a
+    row of the prompt and that answer alone; the last prompt token predicts both answers' first
+    tokens. Targets come in the order of unshared pairs (chosen's, then rejected's), so a
+    precomputed reference and every per-target array line up with them either way."""
+    rows = [np.concatenate([e.ids, e.rejected.ids[e.prompt_len:]]) for e in pairs]
+    width = max(len(row) for row in rows)
+    input_ids = np.full((len(rows), width), pad_id, np.int32)
+    positions = np.zeros((len(rows), width), np.int32)
+    segments = np.zeros((len(rows), width), np.int8)
+    target_positions, targets, answer = [], [], []
+    for row, (e, ids) in enumerate(zip(pairs, rows)):
+        prompt, chosen = e.prompt_len, len(e.ids) - e.prompt_len
+        rejected = len(ids) - prompt - chosen
+        input_ids[row, :len(ids)] = ids
+        positions[row, :len(ids)] = np.concatenate([np.arange(prompt + chosen), prompt + np.arange(rejected)])
+        segments[row, prompt:prompt + chosen], segments[row, prompt + chosen:len(ids)] = 1, 2
+        for k, (start, count) in enumerate(((prompt, chosen), (prompt + chosen, rejected))):
+            predictors = [prompt - 1] + list(range(start, start + count - 1))  # each target's previous token
+            target_positions += [row * width + t for t in predictors]
+            targets += list(ids[start:start + count])
+            answer += [2 * row + k] * count
+    references = [r for e in pairs for r in (e.reference, e.rejected.reference)]
+    return Batch(
+        input_ids=input_ids, target_positions=np.array(target_positions, np.int32), targets=np.array(targets, np.int32),
+        answer_positions=np.array([row * width + e.prompt_len - 1 for row, e in enumerate(pairs)], np.int32),
+        labels=np.array([e.label for e in pairs], np.int32), lengths=np.array([len(row) for row in rows], np.int32),
+        group=2, reference=np.concatenate(references) if all(r is not None for r in references) else None,
+        positions=positions, segments=segments, target_answer=np.array(answer, np.int32))
 
 
 def batch_rows(batch: Batch) -> list[Encoded]:

@@ -132,13 +132,14 @@ def log1mexp(ops: Ops, x):
 
 
 def row_sums(ops: Ops, values, batch: Batch):
-    """(rows,) each row's sum of `values` (N,) over its targets: one matrix product, the same on every
-    framework, so a row's sum rounds alike wherever it is taken."""
-    rows = batch.target_rows()
-    onehot = (np.arange(batch.input_ids.shape[0])[:, None] == rows[None, :]).astype(np.float64)
+    """(answers,) each answer's sum of `values` (N,) over its targets (an answer is a row, or half of
+    one where pairs share their prompt): one matrix product, the same on every framework, so a sum
+    rounds alike wherever it is taken."""
+    owners = batch.target_answers()
+    onehot = (np.arange(batch.answers)[:, None] == owners[None, :]).astype(np.float64)
     return ops.array(onehot) @ values
 
 
 def row_counts(batch: Batch) -> np.ndarray:
-    """(rows,) how many targets each row has."""
-    return np.bincount(batch.target_rows(), minlength=batch.input_ids.shape[0]).astype(np.float64)
+    """(answers,) how many targets each answer has (row_sums' answers)."""
+    return np.bincount(batch.target_answers(), minlength=batch.answers).astype(np.float64)

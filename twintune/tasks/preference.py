@@ -2,8 +2,9 @@
 chosen answer more probability than the rejected one, relative to a reference model (DPO and kin)
 or on its own (ORPO, SimPO). Formulas and defaults are TRL's (../shared/REFERENCES.md).
 
-Each pair is two adjacent rows of a batch, `prompt + chosen + end-of-text` and `prompt + rejected +
-end-of-text`, their targets the answer's tokens; `logp` below is a row's summed target
+Each pair is two answers, `prompt + chosen + end-of-text` and `prompt + rejected + end-of-text`, their
+targets the answer's tokens: on GPT-Neo one row of a batch that runs the prompt once
+(data/batching.py shared_prompt_batch), elsewhere two adjacent rows; `logp` below is an answer's summed target
 log-probability, `avg` that over its target count, `r = logp_policy - logp_reference`,
 `Δ = r_chosen - r_rejected`:
 
@@ -116,6 +117,7 @@ class PairTask(Task):
 
     rows_per_example: ClassVar[int] = 2
     number_columns: ClassVar[tuple[str, ...]] = ()  # optional columns of numbers it reads (the reward's margin)
+    shares_prompts: ClassVar[bool] = False  # whether a batch may run a pair's prompt once (make_batch)
 
     cannot_predict: ClassVar[str | None] = ("it ranks answers to a prompt, not labels; evaluate it with twintune "
                                             "eval, or generate with twintune generate")
@@ -149,6 +151,7 @@ class PairTask(Task):
         chosen, rejected = (self.encode_row(prompt, tokenizer.encode(texts[key], add_special_tokens=False).ids + [eos],
                                             encoder, length, f"{where} ({key})") for key in ("chosen", "rejected"))
         chosen.rejected = rejected
+        chosen.shares_prompt = self.shares_prompts and encoder.share_prompts
         return chosen
 
     def encode_row(self, prompt: list[int], completion: list[int], encoder: Encoder, length: int, where: str) -> Encoded:
@@ -176,6 +179,7 @@ class Preference(PairTask):
     reference: str = ""  # another run's directory: its adapter, frozen, is the reference
     precompute_reference: bool = False
 
+    shares_prompts: ClassVar[bool] = True
     name: ClassVar[str] = "preference"
     description: ClassVar[str] = "prompt/chosen/rejected pairs: DPO, IPO, hinge, robust, ORPO or SimPO"
     metrics: ClassVar[tuple[str, ...]] = ("val_loss", "val_rewards/accuracies", "val_rewards/margins")

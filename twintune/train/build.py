@@ -189,7 +189,10 @@ def _finish(recipe: Recipe, opened: Opened, with_data: bool, world: World) -> Ru
                       f"cut at {context}.", TwintuneWarning, stacklevel=3)
     encoder = Encoder(opened.tokenizer, Prompt(recipe.prompt.template, recipe.prompt.labels),
                       max_length=min(recipe.data.max_length, context), method=recipe.method, context=context,
-                      head=recipe.task.linear_head, chat=read_chat_template(opened.directory))
+                      head=recipe.task.linear_head, chat=read_chat_template(opened.directory),
+                      # GPT-Neo's own model runs pairs that share a prompt (Batch.segments); mlx-lm's models and
+                      # virtual tokens (which would need their own places in the mask) keep a row an answer.
+                      share_prompts=isinstance(opened.base.spec, GPTNeoSpec) and not recipe.method.virtual_tokens)
     run = Run(recipe, opened.backend, opened.base.spec, recipe.method, plan, encoder, {}, None, 0, opened.directory,
               world=world)
     if with_data:

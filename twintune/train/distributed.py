@@ -96,7 +96,7 @@ def share(batch: Batch, world: World) -> Batch | None:
     (None: the batch has fewer rows than there are processes, and none are this one's)."""
     if world.size == 1:
         return batch
-    bounds = [bound * batch.group for bound in share_bounds(batch.examples, world)]
+    bounds = [bound * batch.rows_per_example for bound in share_bounds(batch.examples, world)]
     start, stop = bounds[world.rank], bounds[world.rank + 1]
     return take_rows(batch, start, stop) if stop > start else None
 
@@ -118,6 +118,7 @@ def take_rows(batch: Batch, start: int, stop: int) -> Batch:
 
     mine, target_positions = renumber(batch.target_positions)
     _, answer_positions = renumber(batch.answer_positions)
+    shared = batch.segments is not None  # pairs sharing their prompt: two answers a row
     return dataclasses.replace(
         batch, input_ids=np.ascontiguousarray(batch.input_ids[start:stop, :keep]), target_positions=target_positions,
         targets=batch.targets[mine], answer_positions=answer_positions, labels=batch.labels[start:stop],
@@ -127,6 +128,9 @@ def take_rows(batch: Batch, start: int, stop: int) -> Batch:
         row_data={name: values[start:stop] for name, values in batch.row_data.items()},
         target_data={name: values[mine] for name, values in batch.target_data.items()},
         columns=None if batch.columns is None else batch.columns[start:stop],
+        positions=None if not shared else np.ascontiguousarray(batch.positions[start:stop, :keep]),
+        segments=None if not shared else np.ascontiguousarray(batch.segments[start:stop, :keep]),
+        target_answer=None if not shared else (batch.target_answer[mine] - batch.group * start).astype(np.int32),
         first_row=batch.first_row + start, width_pad=batch.width_pad + width - keep)
 
 

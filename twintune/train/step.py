@@ -139,7 +139,7 @@ def _share_forward_backward(run: Run, batch: Batch, loss_scale: float, key: int,
     part = share(batch, run.world)
     if part is None:
         if run.backend.sharded:
-            _forward_backward(run.backend, take_rows(batch, 0, batch.group), 0.0, key, objective)
+            _forward_backward(run.backend, take_rows(batch, 0, batch.rows_per_example), 0.0, key, objective)
         return np.zeros(1 + (len(objective.figures) if objective else 0))
     return _forward_backward(run.backend, part, loss_scale, key, objective)
 

@@ -241,8 +241,16 @@ class MLXBackend:
         self.m, self.v = ({k: mx.array(v, dtype=self.precise) for k, v in moments[moment].items()}
                           for moment in ("m", "v"))
 
-    def _hidden_rows(self, input_ids: mx.array, prompt_lengths: mx.array, rows: mx.array) -> mx.array:
-        return self.model(input_ids, prompt_lengths, rows=rows)
+    def _hidden_rows(self, input_ids: mx.array, prompt_lengths: mx.array, rows: mx.array,
+                     shared: dict | None = None) -> mx.array:
+        return self.model(input_ids, prompt_lengths, rows=rows, **(shared or {}))
+
+    @staticmethod
+    def _shared(batch: Batch) -> dict | None:
+        """The positions and segments of rows that share a prompt (Batch.segments), as the model takes them."""
+        if batch.segments is None:
+            return None
+        return {"positions": mx.array(batch.positions), "segments": mx.array(batch.segments)}
 
     @staticmethod
     def _dropout(batch: Batch, dropout_key: int) -> mx.array:
@@ -287,11 +295,11 @@ class MLXBackend:
         return loss.item()
 
     def _target_values(self, ids: mx.array, lengths: mx.array, positions: mx.array, targets: mx.array,
-                       reads: str, temperature: float = 1.0) -> mx.array:
+                       reads: str, temperature: float = 1.0, shared: dict | None = None) -> mx.array:
         """(N,) at the batch's targets: the target token's log-probability (of softmax(logits /
         temperature)), or a one-output head's score; "logps_values": (N, 2), the log-probability and
         the value head's estimate (PPO). Vocabulary logits go in chunks, as _summed_cross_entropy takes them."""
-        hidden = self._hidden_rows(ids, lengths, positions)
+        hidden = self._hidden_rows(ids, lengths, positions, shared)
         if reads == "scores":
             return self.model.logits(hidden).astype(self.precise)[:, 0]
 
@@ -324,13 +332,14 @@ class MLXBackend:
     def target_values(self, batch: Batch, reads: str, reference: bool = False, temperature: float = 1.0) -> np.ndarray:
         self.model.eval()
         with base_view(self.model, *self.view) if reference else contextlib.nullcontext():
-            values = self._target_values(*self._batch_arrays(batch), reads, temperature)
+            values = self._target_values(*self._batch_arrays(batch), reads, temperature, self._shared(batch))
             mx.eval(values)
         return np.array(values)
 
     def _objective_loss(self, ids, lengths, positions, targets, scale, dropout, objective, batch):
         with dropout_masks(dropout[0], dropout[1], dropout[2]):
-            values = self._target_values(ids, lengths, positions, targets, objective.reads, objective.temperature)
+            values = self._target_values(ids, lengths, positions, targets, objective.reads, objective.temperature,
+                                         self._shared(batch))
         loss, figures = objective.loss(MLXOps(self.precise), values, batch)
         return loss * scale, (loss, figures)
 

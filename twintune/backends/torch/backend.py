@@ -255,7 +255,10 @@ class TorchBackend:
         return torch.from_numpy(array).to(self.device, torch.long)
 
     def _hidden_rows(self, batch: Batch, rows: np.ndarray) -> torch.Tensor:
-        return self.model(self._tensor(batch.input_ids), self._tensor(batch.prompt_lengths), rows=self._tensor(rows))
+        shared = {} if batch.segments is None else {"positions": self._tensor(batch.positions),
+                                                    "segments": self._tensor(batch.segments)}
+        return self.model(self._tensor(batch.input_ids), self._tensor(batch.prompt_lengths), rows=self._tensor(rows),
+                          **shared)
 
     def _dropout_masks(self, batch: Batch, dropout_key: int):
         """The micro-batch's dropout scope, for this batch's rows of it (twintune/dropout.py)."""

@@ -58,6 +58,34 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str | tor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
 
 
+class SharedPrompts:
+    """Rows that hold a prompt and then several answers to it (a preference pair's chosen and rejected,
+    Batch.segments): `segments` (B, T) 0 on the prompt and padding, k on answer k; `positions` (B, T)
+    each token's position, every answer starting right after the prompt. A token sees the earlier
+    tokens of the prompt and of its own answer, so each answer computes what it would in a row of
+    the prompt and that answer alone, while the prompt runs once."""
+
+    def __init__(self, positions: torch.Tensor, segments: torch.Tensor):
+        self.positions, self.segments = positions, segments
+        self.masks: dict[int | None, torch.Tensor] = {}  # by window: built once a forward, not once a block
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """(B, 1, T, T) boolean: the keys each query sees; in a local layer, those within its window."""
+        if window not in self.masks:
+            width = self.segments.shape[1]
+            earlier = torch.ones(width, width, dtype=torch.bool, device=self.segments.device).tril()
+            query, key = self.segments[:, :, None], self.segments[:, None, :]
+            visible = earlier & ((key == 0) | (key == query))
+            if window is not None:
+                visible = visible & (self.positions[:, :, None] - self.positions[:, None, :] < window)
+            self.masks[window] = visible[:, None]
+        return self.masks[window]
+
+    def rows(self, window: int | None, batch: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """(N, 1, 1, T) boolean: mask's rows of the queries at (batch[n], position[n])."""
+        return self.mask(window)[:, 0][batch, position][:, None, None, :]
+
+
 class GPTNeoSelfAttention(nn.Module):
     def __init__(self, spec: GPTNeoSpec, attention_type: str):
         super().__init__()
@@ -70,7 +98,7 @@ class GPTNeoSelfAttention(nn.Module):
         self.out_proj = nn.Linear(d, d, bias=True)
 
     def forward(self, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: "KVCache | None" = None) -> torch.Tensor:
+                cache: "KVCache | None" = None, shared: SharedPrompts | None = None) -> torch.Tensor:
         B, T, D = x.shape
         heads = lambda t: t.reshape(B, T, self.num_heads, -1).transpose(1, 2)  # noqa: E731
         # In bfloat16/float16 the attention itself runs in float32, as transformers' GPT-Neo does:
@@ -81,11 +109,13 @@ class GPTNeoSelfAttention(nn.Module):
             k, v = (torch.cat([p.to(precise).expand(B, *p.shape), t], dim=2) for p, t in zip(prefix, (k, v)))
         if cache is not None:  # generation: the keys and values of every earlier position, then these
             k, v = cache.update(k, v)
-        out = attention(q, k, v, self.mask(T, k.shape[2] - T, x.device)).to(x.dtype)
+        mask = self.mask(T, k.shape[2] - T, x.device) if shared is None else shared.mask(self.window)
+        out = attention(q, k, v, mask).to(x.dtype)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
 
     def at_rows(self, x: torch.Tensor, batch: torch.Tensor, position: torch.Tensor,
-                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                shared: SharedPrompts | None = None) -> torch.Tensor:
         """The output at (batch[n], position[n]) only, (N, D): keys and values of every position, queries
         of the rows asked for (the last block of a loss that reads a few positions; GPTNeoModel)."""
         B, T, D = x.shape
@@ -97,13 +127,19 @@ class GPTNeoSelfAttention(nn.Module):
             k, v = (torch.cat([p.to(precise).expand(B, *p.shape), t], dim=2) for p, t in zip(prefix, (k, v)))
             past = prefix[0].shape[1]
         q = self.q_proj(x[batch, position]).reshape(-1, self.num_heads, 1, D // self.num_heads).to(precise)
+        mask = self.row_mask(position, past, T, x.device) if shared is None else shared.rows(self.window, batch, position)
+        out = attention(q, k[batch], v[batch], mask).to(x.dtype)
+        return self.out_proj(out.reshape(-1, D))
+
+    def row_mask(self, position: torch.Tensor, past: int, T: int, device: torch.device) -> torch.Tensor:
+        """(N, 1, 1, past + T) boolean: the keys a query at each of `position` sees (after `past` prefix
+        keys), in a local layer those within its window."""
         query = position[:, None] + past  # (N, 1): where each query sits among the keys
-        key = torch.arange(past + T, device=x.device)[None, :]
+        key = torch.arange(past + T, device=device)[None, :]
         visible = key <= query
         if self.window is not None:
             visible = visible & (query - key < self.window)
-        out = attention(q, k[batch], v[batch], visible[:, None, None, :]).to(x.dtype)
-        return self.out_proj(out.reshape(-1, D))
+        return visible[:, None, None, :]
 
     def mask(self, T: int, past: int, device: torch.device) -> str | torch.Tensor:
         """"causal", or the boolean (T, past + T) mask: query i sits at position past + i and sees key j
@@ -125,8 +161,8 @@ class GPTNeoAttention(nn.Module):
         self.attention = GPTNeoSelfAttention(spec, attention_type)
 
     def forward(self, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: "KVCache | None" = None) -> torch.Tensor:
-        return self.attention(x, prefix, cache)
+                cache: "KVCache | None" = None, shared: SharedPrompts | None = None) -> torch.Tensor:
+        return self.attention(x, prefix, cache, shared)
 
 
 class GPTNeoMLP(nn.Module):
@@ -155,21 +191,23 @@ class GPTNeoBlock(nn.Module):
         self.attn_adapter = self.mlp_adapter = self.intervention = None
 
     def forward(self, x: torch.Tensor, prefix=None, prompt_lengths: torch.Tensor | None = None,
-                cache: "KVCache | None" = None) -> torch.Tensor:
+                cache: "KVCache | None" = None, shared: SharedPrompts | None = None) -> torch.Tensor:
         generating = cache is not None and cache.offset > 0
-        x = add_residual(self.attn_adapter, self.attn(self.ln_1(x), prefix, cache), x)
+        x = add_residual(self.attn_adapter, self.attn(self.ln_1(x), prefix, cache, shared), x)
         x = add_residual(self.mlp_adapter, self.mlp(self.ln_2(x)), x)
         return x if self.intervention is None or generating else self.intervention(x, prompt_lengths)
 
 
-    def at_rows(self, x: torch.Tensor, batch: torch.Tensor, position: torch.Tensor, prefix=None) -> torch.Tensor:
+    def at_rows(self, x: torch.Tensor, batch: torch.Tensor, position: torch.Tensor, prefix=None,
+                shared: SharedPrompts | None = None) -> torch.Tensor:
         """The block's output at (batch[n], position[n]) only, (N, D); the rest of its positions serve
         only as keys and values. Not for a block with an intervention (it acts on prompt positions).
         Dropout on its (N, D) rows draws the whole block's bits at those positions (dropout_rows)."""
         with dropout_rows(batch, position, x.shape[1]):
             residual = x[batch, position]
             residual = add_residual(self.attn_adapter,
-                                    self.attn.attention.at_rows(self.ln_1(x), batch, position, prefix), residual)
+                                    self.attn.attention.at_rows(self.ln_1(x), batch, position, prefix, shared),
+                                    residual)
             return add_residual(self.mlp_adapter, self.mlp(self.ln_2(residual)), residual)
 
 
@@ -218,16 +256,21 @@ class GPTNeoModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None = None,
                 layer: int | None = None, cache: list[KVCache] | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """The final hidden states (after ln_f); with `layer` < the number of blocks, the hidden states after
         that many blocks (transformers' hidden_states[layer]; 0: the embeddings), unnormed. With `cache`
         (one KVCache per block, filled as it goes) the ids continue the positions the cache holds; the
         virtual tokens and prefixes enter with the first call only. With `rows` ((N,) flat indices into
         the B x T text positions) only those rows' final hidden states, (N, d): the last block then runs
         its queries, output projection and MLP on those rows alone (`at_rows`), the work a loss that
-        reads a few positions (label words, a head's last token) would otherwise throw away."""
+        reads a few positions (label words, a head's last token) would otherwise throw away. With
+        `positions` and `segments` ((B, T) each), rows of a prompt and several answers (SharedPrompts)."""
         # No attention mask: padding is on the right, and causal attention never looks right.
         B, T = input_ids.shape
+        shared = None if segments is None else SharedPrompts(positions, segments)
+        if shared is not None and (self.prompt is not None or self.prefix is not None or cache is not None):
+            raise ValueError("rows that share a prompt take no virtual tokens and no cache")
         first = cache is None or cache[0].offset == 0
         x = self.wte(input_ids)
         if self.prompt is not None and first:
@@ -237,15 +280,16 @@ class GPTNeoModel(nn.Module):
         past = 0 if prefixes[0] is None else prefixes[0][0].shape[1]
         if not first:
             past = cache[0].offset
-        x = x + self.wpe(torch.arange(past, past + x.shape[1], device=input_ids.device))
+        x = x + self.wpe(torch.arange(past, past + x.shape[1], device=input_ids.device) if shared is None
+                         else shared.positions)
         last = len(self.h) - 1
         for i, (block, prefix) in enumerate(zip(self.h, prefixes)):
             if i == layer:
                 return x[:, x.shape[1] - T:]
             if i == last and reads_few_rows(rows, B) and block.intervention is None and cache is None:
-                return self.ln_f(block.at_rows(x, rows // T, rows % T + x.shape[1] - T, prefix))
+                return self.ln_f(block.at_rows(x, rows // T, rows % T + x.shape[1] - T, prefix, shared))
             x = run_block(block, x, prefix, prompt_lengths, self.checkpoint_blocks,
-                          None if cache is None else cache[i])
+                          None if cache is None else cache[i], shared)
         hidden = self.ln_f(x[:, x.shape[1] - T:])
         return hidden if rows is None else hidden.reshape(B * T, -1)[rows]
 
@@ -259,14 +303,14 @@ def reads_few_rows(rows: torch.Tensor | None, batch_size: int) -> bool:
 
 
 def run_block(block: nn.Module, x: torch.Tensor, prefix, prompt_lengths, checkpoint_block: bool,
-              cache: KVCache | None = None) -> torch.Tensor:
+              cache: KVCache | None = None, shared: SharedPrompts | None = None) -> torch.Tensor:
     """One block. With `checkpoint_block`, only the block's input is kept for the backward, which runs
     the block again (torch.utils.checkpoint, non-reentrant). The recompute draws the same dropout
     masks: they depend only on the micro-batch's key, and the backend runs the backward inside the
     same `dropout_masks(key)` as the forward (MLX's run_block re-enters the key itself instead)."""
     if not checkpoint_block or not block.training:
-        return block(x, prefix, prompt_lengths, cache)
-    return checkpoint(block, x, prefix, prompt_lengths, use_reentrant=False)
+        return block(x, prefix, prompt_lengths, cache, shared)
+    return checkpoint(block, x, prefix, prompt_lengths, None, shared, use_reentrant=False)
 
 
 class GPTNeoForCausalLM(nn.Module):
@@ -308,12 +352,14 @@ class GPTNeoForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None = None,
                 layer: int | None = None, cache: list[KVCache] | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, d); `prompt_lengths` (B,) are the rows' prompt tokens, for
         methods that act on prompt positions (none given: each whole row is its prompt); `layer`: the
         hidden states after that many blocks instead; `cache`: make_cache()'s, to generate; `rows`: only
-        those flat positions', (N, d) (GPTNeoModel.forward)."""
-        return self.transformer(input_ids, prompt_lengths, layer, cache, rows)
+        those flat positions', (N, d); `positions` and `segments`: rows that share a prompt
+        (GPTNeoModel.forward)."""
+        return self.transformer(input_ids, prompt_lengths, layer, cache, rows, positions, segments)
 
     def make_cache(self) -> list[KVCache]:
         """An empty key/value cache, one per block, for generation."""
