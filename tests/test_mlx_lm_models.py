@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import gpt2, llama
 
 from model_helpers import LLAMA, write_tiny_llama
-from twintune.backends.base import AdamW
+from twintune.optimizers import AdamW
 from twintune.backends.mlx.backend import MLXBackend
 from twintune.backends.mlx.mlx_lm_model import MLXLMModel, SwiGLUMLP, load_mlx_lm_model, swiglu
 from twintune.data.batching import Batch
@@ -127,7 +127,7 @@ def test_lora_trains_only_the_adapter_and_lowers_the_loss(make, targets):
     frozen = {k: np.array(v) for k, v in tree_flatten(backend.model.parameters())}
     lora = LoRA(r=4, alpha=8, target_modules=targets)
     backend.apply_method(lora.plan(BaseModel(backend.spec, backend.base_weights()), seed=0))
-    backend.set_optimizer(AdamW((0.9, 0.999), 1e-8, 0.0))
+    backend.set_optimizer(AdamW())
     batch = _batch()
     losses = []
     for _ in range(20):
@@ -172,7 +172,7 @@ def test_exported_adapter_loads_in_mlx_lm_with_the_same_logits(tmp_path):
     backend = MLXBackend.from_model(MLXLMModel(_llama()))
     lora = LoRA(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))
     backend.apply_method(lora.plan(BaseModel(backend.spec, backend.base_weights()), seed=0))
-    backend.set_optimizer(AdamW((0.9, 0.999), 1e-8, 0.0))
+    backend.set_optimizer(AdamW())
     batch = _batch()
     for _ in range(3):  # B is no longer zero: the adapter changes the logits
         backend.forward_backward(batch, 1.0 / batch.n_targets)

@@ -4,7 +4,8 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from twintune.backends.base import adamw_update, clip_factor
+from twintune.backends.base import clip_factor
+from twintune.optimizers import adamw_update
 
 
 def test_adamw_matches_torch_on_both_array_types():

@@ -42,7 +42,28 @@ TASKS = {"classification": "classification", "preference": "preference",  # DPO,
 def test_sigkill_then_resume_equals_an_uninterrupted_run(backend, task, tmp_path):
     """GRPO too: its completions are drawn from (seed, step, micro-batch, prompt, sample) and the restored
     model, so the resumed run samples what the uninterrupted one did; PPO's rollout is in the checkpoint."""
-    settings = [*SETTINGS, f"task={TASKS[task]}"]
+    _sigkill_then_resume(backend, [*SETTINGS, f"task={TASKS[task]}"], tmp_path)
+
+
+# LoRA's matrices are 512 values: min_8bit_size 256 gives them 8-bit state
+OPTIMIZERS = {"adamw8bit": "{name: adamw8bit, min_8bit_size: 256}", "lion8bit": "{name: lion8bit, min_8bit_size: 256}",
+              "lion": "{name: lion}", "sgd": "{name: sgd, momentum: 0.9, nesterov: true}", "adafactor": "{name: adafactor}"}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_sigkill_then_resume_equals_an_uninterrupted_run_with_each_optimizer(backend, optimizer, tmp_path):
+    lr = {"lion": "3e-4", "lion8bit": "3e-4", "sgd": "0.05", "adafactor": "null"}.get(optimizer)  # else the demo's
+    settings = [*SETTINGS, "train.max_steps=30", f"train.optimizer={OPTIMIZERS[optimizer]}"] + \
+        ([f"train.lr={lr}"] if lr else [])
+    killed = _sigkill_then_resume(backend, settings, tmp_path)
+    state = read_safetensors(killed / "checkpoints" / "step-00000030" / "optimizer.safetensors")
+    codes = [name for name in state if name.startswith(("m.", "v.")) and state[name].dtype == np.uint8]
+    assert bool(codes) == optimizer.endswith("8bit")  # the codes saved as they are, one byte a value
+
+
+def _sigkill_then_resume(backend, settings, tmp_path):
+    """Train to the end; train again, SIGKILL it after the step-20 checkpoint, resume it: the same run."""
     whole = train(load_recipe("recipes/demo-financial-sentiment.yaml", settings), backend, tmp_path / "whole",
                   progress=False)
 
@@ -69,6 +90,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(backend, task, tmp_path
     assert expected.keys() == got.keys()
     assert all(np.array_equal(expected[k], got[k]) for k in expected)
     assert len(list((killed / "checkpoints").iterdir())) == 2  # keep_last
+    return killed
 
 
 def test_corrupt_checkpoint_is_named_and_an_earlier_one_offered(tmp_path):
@@ -96,6 +118,9 @@ def test_resume_refuses_a_different_recipe(tmp_path):
     changed = load_recipe("recipes/demo-financial-sentiment.yaml", settings + ["train.lr=1e-2"])
     with pytest.raises(TwintuneError, match=r"recipe differs.*train\.lr"):
         train(changed, "torch", resume=out, progress=False)
+    with pytest.raises(TwintuneError, match="trained with optimizer adamw and the recipe asks for lion"):
+        train(load_recipe("recipes/demo-financial-sentiment.yaml", settings + ["train.optimizer.name=lion"]), "torch",
+              resume=out, progress=False)
     with pytest.raises(TwintuneError, match="holds no checkpoint"):
         train(changed, "torch", resume=tmp_path, progress=False)
     # resuming a finished run trains nothing more and writes the same result

@@ -16,6 +16,7 @@ import yaml
 from twintune.errors import TwintuneError
 from twintune.keys import build, check
 from twintune.methods import LoRA, Method, method_from_dict
+from twintune.optimizers import Adafactor, AdamW, Optimizer, optimizer_from_dict
 from twintune.quant import Quantization
 from twintune.tasks import Classification, Task, task_from_dict
 
@@ -88,6 +89,9 @@ class EWCConfig:
     samples: int = 32  # rows of the source the Fisher averages over
 
 
+DEFAULT_LR = 2e-4
+
+
 @dataclass
 class TrainConfig:
     epochs: float = 1.0
@@ -98,10 +102,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # keep only each block's input; recompute the block in the backward
     compile: bool = False  # torch.compile / mx.compile the training step; the first steps of each shape compile
     fsdp: bool = False  # several torch processes: each keeps a shard of the weights, gradients and AdamW state (FSDP2)
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    lr: float | None = None  # None: DEFAULT_LR (Adafactor's relative_step computes its own, and refuses one)
+    weight_decay: float = 0.0  # every optimizer's (SGD's as torch's: added to the gradient)
+    optimizer: Optimizer = field(default_factory=AdamW)  # {name: adamw | adamw8bit | lion | sgd | adafactor ..., its keys}
     warmup_steps: int = 0
     schedule: str = "linear"  # constant | linear | cosine
     max_grad_norm: float = 1.0  # 0 disables clipping
@@ -115,6 +118,11 @@ class TrainConfig:
     replay: ReplayConfig = field(default_factory=ReplayConfig)  # general text replayed in every step
     ewc: EWCConfig = field(default_factory=EWCConfig)  # a pull of the trainable values back to their start
     distill: DistillConfig = field(default_factory=DistillConfig)  # KL to the base model on general text
+
+    @property
+    def base_lr(self) -> float:
+        """The learning rate the schedule starts from: train.lr, or DEFAULT_LR where the recipe gives none."""
+        return DEFAULT_LR if self.lr is None else self.lr
 
 
 @dataclass
@@ -150,9 +158,11 @@ class Recipe:
     def to_dict(self) -> dict:
         """Plain values (JSON-ready): what recipe.json holds and what a resume compares."""
         def plain(value):
-            if isinstance(value, (Method, Task)):
+            if isinstance(value, (Method, Task, Optimizer)):
                 return value.to_dict()
-            return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            if dataclasses.is_dataclass(value):
+                return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return value
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
@@ -184,9 +194,39 @@ def recipe_from_dict(raw: dict) -> Recipe:
     """A validated recipe from plain values (a YAML file's, or a run's recipe.json)."""
     if isinstance(raw, dict) and not task_from_dict(raw.get("task")).trains_method and "method" not in raw:
         raw = {**raw, "method": {"name": "none"}}  # the features task trains no method
-    recipe = build(Recipe, raw, "", {Method: method_from_dict, Task: task_from_dict})
+    raw = _adam_keys_into_the_optimizer(raw)
+    recipe = build(Recipe, raw, "", {Method: method_from_dict, Task: task_from_dict, Optimizer: optimizer_from_dict})
     validate(recipe)
     return recipe
+
+
+def _adam_keys_into_the_optimizer(raw) -> dict:
+    """train.betas and train.eps, AdamW's keys before the optimizer could be chosen (and in the recipe.json
+    of runs from then), read as train.optimizer's betas and eps: at their defaults they are dropped; else
+    they move into the optimizer where it is of the Adam family, and are refused where it is not."""
+    train = raw.get("train") if isinstance(raw, dict) else None
+    if not isinstance(train, dict) or not ({"betas", "eps"} & set(train)):
+        return raw
+    train = dict(train)
+    optimizer = train.get("optimizer") or {}
+    optimizer = dict(optimizer) if isinstance(optimizer, dict) else {"name": optimizer}
+    name = optimizer.get("name", "adamw")
+    for key, default in (("betas", [0.9, 0.999]), ("eps", 1e-8)):
+        if key not in train:
+            continue
+        value = train.pop(key)
+        if value == default or (isinstance(value, (list, tuple)) and list(value) == default):
+            continue
+        if not name.startswith(("adamw", "paged_adamw")):
+            raise TwintuneError(f"recipe key 'train.{key}' is AdamW's; optimizer {name} takes its keys in "
+                                f"train.optimizer (train.optimizer.{key} where it has one).")
+        if key in optimizer and optimizer[key] != value:
+            raise TwintuneError(f"recipe keys 'train.{key}' and 'train.optimizer.{key}' disagree; keep "
+                                f"train.optimizer.{key} only.")
+        optimizer[key] = value
+    if optimizer:
+        train["optimizer"] = optimizer
+    return {**raw, "train": train}
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -239,6 +279,20 @@ def check_trains_something(r: Recipe) -> None:
     r.task.check_trains_something(r)
 
 
+def check_optimizer(r: Recipe) -> None:
+    """What an optimizer cannot do with the rest of the recipe, refused by a sentence."""
+    o, t = r.train.optimizer, r.train
+    _check(not (o.eight_bit and r.dtype == "float64"),
+           f"optimizer {o.name} keeps 8-bit state, which a float64 run (the parity proof) has no use for; use "
+           f"{o.name.replace('8bit', '')} with dtype float64, or {o.name} with float32 or bfloat16.")
+    _check(not (isinstance(o, Adafactor) and o.relative_step and t.lr is not None),
+           f"recipe key 'train.lr' ({t.lr}) is unused: Adafactor's relative_step computes its own step size "
+           "(transformers refuses both); drop train.lr, or set train.optimizer.relative_step: false to use it.")
+    _check(not (t.fsdp and (o.eight_bit or not o.elementwise)),
+           f"optimizer {o.name} keeps state over whole tensors ({'blocks of 256 values' if o.eight_bit else 'row and column means'}), "
+           "which FSDP would cut at its shards' edges; use adamw, lion or sgd with train.fsdp, or run without it.")
+
+
 def validate(r: Recipe) -> None:
     """Range checks that types alone cannot express."""
     from twintune.backends import BACKENDS
@@ -267,10 +321,9 @@ def validate(r: Recipe) -> None:
     _check(t.max_steps >= 0, f"recipe key 'train.max_steps' must be >= 0, got {t.max_steps}.")
     _check(t.batch_size > 0, f"recipe key 'train.batch_size' must be positive, got {t.batch_size}.")
     _check(t.grad_accum > 0, f"recipe key 'train.grad_accum' must be positive, got {t.grad_accum}.")
-    _check(t.lr > 0, f"recipe key 'train.lr' must be positive, got {t.lr}.")
+    _check(t.lr is None or t.lr > 0, f"recipe key 'train.lr' must be positive, got {t.lr}.")
     _check(t.weight_decay >= 0, f"recipe key 'train.weight_decay' must be >= 0, got {t.weight_decay}.")
-    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"recipe key 'train.betas' must be two numbers in [0, 1), got {t.betas}.")
-    _check(t.eps > 0, f"recipe key 'train.eps' must be positive, got {t.eps}.")
+    check_optimizer(r)
     _check(t.warmup_steps >= 0, f"recipe key 'train.warmup_steps' must be >= 0, got {t.warmup_steps}.")
     _check(t.schedule in ("constant", "linear", "cosine"), f"recipe key 'train.schedule' must be constant, linear or cosine, got {t.schedule!r}.")
     _check(t.max_grad_norm >= 0, f"recipe key 'train.max_grad_norm' must be >= 0, got {t.max_grad_norm}.")

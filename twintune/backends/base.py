@@ -17,6 +17,7 @@ import numpy as np
 from twintune.data.batching import Batch
 from twintune.methods import BaseModel, Plan
 from twintune.methods.base import Layer
+from twintune.optimizers import Optimizer
 
 
 @dataclass(frozen=True)
@@ -50,35 +51,6 @@ class LayerRegistry(dict):
             self[layer] = cls
             return cls
         return register
-
-
-@dataclass(frozen=True)
-class AdamW:
-    """The optimizer as both backends run it: torch.optim.AdamW's formula (adamw_update) and its
-    hyperparameters, and the names its state has in a checkpoint (`m.NAME`, `v.NAME` per trainable
-    value, `step`). A backend keeps the moments as its own arrays and does the arithmetic; what the
-    state is called, and how a step count is stored, is said here once.
-
-    Example:
-        >>> AdamW((0.9, 0.999), 1e-8, 0.0).pack({"m": {"w": np.zeros(2)}, "v": {"w": np.ones(2)}}, 3)["step"]
-        array([3])
-    """
-
-    betas: tuple[float, float]
-    eps: float
-    weight_decay: float
-    moments: ClassVar[tuple[str, ...]] = ("m", "v")
-
-    def pack(self, moments: dict[str, dict[str, np.ndarray]], step: int) -> dict[str, np.ndarray]:
-        """A checkpoint's optimizer state from the moments (by moment, then by trainable name) and the step."""
-        state = {f"{moment}.{name}": value for moment in self.moments for name, value in moments[moment].items()}
-        state["step"] = np.array([step], np.int64)
-        return state
-
-    def unpack(self, state: dict[str, np.ndarray], names) -> tuple[dict[str, dict[str, np.ndarray]], int]:
-        """(the moments of these trainable names, the step) from what `pack` gave."""
-        return ({moment: {name: state[f"{moment}.{name}"] for name in names} for moment in self.moments},
-                int(state["step"].reshape(-1)[0]))
 
 
 class ModelComputation(Protocol):
@@ -183,13 +155,15 @@ class ModelComputation(Protocol):
 
 
 class OptimizerState(Protocol):
-    """The optimizer's state, kept by the backend in its own arrays (AdamW names it)."""
+    """The optimizer's state, kept by the backend in its own arrays (twintune/optimizers.py names it)."""
 
-    def set_optimizer(self, optimizer: AdamW) -> None:
-        """Create the optimizer's state for the trainable values."""
+    has_cuda: bool  # whether it computes on a CUDA GPU (paged optimizers need one)
+
+    def set_optimizer(self, optimizer: Optimizer, weight_decay: float = 0.0) -> None:
+        """Create the optimizer's state for the trainable values (zeros: its step 0)."""
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        """The state as numpy, named as `optimizer.pack` names it (for checkpoints)."""
+        """The state as numpy, named as `pack_state` names it (for checkpoints)."""
 
     def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
         """Restore what optimizer_state returned."""
@@ -244,23 +218,6 @@ class Backend(ModelComputation, OptimizerState, Processes, Protocol):
     @classmethod
     def from_mlx_lm(cls, directory, dtype: str = "float32") -> "Backend":
         """A model directory of one of mlx-lm's families, ready to adapt (capabilities.mlx_lm_models)."""
-
-
-def adamw_update(p, g, m, v, step: int, lr: float, betas, eps: float, weight_decay: float, sqrt):
-    """AdamW as torch.optim.AdamW computes it, written once for both backends' arrays.
-
-    Decoupled weight decay first, then bias-corrected moments with epsilon added to
-    sqrt(v_hat); the same order of operations as torch, so the two backends round alike.
-    (mlx.optimizers.AdamW defaults differ: no bias correction, weight decay 0.01.)
-    """
-    b1, b2 = betas
-    if weight_decay:  # a product with 1.0 changes no bit: skipped, a pass over every value fewer
-        p = p * (1.0 - lr * weight_decay)
-    m = b1 * m + (1.0 - b1) * g
-    v = b2 * v + (1.0 - b2) * (g * g)
-    denom = sqrt(v) / ((1.0 - b2**step) ** 0.5) + eps
-    p = p - (lr / (1.0 - b1**step)) * (m / denom)
-    return p, m, v
 
 
 def ewc_penalty(weight: float, terms, to_float) -> float:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from twintune.backends import CAPABILITIES, backend_class, capabilities, resolve_backend_name
-from twintune.backends.base import AdamW, Backend
+from twintune.backends.base import Backend
 from twintune.data.batching import Encoded, Encoder, Prompt, TrainOrder
 from twintune.data.chat import read_chat_template
 from twintune.data.examples import Example
@@ -340,7 +340,11 @@ def _set_up_backend(run: Run, plan: Plan) -> None:
         backend.join(run.world)
         if t.fsdp:
             backend.shard(run.world)
-    backend.set_optimizer(AdamW(tuple(t.betas), t.eps, t.weight_decay))
+    if t.optimizer.paged and not backend.has_cuda:
+        raise TwintuneError(f"optimizer {t.optimizer.name} keeps its state in CUDA's paged memory (bitsandbytes), and "
+                            f"this {backend.name} run has no CUDA GPU (MLX's memory is unified already); use "
+                            f"{t.optimizer.name.removeprefix('paged_')}.")
+    backend.set_optimizer(t.optimizer, t.weight_decay)
 
 
 def _loss_terms(run: Run, plan: Plan, tokenizer, length: int) -> list[LossTerm]:

@@ -330,6 +330,11 @@ def _check_same_recipe(saved: dict, current: dict, checkpoint: Path) -> None:
     saved = recipe_from_dict(saved).to_dict()
     differences = [key for key in sorted(set(_flatten(saved)) | set(_flatten(current)))
                    if _flatten(saved).get(key) != _flatten(current).get(key) and key not in HOW_NOT_WHAT]
+    if "train.optimizer.name" in differences:
+        was, now = _flatten(saved)["train.optimizer.name"], _flatten(current)["train.optimizer.name"]
+        raise TwintuneError(f"cannot resume from {checkpoint}: it was trained with optimizer {was} and the recipe asks "
+                            f"for {now}, whose state is another; resume with --set train.optimizer.name={was}, or "
+                            "start a new run.")
     if differences:
         raise TwintuneError(f"cannot resume from {checkpoint}: the recipe differs from the one it was trained with "
                             f"({', '.join(differences[:5])}); resume with the same recipe and --set values.")

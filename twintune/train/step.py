@@ -63,8 +63,9 @@ def train_step(run: Run, step: int) -> dict:
         start += len(own)
     for term in run.terms:  # after the processes' sum: every process adds the same gradient
         logged.update(term.backward(run.backend, step, scale, dropout_key(run.recipe.seed, step, len(batches))))
-    lr = learning_rate(step, t.lr, run.total_steps, t.warmup_steps, t.schedule)
+    lr = learning_rate(step, t.base_lr, run.total_steps, t.warmup_steps, t.schedule)
     grad_norm = run.backend.optimizer_step(lr, t.max_grad_norm, grad_scale=scale)
+    lr = t.optimizer.learning_rate(lr, step + 1)  # what it used (Adafactor's relative step: its own)
     finite = math.isfinite(grad_norm)
     if not finite and scale <= 1.0:
         raise TwintuneError(f"the gradients became {grad_norm} at step {step + 1}; lower train.lr or use "

@@ -11,9 +11,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from twintune.backends.base import (CAPABILITIES, AdamW, adamw_update, ewc_gradient, ewc_penalty, gradient_factor,
-                                    loss_chunks, trainable_dtype)
+from twintune.backends.base import (CAPABILITIES, ewc_gradient, ewc_penalty, gradient_factor, loss_chunks,
+                                    trainable_dtype)
 from twintune.backends.mlx.gpt_neo import GPTNeoForCausalLM, exp, logsumexp
+from twintune.backends.mlx.optimizer import MLXArrayOps, new_state, update_value
 from twintune.backends.mlx.nf4 import NF4Linear
 from twintune.backends.mlx.surgery import apply_plan, base_view, undo_plan, get_submodule, set_submodule
 from twintune.data.batching import Batch
@@ -21,6 +22,7 @@ from twintune.dropout import dropout_masks
 from twintune.errors import TwintuneError
 from twintune.methods import BaseModel, Plan
 from twintune.models import GPTNeoSpec
+from twintune.optimizers import Optimizer, pack_state, unpack_state
 from twintune.quant.nf4 import NF4Tensor
 
 
@@ -224,22 +226,24 @@ class MLXBackend:
     def set_trainable_state(self, state: dict[str, np.ndarray]) -> None:
         self.model.update(tree_unflatten([(k, mx.array(v, dtype=self.precise)) for k, v in state.items()]))
 
-    def set_optimizer(self, optimizer: AdamW) -> None:
-        self.optimizer = optimizer
-        self.betas, self.eps, self.weight_decay = optimizer.betas, optimizer.eps, optimizer.weight_decay
+    has_cuda = False  # paged optimizers are CUDA's (MLX's memory is unified already)
+
+    def set_optimizer(self, optimizer: Optimizer, weight_decay: float = 0.0) -> None:
+        self.optimizer, self.weight_decay = optimizer, weight_decay
         params = dict(tree_flatten(self.model.trainable_parameters()))
-        self.m = {k: mx.zeros_like(v) for k, v in params.items()}
-        self.v = {k: mx.zeros_like(v) for k, v in params.items()}
+        self.states = {k: new_state(optimizer, v) for k, v in params.items()}
+        self.array_ops = MLXArrayOps()
         self.streams = update_streams({k: v.size for k, v in params.items()})
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        return self.optimizer.pack({"m": {k: np.array(v) for k, v in self.m.items()},
-                                    "v": {k: np.array(v) for k, v in self.v.items()}}, self.step)
+        return pack_state({name: {key: np.array(value) for key, value in state.items()}
+                           for name, state in self.states.items()}, self.step)
 
     def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
-        moments, self.step = self.optimizer.unpack(state, self.m)
-        self.m, self.v = ({k: mx.array(v, dtype=self.precise) for k, v in moments[moment].items()}
-                          for moment in ("m", "v"))
+        params = dict(tree_flatten(self.model.trainable_parameters()))
+        saved, self.step = unpack_state(self.optimizer, state, {k: tuple(v.shape) for k, v in params.items()})
+        self.states = {name: {key: mx.array(value, dtype=self.states[name][key].dtype) for key, value in arrays.items()}
+                       for name, arrays in saved.items()}
 
     def _hidden_rows(self, input_ids: mx.array, prompt_lengths: mx.array, rows: mx.array,
                      shared: dict | None = None) -> mx.array:
@@ -370,16 +374,15 @@ class MLXBackend:
             with mx.stream(self.streams[name] or mx.default_stream(mx.default_device())):
                 g = grads.pop(name)
                 g = g * factor if factor != 1.0 else g
-                p, self.m[name], self.v[name] = adamw_update(
-                    p, g, self.m[name], self.v[name], self.step, lr * self.lr_scales.get(name, 1.0), self.betas,
-                    self.eps, self.weight_decay, mx.sqrt)
+                p, self.states[name] = update_value(self.optimizer, self.array_ops, p, g, self.states[name], self.step,
+                                                    lr * self.lr_scales.get(name, 1.0), self.weight_decay)
             updated.append((name, p))
         # The model and these names let go of the old values before the update runs, so MLX can write
         # the new ones into their buffers instead of allocating a second copy of every trainable array.
         p = g = None
         self.model.update(tree_unflatten(updated))
         updated = None
-        mx.eval(self.model.trainable_parameters(), self.m, self.v)
+        mx.eval(self.model.trainable_parameters(), self.states)
         return norm
 
     def join(self, world) -> None:

@@ -11,15 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from twintune.backends.base import (CAPABILITIES, AdamW, ewc_gradient, ewc_penalty, gradient_factor, loss_chunks,
+from twintune.backends.base import (CAPABILITIES, ewc_gradient, ewc_penalty, gradient_factor, loss_chunks,
                                     trainable_dtype)
 from twintune.backends.torch.gpt_neo import GPTNeoForCausalLM
+from twintune.backends.torch.optimizer import TorchArrayOps, new_state, update_value
 from twintune.backends.torch.surgery import apply_plan, base_view, undo_plan
 from twintune.data.batching import Batch
 from twintune.dropout import dropout_masks
 from twintune.errors import TwintuneError
 from twintune.methods import BaseModel, Plan
 from twintune.models import GPTNeoSpec
+from twintune.optimizers import AdamW, Optimizer, PagedAdamW, pack_state, unpack_state
 from twintune.quant.nf4 import NF4Tensor
 
 
@@ -232,24 +234,26 @@ class TorchBackend:
             for k, v in state.items():
                 _local(params[k]).copy_(_piece(torch.from_numpy(v).to(self.device), params[k]))
 
-    def set_optimizer(self, optimizer: AdamW) -> None:
-        self.optimizer = optimizer
-        self.betas, self.eps, self.weight_decay = optimizer.betas, optimizer.eps, optimizer.weight_decay
-        params = self._trainable()
-        self.m = {k: torch.zeros_like(_local(p)) for k, p in params.items()}
-        self.v = {k: torch.zeros_like(_local(p)) for k, p in params.items()}
+    @property
+    def has_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def set_optimizer(self, optimizer: Optimizer, weight_decay: float = 0.0) -> None:
+        self.optimizer, self.weight_decay = optimizer, weight_decay
+        self.states = {k: new_state(optimizer, _local(p)) for k, p in self._trainable().items()}
+        self.array_ops = TorchArrayOps(self.device)
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         params = self._trainable()
-        moments = {"m": self.m, "v": self.v}
-        return self.optimizer.pack({moment: {k: _whole(v, params[k]).cpu().numpy().copy() for k, v in values.items()}
-                                    for moment, values in moments.items()}, self.step)
+        return pack_state({name: {key: _whole(value, params[name]).cpu().numpy().copy() for key, value in state.items()}
+                           for name, state in self.states.items()}, self.step)
 
     def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
         params = self._trainable()
-        moments, self.step = self.optimizer.unpack(state, self.m)
-        self.m, self.v = ({k: _piece(torch.from_numpy(v.copy()).to(self.device), params[k]) for k, v in moments[moment].items()}
-                          for moment in ("m", "v"))
+        saved, self.step = unpack_state(self.optimizer, state, {k: tuple(p.shape) for k, p in params.items()})
+        for name, arrays in saved.items():
+            for key, value in arrays.items():
+                self.states[name][key].copy_(_piece(torch.from_numpy(value.copy()).to(self.device), params[name]))
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, torch.long)
@@ -337,9 +341,15 @@ class TorchBackend:
                 p.grad = None
             return norm
         self.step += 1
+        fused = type(self.optimizer) in (AdamW, PagedAdamW)  # AdamW's in-place path: the same bits, faster
         for name, p in params.items():
-            adamw_update_(_local(p), _local(p.grad), self.m[name], self.v[name], self.step, lr * self.lr_scales.get(name, 1.0),
-                          self.betas, self.eps, self.weight_decay, grad_factor=factor)
+            scaled, state = lr * self.lr_scales.get(name, 1.0), self.states[name]
+            if fused:
+                adamw_update_(_local(p), _local(p.grad), state["m"], state["v"], self.step, scaled,
+                              self.optimizer.betas, self.optimizer.eps, self.weight_decay, grad_factor=factor)
+            else:
+                update_value(self.optimizer, self.array_ops, _local(p).data, _local(p.grad), state, self.step, scaled,
+                             self.weight_decay, grad_factor=factor)
             p.grad = None
         return norm
 

@@ -1,0 +1,86 @@
+"""twintune/optimizers.py's updates on MLX arrays: the ArrayOps they compute with, each trainable
+value's state, and the step on one value (the mirror of backends/torch/optimizer.py).
+
+Every optimizer, AdamW included, runs its written-once `update` here; an elementwise one (all but
+Adafactor) on the flattened value, as torch's chunks see it. MLX evaluates each value's update
+lazily, so no chunking is needed to keep temporaries small.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+
+from twintune.optimizers import BLOCK, Optimizer
+
+
+class MLXArrayOps:
+    """twintune/optimizers.py's ArrayOps on MLX arrays."""
+
+    def __init__(self):
+        self.tables: dict[bytes, mx.array] = {}
+
+    sqrt, sign, abs, where = staticmethod(mx.sqrt), staticmethod(mx.sign), staticmethod(mx.abs), staticmethod(mx.where)
+
+    @staticmethod
+    def clamp_min(x: mx.array, low: float) -> mx.array:
+        return mx.maximum(x, low)
+
+    @staticmethod
+    def mean(x: mx.array, axis: int) -> mx.array:
+        return mx.mean(x, axis=axis)
+
+    @staticmethod
+    def amax(x: mx.array, axis: int) -> mx.array:
+        return mx.max(x, axis=axis)
+
+    @staticmethod
+    def rms(x: mx.array) -> mx.array:
+        return mx.sqrt(mx.sum(x * x)) / math.sqrt(x.size)
+
+    @staticmethod
+    def blocks(x: mx.array) -> mx.array:
+        return mx.pad(x, (0, -x.shape[0] % BLOCK)).reshape(-1, BLOCK)
+
+    @staticmethod
+    def unblock(x: mx.array, size: int) -> mx.array:
+        return x.reshape(-1)[:size]
+
+    def table(self, values: np.ndarray) -> mx.array:
+        key = values.tobytes()
+        if key not in self.tables:
+            self.tables[key] = mx.array(values)
+        return self.tables[key]
+
+    @staticmethod
+    def take(table: mx.array, indices: mx.array) -> mx.array:
+        return mx.take(table, indices.astype(mx.int32))
+
+    @staticmethod
+    def integers(like: mx.array) -> mx.array:
+        return mx.zeros(like.shape, dtype=mx.int32)
+
+    @staticmethod
+    def as_codes(indices: mx.array) -> mx.array:
+        return indices.astype(mx.uint8)
+
+
+STATE_DTYPES = {"float32": mx.float32, "codes": mx.uint8}
+
+
+def new_state(optimizer: Optimizer, value: mx.array) -> dict[str, mx.array]:
+    """Zeros of each state array the optimizer keeps for `value` ("float" ones in the value's dtype)."""
+    return {key: mx.zeros(spec.shape, dtype=STATE_DTYPES.get(spec.kind, value.dtype))
+            for key, spec in optimizer.states(tuple(value.shape)).items()}
+
+
+def update_value(optimizer: Optimizer, ops: MLXArrayOps, p: mx.array, g: mx.array, state: dict, step: int, lr: float,
+                 weight_decay: float) -> tuple[mx.array, dict]:
+    """(the new value, its new state) after one step of `optimizer` on value `p` with gradient `g`."""
+    if not optimizer.elementwise:
+        return optimizer.update(ops, p, g, state, step, lr, weight_decay)
+    flat = {key: value.reshape(-1) for key, value in state.items()}
+    new_p, new = optimizer.update(ops, p.reshape(-1), g.reshape(-1), flat, step, lr, weight_decay)
+    return new_p.reshape(p.shape), {key: value.reshape(state[key].shape) for key, value in new.items()}

@@ -1,0 +1,118 @@
+"""twintune/optimizers.py's updates on torch tensors: the ArrayOps they compute with, each trainable
+value's state, and a step that walks a large value in chunks (the mirror of backends/mlx/optimizer.py).
+
+AdamW keeps its fused in-place path (backend.py `adamw_update_`, the same bits as the written-once
+formula); every other optimizer runs its written-once `update` here. An elementwise optimizer (all
+but Adafactor) updates a value CHUNK elements at a time, so its temporaries stay a few MB whatever
+the value's size (GPT-Neo 1.3B's embedding is 103M values), and the 8-bit state's blocks never
+straddle a chunk (CHUNK is a multiple of BLOCK).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from twintune.optimizers import BLOCK, Optimizer
+
+CHUNK = 2**20  # elements per piece of an elementwise update
+
+
+class TorchArrayOps:
+    """twintune/optimizers.py's ArrayOps on torch tensors of one device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.tables: dict[bytes, torch.Tensor] = {}
+
+    sqrt, sign, abs = staticmethod(torch.sqrt), staticmethod(torch.sign), staticmethod(torch.abs)
+    where = staticmethod(torch.where)
+
+    @staticmethod
+    def clamp_min(x: torch.Tensor, low: float) -> torch.Tensor:
+        return torch.clamp(x, min=low)
+
+    @staticmethod
+    def mean(x: torch.Tensor, axis: int) -> torch.Tensor:
+        return x.mean(dim=axis)
+
+    @staticmethod
+    def amax(x: torch.Tensor, axis: int) -> torch.Tensor:
+        return x.amax(dim=axis)
+
+    @staticmethod
+    def rms(x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(x) / math.sqrt(x.numel())
+
+    @staticmethod
+    def blocks(x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, (0, -x.shape[0] % BLOCK)).view(-1, BLOCK)
+
+    @staticmethod
+    def unblock(x: torch.Tensor, size: int) -> torch.Tensor:
+        return x.reshape(-1)[:size]
+
+    def table(self, values: np.ndarray) -> torch.Tensor:
+        key = values.tobytes()
+        if key not in self.tables:
+            self.tables[key] = torch.from_numpy(values).to(self.device)
+        return self.tables[key]
+
+    @staticmethod
+    def take(table: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return table[indices.long()]  # (uint8 indices would select as a mask)
+
+    @staticmethod
+    def integers(like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(like.shape, dtype=torch.long, device=like.device)
+
+    @staticmethod
+    def as_codes(indices: torch.Tensor) -> torch.Tensor:
+        return indices.to(torch.uint8)
+
+
+STATE_DTYPES = {"float32": torch.float32, "codes": torch.uint8}
+
+
+def new_state(optimizer: Optimizer, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Zeros of each state array the optimizer keeps for `value` ("float" ones in the value's dtype;
+    paged optimizers' in CUDA's paged memory, through bitsandbytes)."""
+    state = {}
+    for key, spec in optimizer.states(tuple(value.shape)).items():
+        dtype = STATE_DTYPES.get(spec.kind, value.dtype)
+        if optimizer.paged:
+            import bitsandbytes.functional as bnb_functional
+
+            state[key] = bnb_functional.get_paged(*spec.shape, dtype=dtype, device=value.device)
+            state[key].zero_()
+        else:
+            state[key] = torch.zeros(spec.shape, dtype=dtype, device=value.device)
+    return state
+
+
+@torch.no_grad()
+def update_value(optimizer: Optimizer, ops: TorchArrayOps, p: torch.Tensor, g: torch.Tensor, state: dict, step: int,
+                 lr: float, weight_decay: float, grad_factor: float = 1.0, chunk: int = CHUNK) -> None:
+    """One step of `optimizer` on value `p` (in place), its gradient times `grad_factor` (unscaling
+    and clipping), its state arrays written in place."""
+    g = g * grad_factor if grad_factor != 1.0 else g
+    if not optimizer.elementwise:
+        new_p, new = optimizer.update(ops, p, g, state, step, lr, weight_decay)
+        p.copy_(new_p)
+        for key, value in new.items():
+            state[key].copy_(value)
+        return
+    size = p.numel()
+    flat_p, flat_g = p.view(-1), g.reshape(-1)
+    flat_state = {key: value.view(-1) for key, value in state.items()}
+    for start in range(0, size, chunk):
+        stop = min(start + chunk, size)
+        pieces = {key: value[start:stop] if value.numel() == size else value[start // BLOCK: -(-stop // BLOCK)]
+                  for key, value in flat_state.items()}  # per value, or per block of BLOCK values
+        new_p, new = optimizer.update(ops, flat_p[start:stop], flat_g[start:stop], pieces, step, lr, weight_decay)
+        flat_p[start:stop] = new_p
+        for key, value in new.items():
+            pieces[key].copy_(value)
