@@ -18,7 +18,7 @@ DEMO = "recipes/demo-financial-sentiment.yaml"
 SMALL = ["train.max_steps=4", "data.synthetic_size=150", "train.batch_size=8"]
 COLUMNS = {"entry", "family", "seeds", "finished", "errors", "accuracy", "accuracy_std", "macro_f1", "macro_f1_std",
            "trainable_parameters", "trainable_percent", "adapter_bytes", "peak_rss_mb", "estimate_mb",
-           "seconds_per_step", "tokens_per_second", "total_seconds"}
+           "seconds_per_step", "tokens_per_second", "total_seconds", "optimizer"}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,8 @@ def test_a_comparison_writes_its_table_plot_and_rows(comparisons, backend):
     table = open(f"{out}/compare.md").read()
     assert f"on {backend}" in table and f"backend **{backend}**" in table and "CPU flags:" in table
     assert all(f"| {name} |" in table for name in ("lora", "head", "zero-shot"))
+    assert [line["optimizer"] for line in written["table"]] == ["adamw", "adamw", None]  # prompting trains nothing
+    assert "| lora | weight methods | adamw |" in table and "| zero-shot | prompting | – |" in table
     assert open(f"{out}/compare.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     row = json.loads(open(f"{out}/rows/lora-seed0/row.json").read())
     assert row["status"] == "ok" and row["backend"] == backend and row["steps"] == 4
@@ -91,7 +93,7 @@ def test_resume_runs_only_the_missing_rows_and_a_failed_entry_is_a_row(compariso
     lora, few = result["table"]
     assert lora["finished"] == 2 and lora["accuracy_std"] is not None
     assert few["finished"] == 0 and len(few["errors"]) == 1 and "--shots" in few["errors"][0]
-    assert "| few-shot | prompting | failed: " in open(f"{out}/compare.md").read()
+    assert "| few-shot | prompting | | failed: " in open(f"{out}/compare.md").read()
 
 
 def test_the_cli_prints_the_table(tmp_path):
@@ -113,6 +115,14 @@ def test_set_values_reach_every_entry_or_the_one_they_name():
     assert lora[2:] == ["data.seed=7", "seed=8", *shared, "method.r=16", "train.lr=1e-3"]
     assert entry_overrides(ENTRIES["prompt"], 0, 0, overrides)[-3:] == [*shared, "method.n=5"]  # prompt tuning's n
     assert entry_overrides(ENTRIES["bitfit"], 0, 1, overrides)[-4:] == ["data.seed=0", "seed=1", *shared]
+    # the optimizer: for every entry, or for one
+    from twintune.recipe import load_recipe
+
+    for items, lora_optimizer, full_optimizer in ((["train.optimizer.name=lion"], "lion", "lion"),
+                                                  (["full.train.optimizer.name=adamw8bit"], "adamw", "adamw8bit")):
+        chosen = {name: load_recipe(DEMO, entry_overrides(ENTRIES[name], 0, 0, items)).train.optimizer.name
+                  for name in ("lora", "full")}
+        assert chosen == {"lora": lora_optimizer, "full": full_optimizer}
 
 
 def test_the_entries_load_as_recipes_and_seeds_keep_the_data():
@@ -129,7 +139,7 @@ def test_the_entries_load_as_recipes_and_seeds_keep_the_data():
 def test_the_table_averages_the_seeds_that_finished():
     rows = [{"entry": "lora", "status": "ok", "accuracy": a, "macro_f1": f, "trainable_parameters": 10,
              "adapter_bytes": 100, "peak_rss_mb": 50.0, "estimate_mb": 5.0, "seconds_per_step": 0.1,
-             "tokens_per_second": 1000.0, "total_seconds": 3.0, "model_parameters": 1000}
+             "tokens_per_second": 1000.0, "total_seconds": 3.0, "model_parameters": 1000, "optimizer": "lion8bit"}
             for a, f in ((0.8, 0.7), (0.9, 0.8))]
     rows.append({"entry": "lora", "status": "failed", "error": "out of memory."})
     (line,) = summarise(rows, [ENTRIES["lora"]])
@@ -138,5 +148,5 @@ def test_the_table_averages_the_seeds_that_finished():
     assert line["trainable_percent"] == pytest.approx(1.0)
     table = markdown_table({"recipe": DEMO, "recipe_name": "demo", "backend": "mlx", "seeds": 3, "table": [line],
                             "machine": {"cpu_model": "x", "cores": 2, "cpu_flags": ["avx2"]}})
-    assert "| lora | weight methods | 0.850 ± 0.071 | 0.750 ± 0.071 | 10 | 1 |" in table
-    assert "| lora (failed seeds) | | out of memory. |" in table
+    assert "| lora | weight methods | lion8bit | 0.850 ± 0.071 | 0.750 ± 0.071 | 10 | 1 |" in table
+    assert "| lora (failed seeds) | | | out of memory. |" in table

@@ -7,8 +7,8 @@ import pytest
 
 from twintune.cli import main
 from twintune.formats.checkpoint import load_config
-from twintune.memory import ADAM_BYTES_PER_TRAINABLE, FLOAT32, estimate_memory, quantized_bytes
-from twintune.methods import LoRA
+from twintune.memory import FLOAT32, estimate_memory, quantized_bytes
+from twintune.methods import BaseModel, LoRA
 from twintune.models import GPTNeoSpec
 from twintune.quant import Quantization
 from twintune.quant.nf4 import quantize_nf4
@@ -37,7 +37,7 @@ def test_weights_and_trainable_state_are_counted_exactly(backend):
     assert estimate.frozen_weights == n_weights * FLOAT32
     init = lora.init_values(SPEC.linear_layers(), seed=0)
     assert estimate.trainable_parameters == sum(v.size for v in init.values())
-    assert estimate.trainable == estimate.trainable_parameters * ADAM_BYTES_PER_TRAINABLE
+    assert estimate.trainable == estimate.trainable_parameters * 4 * FLOAT32  # the value, its gradient, AdamW's m, v
 
 
 def test_quantizing_shrinks_the_weights_and_more_tokens_more_activations():
@@ -119,7 +119,7 @@ def test_every_method_is_counted_from_its_plan():
         method = cls()
         estimate = estimate_memory(SPEC, method, None, 4, 32, "torch")
         assert estimate.trainable_parameters == method.plan(BaseModel(SPEC, weights), seed=0).trainable_parameters()
-        assert estimate.trainable == estimate.trainable_parameters * ADAM_BYTES_PER_TRAINABLE
+        assert estimate.trainable == estimate.trainable_parameters * 4 * FLOAT32  # the value, its gradient, AdamW's m, v
         assert estimate.loading == model_bytes  # the whole float32 model is read, whatever trains
         estimates[name] = estimate
     # an unfrozen weight is counted once, as trainable, not also as frozen
@@ -130,7 +130,8 @@ def test_every_method_is_counted_from_its_plan():
 
 
 @pytest.mark.parametrize("recipe", ["recipes/gpt-neo-1.3b-financial-sentiment-lora.yaml",
-                                    "recipes/gpt-neo-1.3b-financial-sentiment-qlora.yaml"])
+                                    "recipes/gpt-neo-1.3b-financial-sentiment-qlora.yaml",
+                                    "recipes/gpt-neo-1.3b-financial-sentiment-full-8bit.yaml"])
 def test_the_flagship_recipes_estimate_with_the_hub_unreachable(recipe, capsys, monkeypatch):
     """GPT-Neo 1.3B's architecture ships with twintune (assets/configs): the estimate reads nothing else."""
     import huggingface_hub
@@ -154,3 +155,35 @@ def test_the_shipped_configs_are_the_architectures_transformers_builds():
     assert (spec.hidden_size, spec.num_layers, spec.num_heads, spec.vocab_size, spec.max_positions) == (
         reference.hidden_size, reference.num_layers, reference.num_heads, reference.vocab_size,
         reference.max_position_embeddings)
+
+
+def test_each_optimizers_state_is_counted():
+    """Full fine-tuning: the value and its gradient (float32), plus the optimizer's state per value."""
+    from twintune.methods import Full
+    from twintune.optimizers import optimizer_from_dict
+
+    full = Full()
+    shapes = full.shapes(BaseModel(SPEC, {}))
+    values = sum(int(np.prod(s)) for s in shapes.values())
+    for name, per_value in (("adamw", 8), ("adamw8bit", None), ("lion", 4), ("sgd", 0), ("adafactor", None)):
+        optimizer = optimizer_from_dict({"name": name})
+        estimate = estimate_memory(SPEC, full, None, 4, 32, "torch", optimizer=optimizer)
+        state = sum(optimizer.state_bytes(tuple(s)) for s in shapes.values())
+        assert estimate.trainable == values * 2 * FLOAT32 + state, name
+        if per_value is not None:
+            assert state == values * per_value, name
+    # the tiny model's values are all 8-bit-sized but the position embeddings' and norms' (under 4096 values)
+    eight_bit = estimate_memory(SPEC, full, None, 4, 32, "torch", optimizer=optimizer_from_dict({"name": "adamw8bit"}))
+    adamw = estimate_memory(SPEC, full, None, 4, 32, "torch")
+    assert (eight_bit.trainable - values * 8) < 0.3 * (adamw.trainable - values * 8)
+
+
+def test_full_fine_tuning_of_the_13b_model_with_8bit_adamw_is_estimated_inside_16_gb(capsys):
+    """Every value of GPT-Neo 1.3B trains (float32 values and gradients, 8 bytes) with ~2 bytes of 8-bit
+    AdamW state: 12.6 GiB at the recipe's batch, where float32 AdamW's 8 bytes would make 19.9."""
+    recipe = "recipes/gpt-neo-1.3b-financial-sentiment-full-8bit.yaml"
+    assert main(["estimate", recipe, "--json"]) == 0
+    peak = json.loads(capsys.readouterr().out)["training peak"]
+    assert 12000 < peak < 16 * 1024
+    assert main(["estimate", recipe, "--json", "--set", "train.optimizer.name=adamw"]) == 0
+    assert json.loads(capsys.readouterr().out)["training peak"] > 16 * 1024

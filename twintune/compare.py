@@ -141,6 +141,7 @@ def run_row(spec: dict) -> dict:
     else:
         row = _trained_row(recipe, spec["backend"], out, spec["progress"])
     row["estimate_mb"] = None if spec["shots"] is not None else _estimate(spec)
+    row["optimizer"] = None if spec["shots"] is not None else recipe.train.optimizer.name
     row["model_parameters"] = _model_parameters(recipe.model)
     row["total_seconds"] = time.perf_counter() - started
     return row
@@ -331,7 +332,8 @@ def summarise(rows: list[dict], entries: list[Entry]) -> list[dict]:
         own = [r for r in rows if r["entry"] == entry.name]
         ok = [r for r in own if r["status"] == "ok"]
         line = {"entry": entry.name, "family": entry.family, "seeds": len(own), "finished": len(ok),
-                "errors": sorted({r["error"] for r in own if r["status"] != "ok"})}
+                "errors": sorted({r["error"] for r in own if r["status"] != "ok"}),
+                "optimizer": next((r.get("optimizer") for r in ok if r.get("optimizer")), None)}
         for measure in MEASURES:
             values = [r[measure] for r in ok if r.get(measure) is not None]
             line[measure] = statistics.mean(values) if values else None
@@ -354,22 +356,22 @@ def markdown_table(result: dict) -> str:
              "Accuracy and macro-F1 on the test split (mean ± std over seeds); peak RSS is the row's own process; "
              "the estimate is `twintune estimate`'s training peak at data.max_length (framework memory not included).",
              "",
-             "| entry | family | accuracy | macro-F1 | trainable | % of model | saved | peak RSS MB | estimate MB "
-             "| s/step | tokens/s | total s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| entry | family | optimizer | accuracy | macro-F1 | trainable | % of model | saved | peak RSS MB "
+             "| estimate MB | s/step | tokens/s | total s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for line in result["table"]:
         if not line["finished"]:
-            lines.append(f"| {line['entry']} | {line['family']} | failed: {'; '.join(line['errors'])} "
+            lines.append(f"| {line['entry']} | {line['family']} | | failed: {'; '.join(line['errors'])} "
                          "| | | | | | | | | |")
             continue
-        cells = [line["entry"], line["family"], _mean_std(line, "accuracy"), _mean_std(line, "macro_f1"),
+        cells = [line["entry"], line["family"], line.get("optimizer") or "–", _mean_std(line, "accuracy"), _mean_std(line, "macro_f1"),
                  f"{line['trainable_parameters']:,.0f}", _number(line["trainable_percent"], "{:.3g}"),
                  _size(line["adapter_bytes"]), _number(line["peak_rss_mb"], "{:.0f}"),
                  _number(line["estimate_mb"], "{:.0f}"), _number(line["seconds_per_step"], "{:.3f}"),
                  _number(line["tokens_per_second"], "{:.0f}"), _number(line["total_seconds"], "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")
         if line["errors"]:
-            lines.append(f"| {line['entry']} (failed seeds) | | {'; '.join(line['errors'])} | | | | | | | | | |")
+            lines.append(f"| {line['entry']} (failed seeds) | | | {'; '.join(line['errors'])} | | | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 

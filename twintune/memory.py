@@ -17,6 +17,7 @@ from twintune.methods.base import block_index
 from twintune.tasks import HEAD
 from twintune.tasks.ppo import VALUE_HEAD
 from twintune.models import GPTNeoSpec
+from twintune.optimizers import AdamW, Optimizer
 from twintune.quant import Quantization
 
 FLOAT32 = 4
@@ -31,8 +32,7 @@ ATTENTION_KEPT = 4.0  # q, k, v and the attention output per block, in units of 
 # benchmarks/memory_estimate.py checks both on the 125M shape, which the fit did not see.
 KEPT_PER_BLOCK = {"torch": (6.0, 1.0, 0.0), "mlx": (3.9, 1.5, 1.0)}
 TRANSIENT = {"torch": (4.0, 3.0, 0.0), "mlx": (30.0, 2.1, 2.0)}
-ADAM_BYTES_PER_TRAINABLE = 4 * FLOAT32  # the value, its gradient, Adam's m and v ("4NB")
-SGD_BYTES_PER_TRAINABLE = 2 * FLOAT32  # the value and its gradient ("2NB")
+VALUE_AND_GRADIENT = 2  # per trainable value, in its dtype; the optimizer's state comes on top (Optimizer.state_bytes)
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class MemoryEstimate:
 
 
 def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization | None, batch_size: int,
-                    sequence_length: int, backend: str = "torch", optimizer: str = "adamw",
+                    sequence_length: int, backend: str = "torch", optimizer: Optimizer | None = None,
                     gradient_checkpointing: bool = False, dtype: str = "float32", head_labels: int = 0,
                     ewc: bool = False, distill: bool = False, value_head: bool = False, reward_model: bool = False,
                     rollout_rows: int = 0) -> MemoryEstimate:
@@ -75,7 +75,9 @@ def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization
     (float64 in a float64 run). `head_labels` > 0: a linear classification head of that many labels
     trains too (task head linear). `ewc`: the Fisher diagonal and start values of every trainable
     value; `distill`: the start values of the parameters the method unfreezes, which the teacher (the
-    model with the method off) reads — for full fine-tuning a frozen copy of the model.
+    model with the method off) reads — for full fine-tuning a frozen copy of the model. `optimizer`
+    (default AdamW) keeps its state per trainable value (twintune/optimizers.py: 8 bytes for AdamW,
+    ~2 for adamw8bit, the rows and columns of a matrix for Adafactor).
 
     Example:
         >>> from twintune.formats.checkpoint import load_checkpoint
@@ -107,8 +109,9 @@ def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization
     # Frozen tensors the method adds (shared random projections), held once in the adapters' dtype
     frozen += sum(value.size for value in method.frozen_values(spec).values()) * precise
     frozen -= sum(_size(shape) for name, shape in trainable_shapes.items() if name in shapes) * e  # unfrozen: counted as trainable
-    per_trainable = ADAM_BYTES_PER_TRAINABLE if optimizer == "adamw" else SGD_BYTES_PER_TRAINABLE
-    trainable = trainable_parameters * per_trainable * precise // FLOAT32
+    optimizer = optimizer or AdamW()
+    trainable = trainable_parameters * VALUE_AND_GRADIENT * precise + sum(
+        optimizer.state_bytes(tuple(shape), precise) for shape in trainable_shapes.values())
 
     # Virtual tokens: a prompt's pass through every block like the text's; a prefix's are extra keys only.
     keys_length = sequence_length + method.virtual_tokens
@@ -217,10 +220,11 @@ def estimate_recipe(path: str, overrides: list[str] = (), tokens: int | None = N
                                head_labels=len(recipe.task.head_labels(recipe) or []),
                                ewc=recipe.train.ewc.weight > 0, distill=base_view,
                                value_head=recipe.task.learns_from_rollouts, reward_model=bool(recipe.task.reward_model),
-                               rollout_rows=_rollout_rows(recipe))
+                               rollout_rows=_rollout_rows(recipe), optimizer=recipe.train.optimizer)
     quant = recipe.quantize.type if recipe.quantize.type != "none" else recipe.dtype
     note = (f"{recipe.name}: GPT-Neo {spec.num_layers} layers x {spec.hidden_size}, {quant} base, method {recipe.method.name} "
-            f"({estimate.trainable_parameters:,} trainable), {backend} backend, batch {rows} x {length} tokens, AdamW; "
+            f"({estimate.trainable_parameters:,} trainable), {backend} backend, batch {rows} x {length} tokens, "
+            f"optimizer {recipe.train.optimizer.name}; "
             "framework memory not included")
     return estimate.rows(), note
 

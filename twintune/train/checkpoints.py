@@ -3,7 +3,7 @@
 A checkpoint is a directory RUN/checkpoints/step-00000050/ holding
 
     trainable.safetensors   the trainable values (LoRA A/B), twintune names
-    optimizer.safetensors   AdamW's m and v per value, and its step
+    optimizer.safetensors   the optimizer's state per value (AdamW's m and v; 8-bit codes as uint8), and its step
     best.safetensors        with early stopping: the values at the best evaluation so far
     rollout.safetensors     PPO: the current rollout's rows (train/rollouts.py)
     state.json              format, step, the recipe, the history so far (every step's record,
