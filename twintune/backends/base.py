@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Mapping, Protocol
+from typing import Iterator, Mapping, Protocol
 
 import numpy as np
 

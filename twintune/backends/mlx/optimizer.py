@@ -2,8 +2,8 @@
 value's state, and the step on one value (the mirror of backends/torch/optimizer.py).
 
 Every optimizer, AdamW included, runs its written-once `update` here; an elementwise one (all but
-Adafactor) on the flattened value, as torch's chunks see it. MLX evaluates each value's update
-lazily, so no chunking is needed to keep temporaries small.
+Adafactor) on the flattened value, as torch's chunks see it; an 8-bit one on a large value in chunks
+too (its temporaries are several times the value: without them, 7 GB at the 125M shape).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ class MLXArrayOps:
         return mx.take(table, indices.astype(mx.int32))
 
     @staticmethod
-    def integers(like: mx.array) -> mx.array:
-        return mx.zeros(like.shape, dtype=mx.int32)
+    def bits(x: mx.array) -> mx.array:
+        return x.view(mx.int32)
 
     @staticmethod
     def as_codes(indices: mx.array) -> mx.array:
@@ -68,6 +68,7 @@ class MLXArrayOps:
 
 
 STATE_DTYPES = {"float32": mx.float32, "codes": mx.uint8}
+CHUNK = 2**22  # values per piece of a large 8-bit update
 
 
 def new_state(optimizer: Optimizer, value: mx.array) -> dict[str, mx.array]:
@@ -77,10 +78,28 @@ def new_state(optimizer: Optimizer, value: mx.array) -> dict[str, mx.array]:
 
 
 def update_value(optimizer: Optimizer, ops: MLXArrayOps, p: mx.array, g: mx.array, state: dict, step: int, lr: float,
-                 weight_decay: float) -> tuple[mx.array, dict]:
-    """(the new value, its new state) after one step of `optimizer` on value `p` with gradient `g`."""
+                 weight_decay: float, chunk: int = CHUNK) -> tuple[mx.array, dict]:
+    """(the new value, its new state) after one step of `optimizer` on value `p` with gradient `g`. An
+    8-bit update of a large value runs `chunk` values at a time, each evaluated before the next: its
+    temporaries (the dequantized moments, the code indices) are several times the value's size."""
     if not optimizer.elementwise:
         return optimizer.update(ops, p, g, state, step, lr, weight_decay)
+    size, flat_p, flat_g = p.size, p.reshape(-1), g.reshape(-1)
     flat = {key: value.reshape(-1) for key, value in state.items()}
-    new_p, new = optimizer.update(ops, p.reshape(-1), g.reshape(-1), flat, step, lr, weight_decay)
-    return new_p.reshape(p.shape), {key: value.reshape(state[key].shape) for key, value in new.items()}
+    if not optimizer.eight_bit or size <= chunk:
+        new_p, new = optimizer.update(ops, flat_p, flat_g, flat, step, lr, weight_decay)
+        return new_p.reshape(p.shape), {key: value.reshape(state[key].shape) for key, value in new.items()}
+    values, states = [], {key: [] for key in state}
+    for start in range(0, size, chunk):
+        stop = min(start + chunk, size)
+        pieces = {key: value[start:stop] if value.size == size else value[start // BLOCK: -(-stop // BLOCK)]
+                  for key, value in flat.items()}  # per value, or per block of BLOCK values
+        new_p, new = optimizer.update(ops, flat_p[start:stop], flat_g[start:stop], pieces, step, lr, weight_decay)
+        mx.eval(new_p, new)
+        values.append(new_p)
+        for key, value in new.items():
+            states[key].append(value)
+    new_p = mx.concatenate(values).reshape(p.shape)
+    new = {key: mx.concatenate(parts).reshape(state[key].shape) for key, parts in states.items()}
+    mx.eval(new_p, new)
+    return new_p, new

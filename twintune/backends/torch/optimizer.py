@@ -63,11 +63,13 @@ class TorchArrayOps:
 
     @staticmethod
     def take(table: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        return table[indices.long()]  # (uint8 indices would select as a mask)
+        if indices.dtype == torch.uint8:  # (as an index, uint8 would select as a mask)
+            indices = indices.int()
+        return table.index_select(0, indices.reshape(-1)).reshape(indices.shape)
 
     @staticmethod
-    def integers(like: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(like.shape, dtype=torch.long, device=like.device)
+    def bits(x: torch.Tensor) -> torch.Tensor:
+        return x.view(torch.int32)
 
     @staticmethod
     def as_codes(indices: torch.Tensor) -> torch.Tensor:
