@@ -162,6 +162,10 @@ class Recipe:
                 return value.to_dict()
             if dataclasses.is_dataclass(value):
                 return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            if isinstance(value, (list, tuple)):  # data.mixture's sources
+                return [plain(item) for item in value]
+            if isinstance(value, dict):
+                return {key: plain(item) for key, item in value.items()}
             return value
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
