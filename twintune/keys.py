@@ -40,6 +40,44 @@ def build(cls, raw, where: str, converters: dict | None = None):
     return cls(**kwargs)
 
 
+def named_section(raw, registry: dict, where: str, kind: str, default: str, example: str, bare_name: bool = False,
+                  hint: str = ""):
+    """A recipe section that names one of `registry`'s dataclasses (`{name: NAME, its keys}`: a method, a
+    task, an optimizer), built and validated: an unknown name gets a did-you-mean, a key that belongs
+    to other entries is named as theirs. `bare_name`: a plain string is the name alone.
+
+    Example:
+        >>> from twintune.optimizers import OPTIMIZERS
+        >>> named_section({"name": "sgd", "momentum": 0.9}, OPTIMIZERS, "train.optimizer", "optimizer", "adamw", "")
+        SGD(momentum=0.9, dampening=0.0, nesterov=False)
+    """
+    if raw is None:
+        raw = {}
+    if bare_name and isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        raise TwintuneError(f"recipe key {where!r} must be a mapping such as {example}, got {raw!r}.")
+    raw = dict(raw)
+    name = raw.pop("name", default)
+    if name not in registry:
+        close = difflib.get_close_matches(str(name), registry, n=1)
+        did_you_mean = f"; did you mean {close[0]!r}?" if close else ""
+        raise TwintuneError(f"recipe key '{where}.name' names no {kind}: {name!r}{did_you_mean} "
+                            f"({kind}s: {', '.join(registry)}{hint}).")
+    cls = registry[name]
+    own = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        owners = [n for n, other in registry.items() if key in [f.name for f in dataclasses.fields(other)]]
+        if key not in own and owners:
+            them = f"{kind} {owners[0]}" if len(owners) == 1 else \
+                f"{kind}s {', '.join(owners[:-1])} and {owners[-1]}"
+            raise TwintuneError(f"recipe key '{where}.{key}' belongs to {them}, not to {name}; {name}'s keys are: "
+                                f"{', '.join(own) or 'none'}.")
+    section = build(cls, raw, f"{where}.")
+    section.validate()
+    return section
+
+
 def convert(kind, value, key: str, converters: dict | None = None):
     """`value` as type `kind`, or a sentence naming `key` and what it must be."""
     if converters and kind in converters:

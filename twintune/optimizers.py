@@ -27,7 +27,6 @@ Adafactor with `relative_step` computes its own from the step and the value's si
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import math
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from twintune.errors import TwintuneError
-from twintune.keys import build, check
+from twintune.keys import check, named_section
 
 BLOCK = 256  # values per absmax of the 8-bit state (bitsandbytes' blockwise optimizers)
 
@@ -467,40 +466,14 @@ def optimizer_from_dict(raw, where: str = "train.optimizer") -> Optimizer:
     """
     if isinstance(raw, Optimizer):
         return raw
-    if raw is None:
-        raw = {}
-    if isinstance(raw, str):
-        raw = {"name": raw}
-    if not isinstance(raw, dict):
-        raise TwintuneError(f"recipe key {where!r} must be a mapping such as {{name: adamw8bit}}, got {raw!r}.")
-    raw = dict(raw)
-    name = raw.pop("name", "adamw")
-    if name not in OPTIMIZERS:
-        close = difflib.get_close_matches(str(name), OPTIMIZERS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise TwintuneError(f"recipe key '{where}.name' names no optimizer: {name!r}{hint} "
-                            f"(optimizers: {', '.join(OPTIMIZERS)}).")
-    cls = OPTIMIZERS[name]
-    own = optimizer_keys(cls)
-    for key in raw:
-        if key == "weight_decay":
-            raise TwintuneError(f"recipe key '{where}.weight_decay': weight decay is train.weight_decay, for every "
-                                "optimizer; set it there.")
-        if key == "lr":
-            raise TwintuneError(f"recipe key '{where}.lr': the learning rate is train.lr, for every optimizer; "
-                                "set it there.")
-        if key not in own:
-            owners = [n for n, other in OPTIMIZERS.items() if key in optimizer_keys(other)]
-            if owners:
-                them = owners[0] if len(owners) == 1 else f"{', '.join(owners[:-1])} and {owners[-1]}"
-                raise TwintuneError(f"recipe key '{where}.{key}' belongs to optimizer{'s' * (len(owners) > 1)} {them}, "
-                                    f"not to {name}; {name}'s keys are: {', '.join(own) or 'none'}.")
-    optimizer = build(cls, raw, f"{where}.")
-    optimizer = dataclasses.replace(optimizer, **{f.name: tuple(getattr(optimizer, f.name))
-                                                  for f in dataclasses.fields(optimizer)
-                                                  if isinstance(getattr(optimizer, f.name), list)})
-    optimizer.validate()
-    return optimizer
+    for key in ("weight_decay", "lr") if isinstance(raw, dict) else ():
+        if key in raw:
+            what = "weight decay is train.weight_decay" if key == "weight_decay" else "the learning rate is train.lr"
+            raise TwintuneError(f"recipe key '{where}.{key}': {what}, for every optimizer; set it there.")
+    optimizer = named_section(raw, OPTIMIZERS, where, "optimizer", "adamw", "{name: adamw8bit}", bare_name=True)
+    # lists from YAML as tuples: the dataclass stays hashable and equal to its defaults
+    return dataclasses.replace(optimizer, **{f.name: tuple(getattr(optimizer, f.name)) for f in dataclasses.fields(optimizer)
+                                             if isinstance(getattr(optimizer, f.name), list)})
 
 
 def pack_state(states: dict[str, dict[str, np.ndarray]], step: int) -> dict[str, np.ndarray]:

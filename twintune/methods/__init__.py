@@ -9,12 +9,10 @@ backends/{mlx,torch}/methods/.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import pkgutil
 
-from twintune.errors import TwintuneError
-from twintune.keys import build
+from twintune.keys import named_section
 from twintune.methods.base import INSERT, UNFREEZE, WRAP, BaseModel, Method, Plan, Surgery
 from twintune.methods.bitfit import BitFit
 from twintune.methods.dora import DoRA
@@ -59,31 +57,8 @@ def method_from_dict(raw, where: str = "method") -> Method:
         >>> method_from_dict({"name": "dora", "r": 4})
         DoRA(r=4, alpha=16.0, dropout=0.0, target_modules=('q_proj', 'v_proj'), ...)
     """
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise TwintuneError(f"recipe key {where!r} must be a mapping such as {{name: lora, r: 8}}, got {raw!r}.")
-    raw = dict(raw)
-    name = raw.pop("name", "lora")
-    if name not in METHODS:
-        close = difflib.get_close_matches(str(name), METHODS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise TwintuneError(f"recipe key '{where}.name' names no method: {name!r}{hint} "
-                            f"(methods: {', '.join(METHODS)}; `twintune methods` lists their keys).")
-    cls = METHODS[name]
-    own = method_keys(cls)
-    for key in raw:
-        if key not in own:
-            owners = [m for m, other in METHODS.items() if key in method_keys(other)]
-            if owners:
-                keys = ", ".join(own) or "none"
-                owned_by = f"method {owners[0]}" if len(owners) == 1 else \
-                    f"methods {', '.join(owners[:-1])} and {owners[-1]}"
-                raise TwintuneError(f"recipe key '{where}.{key}' belongs to {owned_by}, not to {name}; "
-                                    f"{name}'s keys are: {keys}.")
-    method = build(cls, raw, f"{where}.")
-    method.validate()
-    return method
+    return named_section(raw, METHODS, where, "method", "lora", "{name: lora, r: 8}",
+                         hint="; `twintune methods` lists their keys")
 
 
 def describe_methods() -> str:

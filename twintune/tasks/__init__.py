@@ -23,11 +23,8 @@ evaluation and prediction are the verbalizer's, with the classes in place of the
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 
-from twintune.errors import TwintuneError
-from twintune.keys import build
+from twintune.keys import named_section
 from twintune.tasks.classification import HEAD, Classification, check_head_labels, head_surgery, split_head, with_head
 from twintune.tasks.causal_lm import CausalLM
 from twintune.tasks.features import Features
@@ -55,28 +52,7 @@ def task_from_dict(raw, where: str = "task") -> Task:
         >>> task_from_dict({"name": "classification", "head": "linear"}).linear_head
         True
     """
-    if raw is None:
-        raw = {}
-    if isinstance(raw, str):
-        raw = {"name": raw}
-    if not isinstance(raw, dict):
-        raise TwintuneError(f"recipe key {where!r} must be a mapping such as {{name: classification, head: linear}}, "
-                            f"got {raw!r}.")
-    raw = dict(raw)
-    name = raw.pop("name", "classification")
-    if name not in TASKS:
-        close = difflib.get_close_matches(str(name), TASKS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise TwintuneError(f"recipe key '{where}.name' names no task: {name!r}{hint} (tasks: {', '.join(TASKS)}).")
-    cls = TASKS[name]
-    own = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        owners = [n for n, other in TASKS.items() if n != name and key in [f.name for f in dataclasses.fields(other)]]
-        if key not in own and owners:
-            raise TwintuneError(f"recipe key '{where}.{key}' belongs to task {owners[0]}, not to {name}; "
-                                f"{name}'s keys are: {', '.join(own)}.")
-    task = build(cls, raw, f"{where}.")
-    task.validate()
-    return task
+    return named_section(raw, TASKS, where, "task", "classification", "{name: classification, head: linear}",
+                         bare_name=True)
 
 
