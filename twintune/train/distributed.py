@@ -134,13 +134,30 @@ def take_rows(batch: Batch, start: int, stop: int) -> Batch:
         first_row=batch.first_row + start, width_pad=batch.width_pad + width - keep)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (for torchrun's rendezvous)."""
+def free_port(count: int = 1) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, and the `count - 1` after it too (torchrun's
+    rendezvous takes one; MLX's ring one per process from its starting port: a busy neighbour made a
+    rank fail to bind, "error 98", when another program held the next port)."""
+    import socket
+
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port + count <= 65536 and all(_can_bind(port + k) for k in range(1, count)):
+            return port
+    raise TwintuneError(f"found no {count} free consecutive ports on 127.0.0.1 for the processes to meet on.")
+
+
+def _can_bind(port: int) -> bool:
     import socket
 
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def launcher_command(backend: str, nproc: int, argv: list[str]) -> list[str]:
@@ -160,7 +177,7 @@ def launcher_command(backend: str, nproc: int, argv: list[str]) -> list[str]:
             raise TwintuneError("--nproc with the mlx backend needs mlx.launch (installed with mlx); it was not found.")
     # mlx.launch runs the command as given: the interpreter is named, and only "127.0.0.1" counts as local
     return [str(launcher), "--hosts", "127.0.0.1", "-n", str(nproc), "--backend", "ring",
-            "--starting-port", str(free_port()), "--", sys.executable, "-m", "twintune", *argv]
+            "--starting-port", str(free_port(nproc)), "--", sys.executable, "-m", "twintune", *argv]
 
 
 def launch(backend: str, nproc: int, argv: list[str]) -> int:
