@@ -144,6 +144,13 @@ def dequantize(ops: ArrayOps, codes, absmax, code: np.ndarray):
     return ops.unblock(ops.blocks(ops.take(ops.table(code), codes)) * absmax[:, None], codes.shape[0])
 
 
+def state_pieces(state: dict, size: int, start: int, stop: int) -> dict:
+    """Values start..stop of a flat value's flat state arrays (any framework's): a per-value array's
+    own slice, a per-block array's blocks (start and stop on BLOCK boundaries, but for the value's end)."""
+    return {key: value[start:stop] if value.shape[0] == size else value[start // BLOCK: -(-stop // BLOCK)]
+            for key, value in state.items()}
+
+
 @dataclass(frozen=True)
 class State:
     """One array an optimizer keeps per trainable value: its shape and kind ("float": the run's

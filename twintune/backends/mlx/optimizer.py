@@ -13,7 +13,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from twintune.optimizers import BLOCK, Optimizer
+from twintune.optimizers import BLOCK, Optimizer, state_pieces
 
 
 class MLXArrayOps:
@@ -92,8 +92,7 @@ def update_value(optimizer: Optimizer, ops: MLXArrayOps, p: mx.array, g: mx.arra
     values, states = [], {key: [] for key in state}
     for start in range(0, size, chunk):
         stop = min(start + chunk, size)
-        pieces = {key: value[start:stop] if value.size == size else value[start // BLOCK: -(-stop // BLOCK)]
-                  for key, value in flat.items()}  # per value, or per block of BLOCK values
+        pieces = state_pieces(flat, size, start, stop)
         new_p, new = optimizer.update(ops, flat_p[start:stop], flat_g[start:stop], pieces, step, lr, weight_decay)
         mx.eval(new_p, new)
         values.append(new_p)

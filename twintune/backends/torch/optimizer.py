@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from twintune.optimizers import BLOCK, Optimizer
+from twintune.optimizers import BLOCK, Optimizer, state_pieces
 
 CHUNK = 2**20  # elements per piece of an elementwise update
 
@@ -112,8 +112,7 @@ def update_value(optimizer: Optimizer, ops: TorchArrayOps, p: torch.Tensor, g: t
     flat_state = {key: value.view(-1) for key, value in state.items()}
     for start in range(0, size, chunk):
         stop = min(start + chunk, size)
-        pieces = {key: value[start:stop] if value.numel() == size else value[start // BLOCK: -(-stop // BLOCK)]
-                  for key, value in flat_state.items()}  # per value, or per block of BLOCK values
+        pieces = state_pieces(flat_state, size, start, stop)
         new_p, new = optimizer.update(ops, flat_p[start:stop], flat_g[start:stop], pieces, step, lr, weight_decay)
         flat_p[start:stop] = new_p
         for key, value in new.items():
