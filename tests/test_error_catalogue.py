@@ -189,7 +189,7 @@ CASES = [
     case("train", DEMO, "--backend", "mlx", "--set", "model={root}/llama", "--set", "method={name: ia3}",
          match="IA3 target module 'c_proj' is not a linear layer of this model"),
     case("train", DEMO, "--set", "method={name: full}", "--set", "quantize.type=nf4", match="quantized weights cannot be trained"),
-    case("train", DEMO, "--set", "method={name: bitfit}", "--set", "dtype=bfloat16", match="use dtype float32"),
+    case("train", DEMO, "--set", "method={name: bitfit}", "--set", "dtype=float16", match="cannot train in float16"),
     case("eval", "{root}/swapped-run", match="is a bitfit adapter, but the run's recipe trains method lora"),
     case("merge", "{root}/swapped-run", "--out", "{root}/merged3", match="is a bitfit adapter"),
     case("export", "{root}/bitfit-run", "--format", "peft", "--out", "{root}/exported", match="method bitfit has no PEFT format"),

@@ -117,6 +117,43 @@ def test_training_in_low_precision_follows_float32_on_both_backends(dtype):
     assert np.abs(_losses("mlx", dtype) - _losses("torch", dtype)).max() / exact.max() < 0.01
 
 
+FULL = ["data.synthetic_size=200", "train.batch_size=8", "train.max_steps=12", "method={name: full}",
+        "train.optimizer.name=adamw8bit", "train.lr=1e-3"]
+
+
+@functools.lru_cache(maxsize=None)
+def _full_fine_tuning(backend, dtype):
+    run = prepare(load_recipe("recipes/demo-financial-sentiment.yaml", FULL + [f"dtype={dtype}"]), backend)
+    losses = np.array([train_step(run, step)["loss"] for step in range(run.total_steps)])
+    return losses, _dtypes(run.backend), run.backend.optimizer_state()
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_full_fine_tuning_in_bfloat16_trains_the_model_in_bfloat16_with_a_compensation(backend):
+    """Every parameter trains in bfloat16; beside each, its compensation (what rounding the float32
+    step's result to bfloat16 dropped: optimizers.compensated_update), saved exactly (as float32)."""
+    _, (frozen, trainable), state = _full_fine_tuning(backend, "bfloat16")
+    assert trainable == {"bfloat16"} and frozen <= {"bfloat16"}
+    compensation = {k: v for k, v in state.items() if k.startswith("compensation.")}
+    assert len(compensation) == len([k for k in state if k.startswith("m.")]) > 0
+    assert all(v.dtype == np.float32 for v in compensation.values())
+    assert all(np.array_equal(torch.from_numpy(v).bfloat16().float().numpy(), v) for v in compensation.values())  # exact
+    assert any(np.abs(v).max() > 0 for v in compensation.values())
+
+
+def test_full_fine_tuning_in_bfloat16_follows_float32_on_both_backends():
+    """12 steps at lr 1e-3: each backend's bfloat16 losses within 5% of float32's largest (measured 2.6%:
+    every weight is rounded to bfloat16, not only the frozen ones), and within 1% of each other
+    (measured 0.33%)."""
+    exact = _full_fine_tuning("torch", "float32")[0]
+    assert exact[-1] < 0.5 * exact[0]  # it learns
+    mlx_losses, torch_losses = _full_fine_tuning("mlx", "bfloat16")[0], _full_fine_tuning("torch", "bfloat16")[0]
+    for losses in (mlx_losses, torch_losses):
+        assert not np.array_equal(losses, exact)
+        assert np.abs(losses - exact).max() / exact.max() < 0.05, (losses, exact)
+    assert np.abs(mlx_losses - torch_losses).max() / exact.max() < 0.01
+
+
 def test_loss_scaler_halves_on_overflow_and_doubles_after_a_run_of_good_steps():
     scaler = LossScaler(scale=1024.0, growth_interval=3)
     scaler.update(finite=False)

@@ -23,7 +23,7 @@ def test_recipes_in_the_repository_are_valid():
         recipe = load_recipe(path)
         assert recipe.method.name == ("full" if path.name.endswith("full-8bit.yaml") else "lora"), path
     full = load_recipe("recipes/gpt-neo-1.3b-financial-sentiment-full-8bit.yaml")
-    assert full.train.optimizer.name == "adamw8bit" and full.train.gradient_checkpointing
+    assert full.train.optimizer.name == "adamw8bit" and full.train.gradient_checkpointing and full.dtype == "bfloat16"
     flagship = load_recipe("recipes/gpt-neo-1.3b-financial-sentiment-lora.yaml")
     assert flagship.model == "EleutherAI/gpt-neo-1.3B" and flagship.data.subset == "sentences_allagree"
     qlora = load_recipe("recipes/gpt-neo-1.3b-financial-sentiment-qlora.yaml")

@@ -28,7 +28,10 @@ def _cli(backend, out, *extra, settings=SETTINGS):
 
 
 def _adapter(run_dir):
-    return read_safetensors(run_dir / "adapter" / "adapter_model.safetensors")
+    """The trained values: the adapter's, or full fine-tuning's whole model."""
+    adapter = run_dir / "adapter"
+    return read_safetensors(adapter / ("model.safetensors" if (adapter / "model.safetensors").exists()
+                                       else "adapter_model.safetensors"))
 
 
 TASKS = {"classification": "classification", "preference": "preference",  # DPO, its reference the base view
@@ -60,6 +63,19 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run_with_each_optimizer(bac
     state = read_safetensors(killed / "checkpoints" / "step-00000030" / "optimizer.safetensors")
     codes = [name for name in state if name.startswith(("m.", "v.")) and state[name].dtype == np.uint8]
     assert bool(codes) == optimizer.endswith("8bit")  # the codes saved as they are, one byte a value
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_sigkill_then_resume_equals_an_uninterrupted_run_of_bfloat16_full_fine_tuning(backend, tmp_path):
+    """The model's own values in bfloat16, each with its compensation in the checkpoint (as float32:
+    exact), so the resumed run rounds as the uninterrupted one did."""
+    settings = [*SETTINGS, "train.max_steps=30", "method={name: full}", "dtype=bfloat16",
+                "train.optimizer.name=adamw8bit", "train.lr=1e-3"]
+    killed = _sigkill_then_resume(backend, settings, tmp_path)
+    state = read_safetensors(killed / "checkpoints" / "step-00000030" / "optimizer.safetensors")
+    compensation = [state[name] for name in state if name.startswith("compensation.")]
+    assert compensation and all(c.dtype == np.float32 for c in compensation) and any(np.abs(c).max() > 0
+                                                                                     for c in compensation)
 
 
 def _sigkill_then_resume(backend, settings, tmp_path):

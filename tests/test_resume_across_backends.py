@@ -89,6 +89,18 @@ def test_each_optimizers_state_resumes_from_mlx_on_torch(optimizer, tmp_path):
         assert np.abs(value - theirs[name]).max() <= tolerance, name
 
 
+def test_bfloat16_full_fine_tuning_resumes_from_mlx_on_torch(tmp_path):
+    """The model's own values in bfloat16 and their compensations, written by MLX, continue on torch as
+    torch's own run does: within the backends' bfloat16 agreement (losses measured 1e-3 apart)."""
+    recipe = _recipe("method={name: full}", "dtype=bfloat16", "train.optimizer.name=adamw8bit", "train.lr=1e-3")
+    whole = train(recipe, "torch", tmp_path / "torch", progress=False)
+    train(recipe, "mlx", tmp_path / "mlx", progress=False)
+    resumed = train(recipe, "torch", resume=tmp_path / "mlx" / "checkpoints" / "step-00000010", progress=False)
+    assert resumed["resumed_from_step"] == 10
+    losses, expected = np.array(resumed["train_losses"]), np.array(whole["train_losses"])
+    assert np.abs(losses - expected).max() / expected.max() < 0.01
+
+
 def test_float64_resume_across_backends_is_the_same_run_to_1e_9(tmp_path):
     recipe = _recipe("dtype=float64")
     whole = train(recipe, "torch", tmp_path / "torch", progress=False)

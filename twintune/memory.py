@@ -71,8 +71,9 @@ def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization
     """Estimated bytes of one training step of `method` on `spec`, for batches of batch_size x sequence_length.
 
     `dtype` is the frozen model's (the recipe's `dtype`): its weights and most activations take
-    that many bytes; the attention, the adapters' inputs and everything trainable stay float32
-    (float64 in a float64 run). `head_labels` > 0: a linear classification head of that many labels
+    that many bytes; the attention, the adapters' inputs and what a method adds stay float32
+    (float64 in a float64 run); the base parameters a method unfreezes train in `dtype` (bfloat16:
+    with a 2-byte compensation each, optimizers.compensated_update). `head_labels` > 0: a linear classification head of that many labels
     trains too (task head linear). `ewc`: the Fisher diagonal and start values of every trainable
     value; `distill`: the start values of the parameters the method unfreezes, which the teacher (the
     model with the method off) reads — for full fine-tuning a frozen copy of the model. `optimizer`
@@ -110,8 +111,12 @@ def estimate_memory(spec: GPTNeoSpec, method: Method, quantization: Quantization
     frozen += sum(value.size for value in method.frozen_values(spec).values()) * precise
     frozen -= sum(_size(shape) for name, shape in trainable_shapes.items() if name in shapes) * e  # unfrozen: counted as trainable
     optimizer = optimizer or AdamW()
-    trainable = trainable_parameters * VALUE_AND_GRADIENT * precise + sum(
-        optimizer.state_bytes(tuple(shape), precise) for shape in trainable_shapes.values())
+    # An unfrozen base parameter trains in the model's dtype (bfloat16: with a compensation beside
+    # it); what a method adds trains in the precise dtype.
+    value_bytes = {name: e if name in shapes else precise for name in trainable_shapes}
+    trainable = sum(_size(shape) * VALUE_AND_GRADIENT * value_bytes[name]
+                    + optimizer.state_bytes(tuple(shape), precise, value_bytes[name])
+                    for name, shape in trainable_shapes.items())
 
     # Virtual tokens: a prompt's pass through every block like the text's; a prefix's are extra keys only.
     keys_length = sequence_length + method.virtual_tokens

@@ -67,6 +67,10 @@ class ArrayOps(Protocol):
         """The float32 array's bits as int32 (a view, not a conversion)."""
     def as_codes(self, indices):
         """Indices 0-255 as uint8."""
+    def float32(self, x):
+        """x as float32 (exact from bfloat16)."""
+    def like(self, x, other):
+        """The float32 x in other's dtype, each rounded to the nearest (ties to even: torch and MLX alike)."""
 
 
 def dynamic_map(signed: bool) -> np.ndarray:
@@ -151,17 +155,50 @@ def state_pieces(state: dict, size: int, start: int, stop: int) -> dict:
             for key, value in state.items()}
 
 
+COMPENSATION = "compensation"
+
+
+def compensated_update(optimizer: Optimizer, ops: ArrayOps, p, g, state: dict, step: int, lr: float,
+                       weight_decay: float) -> tuple:
+    """`optimizer.update` on a value, also where it is held in bfloat16 (full fine-tuning of a bfloat16
+    model): there the value is two bfloat16 halves, the model's `p` and its compensation (what rounding
+    to bfloat16 dropped, Kahan's compensated summation), ~16 significant bits together. The step runs
+    in float32 on their sum; the result is rounded into `p` and what that rounding dropped is the new
+    compensation. Without it, an update under half a bfloat16 unit of its value (2^-9 of it: lr 1e-5
+    against weights of 0.02) would be rounded away, every step. 2 bytes a value, where float32 master
+    weights take 4 beside the bfloat16 copy.
+
+    Example (8 steps of 1e-3 from 1.0: each alone rounds away in bfloat16, whose unit below 1 is 2^-8):
+        >>> import torch
+        >>> from twintune.backends.torch.optimizer import TorchArrayOps
+        >>> p, g = torch.ones(2, dtype=torch.bfloat16), torch.ones(2, dtype=torch.bfloat16)
+        >>> state = {COMPENSATION: torch.zeros(2, dtype=torch.bfloat16)}
+        >>> for step in range(1, 9):
+        ...     p, state = compensated_update(SGD(), TorchArrayOps(p.device), p, g, state, step, 1e-3, 0.0)
+        >>> p[0].item(), (p.float() + state[COMPENSATION].float())[0].item()   # without it p stays 1.0
+        (0.9921875, 0.9920034...)
+    """
+    if COMPENSATION not in state:
+        return optimizer.update(ops, p, g, state, step, lr, weight_decay)
+    own = {key: value for key, value in state.items() if key != COMPENSATION}
+    value = ops.float32(p) + ops.float32(state[COMPENSATION])  # exact: the halves' bits do not overlap
+    new_value, new = optimizer.update(ops, value, ops.float32(g), own, step, lr, weight_decay)
+    rounded = ops.like(new_value, p)
+    new[COMPENSATION] = ops.like(new_value - ops.float32(rounded), p)  # the difference is exact in float32
+    return rounded, new
+
+
 @dataclass(frozen=True)
 class State:
     """One array an optimizer keeps per trainable value: its shape and kind ("float": the run's
-    precise dtype; "float32"; "codes": uint8)."""
+    precise dtype; "float32"; "codes": uint8; "value": the value's own dtype)."""
 
     shape: tuple[int, ...]
     kind: str = "float"
 
-    def bytes(self, float_bytes: int) -> int:
+    def bytes(self, float_bytes: int, value_bytes: int | None = None) -> int:
         size = math.prod(self.shape)
-        return size * {"float": float_bytes, "float32": 4, "codes": 1}[self.kind]
+        return size * {"float": float_bytes, "float32": 4, "codes": 1, "value": value_bytes or float_bytes}[self.kind]
 
 
 @dataclass(frozen=True)
@@ -191,8 +228,17 @@ class Optimizer:
         """The learning rate a run logs at `step` (from 1): the schedule's, unless it computes its own."""
         return scheduled
 
-    def state_bytes(self, shape: tuple[int, ...], float_bytes: int = 4) -> int:
-        return sum(state.bytes(float_bytes) for state in self.states(shape).values())
+    def value_states(self, shape: tuple[int, ...], low_precision: bool = False) -> dict[str, State]:
+        """What a run keeps for one trainable value: `states`, and for a value held in bfloat16 its
+        compensation (compensated_update), in the value's own dtype."""
+        states = self.states(shape)
+        return {**states, COMPENSATION: State(shape, "value")} if low_precision else states
+
+    def state_bytes(self, shape: tuple[int, ...], float_bytes: int = 4, value_bytes: int | None = None) -> int:
+        """Bytes of what a run keeps for a value of this shape (`value_bytes`: the value's own dtype's,
+        when it is held in lower precision than `float_bytes`)."""
+        low = value_bytes is not None and value_bytes < float_bytes
+        return sum(state.bytes(float_bytes, value_bytes) for state in self.value_states(shape, low).values())
 
     def to_dict(self) -> dict:
         return {"name": self.name, **dataclasses.asdict(self)}
@@ -496,14 +542,15 @@ def pack_state(states: dict[str, dict[str, np.ndarray]], step: int) -> dict[str,
     return packed
 
 
-def unpack_state(optimizer: Optimizer, saved: dict[str, np.ndarray],
-                 shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, dict[str, np.ndarray]], int]:
-    """(each trainable value's state, the step) from what pack_state gave, for values of these shapes;
-    a checkpoint of another optimizer, or of other values, is refused by a sentence."""
+def unpack_state(optimizer: Optimizer, saved: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
+                 low_precision: frozenset[str] | set[str] = frozenset()) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+    """(each trainable value's state, the step) from what pack_state gave, for values of these shapes
+    (those named in `low_precision` held in bfloat16, with their compensation); a checkpoint of
+    another optimizer, or of other values, is refused by a sentence."""
     states = {}
     for name, shape in shapes.items():
         states[name] = {}
-        for key, spec in optimizer.states(tuple(shape)).items():
+        for key, spec in optimizer.value_states(tuple(shape), name in low_precision).items():
             value = saved.get(f"{key}.{name}")
             if value is None or tuple(value.shape) != spec.shape:
                 found = sorted({k.split(".", 1)[0] for k in saved if k != "step"})

@@ -312,11 +312,13 @@ def dense_weights(base: BaseModel) -> dict[str, np.ndarray]:
 
 
 def refuse_low_precision(method: str, dtype: str) -> None:
-    """Unfrozen base parameters train in the trainable dtype; half-precision bases would mix dtypes."""
-    if dtype in ("bfloat16", "float16"):
-        raise TwintuneError(f"method {method} trains the base model's own parameters, which twintune keeps in "
-                            f"float32 (mixed-precision master weights for them are not built yet): use dtype float32 "
-                            f"(or float64), not {dtype}.")
+    """Unfrozen base parameters train in the model's dtype: float32, float64, or bfloat16 with a
+    compensation (optimizers.compensated_update); float16's range needs loss scaling, which its
+    values' own updates would not survive."""
+    if dtype == "float16":
+        raise TwintuneError(f"method {method} trains the base model's own parameters, which cannot train in float16 "
+                            "(its range needs loss scaling and its 10-bit values lose small updates): use dtype "
+                            "bfloat16 (or float32).")
 
 
 def refuse_quantized(method: str, base: BaseModel, names: list[str]) -> None:

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from twintune.backends.base import (CAPABILITIES, ewc_gradient, ewc_penalty, gradient_factor, loss_chunks,
                                     trainable_dtype)
 from twintune.backends.mlx.gpt_neo import GPTNeoForCausalLM, exp, logsumexp
-from twintune.backends.mlx.optimizer import MLXArrayOps, new_state, update_value
+from twintune.backends.mlx.optimizer import MLXArrayOps, low_precision, new_state, update_value
 from twintune.backends.mlx.nf4 import NF4Linear
 from twintune.backends.mlx.surgery import apply_plan, base_view, undo_plan, get_submodule, set_submodule
 from twintune.data.batching import Batch
@@ -36,6 +36,11 @@ def _check_dtype(dtype: str) -> None:
 
 
 _CPU_STREAMS: list[mx.Stream] = []
+
+
+def _numpy(x: mx.array) -> np.ndarray:
+    """A copy as numpy, bfloat16 (which numpy lacks) as float32: exact, and any backend reads it."""
+    return np.array(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x)
 
 
 def update_streams(sizes: dict[str, int]) -> dict[str, mx.Stream | None]:
@@ -221,10 +226,11 @@ class MLXBackend:
         self._loss_and_grad = mx.compile(self._loss_and_grad, inputs=state, outputs=state)
 
     def trainable_state(self) -> dict[str, np.ndarray]:
-        return {k: np.array(v) for k, v in tree_flatten(self.model.trainable_parameters())}
+        return {k: _numpy(v) for k, v in tree_flatten(self.model.trainable_parameters())}
 
     def set_trainable_state(self, state: dict[str, np.ndarray]) -> None:
-        self.model.update(tree_unflatten([(k, mx.array(v, dtype=self.precise)) for k, v in state.items()]))
+        dtypes = {k: v.dtype for k, v in tree_flatten(self.model.trainable_parameters())}
+        self.model.update(tree_unflatten([(k, mx.array(v, dtype=dtypes[k])) for k, v in state.items()]))
 
     has_cuda = False  # paged optimizers are CUDA's (MLX's memory is unified already)
 
@@ -236,12 +242,13 @@ class MLXBackend:
         self.streams = update_streams({k: v.size for k, v in params.items()})
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        return pack_state({name: {key: np.array(value) for key, value in state.items()}
+        return pack_state({name: {key: _numpy(value) for key, value in state.items()}
                            for name, state in self.states.items()}, self.step)
 
     def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
         params = dict(tree_flatten(self.model.trainable_parameters()))
-        saved, self.step = unpack_state(self.optimizer, state, {k: tuple(v.shape) for k, v in params.items()})
+        saved, self.step = unpack_state(self.optimizer, state, {k: tuple(v.shape) for k, v in params.items()},
+                                        {k for k, v in params.items() if low_precision(v)})
         self.states = {name: {key: mx.array(value, dtype=self.states[name][key].dtype) for key, value in arrays.items()}
                        for name, arrays in saved.items()}
 
@@ -364,6 +371,7 @@ class MLXBackend:
             with mx.stream(self.streams[name] or mx.default_stream(mx.default_device())):
                 # by rows, then the rows: mx.sum of a whole large float32 array drifts (58M squares of
                 # normal values summed to 48.5M), and this is faster than a dot product of copies
+                g = g.astype(mx.float32) if g.dtype == mx.bfloat16 else g  # a bfloat16 value's, summed in float32
                 squares.append(mx.sum(mx.sum(g * g, axis=-1)))
         norm, factor = gradient_factor(mx.sqrt(sum(squares)).item(), max_grad_norm, grad_scale)
         if factor is None:
@@ -453,7 +461,7 @@ class MLXBackend:
 
     def take_gradients(self) -> dict[str, np.ndarray]:
         """The gradients accumulated since the last step, by name, then cleared."""
-        taken = {k: np.array(g) for k, g in tree_flatten(self.grads)}
+        taken = {k: _numpy(g) for k, g in tree_flatten(self.grads)}
         self.grads = None
         return taken
 

@@ -13,7 +13,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from twintune.optimizers import BLOCK, Optimizer, state_pieces
+from twintune.optimizers import BLOCK, Optimizer, compensated_update, state_pieces
 
 
 class MLXArrayOps:
@@ -66,15 +66,34 @@ class MLXArrayOps:
     def as_codes(indices: mx.array) -> mx.array:
         return indices.astype(mx.uint8)
 
+    @staticmethod
+    def float32(x: mx.array) -> mx.array:
+        return x.astype(mx.float32)
 
-STATE_DTYPES = {"float32": mx.float32, "codes": mx.uint8}
+    @staticmethod
+    def like(x: mx.array, other: mx.array) -> mx.array:
+        return x.astype(other.dtype)
+
+
 CHUNK = 2**22  # values per piece of a large 8-bit update
 
 
+def state_dtype(kind: str, value: mx.array) -> mx.Dtype:
+    """A state array's dtype: "float" is the run's precise dtype (float32 beside a bfloat16 value),
+    "value" the value's own."""
+    return {"float32": mx.float32, "codes": mx.uint8, "value": value.dtype,
+            "float": mx.float64 if value.dtype == mx.float64 else mx.float32}[kind]
+
+
+def low_precision(value: mx.array) -> bool:
+    """A trainable value held in bfloat16: full fine-tuning of a bfloat16 model (compensated_update)."""
+    return value.dtype == mx.bfloat16
+
+
 def new_state(optimizer: Optimizer, value: mx.array) -> dict[str, mx.array]:
-    """Zeros of each state array the optimizer keeps for `value` ("float" ones in the value's dtype)."""
-    return {key: mx.zeros(spec.shape, dtype=STATE_DTYPES.get(spec.kind, value.dtype))
-            for key, spec in optimizer.states(tuple(value.shape)).items()}
+    """Zeros of each state array the optimizer keeps for `value`."""
+    return {key: mx.zeros(spec.shape, dtype=state_dtype(spec.kind, value))
+            for key, spec in optimizer.value_states(tuple(value.shape), low_precision(value)).items()}
 
 
 def update_value(optimizer: Optimizer, ops: MLXArrayOps, p: mx.array, g: mx.array, state: dict, step: int, lr: float,
@@ -83,17 +102,18 @@ def update_value(optimizer: Optimizer, ops: MLXArrayOps, p: mx.array, g: mx.arra
     8-bit update of a large value runs `chunk` values at a time, each evaluated before the next: its
     temporaries (the dequantized moments, the code indices) are several times the value's size."""
     if not optimizer.elementwise:
-        return optimizer.update(ops, p, g, state, step, lr, weight_decay)
+        return compensated_update(optimizer, ops, p, g, state, step, lr, weight_decay)
     size, flat_p, flat_g = p.size, p.reshape(-1), g.reshape(-1)
     flat = {key: value.reshape(-1) for key, value in state.items()}
     if not optimizer.eight_bit or size <= chunk:
-        new_p, new = optimizer.update(ops, flat_p, flat_g, flat, step, lr, weight_decay)
+        new_p, new = compensated_update(optimizer, ops, flat_p, flat_g, flat, step, lr, weight_decay)
         return new_p.reshape(p.shape), {key: value.reshape(state[key].shape) for key, value in new.items()}
     values, states = [], {key: [] for key in state}
     for start in range(0, size, chunk):
         stop = min(start + chunk, size)
         pieces = state_pieces(flat, size, start, stop)
-        new_p, new = optimizer.update(ops, flat_p[start:stop], flat_g[start:stop], pieces, step, lr, weight_decay)
+        new_p, new = compensated_update(optimizer, ops, flat_p[start:stop], flat_g[start:stop], pieces, step, lr,
+                                        weight_decay)
         mx.eval(new_p, new)
         values.append(new_p)
         for key, value in new.items():

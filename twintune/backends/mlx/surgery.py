@@ -84,10 +84,11 @@ def insert(model: nn.Module, surgery: Surgery, values: dict[str, mx.array]) -> N
 
 
 def unfreeze(model: nn.Module, name: str, value: mx.array) -> None:
-    """A base parameter trains from `value` (its own numbers, in the trainable dtype)."""
+    """A base parameter trains from `value` (its own numbers), in the model's dtype: float32 or float64,
+    or bfloat16 with its compensation beside it (optimizers.compensated_update)."""
     module_name, attr = name.rsplit(".", 1)
     module = get_submodule(model, module_name)
-    module[attr] = value
+    module[attr] = value.astype(module[attr].dtype)
     module.unfreeze(recurse=False, keys=[attr])
 
 

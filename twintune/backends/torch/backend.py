@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from twintune.backends.base import (CAPABILITIES, ewc_gradient, ewc_penalty, gradient_factor, loss_chunks,
                                     trainable_dtype)
 from twintune.backends.torch.gpt_neo import GPTNeoForCausalLM
-from twintune.backends.torch.optimizer import TorchArrayOps, new_state, update_value
+from twintune.backends.torch.optimizer import TorchArrayOps, low_precision, new_state, update_value
 from twintune.backends.torch.surgery import apply_plan, base_view, undo_plan
 from twintune.data.batching import Batch
 from twintune.dropout import dropout_masks
@@ -150,6 +150,11 @@ def _whole(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(t, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()).full_tensor()
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A copy as numpy, bfloat16 (which numpy lacks) as float32: exact, and any backend reads it."""
+    return (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy().copy()
+
+
 def _piece(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This process's shard of a whole tensor, cut as `like` is, in memory of its own (no
     communication: each process holds the whole)."""
@@ -226,7 +231,7 @@ class TorchBackend:
     # (every process calls these, in the same order), loading cuts each process's own.
     @torch.no_grad()
     def trainable_state(self) -> dict[str, np.ndarray]:
-        return {k: _whole(_local(p), p).cpu().numpy().copy() for k, p in self._trainable().items()}
+        return {k: _numpy(_whole(_local(p), p)) for k, p in self._trainable().items()}
 
     def set_trainable_state(self, state: dict[str, np.ndarray]) -> None:
         params = self._trainable()
@@ -245,12 +250,13 @@ class TorchBackend:
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         params = self._trainable()
-        return pack_state({name: {key: _whole(value, params[name]).cpu().numpy().copy() for key, value in state.items()}
+        return pack_state({name: {key: _numpy(_whole(value, params[name])) for key, value in state.items()}
                            for name, state in self.states.items()}, self.step)
 
     def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
         params = self._trainable()
-        saved, self.step = unpack_state(self.optimizer, state, {k: tuple(p.shape) for k, p in params.items()})
+        saved, self.step = unpack_state(self.optimizer, state, {k: tuple(p.shape) for k, p in params.items()},
+                                        {k for k, p in params.items() if low_precision(p)})
         for name, arrays in saved.items():
             for key, value in arrays.items():
                 self.states[name][key].copy_(_piece(torch.from_numpy(value.copy()).to(self.device), params[name]))
@@ -332,7 +338,8 @@ class TorchBackend:
     def optimizer_step(self, lr: float, max_grad_norm: float, grad_scale: float = 1.0) -> float:
         params = self._trainable()
         grads = [_local(p.grad) for p in params.values()]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.promote_types(
+            grads[0].dtype, torch.float32))))
         if self.sharded:  # the global norm: clipping and skipped steps decide as one process would
             norm = self.all_sum(np.array([norm.item() ** 2], np.float64))[0] ** 0.5
         norm, factor = gradient_factor(float(norm), max_grad_norm, grad_scale)
@@ -344,7 +351,7 @@ class TorchBackend:
         fused = type(self.optimizer) in (AdamW, PagedAdamW)  # AdamW's in-place path: the same bits, faster
         for name, p in params.items():
             scaled, state = lr * self.lr_scales.get(name, 1.0), self.states[name]
-            if fused:
+            if fused and not low_precision(p):
                 adamw_update_(_local(p), _local(p.grad), state["m"], state["v"], self.step, scaled,
                               self.optimizer.betas, self.optimizer.eps, self.weight_decay, grad_factor=factor)
             else:
@@ -428,7 +435,7 @@ class TorchBackend:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         for p, g in zip(params, flat.split([g.numel() for g in grads])):
-            p.grad = g.view_as(p)
+            p.grad = g.view_as(p).to(p.dtype)  # (a bfloat16 value's gradient, summed in float32 beside others)
 
     def all_sum(self, values: np.ndarray) -> np.ndarray:
         import torch.distributed as dist
@@ -475,7 +482,7 @@ class TorchBackend:
         """The gradients accumulated since the last step, by name (zero where none flowed), then cleared."""
         taken = {}
         for name, p in self._trainable().items():
-            taken[name] = p.grad.cpu().numpy().copy() if p.grad is not None else \
+            taken[name] = _numpy(p.grad) if p.grad is not None else \
                 np.zeros(tuple(p.shape), np.float64 if self.precise == torch.float64 else np.float32)
             p.grad = None
         return taken

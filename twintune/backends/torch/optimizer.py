@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from twintune.optimizers import BLOCK, Optimizer, state_pieces
+from twintune.optimizers import BLOCK, Optimizer, compensated_update, state_pieces
 
 CHUNK = 2**20  # elements per piece of an elementwise update
 
@@ -75,16 +75,33 @@ class TorchArrayOps:
     def as_codes(indices: torch.Tensor) -> torch.Tensor:
         return indices.to(torch.uint8)
 
+    @staticmethod
+    def float32(x: torch.Tensor) -> torch.Tensor:
+        return x.float()
 
-STATE_DTYPES = {"float32": torch.float32, "codes": torch.uint8}
+    @staticmethod
+    def like(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return x.to(other.dtype)
+
+
+def state_dtype(kind: str, value: torch.Tensor) -> torch.dtype:
+    """A state array's dtype: "float" is the run's precise dtype (float32 beside a bfloat16 value),
+    "value" the value's own."""
+    return {"float32": torch.float32, "codes": torch.uint8, "value": value.dtype,
+            "float": torch.promote_types(value.dtype, torch.float32)}[kind]
+
+
+def low_precision(value: torch.Tensor) -> bool:
+    """A trainable value held in bfloat16: full fine-tuning of a bfloat16 model (compensated_update)."""
+    return value.dtype == torch.bfloat16
 
 
 def new_state(optimizer: Optimizer, value: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Zeros of each state array the optimizer keeps for `value` ("float" ones in the value's dtype;
-    paged optimizers' in CUDA's paged memory, through bitsandbytes)."""
+    """Zeros of each state array the optimizer keeps for `value` (paged optimizers' in CUDA's paged
+    memory, through bitsandbytes)."""
     state = {}
-    for key, spec in optimizer.states(tuple(value.shape)).items():
-        dtype = STATE_DTYPES.get(spec.kind, value.dtype)
+    for key, spec in optimizer.value_states(tuple(value.shape), low_precision(value)).items():
+        dtype = state_dtype(spec.kind, value)
         if optimizer.paged:
             import bitsandbytes.functional as bnb_functional
 
@@ -102,7 +119,7 @@ def update_value(optimizer: Optimizer, ops: TorchArrayOps, p: torch.Tensor, g: t
     and clipping), its state arrays written in place."""
     g = g * grad_factor if grad_factor != 1.0 else g
     if not optimizer.elementwise:
-        new_p, new = optimizer.update(ops, p, g, state, step, lr, weight_decay)
+        new_p, new = compensated_update(optimizer, ops, p, g, state, step, lr, weight_decay)
         p.copy_(new_p)
         for key, value in new.items():
             state[key].copy_(value)
@@ -113,7 +130,8 @@ def update_value(optimizer: Optimizer, ops: TorchArrayOps, p: torch.Tensor, g: t
     for start in range(0, size, chunk):
         stop = min(start + chunk, size)
         pieces = state_pieces(flat_state, size, start, stop)
-        new_p, new = optimizer.update(ops, flat_p[start:stop], flat_g[start:stop], pieces, step, lr, weight_decay)
+        new_p, new = compensated_update(optimizer, ops, flat_p[start:stop], flat_g[start:stop], pieces, step, lr,
+                                        weight_decay)
         flat_p[start:stop] = new_p
         for key, value in new.items():
             pieces[key].copy_(value)

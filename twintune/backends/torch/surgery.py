@@ -72,10 +72,11 @@ def insert(model: nn.Module, surgery: Surgery, values: dict[str, torch.Tensor]) 
 
 
 def unfreeze(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    """A base parameter trains from `value` (its own numbers, in the trainable dtype)."""
+    """A base parameter trains from `value` (its own numbers), in the model's dtype: float32 or float64,
+    or bfloat16 with its compensation beside it (optimizers.compensated_update)."""
     module_name, attr = name.rsplit(".", 1)
     module = model.get_submodule(module_name)
-    setattr(module, attr, nn.Parameter(value, requires_grad=True))
+    setattr(module, attr, nn.Parameter(value.to(getattr(module, attr).dtype), requires_grad=True))
 
 
 @contextmanager
