@@ -482,7 +482,8 @@ class MLXBackend:
         grads = dict(tree_flatten(self.grads)) if self.grads is not None else {}
         for name, (fisher, anchor) in self.penalty_terms.items():
             extra = ewc_gradient(params[name], fisher, anchor, self.penalty_weight, grad_scale)
-            grads[name] = extra if name not in grads else grads[name] + extra
+            # in float32, rounded once to a bfloat16 value's own dtype (its gradient's)
+            grads[name] = (extra if name not in grads else grads[name] + extra).astype(params[name].dtype)
         self.grads = tree_unflatten(list(grads.items()))
         mx.eval(self.grads)
 

@@ -507,7 +507,8 @@ class TorchBackend:
         for name, (fisher, anchor) in self.penalty_terms.items():
             p = params[name]
             extra = ewc_gradient(p, fisher, anchor, self.penalty_weight, grad_scale)
-            p.grad = extra if p.grad is None else p.grad + extra
+            # in float32, rounded once to a bfloat16 value's own dtype (its gradient's)
+            p.grad = (extra if p.grad is None else p.grad + extra).to(p.dtype)
 
     @torch.no_grad()
     def target_loss(self, batch: Batch) -> float:
