@@ -370,6 +370,14 @@ CASES = [
          match="'train.optimizer.nesterov' needs momentum above 0 and no dampening"),
     case("train", DEMO, "--resume", "{root}/run", "--set", "train.optimizer.name=lion",
          match="it was trained with optimizer adamw and the recipe asks for lion, whose state is another"),
+    # reporting (train.report_to, train.log_every)
+    case("train", DEMO, "--set", "train.report_to=[tensorbord]",
+         match="recipe key 'train.report_to' names 'tensorbord', which is no reporter; did you mean 'tensorboard'?"),
+    case("train", DEMO, "--set", "train.report_to=[wandb, wandb]", match="names a reporter twice"),
+    case("train", DEMO, "--set", "train.report_to=tensorboard", match="recipe key 'train.report_to' must be a list"),
+    case("train", DEMO, "--set", "train.log_every=-5", match="recipe key 'train.log_every' must be >= 0, got -5"),
+    case("train", DEMO, "--set", "method={name: full}", "--set", "dtype=float16",
+         match="method full trains the base model's own parameters, which cannot train in float16"),
     # compare (each refused before any row runs)
     case("compare", DEMO, "--methods", "lora,bitfti", match="--methods: 'bitfti' is not a comparison entry; did you mean 'bitfit'?"),
     case("compare", DEMO, "--methods", "lora,lora", match="--methods names an entry twice: lora"),

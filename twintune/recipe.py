@@ -7,6 +7,7 @@ before validation, so they are checked exactly like the file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,7 @@ class EWCConfig:
 
 
 DEFAULT_LR = 2e-4
+REPORTERS = ("tensorboard", "wandb")  # train.report_to (train/reporting.py)
 
 
 @dataclass
@@ -118,6 +120,8 @@ class TrainConfig:
     replay: ReplayConfig = field(default_factory=ReplayConfig)  # general text replayed in every step
     ewc: EWCConfig = field(default_factory=EWCConfig)  # a pull of the trainable values back to their start
     distill: DistillConfig = field(default_factory=DistillConfig)  # KL to the base model on general text
+    report_to: list[str] = field(default_factory=list)  # [tensorboard, wandb]: reporters beside metrics.jsonl
+    log_every: int = 10  # steps between console lines (loss, lr, tokens/s, peak memory) and timing reports; 0: none
 
     @property
     def base_lr(self) -> float:
@@ -334,6 +338,8 @@ def validate(r: Recipe) -> None:
     _check(t.eval_every >= 0, f"recipe key 'train.eval_every' must be >= 0, got {t.eval_every}.")
     _check(t.eval_batch_size > 0, f"recipe key 'train.eval_batch_size' must be positive, got {t.eval_batch_size}.")
     _check(t.save_every >= 0, f"recipe key 'train.save_every' must be >= 0, got {t.save_every}.")
+    _check(t.log_every >= 0, f"recipe key 'train.log_every' must be >= 0, got {t.log_every}.")
+    check_report_to(t.report_to)
     _check(t.keep_last >= 1, f"recipe key 'train.keep_last' must be at least 1, got {t.keep_last}.")
     _check(t.early_stopping_patience >= 0, f"recipe key 'train.early_stopping_patience' must be >= 0, got {t.early_stopping_patience}.")
     metrics = r.task.metrics
@@ -366,3 +372,14 @@ def validate(r: Recipe) -> None:
             _check(not used, f"train.fsdp does not combine with {key}; remove one of them.")
     _check(not t.early_stopping_patience or t.eval_every > 0,
            "train.early_stopping_patience needs train.eval_every > 0 (it counts evaluations).")
+
+
+def check_report_to(names: list[str]) -> None:
+    """Refuse an unknown reporter, or one named twice, by a sentence (did you mean)."""
+    for name in names:
+        if name not in REPORTERS:
+            close = difflib.get_close_matches(name, REPORTERS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; it must be among {', '.join(REPORTERS)}."
+            raise TwintuneError(f"recipe key 'train.report_to' names {name!r}, which is no reporter{hint}")
+    if len(set(names)) < len(names):
+        raise TwintuneError(f"recipe key 'train.report_to' names a reporter twice: {names}.")

@@ -30,6 +30,7 @@ from twintune.train.guards import forgetting_summary
 from twintune.train.interrupt import Interrupted, StopRequests, stopped
 from twintune.train.loss_scale import LossScaler
 from twintune.train.plots import plot_run
+from twintune.train.reporting import Reporters, Watch, require
 from twintune.train.step import train_step
 
 
@@ -46,6 +47,7 @@ class TrainingState:
     stopped_early: bool = False
     loss_scale: dict | None = None  # float16's LossScaler, as of the last checkpoint
     forgetting_before: float | None = None  # train.forgetting_eval's perplexity before the first step
+    wandb_id: str | None = None  # the W&B run a resumed run continues (train.report_to: wandb)
 
     @classmethod
     def from_dict(cls, saved: dict) -> "TrainingState":
@@ -62,10 +64,11 @@ class TrainingState:
 
 class MetricsLog:
     """metrics.jsonl, rewritten from the state's lines first (lines a killed run wrote after its last
-    checkpoint do not appear twice); each new line goes to the state and the file (os.devnull off rank 0)."""
+    checkpoint do not appear twice); each new line goes to the state, the file (os.devnull off rank 0)
+    and the run's reporters (train/reporting.py)."""
 
-    def __init__(self, path: Path | None, state: TrainingState):
-        self.state, self.file = state, open(path or os.devnull, "w")
+    def __init__(self, path: Path | None, state: TrainingState, reporters: Reporters):
+        self.state, self.file, self.reporters = state, open(path or os.devnull, "w"), reporters
         for line in state.log:
             self.file.write(json.dumps(line) + "\n")
 
@@ -73,12 +76,14 @@ class MetricsLog:
         self.state.log.append(line)
         self.file.write(json.dumps(line) + "\n")
         self.file.flush()
+        self.reporters.line(line)
 
     def __enter__(self) -> "MetricsLog":
         return self
 
     def __exit__(self, *exc) -> None:
         self.file.close()
+        self.reporters.close()
 
 
 def recipe_to_train(path: str | None, overrides: list[str], resume: str | None) -> Recipe:
@@ -126,6 +131,8 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     out = Path(out_dir) if out_dir else checkpoint[0].parent.parent if checkpoint else default_out_dir(recipe, name)
     world = launched_world()
     check_world(world, name, recipe)
+    if world.writes:
+        require(recipe.train.report_to)
     resuming_here = checkpoint is not None and checkpoint[0].parent.parent.resolve() == out.resolve()
     replaced = _claim_out(out, resuming_here, overwrite, world.writes)
     run = prepare(recipe, name, world=world)
@@ -137,8 +144,12 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     if recipe.train.forgetting_eval and state.forgetting_before is None:  # measured once, before the first step
         state.forgetting_before = perplexity_of(run, run.general)
     bar = _progress(run.total_steps, progress and world.writes, first_step)
-    with MetricsLog(out / "metrics.jsonl" if world.writes else None, state) as log, StopRequests() as stops:
-        best_values = _train_steps(run, state, log, out, first_step, best_values, bar, stops)
+    reporters = Reporters(recipe.train.report_to if world.writes else [], out, recipe.to_dict(), state.wandb_id,
+                          replay=state.log)
+    state.wandb_id = reporters.wandb_id
+    with MetricsLog(out / "metrics.jsonl" if world.writes else None, state, reporters) as log, StopRequests() as stops:
+        watch = Watch(recipe.train.log_every, run.total_steps, reporters, lambda: _peak_mb(run), bar and bar.write)
+        best_values = _train_steps(run, state, log, out, first_step, best_values, bar, stops, watch)
         if stops.signum:
             raise _stopped(run, stops.signum, state.last_step, out, bar)
         if best_values is not None:  # early stopping: the best evaluation's adapter is the result
@@ -183,10 +194,11 @@ def _start(run: Run, backend: str, checkpoint: tuple | None) -> tuple[TrainingSt
 
 
 def _train_steps(run: Run, state: TrainingState, log: MetricsLog, out: Path, first_step: int,
-                 best_values: dict | None, bar, stops: StopRequests) -> dict | None:
-    """The steps from first_step on, each logged; evaluations every train.eval_every steps (and early
-    stopping); checkpoints every train.save_every, and at the step a stop was asked for (SIGTERM,
-    SIGINT: `stops.signum` then says which). Returns early stopping's best values (or None)."""
+                 best_values: dict | None, bar, stops: StopRequests, watch: Watch) -> dict | None:
+    """The steps from first_step on, each logged (and watched: a console line and timings every
+    train.log_every); evaluations every train.eval_every steps (and early stopping); checkpoints every
+    train.save_every, and at the step a stop was asked for (SIGTERM, SIGINT: `stops.signum` then says
+    which). Returns early stopping's best values (or None)."""
     t = run.recipe.train
     started = time.perf_counter()
     for step in range(first_step, first_step if state.stopped_early else run.total_steps):
@@ -194,6 +206,7 @@ def _train_steps(run: Run, state: TrainingState, log: MetricsLog, out: Path, fir
         state.backends[-1]["last_step"] = step + 1
         state.real_tokens += record["tokens"]
         log.write(record)
+        watch.step(record)
         if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < run.total_steps:
             best_values = _evaluate_and_maybe_stop(run, state, log, step + 1, best_values)
         stop = stops.agree(run.backend, run.world)
@@ -320,7 +333,7 @@ def _check_backend_can_resume(recipe: Recipe, backend: str, history: dict, check
 
 # Keys that say how the processes hold the model, not what is trained: a sharded run's checkpoint
 # resumes on one process, or on MLX, which has no sharding.
-HOW_NOT_WHAT = {"train.fsdp"}
+HOW_NOT_WHAT = {"train.fsdp", "train.report_to", "train.log_every"}
 
 
 def _check_same_recipe(saved: dict, current: dict, checkpoint: Path) -> None:
@@ -388,6 +401,11 @@ def _check_writable(out: Path) -> None:
         raise TwintuneError(f"output directory {out} is not writable ({existing} is a file).")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise TwintuneError(f"output directory {out} is not writable (permission denied on {existing}).")
+
+
+def _peak_mb(run: Run) -> float:
+    """The peak memory so far: the framework allocator's (MLX, CUDA), else the process's peak RSS."""
+    return run.backend.framework_peak_mb() or peak_rss_mb()
 
 
 def _progress(total: int, enabled: bool, done: int = 0):
