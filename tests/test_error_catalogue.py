@@ -378,6 +378,7 @@ CASES = [
     case("train", DEMO, "--set", "train.log_every=-5", match="recipe key 'train.log_every' must be >= 0, got -5"),
     case("train", DEMO, "--set", "method={name: full}", "--set", "dtype=float16",
          match="method full trains the base model's own parameters, which cannot train in float16"),
+    case("doctor", "{root}", match="is not a run directory: it has no metrics.jsonl and recipe.json"),
     # compare (each refused before any row runs)
     case("compare", DEMO, "--methods", "lora,bitfti", match="--methods: 'bitfti' is not a comparison entry; did you mean 'bitfit'?"),
     case("compare", DEMO, "--methods", "lora,lora", match="--methods names an entry twice: lora"),

@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     comparing.add_argument("--resume", action="store_true", help="run only the rows --out does not hold finished")
     comparing.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    diagnosing = verbs.add_parser("doctor", help="what went wrong in a run, with its evidence and what to change")
+    diagnosing.add_argument("run", help="a run directory from `twintune train`")
+    diagnosing.add_argument("--json", action="store_true", help="print the findings as JSON")
+
     verbs.add_parser("methods", help="every fine-tuning method with its recipe keys and defaults")
 
     tiny = verbs.add_parser("make-tiny-model", help="write a tiny random GPT-Neo + tokenizer (offline)")
@@ -116,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         $ twintune merge runs/demo --out models/demo-merged
         $ twintune estimate recipes/gpt-neo-1.3b-financial-sentiment-qlora.yaml
         $ twintune compare recipes/demo-financial-sentiment.yaml --methods lora,bitfit,zero-shot --seeds 3
+        $ twintune doctor runs/demo
     """
     args = build_parser().parse_args(argv)
     show_warning = warnings.showwarning
@@ -188,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
                              args.overrides, args.resume, args.shots, progress=not args.no_progress)
             print((Path(result["out_dir"]) / "compare.md").read_text())
             print(f"wrote {result['out_dir']}/compare.json, compare.md and compare.png")
+        elif args.verb == "doctor":
+            from twintune.doctor import doctor, doctor_text
+
+            report = doctor(args.run)
+            print(json.dumps(report, indent=2) if args.json else doctor_text(report))
         elif args.verb == "methods":
             from twintune.methods import describe_methods
 

@@ -202,7 +202,11 @@ def _train_steps(run: Run, state: TrainingState, log: MetricsLog, out: Path, fir
     t = run.recipe.train
     started = time.perf_counter()
     for step in range(first_step, first_step if state.stopped_early else run.total_steps):
-        record = train_step(run, step)
+        try:
+            record = train_step(run, step)
+        except TwintuneError as error:  # a NaN loss or gradient: its sentence stays in metrics.jsonl (twintune doctor)
+            log.write({"step": step + 1, "error": str(error)})
+            raise
         state.backends[-1]["last_step"] = step + 1
         state.real_tokens += record["tokens"]
         log.write(record)
