@@ -7,7 +7,7 @@ import pytest
 
 from twintune.cli import main
 from twintune.formats.checkpoint import load_config
-from twintune.memory import FLOAT32, estimate_memory, quantized_bytes
+from twintune.memory import FLOAT32, estimate_memory, estimate_recipe, quantized_bytes
 from twintune.methods import BaseModel, LoRA
 from twintune.models import GPTNeoSpec
 from twintune.quant import Quantization
@@ -194,3 +194,47 @@ def test_full_fine_tuning_of_the_13b_model_with_8bit_adamw_is_estimated_inside_1
     assert 12000 < json.loads(capsys.readouterr().out)["training peak"] < 16 * 1024
     assert main(["estimate", recipe, "--json", "--set", "train.optimizer.name=adamw"]) == 0
     assert json.loads(capsys.readouterr().out)["training peak"] > 16 * 1024
+
+
+# ---- train.memory_limit_gb -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_a_run_over_its_memory_limit_fails_before_its_first_step(backend, tmp_path, capsys):
+    """The demo's estimated peak is 47 MB on torch (more on MLX): a 0.01 GB limit refuses it, with the
+    estimate, before the model loads (no run directory is made)."""
+    argv = ["train", "recipes/demo-financial-sentiment.yaml", "--backend", backend, "--out", str(tmp_path / "run"),
+            "--set", "train.memory_limit_gb=0.01", "--no-progress"]
+    assert main(argv) == 2
+    peak = estimate_recipe("recipes/demo-financial-sentiment.yaml", backend=backend)[0][4]
+    assert peak[0] == "training peak"
+    assert capsys.readouterr().err.strip() == (
+        f"twintune: error: this run's training peak is estimated at {peak[1] / 1024:.2f} GB, above "
+        "train.memory_limit_gb (0.01 GB): lower train.batch_size or data.max_length, set "
+        "train.gradient_checkpointing, quantize the base, or raise the limit (twintune estimate shows where the "
+        "memory goes).")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_under_its_memory_limit_holds_mlxs_allocator_to_it(tmp_path):
+    import mlx.core as mx
+
+    from twintune.recipe import load_recipe
+    from twintune.train.loop import train
+
+    before = mx.set_memory_limit(2**40)
+    try:
+        train(load_recipe("recipes/demo-financial-sentiment.yaml", ["train.memory_limit_gb=1.5", "train.max_steps=2"]),
+              "mlx", tmp_path / "run", progress=False)
+        assert mx.set_memory_limit(before) == int(1.5 * 2**30)  # (it returns the limit it replaces)
+    finally:
+        mx.set_memory_limit(before)
+
+
+def test_estimate_compares_the_peak_with_the_limit(capsys):
+    recipe = "recipes/gpt-neo-1.3b-financial-sentiment-full-8bit.yaml"
+    assert main(["estimate", recipe, "--set", "train.memory_limit_gb=8"]) == 0
+    assert "the training peak is 2.12 GB over train.memory_limit_gb (8 GB): the run would be refused" in \
+        capsys.readouterr().out
+    assert main(["estimate", recipe, "--set", "train.memory_limit_gb=16", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows["memory limit"] == 16384.0 and rows["training peak"] < rows["memory limit"]

@@ -193,7 +193,8 @@ def _size(shape: tuple[int, ...]) -> int:
 
 def estimate_recipe(path: str, overrides: list[str] = (), tokens: int | None = None,
                     backend: str | None = None) -> tuple[list[tuple[str, float]], str]:
-    """The estimate's rows (name, MB) for a recipe file, and one line saying what was assumed.
+    """The estimate's rows (name, MB) for a recipe file, and what was assumed: one line, and one more
+    against the recipe's train.memory_limit_gb where it sets one.
 
     Reads only the model's config.json, never its weights.
 
@@ -202,12 +203,28 @@ def estimate_recipe(path: str, overrides: list[str] = (), tokens: int | None = N
         >>> [name for name, _ in rows][:2]
         ['frozen weights', 'trainable + optimizer']
     """
-    from twintune.backends import resolve_backend_name
-    from twintune.errors import TwintuneError
-    from twintune.formats.checkpoint import load_config
     from twintune.recipe import load_recipe
 
     recipe = load_recipe(path, overrides)
+    estimate, note = recipe_estimate(recipe, tokens, backend)
+    rows = estimate.rows()
+    limit = recipe.train.memory_limit_gb
+    if limit:
+        rows.append(("memory limit", limit * 1024))
+        over = estimate.training_peak / 2**30 - limit
+        note += (f"\nthe training peak is {-over:.2f} GB under train.memory_limit_gb ({limit:g} GB)" if over <= 0 else
+                 f"\nthe training peak is {over:.2f} GB over train.memory_limit_gb ({limit:g} GB): the run would be "
+                 "refused")
+    return rows, note
+
+
+def recipe_estimate(recipe, tokens: int | None = None, backend: str | None = None) -> tuple[MemoryEstimate, str]:
+    """The estimate of a recipe's training step (GPT-Neo models: the estimator counts their arrays), and
+    one line saying what was assumed. Reads only the model's config.json."""
+    from twintune.backends import resolve_backend_name
+    from twintune.errors import TwintuneError
+    from twintune.formats.checkpoint import load_config
+
     config = load_config(recipe.model)
     if config.get("model_type") != "gpt_neo":
         raise TwintuneError(f"twintune estimate counts GPT-Neo models; this recipe's model is {config.get('model_type')!r}.")
@@ -231,7 +248,31 @@ def estimate_recipe(path: str, overrides: list[str] = (), tokens: int | None = N
             f"({estimate.trainable_parameters:,} trainable), {backend} backend, batch {rows} x {length} tokens, "
             f"optimizer {recipe.train.optimizer.name}; "
             "framework memory not included")
-    return estimate.rows(), note
+    return estimate, note
+
+
+def check_memory_limit(recipe, backend: str) -> None:
+    """Refuse a run whose estimated training peak is above train.memory_limit_gb, by a sentence with
+    the estimate (before the model loads). A model the estimator cannot count (an mlx-lm family) is
+    held to the limit by its framework's allocator only.
+
+    Example:
+        >>> from twintune.recipe import load_recipe
+        >>> check_memory_limit(load_recipe("recipes/demo-financial-sentiment.yaml", ["train.memory_limit_gb=4"]), "torch")
+    """
+    from twintune.errors import TwintuneError
+    from twintune.formats.checkpoint import load_config
+
+    limit = recipe.train.memory_limit_gb
+    if not limit or load_config(recipe.model).get("model_type") != "gpt_neo":
+        return
+    estimate, _ = recipe_estimate(recipe, backend=backend)
+    peak = estimate.training_peak / 2**30
+    if peak > limit:
+        raise TwintuneError(f"this run's training peak is estimated at {peak:.2f} GB, above train.memory_limit_gb "
+                            f"({limit:g} GB): lower train.batch_size or data.max_length, set "
+                            "train.gradient_checkpointing, quantize the base, or raise the limit (twintune estimate "
+                            "shows where the memory goes).")
 
 
 def _rollout_rows(recipe) -> int:

@@ -122,6 +122,7 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)  # KL to the base model on general text
     report_to: list[str] = field(default_factory=list)  # [tensorboard, wandb]: reporters beside metrics.jsonl
     log_every: int = 10  # steps between console lines (loss, lr, tokens/s, peak memory) and timing reports; 0: none
+    memory_limit_gb: float | None = None  # refuse a run estimated above it; MLX's and CUDA's allocators held to it
 
     @property
     def base_lr(self) -> float:
@@ -339,6 +340,8 @@ def validate(r: Recipe) -> None:
     _check(t.eval_batch_size > 0, f"recipe key 'train.eval_batch_size' must be positive, got {t.eval_batch_size}.")
     _check(t.save_every >= 0, f"recipe key 'train.save_every' must be >= 0, got {t.save_every}.")
     _check(t.log_every >= 0, f"recipe key 'train.log_every' must be >= 0, got {t.log_every}.")
+    _check(t.memory_limit_gb is None or t.memory_limit_gb > 0,
+           f"recipe key 'train.memory_limit_gb' must be positive (or null: no limit), got {t.memory_limit_gb}.")
     check_report_to(t.report_to)
     _check(t.keep_last >= 1, f"recipe key 'train.keep_last' must be at least 1, got {t.keep_last}.")
     _check(t.early_stopping_patience >= 0, f"recipe key 'train.early_stopping_patience' must be >= 0, got {t.early_stopping_patience}.")

@@ -153,6 +153,10 @@ class ModelComputation(Protocol):
         """The framework allocator's peak, in MiB (MLX's arrays, CUDA's tensors); None where it keeps no
         count (torch on the CPU). summary.json's peak_memory_mb is the process's peak RSS on both."""
 
+    def set_memory_limit(self, limit_bytes: int) -> None:
+        """train.memory_limit_gb: the framework allocator's limit (MLX's memory and wired limits; CUDA's
+        per-process fraction); nothing on torch's CPU, which has none (the estimate is checked before)."""
+
 
 class OptimizerState(Protocol):
     """The optimizer's state, kept by the backend in its own arrays (twintune/optimizers.py names it)."""

@@ -331,6 +331,8 @@ def _set_up_backend(run: Run, plan: Plan) -> None:
     """The method performed, the training switches set, the processes joined (and the model sharded),
     then the optimizer's state made: after the processes meet, before any step."""
     t, backend = run.recipe.train, run.backend
+    if t.memory_limit_gb:  # (its estimate was checked before the model loaded: train/loop.py)
+        backend.set_memory_limit(int(t.memory_limit_gb * 2**30))
     backend.apply_method(plan)
     if t.gradient_checkpointing:
         backend.enable_gradient_checkpointing()

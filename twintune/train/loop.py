@@ -18,6 +18,7 @@ from twintune.backends import resolve_backend_name
 from twintune.errors import TwintuneError
 from twintune.formats.adapter import save_adapter
 from twintune.machine import peak_rss_mb
+from twintune.memory import check_memory_limit
 from twintune.formats.safetensors_io import write_json
 from twintune.recipe import Recipe, apply_override, check_trains_something, load_recipe, recipe_from_dict
 from twintune.tasks import Report
@@ -133,6 +134,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     check_world(world, name, recipe)
     if world.writes:
         require(recipe.train.report_to)
+    check_memory_limit(recipe, name)
     resuming_here = checkpoint is not None and checkpoint[0].parent.parent.resolve() == out.resolve()
     replaced = _claim_out(out, resuming_here, overwrite, world.writes)
     run = prepare(recipe, name, world=world)

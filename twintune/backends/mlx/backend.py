@@ -544,3 +544,10 @@ class MLXBackend:
     def framework_peak_mb(self) -> float | None:
         """MLX's allocator peak: the arrays' memory, unified (what Metal or the CPU held at most)."""
         return mx.get_peak_memory() / 2**20
+
+    def set_memory_limit(self, limit_bytes: int) -> None:
+        # MLX holds off allocating past the memory limit while work in flight can free some; the wired
+        # limit keeps Metal from pinning more than that (on Apple silicon: before the machine swaps)
+        mx.set_memory_limit(limit_bytes)
+        if mx.metal.is_available():
+            mx.set_wired_limit(min(limit_bytes, mx.metal.device_info()["max_recommended_working_set_size"]))

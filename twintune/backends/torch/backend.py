@@ -551,3 +551,8 @@ class TorchBackend:
         """The CUDA allocator's peak; None on the CPU, where torch keeps no count (the process's peak RSS
         is the measure there)."""
         return torch.cuda.max_memory_allocated() / 2**20 if self.device.type == "cuda" else None
+
+    def set_memory_limit(self, limit_bytes: int) -> None:
+        if self.device.type == "cuda":  # an allocation past it raises CUDA's out-of-memory error at once
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, limit_bytes / total), self.device)
