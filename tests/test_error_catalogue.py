@@ -244,7 +244,8 @@ CASES = [
     case("train", DEMO, "--set", "task=instruction", "--set", "data.source={root}/no-completion.jsonl",
          match="no-completion.jsonl line 1 has no completion: no field 'completion' (task.completion)"),
     case("train", DEMO, "--set", "task=instruction", "--set", "data.source={root}/robot.jsonl",
-         match="robot.jsonl line 1: message 1 has role 'robot'; roles are system, user, assistant"),
+         match="robot.jsonl line 1 holds chat messages, and this model's tokenizer has no chat template (GPT-Neo's has "
+               "none): set data.chat_template to one"),
     case("train", DEMO, "--set", "task={name: instruction, template: 'Answer:'}",
          match="task.template 'Answer:' names no field"),
     case("train", DEMO, "--set", "task=causal_lm", "--set", "train.early_stopping_patience=2", "--set", "train.eval_every=5",
@@ -382,6 +383,7 @@ CASES = [
     case("train", DEMO, "--set", "method={name: full}", "--set", "dtype=float16",
          match="method full trains the base model's own parameters, which cannot train in float16"),
     case("doctor", "{root}", match="is not a run directory: it has no metrics.jsonl and recipe.json"),
+    case("generate", "builtin:tiny-gpt-neo", "Hi", "--chat", match="--chat renders the prompt with a chat template, and this model has none"),
     # compare (each refused before any row runs)
     case("compare", DEMO, "--methods", "lora,bitfti", match="--methods: 'bitfti' is not a comparison entry; did you mean 'bitfit'?"),
     case("compare", DEMO, "--methods", "lora,lora", match="--methods names an entry twice: lora"),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from twintune.data.batching import make_batch
-from twintune.data.instructions import chat_pair, load_pairs
+from twintune.data.instructions import load_pairs
 from twintune.errors import TwintuneError
 from twintune.recipe import load_recipe
 from twintune.train.build import prepare
@@ -30,10 +30,9 @@ def test_rows_of_each_shape_become_prompt_and_completion(tmp_path):
                                                  "output": "positive"}])
     assert load_pairs(alpaca, ALPACA, "output") == [
         ("Instruction: Name the sentiment.\nInput: Sales rose .\nOutput:", " positive")]
-    assert chat_pair([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sales rose?"},
-                      {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "Costs?"},
-                      {"role": "assistant", "content": "Fell."}], "row") == (
-        "System: Be brief.\nUser: Sales rose?\nAssistant: Yes.\nUser: Costs?\nAssistant:", " Fell.")
+    messages = [{"role": "user", "content": "Sales rose?"}, {"role": "assistant", "content": "Yes."}]
+    chat = _jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])  # rendered later, with a chat template
+    assert load_pairs(chat, "{prompt}", "completion") == [(messages, f"{chat} line 1")]
 
 
 @pytest.mark.parametrize("mask_prompt", [True, False])
@@ -94,9 +93,8 @@ def test_twenty_steps_give_the_same_losses_on_both_backends(dtype, tolerance, pa
 
 @pytest.mark.parametrize("rows, match", [
     ([{"prompt": "Q:"}], "line 1 has no completion: no field 'completion'"),
-    ([{"messages": [{"role": "robot", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}],
-     "message 1 has role 'robot'; roles are system, user, assistant"),
-    ([{"messages": [{"role": "user", "content": "Hi"}]}], "the last message must be the assistant's"),
+    ([{"messages": "Hi"}], "column 'messages' must be a list of {role, content} messages"),
+    ([{"messages": [{"role": "user", "content": "Hi"}]}], "the conversation has no assistant message"),
     ([{"instruction": "Name it.", "output": "x"}], "has no field 'input', which task.template"),
 ])
 def test_bad_rows_are_one_sentence(tmp_path, rows, match):

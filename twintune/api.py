@@ -37,6 +37,7 @@ import numpy as np
 
 from twintune.backends.base import Backend
 from twintune.data.batching import Encoder, Prompt
+from twintune.data.chat import read_chat_template, render
 from twintune.data.documents import eos_id
 from twintune.errors import TwintuneError
 from twintune.formats.adapter import check_adapter_fits, check_adapter_method, load_adapter
@@ -100,7 +101,8 @@ def load(model: str | None, adapter: str | Path | None = None, backend: str = "a
     if settings.dtype not in DTYPES:
         raise TwintuneError(f"dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}.")
     opened = open_base(settings, backend)
-    loaded = Model(opened.backend, opened.base, opened.tokenizer, opened.max_positions, prompt_settings(labels, template))
+    loaded = Model(opened.backend, opened.base, opened.tokenizer, opened.max_positions, prompt_settings(labels, template),
+                   chat=read_chat_template(opened.directory, recipe.data.chat_template))
     if directory is not None:
         loaded.add_adapter("default", adapter)
         loaded.set_adapter("default")
@@ -119,11 +121,13 @@ class Model:
         (1, 2, 1024)
     """
 
-    def __init__(self, backend: Backend, base: BaseModel, tokenizer, max_length: int, prompt: dict | None = None):
+    def __init__(self, backend: Backend, base: BaseModel, tokenizer, max_length: int, prompt: dict | None = None,
+                 chat: dict | None = None):
         self.backend = backend
         self.base = base
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.chat = chat  # the chat template generate(chat=True) renders with: the run's data.chat_template or the tokenizer's
         self._prompt = prompt or {}  # load()'s own labels/template, which every adapter's prompt yields to
         self._adapters: dict[str, Adapter] = {}
         self.active: str | None = None
@@ -228,10 +232,13 @@ class Model:
         return labelled_texts(texts, label_scores(self.backend, encoded, encoder.first_label_ids, batch_size), labels)
 
     def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0) -> Generation:
+                 seed: int = 0, chat: bool = False, system: str | None = None) -> Generation:
         """The text the model (with the active adapter) writes after `prompt`: greedy at temperature 0,
         otherwise sampled (top-p, seeded); it stops at end-of-text, after `max_tokens` or at the
-        context's end (`finish_reason`). A key/value cache runs each new token alone.
+        context's end (`finish_reason`). A key/value cache runs each new token alone. With `chat`, the
+        prompt is a user's message, rendered with the chat template the run trained with (its
+        data.chat_template, or the tokenizer's) and the assistant's generation prompt, after `system`'s
+        message where one is given.
 
         Example:
             >>> model = load("builtin:tiny-gpt-neo", adapter="runs/demo-causal-lm", backend="torch")
@@ -244,6 +251,12 @@ class Model:
             raise TwintuneError(f"adapter {self.active!r} ({active.directory}) has a classification head: it scores "
                                 "classes, not next tokens; generate with a run trained without a head, or with the base "
                                 "model.")
+        if chat:
+            if self.chat is None:
+                raise TwintuneError("--chat renders the prompt with a chat template, and this model has none (GPT-Neo's "
+                                    "tokenizer has none): train with data.chat_template, or generate without --chat.")
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            prompt = render(messages, self.chat, add_generation_prompt=True)
         return generate_text(self.backend, self.tokenizer, prompt, context=self.base.spec.max_positions,
                              virtual_tokens=active.method.virtual_tokens if active else 0,
                              eos_id=eos_id(self.tokenizer), max_tokens=max_tokens, temperature=temperature,
@@ -277,7 +290,7 @@ class Model:
 
 
 def generate(target: str | Path, prompt: str, backend: str = "auto", max_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0) -> Generation:
+             top_p: float = 1.0, seed: int = 0, chat: bool = False, system: str | None = None) -> Generation:
     """Load `target` — a run directory (its base with its trained adapter) or a model (a directory,
     "builtin:tiny-gpt-neo" or a hub id) — and continue `prompt` (Model.generate).
 
@@ -287,7 +300,8 @@ def generate(target: str | Path, prompt: str, backend: str = "auto", max_tokens:
     """
     is_run = Path(target).is_dir() and (Path(target) / "recipe.json").exists()
     model = load(None, adapter=target, backend=backend) if is_run else load(str(target), backend=backend)
-    return model.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    return model.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat,
+                          system=system)
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     generating.add_argument("prompt", help="the text to continue")
     generating.add_argument("--max-tokens", type=int, default=64, help="at most this many new tokens (default 64)")
     generating.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
+    generating.add_argument("--chat", action="store_true",
+                            help="the prompt is a user's message: render it with the run's chat template")
+    generating.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
     generating.add_argument("--top-p", type=float, default=1.0, help="sample from the most likely tokens whose "
                                                                       "probability reaches this (default 1: all)")
     generating.add_argument("--seed", type=int, default=0, help="the sampling seed (default 0)")
@@ -164,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             from twintune.api import generate
 
             out = generate(args.target, args.prompt, backend=args.backend, max_tokens=args.max_tokens,
-                           temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-            print(args.prompt + out.text)
+                           temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat,
+                           system=args.system)
+            print(out.text if args.chat else args.prompt + out.text)
             print(f"[{len(out.token_ids)} tokens, stopped: {out.finish_reason}, "
                   f"{len(out.token_ids) / max(out.seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
         elif args.verb == "merge":

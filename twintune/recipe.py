@@ -49,6 +49,7 @@ class DataConfig:
     max_length: int = 256  # tokens, prompt and label word included
     seed: int | None = None  # the data's own seed (synthetic sentences, splits); null: the recipe's seed
     mixture: list[MixtureSource] = field(default_factory=list)  # several sources by weight (generative tasks)
+    chat_template: str = ""  # Jinja, for chat rows (messages) where the tokenizer has none (GPT-Neo) or instead of its own
 
 
 @dataclass

@@ -53,8 +53,8 @@ class Encoded:
     prompt_len: int
     label: int
     class_target: bool = False  # a head's example: the target is the class index, not label-word tokens
-    # A packed row of several examples (task instruction, packing): which tokens are targets (each
-    # example's completion), in place of "every token after the prompt".
+    # A packed row of several examples (task instruction, packing), or a conversation: which tokens are
+    # targets (each example's completion; the assistant's turns), in place of "every token after the prompt".
     target_mask: np.ndarray | None = None
     # A preference pair (data/preferences.py): this row is the chosen answer, `rejected` the other;
     # a batch puts the two in adjacent rows, or with `shares_prompt` in one row: the prompt once, then

@@ -19,15 +19,28 @@ from pathlib import Path
 from twintune.errors import TwintuneError
 
 
-def read_chat_template(model_dir: str | Path) -> dict | None:
+def read_chat_template(model_dir: str | Path, template: str = "") -> dict | None:
     """A model directory's chat template and the special tokens it may name ({"template", "bos_token",
-    "eos_token"}), or None where tokenizer_config.json has none (a named list: its "default")."""
+    "eos_token"}), or None where tokenizer_config.json has none (a named list: its "default").
+    `template` (the recipe's data.chat_template) is used instead of the directory's own, with its
+    special tokens.
+
+    Example:
+        >>> read_chat_template("builtin:tiny-gpt-neo") is None   # GPT-Neo's tokenizer has no chat template
+        True
+        >>> read_chat_template("builtin:tiny-gpt-neo", "{{ messages }}")["eos_token"]
+        '<|endoftext|>'
+    """
+    if str(model_dir).startswith("builtin:"):
+        from twintune.formats.checkpoint import resolve_model_dir
+
+        model_dir = resolve_model_dir(str(model_dir))
     path = Path(model_dir) / "tokenizer_config.json"
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
-    template = config.get("chat_template")
+        config = {}
+    template = template or config.get("chat_template")
     if isinstance(template, list):
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     if not isinstance(template, str):
@@ -88,7 +101,8 @@ def render_row(row: dict, chat: dict | None, texts: tuple[str, ...], where: str)
     if chat is None:
         column = next(c for c in texts if isinstance(row.get(c), list))
         raise TwintuneError(f"{where}: column '{column}' holds chat messages, and this model's tokenizer has no chat "
-                            "template to render them with; give the texts as plain strings.")
+                            "template to render them with: set data.chat_template to one (a Jinja template, as "
+                            "tokenizer_config.json's chat_template), or give the texts as plain strings.")
     if not isinstance(row["prompt"], list):
         raise TwintuneError(f"{where}: the answers are chat messages but 'prompt' is plain text; give the prompt as "
                             "messages too (TRL's conversational format).")
@@ -100,3 +114,50 @@ def render_row(row: dict, chat: dict | None, texts: tuple[str, ...], where: str)
         text = "".join(a for a, _ in takewhile(lambda pair: pair[0] == pair[1], zip(text, whole)))
     return {**row, "prompt": text, **{column: whole[len(text):] for column, whole in wholes.items()},
             "conversational": True}
+
+
+def chat_example(messages, chat: dict | None, tokenizer, eos: int, where: str) -> tuple[list[int], list[bool]]:
+    """A conversation's token ids and which of them the loss is on.
+
+    The ids are the whole conversation as the template renders it, tokenized at once: what
+    transformers' `apply_chat_template(messages, tokenize=True)` gives. The loss is on each
+    assistant turn: the text that rendering it adds after the conversation before it with the
+    generation prompt, up to and with its end-of-sequence token where the template writes one (not
+    the separators after it). Where the last turn has no end-of-sequence token, one is added after
+    it, so the model learns to stop.
+
+    Example:
+        >>> from twintune.formats.checkpoint import load_tokenizer, resolve_model_dir
+        >>> tokenizer = load_tokenizer(resolve_model_dir("builtin:tiny-gpt-neo"))
+        >>> chat = read_chat_template("builtin:tiny-gpt-neo", "{% for m in messages %}{{ m.role }}: {{ m.content }}"
+        ...                           "{{ eos_token if m.role == 'assistant' }}\\n{% endfor %}"
+        ...                           "{% if add_generation_prompt %}assistant:{% endif %}")
+        >>> ids, mask = chat_example([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Hello"}],
+        ...                          chat, tokenizer, eos=0, where="row 1")
+        >>> tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+        ' Hello<|endoftext|>'
+    """
+    if chat is None:
+        raise TwintuneError(f"{where} holds chat messages, and this model's tokenizer has no chat template (GPT-Neo's "
+                            "has none): set data.chat_template to one (a Jinja template, as tokenizer_config.json's "
+                            "chat_template), or give prompt/completion rows.")
+    messages = messages_of(messages, "messages", where)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise TwintuneError(f"{where}: the conversation has no assistant message, so nothing to learn from it.")
+    text = render(messages, chat)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], chat, add_generation_prompt=True), render(messages[: i + 1], chat)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise TwintuneError(f"{where}: the chat template does not write a conversation as the text of its turns "
+                                "one after the other, so the assistant's turns cannot be found in it.")
+        end = through.rfind(chat["eos_token"], len(before)) if chat["eos_token"] else -1
+        spans.append((len(before), end + len(chat["eos_token"]) if end >= 0 else len(through)))
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    ids = list(encoding.ids)
+    mask = [any(start <= a < stop for start, stop in spans) for a, _ in encoding.offsets]
+    if ids[-1] != eos and not (chat["eos_token"] and text.rstrip().endswith(chat["eos_token"])):
+        ids, mask = ids + [eos], mask + [True]
+    return ids, mask

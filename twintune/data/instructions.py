@@ -1,16 +1,17 @@
-"""Instruction data for the instruction task: JSONL rows in, (prompt, completion) pairs out.
+"""Instruction data for the instruction task: JSONL rows in, (prompt, completion) pairs or
+conversations out.
 
 Three row shapes, the ones mlx-lm and TRL read:
 - `{"prompt": ..., "completion": ...}`: the prompt through the task's template (default "{prompt}");
 - any fields named by the template, e.g. Alpaca's `{"instruction", "input", "output"}` with
-  template "Instruction: {instruction}\\nInput: {input}\\nOutput:" and `completion: output`;
-- `{"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}`: GPT-Neo has no
-  chat template, so each message is a line "Role: content"; the last message must be the
-  assistant's and is the completion, everything before it (ending in "Assistant:") the prompt.
+  template "Instruction: {instruction}\nInput: {input}\nOutput:" and `completion: output`;
+- `{"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}` (TRL's
+  conversational format): kept as the list of messages, rendered later with the tokenizer's chat
+  template, or the recipe's data.chat_template (data/chat.py chat_example).
 
 Example:
-    >>> chat_pair([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], "row 1")
-    ('User: Hi\\nAssistant:', ' Hello.')
+    >>> template_pair({"prompt": "Q: 2+2?", "completion": "4"}, "{prompt}", ["prompt"], "completion", "row 1")
+    ('Q: 2+2?', ' 4')
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ import string
 
 from twintune.errors import TwintuneError
 
-ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-
-
-def load_pairs(path: str, template: str, completion: str) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs from a JSONL file; a row missing a field is refused with its line."""
+def load_pairs(path: str, template: str, completion: str) -> list[tuple[str, str] | tuple[list[dict], str]]:
+    """(prompt, completion) pairs from a JSONL file, and (messages, where) for a conversation's row; a
+    row missing a field is refused with its line."""
     from twintune.data.sources import json_lines, open_text
 
     fields = template_fields(template)
@@ -31,7 +30,7 @@ def load_pairs(path: str, template: str, completion: str) -> list[tuple[str, str
     with open_text(path) as handle:
         for number, row in json_lines(handle, path):
             where = f"{path} line {number}"
-            pairs.append(chat_pair(row["messages"], where) if "messages" in row else
+            pairs.append((conversation(row["messages"], where), where) if "messages" in row else
                          template_pair(row, template, fields, completion, where))
     if not pairs:
         raise TwintuneError(f"{path} holds no rows.")
@@ -65,23 +64,14 @@ def template_pair(row: dict, template: str, fields: list[str], completion: str, 
     return prompt, answer if answer[0].isspace() or prompt[-1:].isspace() else " " + answer
 
 
-def chat_pair(messages, where: str) -> tuple[str, str]:
-    """The messages up to the last as the prompt ("Role: content" lines, then "Assistant:"), the
-    last (the assistant's) as the completion."""
-    if not isinstance(messages, list) or not messages:
-        raise TwintuneError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects.")
-    lines = []
-    for i, message in enumerate(messages, start=1):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise TwintuneError(f"{where}: message {i} must be an object with a text 'content'.")
-        role = message.get("role")
-        if role not in ROLES:
-            raise TwintuneError(f"{where}: message {i} has role {role!r}; roles are {', '.join(ROLES)}.")
-        lines.append((role, message["content"]))
-    if lines[-1][0] != "assistant" or not lines[-1][1].strip():
-        raise TwintuneError(f"{where}: the last message must be the assistant's, with text: it is the completion.")
-    prompt = "\n".join(f"{ROLES[role]}: {content}" for role, content in lines[:-1])
-    return (prompt + "\n" if prompt else "") + "Assistant:", " " + lines[-1][1].lstrip()
+def conversation(messages, where: str) -> list[dict]:
+    """A row's chat messages, checked: {role, content} objects, one of them at least the assistant's."""
+    from twintune.data.chat import messages_of
+
+    messages = messages_of(messages, "messages", where)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise TwintuneError(f"{where}: the conversation has no assistant message, so nothing to learn from it.")
+    return messages
 
 
 SYNTHETIC_INSTRUCTION = ("Instruction: Is the sentiment of this sentence negative, neutral or positive?\n"

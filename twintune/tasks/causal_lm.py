@@ -25,7 +25,7 @@ class CausalLM(Generative):
     name: ClassVar[str] = "causal_lm"
     description: ClassVar[str] = "next-token training on unlabelled text, packed; scored by perplexity"
 
-    def splits(self, data, seed: int, tokenizer, length: int) -> dict[str, list[Encoded]]:
+    def splits(self, data, seed: int, tokenizer, length: int, chat: dict | None = None) -> dict[str, list[Encoded]]:
         """Documents shuffled by the seed into train, validation and test, each split tokenized and
         packed (or one per row)."""
         documents = load_documents(data.source, text_column=data.text_column, synthetic_size=data.synthetic_size,

@@ -20,6 +20,7 @@ from typing import ClassVar
 import numpy as np
 
 from twintune.data.batching import Encoded
+from twintune.data.chat import chat_example
 from twintune.data.documents import eos_id, random_splits
 from twintune.data.instructions import load_pairs, synthetic_instructions, template_fields
 from twintune.errors import TwintuneError
@@ -46,9 +47,11 @@ class Instruction(Generative):
             raise TwintuneError("method loreft edits each row's first and last prompt positions, which a packed row "
                                 "of several instruction examples does not have; set task.packing to false.")
 
-    def splits(self, data, seed: int, tokenizer, length: int) -> dict[str, list[Encoded]]:
+    def splits(self, data, seed: int, tokenizer, length: int, chat: dict | None = None) -> dict[str, list[Encoded]]:
         """Prompt + completion + end-of-text per example, the targets the completion and end-of-text
-        (`mask_prompt`) or every token after the first; split by the seed."""
+        (`mask_prompt`) or every token after the first; a conversation rendered with `chat` (the
+        tokenizer's chat template or data.chat_template), the targets its assistant turns with their
+        end-of-sequence token (data/chat.py chat_example); split by the seed."""
         if data.source == "synthetic":
             pairs = synthetic_instructions(data.synthetic_size, seed, self.template)
         elif data.source.endswith(".jsonl"):
@@ -59,16 +62,34 @@ class Instruction(Generative):
         eos = eos_id(tokenizer)
         encoded = []
         for i, (prompt, completion) in enumerate(pairs):
-            prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-            ids = prompt_ids + tokenizer.encode(completion, add_special_tokens=False).ids + [eos]
+            if isinstance(prompt, list):  # a conversation: (messages, where)
+                ids, mask = chat_example(prompt, chat, tokenizer, eos, completion)
+                targets = np.array(mask) if self.mask_prompt else None
+            else:
+                prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+                ids = prompt_ids + tokenizer.encode(completion, add_special_tokens=False).ids + [eos]
+                targets = np.arange(len(ids)) >= (max(len(prompt_ids), 1) if self.mask_prompt else 1)
             if len(ids) > length:
                 raise TwintuneError(f"example #{i + 1} of {data.source} is {len(ids)} tokens with its prompt and "
                                     f"completion, longer than data.max_length={length}; raise it (up to the model's "
                                     "context) or shorten it.")
-            encoded.append(Encoded(np.array(ids, np.int32), max(len(prompt_ids), 1) if self.mask_prompt else 1, 0))
+            encoded.append(_example(ids, targets))
         parts = random_splits(len(encoded), data.validation_fraction, data.test_fraction, seed, data.source, "examples")
         splits = {split: [encoded[i] for i in idx] for split, idx in parts.items()}
         return {split: pack_examples(part, length) for split, part in splits.items()} if self.packing else splits
+
+
+def _example(ids: list[int], targets: np.ndarray | None) -> Encoded:
+    """An example whose targets are `targets` (None: every token after the first); where they are
+    all the tokens after a prompt, as a prompt length (the common layout), else as a mask."""
+    if targets is None:
+        return Encoded(np.array(ids, np.int32), 1, 0)
+    targets = targets.copy()
+    targets[0] = False  # nothing predicts a row's first token
+    first = int(targets.argmax()) if targets.any() else len(ids)
+    if targets[first:].all():
+        return Encoded(np.array(ids, np.int32), max(first, 1), 0)
+    return Encoded(np.array(ids, np.int32), 1, 0, target_mask=targets)
 
 
 def pack_examples(examples: list[Encoded], length: int) -> list[Encoded]:
@@ -87,7 +108,8 @@ def pack_examples(examples: list[Encoded], length: int) -> list[Encoded]:
             rows.append(_packed_row(ids, mask))
             ids, mask = [], []
         ids += example.ids.tolist()
-        mask += [False] * example.prompt_len + [True] * (len(example.ids) - example.prompt_len)
+        mask += (example.target_mask.tolist() if example.target_mask is not None else
+                 [False] * example.prompt_len + [True] * (len(example.ids) - example.prompt_len))
     if ids:
         rows.append(_packed_row(ids, mask))
     return rows

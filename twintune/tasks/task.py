@@ -175,13 +175,13 @@ class Generative(Task):
     def shots_refusal(self) -> str:
         return f"--shots puts labelled sentences before each sentence; a {self.name} run has no labels (evaluate its perplexity without --shots)"
 
-    def splits(self, data, seed: int, tokenizer, length: int) -> dict[str, list[Encoded]]:
+    def splits(self, data, seed: int, tokenizer, length: int, chat: dict | None = None) -> dict[str, list[Encoded]]:
         """Its train, validation and test rows (data/batching.Encoded) from a `data` section (a
         mixture's source has its own), at most `length` tokens each."""
         raise NotImplementedError
 
     def data(self, data, seed: int, encoder: Encoder, length: int) -> TaskData:
-        return TaskData(self.splits(data, seed, encoder.tokenizer, length))
+        return TaskData(self.splits(data, seed, encoder.tokenizer, length, chat=encoder.chat))
 
     def evaluate(self, scorer: Scorer, split: str) -> PerplexityReport:
         sources = {name: PerplexityReport.of(*scorer.token_loss(rows)) for name, rows in scorer.sources(split).items()

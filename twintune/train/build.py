@@ -189,7 +189,7 @@ def _finish(recipe: Recipe, opened: Opened, with_data: bool, world: World) -> Ru
                       f"cut at {context}.", TwintuneWarning, stacklevel=3)
     encoder = Encoder(opened.tokenizer, Prompt(recipe.prompt.template, recipe.prompt.labels),
                       max_length=min(recipe.data.max_length, context), method=recipe.method, context=context,
-                      head=recipe.task.linear_head, chat=read_chat_template(opened.directory),
+                      head=recipe.task.linear_head, chat=read_chat_template(opened.directory, recipe.data.chat_template),
                       # GPT-Neo's own model runs pairs that share a prompt (Batch.segments); mlx-lm's models and
                       # virtual tokens (which would need their own places in the mask) keep a row an answer.
                       share_prompts=isinstance(opened.base.spec, GPTNeoSpec) and not recipe.method.virtual_tokens)
@@ -297,7 +297,7 @@ def _add_data(run: Run, tokenizer, length: int) -> None:
     general text a forgetting evaluation reads."""
     recipe, t = run.recipe, run.recipe.train
     if recipe.data.mixture:
-        run.sources = mixture_splits(recipe, tokenizer, length)
+        run.sources = mixture_splits(recipe, tokenizer, length, run.encoder.chat)
         run.splits = {name: [e for parts in run.sources.values() for e in parts[name]]
                       for name in ("train", "validation", "test")}
         run.order = MixtureOrder([parts["train"] for parts in run.sources.values()],
@@ -314,7 +314,8 @@ def _add_data(run: Run, tokenizer, length: int) -> None:
         run.general = general_rows(t.forgetting_eval, tokenizer, length)
 
 
-def mixture_splits(recipe: Recipe, tokenizer, length: int) -> dict[str, dict[str, list[Encoded]]]:
+def mixture_splits(recipe: Recipe, tokenizer, length: int,
+                   chat: dict | None = None) -> dict[str, dict[str, list[Encoded]]]:
     """Each mixture source's train/validation/test splits, by its name, through its own task."""
     parts = {}
     for i, part in enumerate(recipe.data.mixture):
@@ -323,7 +324,7 @@ def mixture_splits(recipe: Recipe, tokenizer, length: int) -> dict[str, dict[str
             own["template"] = part.template
         task = task_from_dict(own, f"data.mixture[{i}].task")
         data = dataclasses.replace(recipe.data, source=part.source, mixture=[])
-        parts[part.name or source_name(part.source)] = task.splits(data, recipe.data_seed, tokenizer, length)
+        parts[part.name or source_name(part.source)] = task.splits(data, recipe.data_seed, tokenizer, length, chat)
     return parts
 
 
