@@ -193,6 +193,8 @@ CASES = [
     case("eval", "{root}/swapped-run", match="is a bitfit adapter, but the run's recipe trains method lora"),
     case("merge", "{root}/swapped-run", "--out", "{root}/merged3", match="is a bitfit adapter"),
     case("export", "{root}/bitfit-run", "--format", "peft", "--out", "{root}/exported", match="method bitfit has no PEFT format"),
+    case("export", "{root}/bitfit-run", "--format", "gguf", "--out", "{root}/bitfit.gguf",
+         match="llama.cpp has no GPT-Neo architecture, so a GPT-Neo run cannot be a GGUF file"),
     # the same failures met inside the MLX backend
     case("train", DEMO, "--backend", "mlx", "--set", "train.lr=1e30", "--set", "train.max_grad_norm=0",
          match="training loss became"),

@@ -73,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     exporting = verbs.add_parser("export", help="write a run's adapter in another tool's format")
     exporting.add_argument("target", help="a run directory from `twintune train`")
-    exporting.add_argument("--format", required=True, choices=["peft", "mlx-lm"], help="peft or mlx-lm")
-    exporting.add_argument("--out", required=True, help="directory to write (must be new or empty)")
+    exporting.add_argument("--format", required=True, choices=["peft", "mlx-lm", "gguf"],
+                           help="peft, mlx-lm, or gguf (the merged model as one llama.cpp file; llama-family models)")
+    exporting.add_argument("--out", required=True, help="directory to write (must be new or empty); gguf: the file")
+    exporting.add_argument("--quantize", default="f16", choices=["f16", "q8_0", "f32"],
+                           help="gguf: the weights' type (default f16)")
 
     estimating = verbs.add_parser("estimate", help="predicted peak memory of a recipe's training, before running it")
     estimating.add_argument("recipe", help="a YAML recipe")
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "export":
             from twintune.train.runs import export_run_adapter
 
-            print(export_run_adapter(args.target, args.format, args.out))
+            print(export_run_adapter(args.target, args.format, args.out, args.quantize))
         elif args.verb == "estimate":
             from twintune.memory import estimate_recipe
 

@@ -24,7 +24,7 @@ from twintune.formats.checkpoint import load_config, resolve_model_dir
 from twintune.formats.merge import BASE_FILES, classifier_config, write_checkpoint
 from twintune.formats.safetensors_io import write_json
 from twintune.models import mlx_lm_has_family
-from twintune.methods import Method
+from twintune.methods import BaseModel, Method
 from twintune.models import GPTNeoSpec
 from twintune.recipe import Recipe, load_recipe
 from twintune.train.features import load_classifier
@@ -235,21 +235,24 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     return write_checkpoint(out, directory, {**merged, HEAD: head}, labels=recipe.task.head_labels(recipe))
 
 
-def export_run_adapter(run_dir: str | Path, fmt: str, out_dir: str | Path) -> Path:
+def export_run_adapter(run_dir: str | Path, fmt: str, out_dir: str | Path, quantize: str = "f16") -> Path:
     """A run's adapter in `fmt`: "peft" (PEFT's own files, naming its base so that
     `AutoPeftModelForCausalLM.from_pretrained(out_dir)` finds it from anywhere: a local base's absolute
-    path, a hub id; the built-in model is carried along in out_dir/base-model), or "mlx-lm" (for
-    models of mlx-lm's families).
+    path, a hub id; the built-in model is carried along in out_dir/base-model), "mlx-lm" (for
+    models of mlx-lm's families), or "gguf" (the merged model as one file for llama.cpp, `out_dir` its
+    path, weights in `quantize`: f16, q8_0 or f32; llama-family models).
 
     Example:
         >>> export_run_adapter("runs/demo", "peft", "adapters/demo")
         PosixPath('adapters/demo')
     """
+    if fmt == "gguf":
+        return _export_gguf(Path(run_dir), Path(out_dir), quantize)
     run_dir, out = run_and_new_output(run_dir, out_dir)
     if fmt == "mlx-lm":
         return _export_mlx_lm(run_dir, out)
     if fmt != "peft":
-        raise TwintuneError(f"export format {fmt!r} is unknown; choose peft or mlx-lm.")
+        raise TwintuneError(f"export format {fmt!r} is unknown; choose peft, mlx-lm or gguf.")
     recipe = load_recipe(run_dir / "recipe.json")
     if recipe.method.layout != "peft":
         raise TwintuneError(f"method {recipe.method.name} has no PEFT format (PEFT does not have it); its adapter is "
@@ -274,6 +277,42 @@ def _copy_base(model_dir: Path, out: Path, labels: list[str] | None) -> Path:
     config = json.loads((model_dir / "config.json").read_text())
     write_json(out / "config.json", classifier_config(config, labels) if labels else config)
     return out
+
+
+def _export_gguf(run_dir: Path, out: Path, quantize: str) -> Path:
+    """The run's merged model as a GGUF file (formats/gguf_export.py)."""
+    from twintune.formats.gguf_export import LLAMA_FAMILY, QUANTIZATIONS, write_gguf
+    from twintune.formats.safetensors_io import read_safetensors
+
+    if not (run_dir / "recipe.json").exists():
+        raise TwintuneError(f"{run_dir} is not a run directory: it has no recipe.json.")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise TwintuneError("GGUF export writes with the gguf package, which is not installed: pip install "
+                            "'twintune[gguf]'.") from None
+    if out.exists():
+        raise TwintuneError(f"{out} exists; choose another --out (nothing was written).")
+    if quantize not in QUANTIZATIONS:
+        raise TwintuneError(f"--quantize {quantize!r} is unknown; choose {', '.join(QUANTIZATIONS)}.")
+    recipe = load_recipe(run_dir / "recipe.json")
+    config = load_config(recipe.model)
+    model_type = config.get("model_type")
+    if model_type == "gpt_neo":
+        raise TwintuneError("llama.cpp has no GPT-Neo architecture, so a GPT-Neo run cannot be a GGUF file; merge it "
+                            "(twintune merge) for transformers, or train a llama-family model to export GGUF.")
+    if model_type not in LLAMA_FAMILY or config.get("quantization"):
+        raise TwintuneError(f"GGUF export writes unquantized llama-family models ({', '.join(LLAMA_FAMILY)}); this "
+                            f"run's model is {model_type!r}{' (quantized)' if config.get('quantization') else ''}.")
+    run = open_run(run_dir, "mlx", with_data=False)  # the adapter checked against the model, as for eval
+    adapter, head = split_head(split_value_head(run.backend.trainable_state())[0])
+    if head is not None:
+        raise TwintuneError("this run trained a classification head, which llama.cpp's llama architecture has no "
+                            "place for; export runs that generate text.")
+    model_dir = Path(run.model_dir)
+    weights = {k: v for path in sorted(model_dir.glob("*.safetensors")) for k, v in read_safetensors(path).items()}
+    merged = recipe.method.merge(BaseModel(run.spec, weights), adapter)
+    return write_gguf(out, merged, config, model_dir, recipe.name, quantize, recipe.data.chat_template or None)
 
 
 def _export_mlx_lm(run_dir: Path, out: Path) -> Path:

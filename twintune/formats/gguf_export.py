@@ -1,0 +1,166 @@
+"""A run as one GGUF file for llama.cpp and Ollama: `twintune export RUN --format gguf --out FILE.gguf
+[--quantize f16|q8_0|f32]`, for llama-family mlx-lm models.
+
+The file holds the merged model (the run's trained values folded into its base, as `twintune
+merge` does, in float32 first), the tokenizer (its BPE vocabulary, merges and special tokens) and
+the metadata llama.cpp reads (`llama.*` sizes, rope and norm settings, the chat template), written
+with the `gguf` package (llama.cpp's own writer). Tensors are named as llama.cpp's converter names
+them (`token_embd`, `blk.N.attn_q`, ...), and the query and key projections are permuted as it
+permutes them: llama.cpp's rotary embedding pairs a head's dimensions (0, 1), (2, 3), ... where
+Hugging Face's pairs (0, d/2), (1, d/2 + 1), .... 1-D tensors (norms) stay float32; `q8_0` stores
+each matrix whose rows divide into blocks of 32 as 8-bit blocks with a float16 scale (the others as
+float16).
+
+GPT-Neo is refused by name: llama.cpp has no GPT-Neo architecture.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from twintune.errors import TwintuneError
+
+QUANTIZATIONS = ("f16", "q8_0", "f32")
+LLAMA_FAMILY = ("llama", "mistral")  # mlx-lm's families that llama.cpp reads as its `llama` architecture
+
+
+def permute_for_rope(weights: np.ndarray, heads: int) -> np.ndarray:
+    """A query or key projection's rows in llama.cpp's rotary order (convert_hf_to_gguf.py's `permute`):
+    each head's two halves interleaved.
+
+    Example:
+        >>> permute_for_rope(np.arange(8.0).reshape(8, 1), heads=2)[:, 0].tolist()
+        [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]
+    """
+    rows = weights.shape[0]
+    return weights.reshape(heads, 2, rows // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def gguf_tensors(merged: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
+    """The merged weights (Hugging Face llama names) under llama.cpp's names, float32, query and key
+    rows permuted for its rotary embedding."""
+    import gguf
+
+    layers = int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+    tensors = {}
+    for name, value in merged.items():
+        if "rotary_emb.inv_freq" in name:  # recomputed from rope_theta by llama.cpp
+            continue
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise TwintuneError(f"tensor {name!r} has no place in llama.cpp's llama architecture.")
+        value = np.asarray(value, np.float32)
+        if name.endswith("self_attn.q_proj.weight"):
+            value = permute_for_rope(value, heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            value = permute_for_rope(value, kv_heads)
+        tensors[target] = value
+    return tensors
+
+
+def write_gguf(path: str | Path, merged: dict[str, np.ndarray], config: dict, model_dir: Path, name: str,
+               quantize: str = "f16", chat_template: str | None = None) -> Path:
+    """Write the merged llama-family model `merged` (Hugging Face names) with its tokenizer and metadata."""
+    import gguf
+
+    if quantize not in QUANTIZATIONS:
+        raise TwintuneError(f"--quantize {quantize!r} is unknown; choose {', '.join(QUANTIZATIONS)}.")
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quantize]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")  # written whole, then renamed: never half a file
+    writer = gguf.GGUFWriter(str(partial), "llama")
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    writer.add_name(name)
+    writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_rope_dimension_count(int(config.get("head_dim") or hidden // heads))
+    writer.add_vocab_size(int(config["vocab_size"]))
+    writer.add_file_type(file_type)
+    _add_tokenizer(writer, model_dir, int(config["vocab_size"]), chat_template)
+    for tensor, value in gguf_tensors(merged, config).items():
+        _add_tensor(writer, tensor, value, quantize)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    partial.replace(path)
+    return path
+
+
+def _add_tensor(writer, name: str, value: np.ndarray, quantize: str) -> None:
+    import gguf
+
+    if value.ndim == 1 or quantize == "f32":
+        writer.add_tensor(name, value.astype(np.float32))
+    elif quantize == "q8_0" and value.shape[-1] % 32 == 0:
+        kind = gguf.GGMLQuantizationType.Q8_0
+        writer.add_tensor(name, gguf.quants.quantize(value, kind), raw_dtype=kind)  # (its shape: the bytes of each row)
+    else:
+        writer.add_tensor(name, value.astype(np.float16))
+
+
+def _add_tokenizer(writer, model_dir: Path, vocab_size: int, chat_template: str | None) -> None:
+    """A byte-level BPE tokenizer.json (GPT-2's kind, llama 3's) as llama.cpp's "gpt2" tokenizer."""
+    path = model_dir / "tokenizer.json"
+    try:
+        tokenizer = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise TwintuneError(f"GGUF export reads the model's tokenizer.json, and {path} cannot be read.") from None
+    model = tokenizer.get("model", {})
+    if model.get("type") != "BPE":
+        raise TwintuneError(f"GGUF export writes byte-level BPE tokenizers; {path} is a {model.get('type')} tokenizer.")
+    vocab = dict(model["vocab"])
+    special = {}
+    for added in tokenizer.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+        if added.get("special"):
+            special[added["id"]] = added["content"]
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf_token_type("unused")] * vocab_size
+    for text, index in vocab.items():
+        if index < vocab_size:
+            tokens[index] = text
+            types[index] = gguf_token_type("control" if index in special else "normal")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    config = _tokenizer_config(model_dir)
+    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id)):
+        text = config.get(key)
+        text = text.get("content") if isinstance(text, dict) else text
+        if text in vocab:
+            add(vocab[text])
+    template = chat_template or config.get("chat_template")
+    if isinstance(template, str):
+        writer.add_chat_template(template)
+
+
+def gguf_token_type(kind: str) -> int:
+    import gguf
+
+    return {"normal": gguf.TokenType.NORMAL, "control": gguf.TokenType.CONTROL, "unused": gguf.TokenType.UNUSED}[kind]
+
+
+def _tokenizer_config(model_dir: Path) -> dict:
+    try:
+        return json.loads((model_dir / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
