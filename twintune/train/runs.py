@@ -8,6 +8,7 @@ file (the base model with the recipe's method at its initial values, i.e. before
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import shutil
 import warnings
@@ -287,7 +288,7 @@ def _export_gguf(run_dir: Path, out: Path, quantize: str) -> Path:
     if not (run_dir / "recipe.json").exists():
         raise TwintuneError(f"{run_dir} is not a run directory: it has no recipe.json.")
     try:
-        import gguf  # noqa: F401
+        importlib.import_module("gguf")
     except ImportError:
         raise TwintuneError("GGUF export writes with the gguf package, which is not installed: pip install "
                             "'twintune[gguf]'.") from None
