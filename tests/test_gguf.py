@@ -117,3 +117,29 @@ def test_without_the_gguf_package_it_is_one_sentence(llama_run, tmp_path, monkey
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(TwintuneError, match=r"the gguf package, which is not installed: pip install 'twintune\[gguf\]'"):
         export_run_adapter(llama_run / "run", "gguf", tmp_path / "model.gguf")
+
+
+def test_a_lora_adapter_as_llama_cpps_lora_file(llama_run):
+    """general.type adapter, adapter.lora.alpha, each matrix's lora_a and lora_b under its llama.cpp
+    name; B's rows permuted as the rows of the query and key projections they add to, so that
+    W' + (alpha / r) B' A is the merged file's matrix."""
+    out = llama_run / "adapter.gguf"
+    assert main(["export", str(llama_run / "run"), "--format", "gguf-lora", "--out", str(out)]) == 0
+    tensors, fields, _ = _read(out)
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["adapter.lora.alpha"] == 8.0
+    whole = llama_run / "merged-for-lora.gguf"
+    assert main(["export", str(llama_run / "run"), "--format", "gguf", "--out", str(whole), "--quantize", "f32"]) == 0
+    merged, _, _ = _read(whole)
+    adapter = read_safetensors(llama_run / "run" / "adapter" / "adapter_model.safetensors")
+    assert len(tensors) == 2 * len([n for n in adapter if n.endswith("lora_A.weight")]) == 2 * 2 * 4
+    for block in range(LLAMA["num_hidden_layers"]):
+        for part, hf, heads in (("attn_q", "self_attn.q_proj", LLAMA["num_attention_heads"]),
+                                ("attn_k", "self_attn.k_proj", LLAMA["num_key_value_heads"]),
+                                ("attn_v", "self_attn.v_proj", None), ("ffn_down", "mlp.down_proj", None)):
+            name = f"blk.{block}.{part}.weight"
+            a, b = tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"]
+            assert a.shape[0] == b.shape[1] == 4
+            untrained = read_safetensors(llama_run / "tiny-llama" / "model.safetensors")[f"model.layers.{block}.{hf}.weight"]
+            untrained = _llama_cpp_permute(untrained, heads) if heads else untrained
+            assert np.allclose(untrained + (8.0 / 4) * b @ a, merged[name], atol=1e-6), name

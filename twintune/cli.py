@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     exporting = verbs.add_parser("export", help="write a run's adapter in another tool's format")
     exporting.add_argument("target", help="a run directory from `twintune train`")
-    exporting.add_argument("--format", required=True, choices=["peft", "mlx-lm", "gguf"],
-                           help="peft, mlx-lm, or gguf (the merged model as one llama.cpp file; llama-family models)")
+    exporting.add_argument("--format", required=True, choices=["peft", "mlx-lm", "gguf", "gguf-lora"],
+                           help="peft, mlx-lm, gguf (the merged model as one llama.cpp file; llama-family models) or "
+                                "gguf-lora (a LoRA adapter as llama.cpp's LoRA file)")
     exporting.add_argument("--out", required=True, help="directory to write (must be new or empty); gguf: the file")
     exporting.add_argument("--quantize", default="f16", choices=["f16", "q8_0", "f32"],
                            help="gguf: the weights' type (default f16)")

@@ -11,6 +11,11 @@ Hugging Face's pairs (0, d/2), (1, d/2 + 1), .... 1-D tensors (norms) stay float
 each matrix whose rows divide into blocks of 32 as 8-bit blocks with a float16 scale (the others as
 float16).
 
+`--format gguf-lora` writes a LoRA run's adapter alone, as llama.cpp's LoRA files
+(`llama-cli -m base.gguf --lora adapter.gguf`): `general.type` adapter, `adapter.lora.alpha`, each
+adapted matrix's `.lora_a` (r x in) and `.lora_b` (out x r) under its llama.cpp name, B's rows
+permuted with the query and key rows they add to.
+
 GPT-Neo is refused by name: llama.cpp has no GPT-Neo architecture.
 """
 
@@ -164,3 +169,40 @@ def _tokenizer_config(model_dir: Path) -> dict:
         return json.loads((model_dir / "tokenizer_config.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+def write_gguf_lora(path: str | Path, adapter: dict[str, np.ndarray], config: dict, name: str, alpha: float) -> Path:
+    """A LoRA adapter (PEFT names: LAYER.lora_A.weight, LAYER.lora_B.weight; one rank and alpha) as
+    llama.cpp's GGUF LoRA file, float32."""
+    import gguf
+
+    layers = int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(str(partial), "llama")
+    writer.add_name(name)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    for a_name in sorted(n for n in adapter if n.endswith(".lora_A.weight")):
+        layer = a_name[: -len(".lora_A.weight")]
+        target = names.get_name(f"{layer}.weight", try_suffixes=(".weight",))
+        if target is None:
+            raise TwintuneError(f"adapted layer {layer!r} has no place in llama.cpp's llama architecture.")
+        b = np.asarray(adapter[f"{layer}.lora_B.weight"], np.float32)
+        if layer.endswith("self_attn.q_proj"):
+            b = permute_for_rope(b, heads)
+        elif layer.endswith("self_attn.k_proj"):
+            b = permute_for_rope(b, kv_heads)
+        writer.add_tensor(f"{target}.lora_a", np.asarray(adapter[a_name], np.float32))
+        writer.add_tensor(f"{target}.lora_b", b)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    partial.replace(path)
+    return path

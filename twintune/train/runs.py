@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -247,13 +248,13 @@ def export_run_adapter(run_dir: str | Path, fmt: str, out_dir: str | Path, quant
         >>> export_run_adapter("runs/demo", "peft", "adapters/demo")
         PosixPath('adapters/demo')
     """
-    if fmt == "gguf":
-        return _export_gguf(Path(run_dir), Path(out_dir), quantize)
+    if fmt in ("gguf", "gguf-lora"):
+        return _export_gguf(Path(run_dir), Path(out_dir), quantize, adapter_only=fmt == "gguf-lora")
     run_dir, out = run_and_new_output(run_dir, out_dir)
     if fmt == "mlx-lm":
         return _export_mlx_lm(run_dir, out)
     if fmt != "peft":
-        raise TwintuneError(f"export format {fmt!r} is unknown; choose peft, mlx-lm or gguf.")
+        raise TwintuneError(f"export format {fmt!r} is unknown; choose peft, mlx-lm, gguf or gguf-lora.")
     recipe = load_recipe(run_dir / "recipe.json")
     if recipe.method.layout != "peft":
         raise TwintuneError(f"method {recipe.method.name} has no PEFT format (PEFT does not have it); its adapter is "
@@ -280,9 +281,10 @@ def _copy_base(model_dir: Path, out: Path, labels: list[str] | None) -> Path:
     return out
 
 
-def _export_gguf(run_dir: Path, out: Path, quantize: str) -> Path:
-    """The run's merged model as a GGUF file (formats/gguf_export.py)."""
-    from twintune.formats.gguf_export import LLAMA_FAMILY, QUANTIZATIONS, write_gguf
+def _export_gguf(run_dir: Path, out: Path, quantize: str, adapter_only: bool = False) -> Path:
+    """The run's merged model as a GGUF file, or (`adapter_only`) its LoRA adapter as llama.cpp's GGUF
+    LoRA file (formats/gguf_export.py)."""
+    from twintune.formats.gguf_export import LLAMA_FAMILY, QUANTIZATIONS, write_gguf, write_gguf_lora
     from twintune.formats.safetensors_io import read_safetensors
 
     if not (run_dir / "recipe.json").exists():
@@ -310,6 +312,15 @@ def _export_gguf(run_dir: Path, out: Path, quantize: str) -> Path:
     if head is not None:
         raise TwintuneError("this run trained a classification head, which llama.cpp's llama architecture has no "
                             "place for; export runs that generate text.")
+    if adapter_only:
+        # llama.cpp scales each layer by one alpha over the layer's rank (read from its tensors)
+        method = recipe.method
+        if method.name != "lora" or method.alpha_pattern or (method.rslora and method.rank_pattern):
+            raise TwintuneError(f"a GGUF LoRA file scales every layer by one alpha over its rank; this run's method is "
+                                f"{method.name}{' with per-layer alphas' if method.name == 'lora' else ''}: export the "
+                                "merged model (--format gguf).")
+        alpha = method.alpha * math.sqrt(method.r) if method.rslora else method.alpha  # rsLoRA's alpha / sqrt(r)
+        return write_gguf_lora(out, adapter, config, recipe.name, alpha)
     model_dir = Path(run.model_dir)
     weights = {k: v for path in sorted(model_dir.glob("*.safetensors")) for k, v in read_safetensors(path).items()}
     merged = recipe.method.merge(BaseModel(run.spec, weights), adapter)
