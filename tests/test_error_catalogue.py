@@ -386,6 +386,9 @@ CASES = [
          match="method full trains the base model's own parameters, which cannot train in float16"),
     case("doctor", "{root}", match="is not a run directory: it has no metrics.jsonl and recipe.json"),
     case("generate", "builtin:tiny-gpt-neo", "Hi", "--chat", match="--chat renders the prompt with a chat template, and this model has none"),
+    case("train", DEMO, "--set", "task=instruction", "--set", "data.source={root}/robot.jsonl", "--set",
+         "data.chat_template={% for m in messages %}{{ m.content }", match="the chat template (data.chat_template, or the "
+                                                                          "tokenizer's) cannot render these messages"),
     # compare (each refused before any row runs)
     case("compare", DEMO, "--methods", "lora,bitfti", match="--methods: 'bitfti' is not a comparison entry; did you mean 'bitfit'?"),
     case("compare", DEMO, "--methods", "lora,lora", match="--methods names an entry twice: lora"),

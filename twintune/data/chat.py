@@ -67,7 +67,8 @@ def render(messages: list[dict], chat: dict, add_generation_prompt: bool = False
     except TwintuneError:
         raise
     except Exception as error:  # noqa: BLE001 - the template's own complaint, as one sentence
-        raise TwintuneError(f"the tokenizer's chat template cannot render these messages ({error}).") from None
+        raise TwintuneError(f"the chat template (data.chat_template, or the tokenizer's) cannot render these messages "
+                            f"({error}).") from None
 
 
 @lru_cache(maxsize=8)
@@ -75,7 +76,7 @@ def _compiled(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
-        raise TwintuneError(f"the tokenizer's chat template refuses these messages: {message}")
+        raise TwintuneError(f"the chat template (data.chat_template, or the tokenizer's) refuses these messages: {message}")
 
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=["jinja2.ext.loopcontrols"])
