@@ -6,7 +6,9 @@ TensorBoard and W&B (offline), on both backends; and `twintune doctor` on a 10,0
 Each training run is its own process (`twintune train` on the demo recipe, `train.log_every` 10,
 no evaluation before the end), the sides interleaved repeat by repeat; the figure is the median of
 summary.json's train_seconds / steps (the steps' own time, logging included). Targets (issue 31):
-each reporter costs <= 2% of the step time; doctor reads a 10,000-step run in under a second.
+each reporter costs <= 2% of the step time; doctor reads a 10,000-step run in under a second. The
+end-to-end step times vary by +-10% between runs here, so the 2% is judged on the reporters' own
+time a metrics line (measured in-process on the torch run's lines) against the torch step.
 """
 
 from __future__ import annotations
@@ -38,6 +40,28 @@ def _train(backend: str, report_to: list[str], steps: int, out: Path, extra: lis
     return json.loads((out / "summary.json").read_text())
 
 
+def _reporter_cost(run: Path) -> dict[str, float]:
+    """Microseconds a metrics line costs each reporter (median over a real run's lines, 3 passes)."""
+    from twintune.train.reporting import Reporters
+
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    costs = {}
+    for side, names in SIDES.items():
+        if not names:
+            continue
+        os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
+        times = []
+        for attempt in range(3):
+            reporters = Reporters(names, Path(tempfile.mkdtemp()), {})
+            for line in lines:
+                started = time.perf_counter()
+                reporters.line(line)
+                times.append(time.perf_counter() - started)
+            reporters.close()
+        costs[side] = 1e6 * statistics.median(times)
+    return costs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -59,6 +83,12 @@ def main() -> None:
               for b in ("torch", "mlx") for s in SIDES if s != "none"}
     print(json.dumps(step_ms, indent=1))
 
+    # The reporters' own time a metrics line, in this process: the end-to-end figures above move by
+    # +-10% from one run to the next on this shared 2-core machine, more than the 2% they are held to.
+    line_us = _reporter_cost(root / "torch-none")
+    ratios.update({f"{side}_share_of_torch_step": us / 1e3 / step_ms["torch/none"] for side, us in line_us.items()})
+    print(json.dumps({f"{side} us a line": round(us, 1) for side, us in line_us.items()}))
+
     from twintune.doctor import doctor
 
     long_run = root / "doctor-run"
@@ -72,7 +102,7 @@ def main() -> None:
         times.append(time.perf_counter() - started)
     ratios["doctor_seconds"] = statistics.median(times)
     print(f"doctor: {report['summary']} ({ratios['doctor_seconds']:.3f} s, median of 5)")
-    targets = {name: ("<=", 1.02) for name in ratios if name.endswith("_over_none")}
+    targets = {name: ("<=", 0.02) for name in ratios if name.endswith("_share_of_torch_step")}
     targets["doctor_seconds"] = ("<=", 1.0)
     verdicts = check_targets(ratios, targets)
     print(json.dumps(ratios))
