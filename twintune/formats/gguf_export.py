@@ -49,10 +49,7 @@ def gguf_tensors(merged: dict[str, np.ndarray], config: dict) -> dict[str, np.nd
     rows permuted for its rotary embedding."""
     import gguf
 
-    layers = int(config["num_hidden_layers"])
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config["num_hidden_layers"]))
     tensors = {}
     for name, value in merged.items():
         if "rotary_emb.inv_freq" in name:  # recomputed from rope_theta by llama.cpp
@@ -60,13 +57,36 @@ def gguf_tensors(merged: dict[str, np.ndarray], config: dict) -> dict[str, np.nd
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise TwintuneError(f"tensor {name!r} has no place in llama.cpp's llama architecture.")
-        value = np.asarray(value, np.float32)
-        if name.endswith("self_attn.q_proj.weight"):
-            value = permute_for_rope(value, heads)
-        elif name.endswith("self_attn.k_proj.weight"):
-            value = permute_for_rope(value, kv_heads)
-        tensors[target] = value
+        tensors[target] = in_rope_order(name.removesuffix(".weight"), np.asarray(value, np.float32), config)
     return tensors
+
+
+def in_rope_order(layer: str, rows: np.ndarray, config: dict) -> np.ndarray:
+    """The output rows of a query or key projection (its weight, or a LoRA B that adds to it) permuted
+    for llama.cpp's rotary embedding; any other layer's as they are."""
+    heads = int(config["num_attention_heads"])
+    if layer.endswith("self_attn.q_proj"):
+        return permute_for_rope(rows, heads)
+    if layer.endswith("self_attn.k_proj"):
+        return permute_for_rope(rows, int(config.get("num_key_value_heads") or heads))
+    return rows
+
+
+def _new_writer(path: Path):
+    """A GGUF writer on `path`.partial (renamed by _finish when whole: never half a file at `path`)."""
+    import gguf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return gguf.GGUFWriter(str(path.with_name(path.name + ".partial")), "llama")
+
+
+def _finish(writer, path: Path) -> Path:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    path.with_name(path.name + ".partial").replace(path)
+    return path
 
 
 def write_gguf(path: str | Path, merged: dict[str, np.ndarray], config: dict, model_dir: Path, name: str,
@@ -79,9 +99,7 @@ def write_gguf(path: str | Path, merged: dict[str, np.ndarray], config: dict, mo
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quantize]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")  # written whole, then renamed: never half a file
-    writer = gguf.GGUFWriter(str(partial), "llama")
+    writer = _new_writer(path)
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     writer.add_name(name)
@@ -99,12 +117,7 @@ def write_gguf(path: str | Path, merged: dict[str, np.ndarray], config: dict, mo
     _add_tokenizer(writer, model_dir, int(config["vocab_size"]), chat_template)
     for tensor, value in gguf_tensors(merged, config).items():
         _add_tensor(writer, tensor, value, quantize)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    partial.replace(path)
-    return path
+    return _finish(writer, path)
 
 
 def _add_tensor(writer, name: str, value: np.ndarray, quantize: str) -> None:
@@ -176,14 +189,9 @@ def write_gguf_lora(path: str | Path, adapter: dict[str, np.ndarray], config: di
     llama.cpp's GGUF LoRA file, float32."""
     import gguf
 
-    layers = int(config["num_hidden_layers"])
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config["num_hidden_layers"]))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(str(partial), "llama")
+    writer = _new_writer(path)
     writer.add_name(name)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -193,16 +201,7 @@ def write_gguf_lora(path: str | Path, adapter: dict[str, np.ndarray], config: di
         target = names.get_name(f"{layer}.weight", try_suffixes=(".weight",))
         if target is None:
             raise TwintuneError(f"adapted layer {layer!r} has no place in llama.cpp's llama architecture.")
-        b = np.asarray(adapter[f"{layer}.lora_B.weight"], np.float32)
-        if layer.endswith("self_attn.q_proj"):
-            b = permute_for_rope(b, heads)
-        elif layer.endswith("self_attn.k_proj"):
-            b = permute_for_rope(b, kv_heads)
         writer.add_tensor(f"{target}.lora_a", np.asarray(adapter[a_name], np.float32))
-        writer.add_tensor(f"{target}.lora_b", b)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    partial.replace(path)
-    return path
+        writer.add_tensor(f"{target}.lora_b", in_rope_order(layer, np.asarray(adapter[f"{layer}.lora_B.weight"],
+                                                                              np.float32), config))
+    return _finish(writer, path)
