@@ -339,8 +339,8 @@ def healthy_sentence(log: RunLog) -> str:
     metrics = {k: v for k, v in (log.evals[-1] if log.evals else {}).items()
                if k.startswith("val_") and isinstance(v, (int, float)) and math.isfinite(v) and "/" not in k}
     shown = ", ".join(f"{k} {_fmt(v)}" for k, v in list(metrics.items())[:2])
-    return (f"Healthy: the training loss went from {_fmt(first)} to {_fmt(last)} over {len(log.steps)} steps"
-            + (f"; {shown} at step {log.evals[-1]['step']}." if shown else "."))
+    return (f"Healthy: the training loss went from {_fmt(first)} to {_fmt(last)} (means of the first and last "
+            f"{log.window()} of {len(log.steps)} steps)" + (f"; {shown} at step {log.evals[-1]['step']}." if shown else "."))
 
 
 def doctor(path: str | Path) -> dict:
