@@ -26,15 +26,12 @@ def read_chat_template(model_dir: str | Path, template: str = "") -> dict | None
     special tokens.
 
     Example:
-        >>> read_chat_template("builtin:tiny-gpt-neo") is None   # GPT-Neo's tokenizer has no chat template
+        >>> from twintune.formats.checkpoint import resolve_model_dir
+        >>> read_chat_template(resolve_model_dir("builtin:tiny-gpt-neo")) is None   # GPT-Neo's tokenizer has none
         True
-        >>> read_chat_template("builtin:tiny-gpt-neo", "{{ messages }}")["eos_token"]
+        >>> read_chat_template(resolve_model_dir("builtin:tiny-gpt-neo"), "{{ messages }}")["eos_token"]
         '<|endoftext|>'
     """
-    if str(model_dir).startswith("builtin:"):
-        from twintune.formats.checkpoint import resolve_model_dir
-
-        model_dir = resolve_model_dir(str(model_dir))
     path = Path(model_dir) / "tokenizer_config.json"
     try:
         config = json.loads(path.read_text())
@@ -130,7 +127,8 @@ def chat_example(messages, chat: dict | None, tokenizer, eos: int, where: str) -
     Example:
         >>> from twintune.formats.checkpoint import load_tokenizer, resolve_model_dir
         >>> tokenizer = load_tokenizer(resolve_model_dir("builtin:tiny-gpt-neo"))
-        >>> chat = read_chat_template("builtin:tiny-gpt-neo", "{% for m in messages %}{{ m.role }}: {{ m.content }}"
+        >>> chat = read_chat_template(resolve_model_dir("builtin:tiny-gpt-neo"), "{% for m in messages %}{{ m.role }}: "
+        ...                           "{{ m.content }}"
         ...                           "{{ eos_token if m.role == 'assistant' }}\\n{% endfor %}"
         ...                           "{% if add_generation_prompt %}assistant:{% endif %}")
         >>> ids, mask = chat_example([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Hello"}],

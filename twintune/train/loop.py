@@ -132,9 +132,7 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     out = Path(out_dir) if out_dir else checkpoint[0].parent.parent if checkpoint else default_out_dir(recipe, name)
     world = launched_world()
     check_world(world, name, recipe)
-    if world.writes:
-        require(recipe.train.report_to)
-    check_memory_limit(recipe, name)
+    _check_before_loading(recipe, name, world)
     resuming_here = checkpoint is not None and checkpoint[0].parent.parent.resolve() == out.resolve()
     replaced = _claim_out(out, resuming_here, overwrite, world.writes)
     run = prepare(recipe, name, world=world)
@@ -146,11 +144,9 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     if recipe.train.forgetting_eval and state.forgetting_before is None:  # measured once, before the first step
         state.forgetting_before = perplexity_of(run, run.general)
     bar = _progress(run.total_steps, progress and world.writes, first_step)
-    reporters = Reporters(recipe.train.report_to if world.writes else [], out, recipe.to_dict(), state.wandb_id,
-                          replay=state.log)
-    state.wandb_id = reporters.wandb_id
-    with MetricsLog(out / "metrics.jsonl" if world.writes else None, state, reporters) as log, StopRequests() as stops:
-        watch = Watch(recipe.train.log_every, run.total_steps, reporters, lambda: _peak_mb(run), bar and bar.write)
+    with MetricsLog(out / "metrics.jsonl" if world.writes else None, state, _reporters(run, out, state)) as log, \
+            StopRequests() as stops:
+        watch = Watch(recipe.train.log_every, run.total_steps, log.reporters, lambda: _peak_mb(run), bar and bar.write)
         best_values = _train_steps(run, state, log, out, first_step, best_values, bar, stops, watch)
         if stops.signum:
             raise _stopped(run, stops.signum, state.last_step, out, bar)
@@ -174,6 +170,21 @@ def train(recipe: Recipe, backend: str | None = None, out_dir: str | Path | None
     if world.size > 1:  # the processes end together: none closes its connections while another still works
         run.backend.leave()
     return _finished(summary, replaced)
+
+
+def _check_before_loading(recipe: Recipe, backend: str, world) -> None:
+    """What can refuse a run before its model loads: a reporter's missing library, the memory limit."""
+    if world.writes:
+        require(recipe.train.report_to)
+    check_memory_limit(recipe, backend)
+
+
+def _reporters(run: Run, out: Path, state: TrainingState) -> Reporters:
+    """The run's reporters (rank 0's; none elsewhere), given the lines so far (a resumed run's)."""
+    reporters = Reporters(run.recipe.train.report_to if run.world.writes else [], out, run.recipe.to_dict(),
+                          state.wandb_id, replay=state.log)
+    state.wandb_id = reporters.wandb_id
+    return reporters
 
 
 def _start(run: Run, backend: str, checkpoint: tuple | None) -> tuple[TrainingState, int, dict | None]:
