@@ -79,9 +79,6 @@ class TensorBoard:
     never holds a step twice (a killed run's steps after its last checkpoint are trained again)."""
 
     def __init__(self, out: Path, replay: list[dict]):
-        from tensorboardX.crc32c import crc32c  # (require() has checked it is there)
-
-        self.crc32c = crc32c
         directory = out / "tensorboard"
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
@@ -104,14 +101,19 @@ class TensorBoard:
 
     def _record(self, data: bytes) -> None:
         header = struct.pack("<Q", len(data))
-        self.file.write(header + struct.pack("<I", self._masked(header)) + data + struct.pack("<I", self._masked(data)))
-
-    def _masked(self, data: bytes) -> int:  # TFRecord's masked CRC-32C
-        crc = self.crc32c(data)
-        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+        self.file.write(header + struct.pack("<I", masked_crc(header)) + data + struct.pack("<I", masked_crc(data)))
 
     def close(self) -> None:
         self.file.close()
+
+
+def masked_crc(data: bytes) -> int:
+    """TFRecord's masked CRC-32C of a record's length or data (tensorboardX's CRC: native with the
+    `crc32c` package; require() has checked tensorboardX is there)."""
+    from tensorboardX.crc32c import crc32c
+
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _varint(value: int) -> bytes:
@@ -226,12 +228,7 @@ def read_tensorboard(directory: str | Path) -> dict[str, list[tuple[int, float]]
         >>> sorted(read_tensorboard("runs/no-such-run/tensorboard"))
         []
     """
-    from tensorboardX.crc32c import crc32c
     from tensorboardX.proto.event_pb2 import Event
-
-    def masked(data: bytes) -> int:  # TFRecord's masked CRC-32C
-        crc = crc32c(data)
-        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
     scalars: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(Path(directory).glob("events.out.tfevents.*")):
@@ -241,7 +238,7 @@ def read_tensorboard(directory: str | Path) -> dict[str, list[tuple[int, float]]
             (length,), (length_crc,) = struct.unpack("<Q", header), struct.unpack("<I", data[at + 8: at + 12])
             body = data[at + 12: at + 12 + length]
             (body_crc,) = struct.unpack("<I", data[at + 12 + length: at + 16 + length])
-            if masked(header) != length_crc or masked(body) != body_crc:
+            if masked_crc(header) != length_crc or masked_crc(body) != body_crc:
                 raise TwintuneError(f"event file {path} is corrupt at byte {at}.")
             event = Event.FromString(body)
             for value in event.summary.value:
