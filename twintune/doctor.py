@@ -26,6 +26,10 @@ import numpy as np
 from twintune.errors import TwintuneError
 
 LOWER_IS_BETTER = ("val_loss", "val_perplexity")
+# Tasks whose progress is a reward, not the loss (a policy loss scatters around 0 by design): the
+# checks of a run's course read the mean reward of each step's completions (GRPO's reward, PPO's
+# score: the names TRL logs them under, and what train.early_stopping_metric may name).
+REWARDS = {"grpo": "reward", "ppo": "objective/scores"}
 
 
 @dataclass(frozen=True)
@@ -57,10 +61,35 @@ class RunLog:
     error: str | None = None  # the sentence a failed run ended with
     summary: dict | None = None  # None: the run did not finish
     lora_b_max: float | None = None  # the largest |value| of the adapter's LoRA B matrices; None: none
-    losses: np.ndarray = field(init=False)
+    losses: np.ndarray = field(init=False)  # what should fall: the loss, or the reward negated
 
     def __post_init__(self):
-        self.losses = np.array([step["loss"] for step in self.steps], np.float64)
+        key = self.reward_key or "loss"
+        self.losses = np.array([step.get(key, np.nan) for step in self.steps], np.float64)
+        if self.reward_key:
+            self.losses = -self.losses
+
+    @property
+    def task(self) -> str:
+        return self.recipe.get("task", {}).get("name", "")
+
+    @property
+    def reward_key(self) -> str | None:
+        """The reward a sampling task's steps are judged by (GRPO, PPO); None: the loss."""
+        return REWARDS.get(self.task)
+
+    @property
+    def measure(self) -> str:
+        return {"reward": "the mean reward", "objective/scores": "the mean score (objective/scores)"}.get(
+            self.reward_key or "", "the training loss")
+
+    def shown(self, value: float) -> str:
+        """A value of `losses` as the run logged it (a reward with its own sign)."""
+        return _fmt(-value if self.reward_key else value)
+
+    def noise(self) -> float:
+        """The scatter of a window's mean: the per-step values' standard deviation / sqrt(window)."""
+        return float(np.std(self.losses)) / math.sqrt(self.window())
 
     @property
     def train(self) -> dict:
@@ -137,26 +166,34 @@ def failed(log: RunLog, found: set[str]) -> Finding | None:
     if log.error is None:
         return None
     recent = ", ".join(f"{_fmt(s['loss'])} (step {s['step']})" for s in log.steps[-3:]) or "no step finished"
+    float16 = ("dtype=bfloat16",) if log.recipe.get("dtype") == "float16" else ()  # (its range ends at 65504)
     return Finding("failed", f"The run failed: {log.error}", f"the last losses logged: {recent}.",
                    (f"train.lr={_lr(log) / 10:g}",) + (("train.max_grad_norm=1.0",)
-                                                        if not log.train.get("max_grad_norm", 1.0) else ()))
+                                                        if not log.train.get("max_grad_norm", 1.0) else ()) + float16)
 
 
 def diverged(log: RunLog, found: set[str]) -> Finding | None:
-    """The loss fell, then rose back: the run's last tenth is 1.5x its lowest stretch, and above it by
-    a tenth of where it started."""
+    """The loss fell, then rose back: the run's last tenth 1.5x its lowest stretch, and above it by
+    a tenth of where it started. A reward (which may sit at or below 0): it rose, then gave back half
+    of its gain, the gain and the loss each beyond twice a window's scatter."""
     if found or len(log.steps) < 20:
         return None
     w = log.window()
     smoothed = np.convolve(log.losses, np.ones(w) / w, mode="valid")
     low = int(smoothed.argmin())
     first, last = log.first_and_last()
-    if not (last > 1.5 * smoothed[low] and last - smoothed[low] > 0.1 * abs(first)):
+    if log.reward_key:
+        gain, lost, noise = first - smoothed[low], last - smoothed[low], 2 * log.noise()
+        if not (gain > noise and lost > max(0.5 * gain, noise)):
+            return None
+    elif not (last > 1.5 * smoothed[low] and last - smoothed[low] > 0.1 * abs(first)):
         return None
     at = log.steps[low + w - 1]["step"]
-    return Finding("diverged", "The run diverged: the training loss fell, then rose again.",
-                   f"the mean loss of {w} steps was {_fmt(smoothed[low])} at step {at} and {_fmt(last)} at the end "
-                   f"(step {log.steps[-1]['step']}); it started at {_fmt(first)}.", (f"train.lr={_lr(log) / 10:g}",))
+    moved = "rose, then fell again" if log.reward_key else "fell, then rose again"
+    return Finding("diverged", f"The run diverged: {log.measure} {moved}.",
+                   f"its mean over {w} steps was {log.shown(smoothed[low])} at step {at} and {log.shown(last)} at the "
+                   f"end (step {log.steps[-1]['step']}); it started at {log.shown(first)}.",
+                   (f"train.lr={_lr(log) / 10:g}",))
 
 
 def did_not_move(log: RunLog, found: set[str]) -> Finding | None:
@@ -172,33 +209,51 @@ def did_not_move(log: RunLog, found: set[str]) -> Finding | None:
     if still:
         evidence.append(f"the adapter's LoRA B matrices (which start at 0) are at most {log.lora_b_max:.3g}, under a "
                         f"thousandth of one step of lr {_lr(log):g}")
-    why = ("each pair's chosen and rejected answers may be the same text (their difference is all a preference "
-           "loss sees)" if log.recipe.get("task", {}).get("name") in PREFERENCE_TASKS else
-           "the method's layers may be ones the loss does not read")
+    why, tries = _why_still(log)
+    if log.task == "grpo":
+        spread = max(s.get("reward_std", 0.0) for s in log.steps)
+        evidence.append(f"reward_std, the spread of rewards within a prompt's group, was at most {_fmt(spread)}")
     return Finding("did_not_move", f"The adapter did not move: no gradient reached it, so training changed nothing; "
-                                   f"{why}.", "; ".join(evidence) + ".")
+                                   f"{why}.", "; ".join(evidence) + ".", tries)
+
+
+def _why_still(log: RunLog) -> tuple[str, tuple[str, ...]]:
+    """Why no gradient reaches a task's trained values, and what to try."""
+    task = log.recipe.get("task", {})
+    if log.task == "grpo":
+        return ("every completion of a prompt got the same reward, so every advantage was 0 (GRPO learns from "
+                "rewards that differ within a group): a reward the model never earns (give partial credit) or "
+                "samples too alike", (f"task.group_size={2 * task.get('group_size', 4)}",) + (
+                    ("task.temperature=1",) if task.get("temperature", 1.0) < 1 else ()))
+    if log.task in PREFERENCE_TASKS:
+        return ("each pair's chosen and rejected answers may be the same text (their difference is all a "
+                "preference loss sees)", ())
+    return "the method's layers may be ones the loss does not read", ()
 
 
 PREFERENCE_TASKS = ("preference", "dpo", "ipo", "cpo", "orpo", "simpo", "kto", "reward")
 
 
 def learning_rate_too_high(log: RunLog, found: set[str]) -> Finding | None:
-    """Spikes: a step's loss above twice the median of the 10 before it and above it by a quarter of
-    where the run started (a healthy run's step losses scatter by less: the demo's by up to 0.9 from
-    12.7), or its gradient norm above 10 times theirs (the demo's: up to 4.6 times), at 2 steps or more
-    (and 2% of them)."""
+    """Spikes: a step's gradient norm above 10 times the median of the 10 steps before it (healthy
+    demos: up to 4.6 times), or its loss above twice their median, twice their largest and by a
+    quarter of where the run started (a batch of one hard example scatters above the median alone:
+    a reward model's healthy losses reach 0.57 over a median of 0.2), at 2 steps or more (and 2% of
+    them). A sampling task's policy loss scatters around 0 by design: its gradient norm alone."""
     if found & {"failed", "did_not_move"} or len(log.steps) < 20:
         return None
     norms = np.array([s.get("grad_norm") or np.nan for s in log.steps], np.float64)
     start = log.first_and_last()[0]
     spikes = []
     for i in range(10, len(log.steps)):
-        loss_ref, norm_ref = np.median(log.losses[i - 10:i]), np.nanmedian(norms[i - 10:i])
-        if (log.losses[i] > 2 * loss_ref and log.losses[i] - loss_ref > 0.25 * abs(start)) or norms[i] > 10 * norm_ref:
+        before = log.losses[i - 10:i]
+        median, loss = np.median(before), log.losses[i]
+        loss_spike = not log.reward_key and loss > 2 * max(median, before.max()) and loss - median > 0.25 * abs(start)
+        if loss_spike or norms[i] > 10 * np.nanmedian(norms[i - 10:i]):
             spikes.append(i)
     if len(spikes) < max(2, 0.02 * len(log.steps)):
         return None
-    shown = ", ".join(f"step {log.steps[i]['step']}: loss {_fmt(log.losses[i])}, gradient norm "
+    shown = ", ".join(f"step {log.steps[i]['step']}: loss {_fmt(log.steps[i]['loss'])}, gradient norm "
                       f"{_fmt(norms[i])}" for i in spikes[:3])
     tries = (f"train.lr={_lr(log) / 3:g}",) + ((f"train.warmup_steps={len(log.steps) // 10}",)
                                                if not log.train.get("warmup_steps") else ())
@@ -207,16 +262,18 @@ def learning_rate_too_high(log: RunLog, found: set[str]) -> Finding | None:
 
 
 def learning_rate_too_low(log: RunLog, found: set[str]) -> Finding | None:
-    """The loss barely moved: its last tenth within 5% of its first, over 20 steps or more."""
+    """The loss barely moved: its last tenth within 5% of its first, over 20 steps or more. A reward
+    (which may start at 0): it rose by less than twice a window's scatter."""
     if found & {"failed", "diverged", "did_not_move", "warmup_never_ended"} or len(log.steps) < 20:
         return None
     first, last = log.first_and_last()
-    if first - last >= 0.05 * abs(first):
+    if first - last >= (2 * log.noise() if log.reward_key else 0.05 * abs(first)):
         return None
-    lr, steps = _lr(log), len(log.steps)
-    return Finding("learning_rate_too_low", f"The loss barely moved: the learning rate ({lr:g}) looks too low.",
-                   f"the mean loss of the first {log.window()} steps was {_fmt(first)}, of the last {_fmt(last)}, over "
-                   f"{steps} steps.", (f"train.lr={lr * 10:g}",))
+    lr, steps, w = _lr(log), len(log.steps), log.window()
+    return Finding("learning_rate_too_low", f"{log.measure.capitalize()} barely moved: the learning rate ({lr:g}) "
+                                            f"looks too low.",
+                   f"its mean over the first {w} steps was {log.shown(first)}, over the last {w} {log.shown(last)}, "
+                   f"in {steps} steps.", (f"train.lr={lr * 10:g}",))
 
 
 def warmup_never_ended(log: RunLog, found: set[str]) -> Finding | None:
@@ -232,49 +289,60 @@ def warmup_never_ended(log: RunLog, found: set[str]) -> Finding | None:
 
 
 def overfitting(log: RunLog, found: set[str]) -> Finding | None:
-    """Validation worse after its best evaluation (loss: 3% relative; accuracy-like: 0.03) while the
-    training loss fell on (5%), over 3 evaluations or more."""
+    """Validation worse after its best evaluation (loss: 3% relative; accuracy-like: 0.03; a reward:
+    a quarter of what it gained since the first evaluation, and 0.03) while the training loss fell on
+    (5%; a reward: rose by twice a window's scatter), over 3 evaluations or more."""
     if found & {"failed", "diverged", "did_not_move"}:
         return None
-    metric = next((m for m in ("val_loss", "val_accuracy", "val_macro_f1") if all(m in e for e in log.evals)), None)
+    metrics = (f"val_{log.reward_key}",) if log.reward_key else ("val_loss", "val_accuracy", "val_macro_f1")
+    metric = next((m for m in metrics if all(m in e for e in log.evals)), None)
     evals = [e for e in log.evals if e["step"] <= (log.steps[-1]["step"] if log.steps else 0)]
     if metric is None or len(evals) < 3:
         return None
     values = np.array([e[metric] for e in evals], np.float64)
     lower = metric in LOWER_IS_BETTER
     best = int(values.argmin() if lower else values.argmax())
-    worse = (values[-1] - values[best]) >= 0.03 * abs(values[best]) if lower else values[best] - values[-1] >= 0.03
+    if lower:
+        worse = values[-1] - values[best] >= 0.03 * abs(values[best])
+    else:
+        worse = values[best] - values[-1] >= max(0.03, 0.25 * (values[best] - values[0]) if log.reward_key else 0.0)
     best_step, last_step = evals[best]["step"], evals[-1]["step"]
     before = log.losses[[i for i, s in enumerate(log.steps) if s["step"] <= best_step][-log.window():]]
     after = log.losses[[i for i, s in enumerate(log.steps) if best_step < s["step"] <= last_step][-log.window():]]
-    if best == len(evals) - 1 or not worse or not len(after) or after.mean() > 0.95 * before.mean():
+    fell = 2 * log.noise() if log.reward_key else 0.05 * abs(before.mean()) if len(before) else 0.0
+    if best == len(evals) - 1 or not worse or not len(after) or before.mean() - after.mean() < fell:
         return None
     tries = ("train.early_stopping_patience=2", f"train.early_stopping_metric={metric}") + (
         (f"train.eval_every={best_step}",) if not log.train.get("eval_every") else ())
+    moved = "rose on" if log.reward_key else "fell on"
     return Finding("overfitting", f"Overfitting from the evaluation at step {best_step}: {metric} "
-                                  f"{'rose' if lower else 'fell'} after it while the training loss fell on.",
-                   f"{metric} {_fmt(values[best])} at step {best_step}, {_fmt(values[-1])} at step {last_step}; the "
-                   f"training loss {_fmt(before.mean())} before step {best_step}, {_fmt(after.mean())} by step "
-                   f"{last_step}.", tries + (f"train.max_steps={best_step}",))
+                                  f"{'rose' if lower else 'fell'} after it while {log.measure} {moved}.",
+                   f"{metric} {_fmt(values[best])} at step {best_step}, {_fmt(values[-1])} at step {last_step}; "
+                   f"{log.measure} {log.shown(before.mean())} before step {best_step}, {log.shown(after.mean())} by "
+                   f"step {last_step}.", tries + (f"train.max_steps={best_step}",))
 
 
 def still_falling(log: RunLog, found: set[str]) -> Finding | None:
     """Stopped while the loss was still falling: its last tenth 10% below the tenth before, and by a
     twentieth of the run's whole fall (a healthy run's tail scatters by 15% of a small loss: the demo's
-    0.40 to 0.34 after falling from 12.7), over 30 steps or more, and not stopped early."""
+    0.40 to 0.34 after falling from 12.7), over 30 steps or more, and not stopped early. A reward:
+    still rising by twice a window's scatter."""
     if found or len(log.steps) < 30 or (log.summary or {}).get("stopped_early"):
         return None
     w = log.window()
     before, last = log.losses[-2 * w:-w].mean(), log.losses[-w:].mean()
     first = log.first_and_last()[0]
-    if before - last < 0.1 * abs(before) or before - last < 0.05 * (first - last):
+    enough = 2 * log.noise() if log.reward_key else 0.1 * abs(before)
+    if before - last < enough or before - last < 0.05 * (first - last):
         return None
     steps = len(log.steps)
     more = (f"train.max_steps={2 * steps}",) if log.train.get("max_steps") else (
         f"train.epochs={2 * log.train.get('epochs', 1.0):g}",)
-    return Finding("still_falling", "The run stopped while the loss was still falling: more steps would likely "
-                                    "help.", f"the mean loss of steps {steps - 2 * w + 1}-{steps - w} was "
-                                             f"{_fmt(before)}, of the last {w} steps {_fmt(last)}.", more)
+    moving = "rising" if log.reward_key else "falling"
+    return Finding("still_falling", f"The run stopped while {log.measure} was still {moving}: more steps would "
+                                    "likely help.", f"its mean over steps {steps - 2 * w + 1}-{steps - w} was "
+                                                    f"{log.shown(before)}, over the last {w} steps {log.shown(last)}.",
+                   more)
 
 
 def one_class(log: RunLog, found: set[str]) -> Finding | None:
@@ -301,9 +369,10 @@ def one_class(log: RunLog, found: set[str]) -> Finding | None:
 
 
 def loss_scale_storms(log: RunLog, found: set[str]) -> Finding | None:
-    """float16's loss scaling skipped 3 steps or more (and 5% of them) on overflowing gradients."""
+    """float16's loss scaling skipped 3 steps or more (and 5% of them) on overflowing gradients (a run
+    that failed says so in its own finding, which offers bfloat16)."""
     skipped = [s["step"] for s in log.steps if s.get("skipped")]
-    if len(skipped) < max(3, 0.05 * len(log.steps)):
+    if "failed" in found or len(skipped) < max(3, 0.05 * len(log.steps)):
         return None
     return Finding("loss_scale_storms", f"float16 gradients overflowed again and again: {len(skipped)} of "
                                         f"{len(log.steps)} steps were skipped while the loss scale came down.",
@@ -336,11 +405,21 @@ def healthy_sentence(log: RunLog) -> str:
     if not log.steps:
         return "No step finished yet."
     first, last = log.first_and_last()
-    metrics = {k: v for k, v in (log.evals[-1] if log.evals else {}).items()
-               if k.startswith("val_") and isinstance(v, (int, float)) and math.isfinite(v) and "/" not in k}
-    shown = ", ".join(f"{k} {_fmt(v)}" for k, v in list(metrics.items())[:2])
-    return (f"Healthy: the training loss went from {_fmt(first)} to {_fmt(last)} (means of the first and last "
-            f"{log.window()} of {len(log.steps)} steps)" + (f"; {shown} at step {log.evals[-1]['step']}." if shown else "."))
+    last_eval = log.evals[-1] if log.evals else {}
+    shown = ", ".join(f"{k} {_fmt(last_eval[k])}" for k in _headline_metrics(log, last_eval)[:2])
+    return (f"Healthy: {log.measure} went from {log.shown(first)} to {log.shown(last)} (means of the first and last "
+            f"{log.window()} of {len(log.steps)} steps)" + (f"; {shown} at step {last_eval['step']}." if shown else "."))
+
+
+def _headline_metrics(log: RunLog, evaluation: dict) -> list[str]:
+    """An evaluation's plain metrics (not TRL's grouped ones); a sampling task's reward first, its
+    policy's val_loss (which says little) left out."""
+    if log.reward_key:
+        names = [f"val_{log.reward_key}"] + [k for k in evaluation if "/" not in k and k != "val_loss"]
+    else:
+        names = [k for k in evaluation if "/" not in k]
+    return [k for k in dict.fromkeys(names) if k.startswith("val_") and isinstance(evaluation.get(k), (int, float))
+            and math.isfinite(evaluation[k])]
 
 
 def doctor(path: str | Path) -> dict:
