@@ -52,6 +52,10 @@ def _assert_same_scalars(board, lines):
     for line in lines:
         for name, value in reported(line).items():
             expected.setdefault(name, []).append((line["step"], value))
+    _assert_holds(board, expected)
+
+
+def _assert_holds(board, expected):
     timing = {"train/tokens_per_second", "train/peak_memory_mb"}
     assert set(board) - timing == set(expected)
     for name, points in expected.items():
@@ -111,8 +115,27 @@ def _wandb_history(out):
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
-def test_wandb_offline_holds_the_scalars_of_metrics_jsonl(runs, backend):
-    _assert_same_scalars(_wandb_history(runs / f"{backend}-1"), _metrics(runs / f"{backend}-1"))
+def test_wandb_offline_holds_the_steps_every_log_every_steps_and_each_evaluation(runs, backend):
+    """As transformers' logging_steps: steps 1-5, 6-10 and 11-12 as one record each, at their last step,
+    the steps' mean loss (and other figures), the last step's learning rate and gradient norm; each
+    evaluation as metrics.jsonl has it."""
+    lines = _metrics(runs / f"{backend}-1")
+    steps = {line["step"]: line for line in lines if "loss" in line and "lr" in line}
+    assert sorted(steps) == list(range(1, 13))
+    expected = {}
+    for first, last in ((1, 5), (6, 10), (11, 12)):
+        window = [steps[step] for step in range(first, last + 1)]
+        for name in reported(window[0]):
+            mean = sum(reported(line)[name] for line in window) / len(window)
+            last_value = reported(window[-1])[name]
+            value = last_value if name in ("train/learning_rate", "train/grad_norm") else mean
+            expected.setdefault(name, []).append((last, value))
+    for line in lines:
+        if "loss" not in line:
+            for name, value in reported(line).items():
+                expected.setdefault(name, []).append((line["step"], value))
+    assert expected["train/loss"][0][1] == pytest.approx(sum(steps[s]["loss"] for s in range(1, 6)) / 5)
+    _assert_holds(_wandb_history(runs / f"{backend}-1"), expected)
 
 
 def test_a_resumed_run_reports_each_step_once(tmp_path):

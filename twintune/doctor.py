@@ -149,6 +149,12 @@ def _lora_b_max(adapter: Path) -> float | None:
     return largest
 
 
+def _finite_median(values: np.ndarray) -> float:
+    """The median of the logged values (a skipped float16 step has no gradient norm); inf: none."""
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if finite.size else math.inf
+
+
 def _lr(log: RunLog) -> float:
     from twintune.recipe import DEFAULT_LR
 
@@ -236,20 +242,22 @@ PREFERENCE_TASKS = ("preference", "dpo", "ipo", "cpo", "orpo", "simpo", "kto", "
 
 def learning_rate_too_high(log: RunLog, found: set[str]) -> Finding | None:
     """Spikes: a step's gradient norm above 10 times the median of the 10 steps before it (healthy
-    demos: up to 4.6 times), or its loss above twice their median, twice their largest and by a
-    quarter of where the run started (a batch of one hard example scatters above the median alone:
-    a reward model's healthy losses reach 0.57 over a median of 0.2), at 2 steps or more (and 2% of
-    them). A sampling task's policy loss scatters around 0 by design: its gradient norm alone."""
+    demos: up to 4.6 times) and above the largest of the run's first tenth (a converged run's
+    gradients are small, and one hard batch is 10 times their median: the demo trained 10,000 steps
+    has 562 such steps), or its loss above twice their median, twice their largest and by a quarter
+    of where the run started (one batch of hard examples scatters above the median alone: a reward
+    model's healthy losses reach 0.57 over a median of 0.2), at 2 steps or more (and 2% of them). A
+    sampling task's policy loss scatters around 0 by design: its gradient norm alone."""
     if found & {"failed", "did_not_move"} or len(log.steps) < 20:
         return None
     norms = np.array([s.get("grad_norm") or np.nan for s in log.steps], np.float64)
-    start = log.first_and_last()[0]
+    start, early_norm = log.first_and_last()[0], np.nanmax(norms[:log.window()], initial=0.0)
     spikes = []
     for i in range(10, len(log.steps)):
         before = log.losses[i - 10:i]
         median, loss = np.median(before), log.losses[i]
         loss_spike = not log.reward_key and loss > 2 * max(median, before.max()) and loss - median > 0.25 * abs(start)
-        if loss_spike or norms[i] > 10 * np.nanmedian(norms[i - 10:i]):
+        if loss_spike or norms[i] > max(10 * _finite_median(norms[i - 10:i]), early_norm):
             spikes.append(i)
     if len(spikes) < max(2, 0.02 * len(log.steps)):
         return None

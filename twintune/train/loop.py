@@ -182,7 +182,7 @@ def _check_before_loading(recipe: Recipe, backend: str, world) -> None:
 def _reporters(run: Run, out: Path, state: TrainingState) -> Reporters:
     """The run's reporters (rank 0's; none elsewhere), given the lines so far (a resumed run's)."""
     reporters = Reporters(run.recipe.train.report_to if run.world.writes else [], out, run.recipe.to_dict(),
-                          state.wandb_id, replay=state.log)
+                          state.wandb_id, replay=state.log, every=run.recipe.train.log_every)
     state.wandb_id = reporters.wandb_id
     return reporters
 

@@ -86,8 +86,11 @@ class TensorBoard:
         self._record(b"\x09" + struct.pack("<d", time.time()) + _bytes_field(3, b"brain.Event:2"))
         self.flushed = time.monotonic()
         for line in replay:
-            self.scalars(line["step"], reported(line))
+            self.line(line)
         self.file.flush()
+
+    def line(self, line: dict) -> None:
+        self.scalars(line["step"], reported(line))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """One Event: the step's wall time, the step, and a Summary of (tag, simple_value) values; on
@@ -134,9 +137,14 @@ class WandB:
     """A Weights & Biases run through its client: project $WANDB_PROJECT (default twintune), named
     after the run directory, the recipe as its config, files under the run's `wandb/`. WANDB_MODE=offline
     needs no account (`wandb sync` uploads later). A resumed run continues the same W&B run (its id is
-    in the checkpoint's history); W&B's steps only go forward, so what it already has is not sent again."""
+    in the checkpoint's history); W&B's steps only go forward, so what it already has is not sent again.
 
-    def __init__(self, out: Path, config: dict, run_id: str | None):
+    Steps go to W&B as transformers' `logging_steps` and mlx-lm's `steps_per_report` send them: one
+    record every `every` steps (`train.log_every`; 0: every step), the steps' mean of each figure, the
+    learning rate and gradient norm of the last; evaluations as they come. Its client and service take
+    ~1 ms of CPU a record, 9% of the demo's 13 ms step on 2 cores if every step were sent."""
+
+    def __init__(self, out: Path, config: dict, run_id: str | None, every: int):
         import os
 
         import wandb  # (require() has checked it is there)
@@ -147,7 +155,21 @@ class WandB:
         except Exception as error:  # wandb's own errors name no common base class
             raise TwintuneError(f"wandb could not start a run ({str(error).splitlines()[0]}); log in with `wandb "
                                 "login`, or set WANDB_MODE=offline to keep the run on this machine.") from None
-        self.id, self.last_step = self.run.id, 0
+        self.id, self.last_step, self.every, self.window = self.run.id, 0, every, []
+
+    def line(self, line: dict) -> None:
+        if not is_step(line):
+            self.scalars(line["step"], reported(line))
+            return
+        self.window.append(line)
+        if not self.every or line["step"] % self.every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        """The window's steps as one record, at its last step."""
+        if self.window:
+            self.scalars(self.window[-1]["step"], window_scalars(self.window))
+            self.window = []
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         # a final evaluation logged at an earlier (best) step goes in at the last one: W&B's steps only go forward
@@ -155,7 +177,32 @@ class WandB:
         self.run.log(values, step=self.last_step)
 
     def close(self) -> None:
+        self.flush()
         self.run.finish()
+
+
+def is_step(line: dict) -> bool:
+    """A training step's metrics line (not an evaluation's, nor a failed step's sentence)."""
+    return "loss" in line and "lr" in line
+
+
+LAST_OF_WINDOW = ("train/learning_rate", "train/grad_norm")  # as transformers logs them; the rest: means
+
+
+def window_scalars(lines: list[dict]) -> dict[str, float]:
+    """Steps' scalars as one record: the mean of each figure over the steps that have it, the learning
+    rate and gradient norm of the last step that has them.
+
+    Example:
+        >>> window_scalars([{"step": 1, "loss": 2.0, "lr": 1e-4, "grad_norm": 3.0},
+        ...                 {"step": 2, "loss": 1.0, "lr": 2e-4, "grad_norm": None}])
+        {'train/loss': 1.5, 'train/learning_rate': 0.0002, 'train/grad_norm': 3.0}
+    """
+    values: dict[str, list[float]] = {}
+    for line in lines:
+        for name, value in reported(line).items():
+            values.setdefault(name, []).append(value)
+    return {name: seen[-1] if name in LAST_OF_WINDOW else math.fsum(seen) / len(seen) for name, seen in values.items()}
 
 
 class Reporters:
@@ -167,18 +214,19 @@ class Reporters:
     """
 
     def __init__(self, names: list[str], out: Path, config: dict, wandb_id: str | None = None,
-                 replay: list[dict] = ()):
+                 replay: list[dict] = (), every: int = 0):
         self.reporters, self.wandb_id = [], wandb_id
         if "tensorboard" in names:
             self.reporters.append(TensorBoard(out, list(replay)))
         if "wandb" in names:
-            wandb = WandB(out, config, wandb_id)
+            wandb = WandB(out, config, wandb_id, every)
             self.reporters.append(wandb)
             self.wandb_id = wandb.id
 
     def line(self, line: dict) -> None:
         """One metrics.jsonl line, as it is written."""
-        self.scalars(line["step"], reported(line))
+        for reporter in self.reporters:
+            reporter.line(line)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for reporter in self.reporters:
