@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -99,10 +100,15 @@ def _wandb_records(path):
 
 
 def _wandb_history(out):
+    (run,) = glob.glob(str(out / "wandb" / "offline-run-*"))
+    return _wandb_history_of(run)
+
+
+def _wandb_history_of(run):
     from wandb.proto import wandb_internal_pb2
 
     history = {}
-    (path,) = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    (path,) = glob.glob(str(Path(run) / "run-*.wandb"))
     for raw in _wandb_records(path):
         record = wandb_internal_pb2.Record.FromString(raw)
         if record.WhichOneof("record_type") == "history":
@@ -149,6 +155,24 @@ def test_a_resumed_run_reports_each_step_once(tmp_path):
     assert [step for step, _ in board["train/loss"]] == list(range(1, 13))
     assert board["train/loss"] == [(line["step"], pytest.approx(line["loss"], rel=1e-6)) for line in lines
                                    if "loss" in line]
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    """The W&B run's id is kept in the checkpoint: the resumed process writes to the same run, from
+    the steps after the checkpoint (11-12: one window, at step 12)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    settings = [*SETTINGS, "train.save_every=5", "train.report_to=[wandb]"]
+    out = tmp_path / "run"
+    train(load_recipe(DEMO, settings), "torch", out, progress=False)
+    first = glob.glob(str(out / "wandb" / "offline-run-*"))
+    train(load_recipe(DEMO, settings), "torch", out, progress=False, resume=out / "checkpoints" / "step-00000010")
+    (second,) = set(glob.glob(str(out / "wandb" / "offline-run-*"))) - set(first)
+    ids = [Path(path).name for run in (*first, second) for path in glob.glob(str(Path(run) / "run-*.wandb"))]
+    assert len(first) == 1 and len(ids) == 2 and ids[0] == ids[1]  # run-ID.wandb: the same run
+    steps = {line["step"]: line for line in _metrics(out) if "loss" in line}
+    resumed = _wandb_history_of(second)
+    assert resumed["train/loss"] == [(12, pytest.approx((steps[11]["loss"] + steps[12]["loss"]) / 2))]
 
 
 def test_the_console_prints_a_line_every_log_every_steps(tmp_path, capsys):

@@ -24,12 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from twintune.errors import TwintuneError
+from twintune.tasks import TASKS, Task
 
 LOWER_IS_BETTER = ("val_loss", "val_perplexity")
-# Tasks whose progress is a reward, not the loss (a policy loss scatters around 0 by design): the
-# checks of a run's course read the mean reward of each step's completions (GRPO's reward, PPO's
-# score: the names TRL logs them under, and what train.early_stopping_metric may name).
-REWARDS = {"grpo": "reward", "ppo": "objective/scores"}
+MEASURES = {"reward": "the mean reward", "objective/scores": "the mean score (objective/scores)"}
 
 
 @dataclass(frozen=True)
@@ -70,18 +68,20 @@ class RunLog:
             self.losses = -self.losses
 
     @property
-    def task(self) -> str:
-        return self.recipe.get("task", {}).get("name", "")
+    def task(self) -> type[Task]:
+        """The run's task class (what it says of itself: tasks/task.py)."""
+        return TASKS.get(self.recipe.get("task", {}).get("name", ""), Task)
 
     @property
     def reward_key(self) -> str | None:
-        """The reward a sampling task's steps are judged by (GRPO, PPO); None: the loss."""
-        return REWARDS.get(self.task)
+        """The step figure a sampling task's course is judged by (GRPO's reward, PPO's score: the mean
+        reward of a step's completions, as TRL logs it); None: the loss."""
+        return self.task.progress
 
     @property
     def measure(self) -> str:
-        return {"reward": "the mean reward", "objective/scores": "the mean score (objective/scores)"}.get(
-            self.reward_key or "", "the training loss")
+        return MEASURES.get(self.reward_key or "", f"the mean {self.reward_key}" if self.reward_key else
+                            "the training loss")
 
     def shown(self, value: float) -> str:
         """A value of `losses` as the run logged it (a reward with its own sign)."""
@@ -215,29 +215,12 @@ def did_not_move(log: RunLog, found: set[str]) -> Finding | None:
     if still:
         evidence.append(f"the adapter's LoRA B matrices (which start at 0) are at most {log.lora_b_max:.3g}, under a "
                         f"thousandth of one step of lr {_lr(log):g}")
-    why, tries = _why_still(log)
-    if log.task == "grpo":
+    if any("reward_std" in s for s in log.steps):
         spread = max(s.get("reward_std", 0.0) for s in log.steps)
         evidence.append(f"reward_std, the spread of rewards within a prompt's group, was at most {_fmt(spread)}")
     return Finding("did_not_move", f"The adapter did not move: no gradient reached it, so training changed nothing; "
-                                   f"{why}.", "; ".join(evidence) + ".", tries)
-
-
-def _why_still(log: RunLog) -> tuple[str, tuple[str, ...]]:
-    """Why no gradient reaches a task's trained values, and what to try."""
-    task = log.recipe.get("task", {})
-    if log.task == "grpo":
-        return ("every completion of a prompt got the same reward, so every advantage was 0 (GRPO learns from "
-                "rewards that differ within a group): a reward the model never earns (give partial credit) or "
-                "samples too alike", (f"task.group_size={2 * task.get('group_size', 4)}",) + (
-                    ("task.temperature=1",) if task.get("temperature", 1.0) < 1 else ()))
-    if log.task in PREFERENCE_TASKS:
-        return ("each pair's chosen and rejected answers may be the same text (their difference is all a "
-                "preference loss sees)", ())
-    return "the method's layers may be ones the loss does not read", ()
-
-
-PREFERENCE_TASKS = ("preference", "dpo", "ipo", "cpo", "orpo", "simpo", "kto", "reward")
+                                   f"{log.task.no_gradient}.", "; ".join(evidence) + ".",
+                   log.task.no_gradient_tries(log.recipe.get("task", {})))
 
 
 def learning_rate_too_high(log: RunLog, found: set[str]) -> Finding | None:

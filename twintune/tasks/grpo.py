@@ -96,6 +96,16 @@ class GRPO(SamplingTask):
     name: ClassVar[str] = "grpo"
     description: ClassVar[str] = "prompts: groups of sampled completions scored by a reward function (GRPO)"
     metrics: ClassVar[tuple[str, ...]] = ("val_reward", "val_loss")
+    progress: ClassVar[str | None] = "reward"
+    no_gradient: ClassVar[str] = (
+        "every completion of a prompt got the same reward, so every advantage was 0 (GRPO learns from rewards that "
+        "differ within a group): a reward the model never earns (give partial credit) or samples too alike")
+
+    @classmethod
+    def no_gradient_tries(cls, keys: dict) -> tuple[str, ...]:
+        """More completions a prompt (a chance for one to differ), and sampling at temperature 1 at least."""
+        more = (f"task.group_size={2 * keys.get('group_size', cls.group_size)}",)
+        return more + (("task.temperature=1",) if keys.get("temperature", 1.0) < 1 else ())
 
     def validate(self) -> None:
         super().validate()

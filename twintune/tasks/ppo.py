@@ -233,6 +233,7 @@ class PPO(SamplingTask):
     name: ClassVar[str] = "ppo"
     description: ClassVar[str] = "prompts: RLHF with PPO, a value head and a reward model (or function)"
     metrics: ClassVar[tuple[str, ...]] = ("val_objective/scores", "val_objective/kl", "val_loss")
+    progress: ClassVar[str | None] = "objective/scores"
     learns_from_rollouts: ClassVar[bool] = True
 
     def validate(self) -> None:

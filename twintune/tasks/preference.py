@@ -183,6 +183,8 @@ class Preference(PairTask):
     name: ClassVar[str] = "preference"
     description: ClassVar[str] = "prompt/chosen/rejected pairs: DPO, IPO, hinge, robust, ORPO or SimPO"
     metrics: ClassVar[tuple[str, ...]] = ("val_loss", "val_rewards/accuracies", "val_rewards/margins")
+    no_gradient: ClassVar[str] = ("each pair's chosen and rejected answers may be the same text (their difference is "
+                                  "all a preference loss sees)")
 
     def validate(self) -> None:
         check(self.loss in LOSSES, f"recipe key 'task.loss' must be one of {', '.join(LOSSES)}, got {self.loss!r}.")

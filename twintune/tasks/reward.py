@@ -59,6 +59,8 @@ class Reward(PairTask):
     name: ClassVar[str] = "reward"
     description: ClassVar[str] = "a reward model: a scalar head trained on prompt/chosen/rejected pairs (Bradley-Terry)"
     metrics: ClassVar[tuple[str, ...]] = ("val_accuracy", "val_loss", "val_margin")
+    no_gradient: ClassVar[str] = ("each pair's chosen and rejected answers may be the same text (their difference is "
+                                  "all a preference loss sees)")
 
     def validate(self) -> None:
         check(self.center_rewards_coefficient >= 0, "recipe key 'task.center_rewards_coefficient' must be 0 or more, "

@@ -64,6 +64,12 @@ class Scorer(Protocol):
 class Task:
     """A recipe's `task:` section: a dataclass whose fields are its keys (with defaults)."""
 
+    @classmethod
+    def no_gradient_tries(cls, keys: dict) -> tuple[str, ...]:
+        """`--set` values `twintune doctor` offers when no gradient reached the method, given the run's
+        task keys (as recipe.json holds them): none where the cause is the data or the model."""
+        return ()
+
     name: ClassVar[str]
     description: ClassVar[str]
     metrics: ClassVar[tuple[str, ...]]  # what a run logs at each evaluation; train.early_stopping_metric names one
@@ -71,6 +77,10 @@ class Task:
     trains_method: ClassVar[bool] = True  # False: the model stays frozen (its recipe's method defaults to none)
     cannot_predict: ClassVar[str | None] = None  # why `twintune predict` has no labels for a run of it
     rows_per_example: ClassVar[int] = 1  # a preference pair is two rows (chosen, rejected)
+    # What `twintune doctor` judges a run's course by where not the loss (a step figure that should
+    # rise: a policy loss hovers at 0 by design), and why no gradient would reach the method.
+    progress: ClassVar[str | None] = None
+    no_gradient: ClassVar[str] = "the method's layers may be ones the loss does not read"
     # A preference task's reference computed once per split (train/references.py): another run's
     # directory (reference), or the base with the method off (precompute_reference).
     reference: str = ""
