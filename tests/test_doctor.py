@@ -42,6 +42,8 @@ RUNS = {
     "overfit": ("torch", ["task=causal_lm", "data.source=synthetic", "data.synthetic_size=40", "train.epochs=60",
                           "train.eval_every=10", "train.lr=3e-3"], "overfitting"),
     "nan": ("torch", ["train.lr=100", "train.max_steps=40"], "failed"),
+    # one sentence a step at the learning rate the demo tuned for 16: it learns, then loses it
+    "diverged": ("torch", ["train.batch_size=1", "train.max_steps=60"], "diverged"),
     "nan-float16": ("torch", ["dtype=float16", "train.lr=100", "train.max_steps=40"], "failed"),
     "one-class": ("torch", ["data.source={root}/imbalanced.csv", "train.max_steps=20"], "one_class"),
 }
