@@ -80,8 +80,9 @@ class RunLog:
 
     @property
     def measure(self) -> str:
-        return MEASURES.get(self.reward_key or "", f"the mean {self.reward_key}" if self.reward_key else
-                            "the training loss")
+        if not self.reward_key:
+            return "the training loss"
+        return MEASURES.get(self.reward_key, f"the mean {self.reward_key}")
 
     def shown(self, value: float) -> str:
         """A value of `losses` as the run logged it (a reward with its own sign)."""
@@ -300,8 +301,9 @@ def overfitting(log: RunLog, found: set[str]) -> Finding | None:
     best_step, last_step = evals[best]["step"], evals[-1]["step"]
     before = log.losses[[i for i, s in enumerate(log.steps) if s["step"] <= best_step][-log.window():]]
     after = log.losses[[i for i, s in enumerate(log.steps) if best_step < s["step"] <= last_step][-log.window():]]
-    fell = 2 * log.noise() if log.reward_key else 0.05 * abs(before.mean()) if len(before) else 0.0
-    if best == len(evals) - 1 or not worse or not len(after) or before.mean() - after.mean() < fell:
+    if best == len(evals) - 1 or not worse or not len(before) or not len(after):
+        return None
+    if before.mean() - after.mean() < (2 * log.noise() if log.reward_key else 0.05 * abs(before.mean())):
         return None
     tries = ("train.early_stopping_patience=2", f"train.early_stopping_metric={metric}") + (
         (f"train.eval_every={best_step}",) if not log.train.get("eval_every") else ())

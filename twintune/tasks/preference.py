@@ -112,6 +112,10 @@ class PreferenceLoss(Objective):
         return nll - ratio, [nll.sum(), ratio.sum(), log_odds.sum()]
 
 
+# why no gradient would reach a method trained on pairs (`twintune doctor`)
+SAME_ANSWERS = "each pair's chosen and rejected answers may be the same text (their difference is all a pair's loss sees)"
+
+
 class PairTask(Task):
     """A task trained on preference pairs (data/preferences.py): its rows, splits and refusals."""
 
@@ -183,8 +187,7 @@ class Preference(PairTask):
     name: ClassVar[str] = "preference"
     description: ClassVar[str] = "prompt/chosen/rejected pairs: DPO, IPO, hinge, robust, ORPO or SimPO"
     metrics: ClassVar[tuple[str, ...]] = ("val_loss", "val_rewards/accuracies", "val_rewards/margins")
-    no_gradient: ClassVar[str] = ("each pair's chosen and rejected answers may be the same text (their difference is "
-                                  "all a preference loss sees)")
+    no_gradient: ClassVar[str] = SAME_ANSWERS
 
     def validate(self) -> None:
         check(self.loss in LOSSES, f"recipe key 'task.loss' must be one of {', '.join(LOSSES)}, got {self.loss!r}.")

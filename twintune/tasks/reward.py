@@ -21,7 +21,7 @@ from twintune.keys import check
 from twintune.methods.base import Surgery
 from twintune.tasks.classification import head_surgery
 from twintune.tasks.objectives import Objective, Ops, row_sums
-from twintune.tasks.preference import PairTask
+from twintune.tasks.preference import SAME_ANSWERS, PairTask
 
 REWARD_LABELS = ["reward"]
 
@@ -59,8 +59,7 @@ class Reward(PairTask):
     name: ClassVar[str] = "reward"
     description: ClassVar[str] = "a reward model: a scalar head trained on prompt/chosen/rejected pairs (Bradley-Terry)"
     metrics: ClassVar[tuple[str, ...]] = ("val_accuracy", "val_loss", "val_margin")
-    no_gradient: ClassVar[str] = ("each pair's chosen and rejected answers may be the same text (their difference is "
-                                  "all a preference loss sees)")
+    no_gradient: ClassVar[str] = SAME_ANSWERS
 
     def validate(self) -> None:
         check(self.center_rewards_coefficient >= 0, "recipe key 'task.center_rewards_coefficient' must be 0 or more, "

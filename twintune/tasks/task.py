@@ -64,12 +64,6 @@ class Scorer(Protocol):
 class Task:
     """A recipe's `task:` section: a dataclass whose fields are its keys (with defaults)."""
 
-    @classmethod
-    def no_gradient_tries(cls, keys: dict) -> tuple[str, ...]:
-        """`--set` values `twintune doctor` offers when no gradient reached the method, given the run's
-        task keys (as recipe.json holds them): none where the cause is the data or the model."""
-        return ()
-
     name: ClassVar[str]
     description: ClassVar[str]
     metrics: ClassVar[tuple[str, ...]]  # what a run logs at each evaluation; train.early_stopping_metric names one
@@ -90,6 +84,12 @@ class Task:
     objective: ClassVar[object | None] = None
     # Whether it trains on rollouts it samples and keeps for several optimizer steps (PPO: train/rollouts.py).
     learns_from_rollouts: ClassVar[bool] = False
+
+    @classmethod
+    def no_gradient_tries(cls, keys: dict) -> tuple[str, ...]:
+        """`--set` values `twintune doctor` offers when no gradient reached the method, given the run's
+        task keys (as recipe.json holds them): none where the cause is the data or the model."""
+        return ()
 
     def validate(self) -> None:
         """Range checks on the keys (types are checked when the recipe is read)."""
