@@ -29,6 +29,7 @@ RUNS = {
     "healthy-reward-model": ("torch", [], None, "recipes/demo-reward-model.yaml"),
     "healthy-grpo": ("torch", [], None, "recipes/demo-grpo.yaml"),  # judged by its reward: a policy loss hovers at 0
     "healthy-ppo": ("torch", [], None, "recipes/demo-ppo.yaml"),
+    "collapsed-grpo": ("torch", ["train.lr=0.1"], "collapsed", "recipes/demo-grpo.yaml"),  # reward hacking
     "lr-low-grpo": ("torch", ["train.lr=1e-7"], "learning_rate_too_low", "recipes/demo-grpo.yaml"),
     # a reward no completion earns: every group's rewards alike, every advantage 0, no gradient
     "dead-grpo": ("torch", ["task.reward=python:format_rewards.answer_tags", "train.max_steps=20"], "did_not_move",

@@ -326,6 +326,29 @@ def overfitting(log: RunLog, found: set[str]) -> Finding | None:
                    f"step {last_step}.", tries + (f"train.max_steps={best_step}",))
 
 
+def collapsed(log: RunLog, found: set[str]) -> Finding | None:
+    """A sampling task whose completions became alike: the spread of rewards within a prompt's group
+    (`reward_std`) over the last tenth under a tenth of the first tenth's. GRPO then learns nothing more
+    (every advantage 0), and a rising reward means one answer found to please the reward: the GRPO
+    demo at lr 0.1 repeats "increased" for a reward of 1, 11 nats from where it started."""
+    spreads = np.array([s.get("reward_std", np.nan) for s in log.steps], np.float64)
+    w = log.window()
+    if found & {"failed", "did_not_move"} or len(log.steps) < 20 or np.isnan(spreads).any():
+        return None
+    early, late = spreads[:w].mean(), spreads[-w:].mean()
+    if not early > 0 or late >= 0.1 * early:
+        return None
+    kl = [s["kl"] for s in log.steps[-w:] if s.get("kl") is not None]
+    drift = f"; its KL to the start {_fmt(float(np.mean(kl)))}" if kl else ""
+    beta = log.recipe.get("task", {}).get("beta", 0.0)
+    return Finding("collapsed", "The completions became alike: every completion of a prompt now earns the same "
+                                "reward, so nothing more is learned (with a rising reward, the model found one answer "
+                                "that pleases the reward).",
+                   f"reward_std, the spread of rewards within a prompt's group, was {_fmt(early)} over the first "
+                   f"{w} steps and {_fmt(late)} over the last {w}; the mean reward {log.shown(log.losses[-w:].mean())}"
+                   f"{drift}.", (f"task.beta={beta * 4 if beta else 0.04:g}", f"train.lr={_lr(log) / 10:g}"))
+
+
 def still_falling(log: RunLog, found: set[str]) -> Finding | None:
     """Stopped while the loss was still falling: its last tenth 10% below the tenth before, and by a
     twentieth of the run's whole fall (a healthy run's tail scatters by 15% of a small loss: the demo's
@@ -386,7 +409,7 @@ def loss_scale_storms(log: RunLog, found: set[str]) -> Finding | None:
 
 CHECKS: tuple[Callable[[RunLog, set[str]], Finding | None], ...] = (
     failed, diverged, did_not_move, warmup_never_ended, learning_rate_too_high, learning_rate_too_low, overfitting,
-    still_falling, one_class, loss_scale_storms)
+    collapsed, still_falling, one_class, loss_scale_storms)
 
 
 def diagnose(log: RunLog) -> list[Finding]:
