@@ -25,6 +25,7 @@ import numpy as np
 
 from twintune.errors import TwintuneError
 from twintune.tasks import TASKS, Task
+from twintune.train.reporting import is_step
 
 LOWER_IS_BETTER = ("val_loss", "val_perplexity")
 MEASURES = {"reward": "the mean reward", "objective/scores": "the mean score (objective/scores)"}
@@ -137,7 +138,7 @@ def read_run(path: str | Path) -> RunLog:
     recipe = json.loads((path / "recipe.json").read_text())
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else None
     errors = [line["error"] for line in lines if "error" in line]
-    return RunLog(path, recipe, steps=[line for line in lines if "loss" in line and "lr" in line],
+    return RunLog(path, recipe, steps=[line for line in lines if is_step(line)],
                   evals=[line for line in lines if any(key.startswith("val_") for key in line)],
                   error=errors[-1] if errors else None, summary=summary, lora_b_max=_lora_b_max(path / "adapter"))
 
